@@ -1,0 +1,3 @@
+"""camshaft: batch explanation engine for image classifiers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,185 @@
+"""Decode any image file Pillow reads into an 8-bit RGB image, or say in a few words why not.
+
+Decisions, in one place:
+
+- EXIF orientation is applied, so the map lines up with the image as people see it.
+- Transparency (RGBA, LA, PA, palette or grey with a transparent colour) is composited onto
+  white, not dropped: the colour under a transparent pixel is often arbitrary (black or stale).
+- 16-bit grey (``I;16*``) is scaled by 255/65535; 32-bit ``I`` the same when its values fit in
+  0..65535 (16-bit PNG/PGM/TIFF), else stretched min..max; float ``F`` is taken as 0..1 when its
+  values lie there, else stretched min..max. Non-finite floats count as 0.
+- CMYK goes through its embedded ICC profile when it has one (LittleCMS, to sRGB), else through
+  Pillow's ``(255 - C)(255 - K) / 255`` formula. ICC profiles of RGB images are ignored, as the
+  torchvision training pipelines ignore them.
+- Multi-frame files (GIF, APNG, TIFF, WebP, MPO) give their first frame.
+- Pixels are decoded inside :func:`load_rgb`, so a truncated file fails here and not later.
+  ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone. Pillow's decompression-bomb limit
+  (``Image.MAX_IMAGE_PIXELS``) applies: past twice the limit the image is refused.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import warnings
+import zlib
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from camshaft.errors import ConfigError, ImageDecodeError
+
+__all__ = ["load_rgb", "decode_batch"]
+
+_WHITE = (255, 255, 255, 255)
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
+_HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
+_CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Read one image file as a fully decoded 8-bit RGB image.
+
+    Raises:
+        ImageDecodeError: the file is missing, unreadable, not an image, truncated, corrupt,
+            too large or of an unsupported pixel mode; the message is a short reason.
+    """
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as im:  # positioned on the first frame
+            im.load()  # decode every pixel now: truncation surfaces here
+            out = _to_rgb(_orient(im))
+            return out if out is not im else im.copy()  # never hand out the open file
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure becomes one results-table reason
+        raise ImageDecodeError(_reason(path, e)) from e
+
+
+def decode_batch(
+    paths: Iterable[str | os.PathLike], *, max_workers: int = 4
+) -> list[Image.Image | ImageDecodeError]:
+    """Decode many files on a thread pool (Pillow releases the GIL while decoding).
+
+    Returns one entry per path, in input order: the RGB image, or the ImageDecodeError in its
+    place (returned, not raised).
+    """
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
+        raise ConfigError(f"max_workers must be an integer >= 1, got {max_workers!r}")
+    paths = list(paths)
+    if max_workers == 1 or len(paths) <= 1:
+        return [_load_or_error(p) for p in paths]
+    workers = min(max_workers, len(paths))
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="camshaft-decode") as pool:
+        return list(pool.map(_load_or_error, paths))
+
+
+def _load_or_error(path: str | os.PathLike) -> Image.Image | ImageDecodeError:
+    try:
+        return load_rgb(path)
+    except ImageDecodeError as e:
+        return e
+
+
+def _orient(im: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a malformed EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception as e:  # noqa: BLE001 - bad metadata must not cost the image
+        warnings.warn(f"ignoring unreadable EXIF orientation: {e}", stacklevel=2)
+        return im
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in _HIGH_DEPTH_MODES:
+        return _high_depth_to_rgb(im)
+    if mode == "CMYK":
+        return _cmyk_to_rgb(im)
+    if mode in _ALPHA_MODES or "transparency" in im.info:
+        return _flatten_on_white(im)
+    try:
+        return im.convert("RGB")
+    except ValueError as e:
+        raise ImageDecodeError(f"unsupported pixel mode {mode!r}") from e
+
+
+def _flatten_on_white(im: Image.Image) -> Image.Image:
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+
+
+def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
+    a = np.asarray(im).astype(np.float64)  # (H, W)
+    if im.mode == "F":
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        a = a * 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else _stretch(a)
+    elif im.mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535):
+        a = a * (255.0 / 65535.0)
+    else:
+        a = _stretch(a)
+    grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
+def _stretch(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    return np.zeros_like(a) if hi <= lo else (a - lo) * (255.0 / (hi - lo))
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            srgb = ImageCms.createProfile("sRGB")
+            return ImageCms.profileToProfile(im, source, srgb, outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError, TypeError) as e:
+            msg = f"ignoring unusable CMYK ICC profile ({e}); converting without it"
+            warnings.warn(msg, stacklevel=2)
+    return im.convert("RGB")
+
+
+def _reason(path: str, e: BaseException) -> str:
+    """The short human reason for a decoding failure (one results-table cell)."""
+    if isinstance(e, FileNotFoundError):
+        return "file not found"
+    if isinstance(e, IsADirectoryError):
+        return "is a directory, not an image file"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    if isinstance(e, Image.DecompressionBombError):
+        return _too_large(e)
+    if isinstance(e, UnidentifiedImageError):
+        if _size_or_none(path) == 0:
+            return "empty file (0 bytes)"
+        return "not an image (cannot identify image file)"
+    if isinstance(e, MemoryError):
+        return "out of memory while decoding"
+    if isinstance(e, _CORRUPT):
+        return f"truncated or corrupt image data: {str(e) or type(e).__name__}"
+    return f"cannot decode image: {type(e).__name__}: {e}"
+
+
+def _too_large(e: Image.DecompressionBombError) -> str:
+    found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(e))
+    if not found:
+        return f"image too large: {e}"
+    pixels, limit = found.groups()
+    return (
+        f"image too large: {pixels} pixels exceeds the decompression-bomb limit of {limit} "
+        "pixels (PIL.Image.MAX_IMAGE_PIXELS, doubled)"
+    )
+
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None

@@ -1,0 +1,135 @@
+"""The one interface every runtime presents to the methods, and the registry of runtimes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from camshaft.errors import CapabilityError, ConfigError, UnknownNameError
+from camshaft.preprocess import Preprocess
+
+FORWARD = "forward"
+TAP_GRADIENTS = "tap_gradients"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a backend knows of its model: taps, head, preprocessing, class names."""
+
+    taps: tuple[str, ...]  # execution order: gradients flow from the first
+    num_classes: int
+    preprocess: Preprocess
+    class_names: tuple[str, ...] | None = None
+    cam_weight: torch.Tensor | None = field(default=None, repr=False)  # (N, C) for taps[cam_tap]
+    cam_tap: str | None = None
+    source: str = ""
+
+
+@dataclass
+class Output:
+    """One batch through a backend. ``grads[tap]`` is (B, K, C, h, w) when asked for."""
+
+    logits: torch.Tensor  # (B, N), float32
+    taps: dict[str, torch.Tensor]  # tap -> (B, C, h, w)
+    grads: dict[str, torch.Tensor] | None = None
+
+
+class Backend(Protocol):
+    name: str
+    info: ModelInfo
+    device: torch.device
+    capabilities: frozenset[str]
+
+    def forward(self, x: torch.Tensor) -> Output:
+        """Logits and taps of a normalised float batch (B, 3, H, W)."""
+        ...
+
+    def tap_gradients(self, x: torch.Tensor, targets: torch.Tensor) -> Output:
+        """Also d logits[b, targets[b, k]] / d tap, for targets (B, K), in one batched backward."""
+        ...
+
+
+BackendFactory = Callable[..., Backend]
+_REGISTRY: dict[str, BackendFactory] = {}
+
+
+def register_backend(name: str, factory: BackendFactory) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"backend {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def backend_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def backend_factory(name: str) -> BackendFactory:
+    if name not in _REGISTRY:
+        raise UnknownNameError("backend", name, _REGISTRY)
+    return _REGISTRY[name]
+
+
+def require(backend: Backend, needs: frozenset[str], *, method: str, able: list[str]) -> None:
+    """Fail before any work when ``backend`` cannot serve what ``method`` needs."""
+    missing = sorted(needs - backend.capabilities)
+    if missing:
+        raise CapabilityError(
+            f"method {method!r} needs {', '.join(missing)}, which the {backend.name} backend cannot "
+            f"give for this model ({backend.info.source}). Backends that can: {', '.join(able) or 'none'}"
+            + (
+                "; an ONNX or TorchScript file serves gradients only if camshaft exported it with a "
+                "tap that splits the model"
+                if backend.name != "eager"
+                else ""
+            )
+        )
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N``; None picks cuda when available."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"invalid device {device!r}: use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise UnknownNameError("dtype", dtype, DTYPES)
+    return DTYPES[dtype]
+
+
+def one_hot_targets(targets: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, K) class indices -> (K, B, N) one-hot grad_outputs for a batched backward."""
+    b, k = targets.shape
+    out = torch.zeros(k, b, num_classes, dtype=dtype, device=targets.device)
+    out.scatter_(2, targets.T.unsqueeze(-1), 1.0)
+    return out
+
+
+def batched_tap_grads(logits: torch.Tensor, taps: dict[str, torch.Tensor], targets: torch.Tensor) -> dict:
+    """d logits[b, t[b,k]] / d tap for every tap: one backward batched over the K targets."""
+    names = list(taps)
+    go = one_hot_targets(targets, logits.shape[-1], logits.dtype)
+    if go.shape[0] == 1:
+        grads = torch.autograd.grad(logits, [taps[n] for n in names], go[0], allow_unused=True)
+        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    else:
+        grads = torch.autograd.grad(logits, [taps[n] for n in names], go, is_grads_batched=True, allow_unused=True)
+    out = {}
+    for n, g in zip(names, grads, strict=True):
+        if g is None:
+            raise RuntimeError(f"the logits do not depend on tap {n!r}")
+        out[n] = g.transpose(0, 1).float()  # (K, B, ...) -> (B, K, ...)
+    return out

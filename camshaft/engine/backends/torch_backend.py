@@ -1,0 +1,78 @@
+"""Eager PyTorch and TorchScript backends: the same torch code over a live or a loaded model.
+
+Gradients are asked only w.r.t. the taps: the trunk below the first tap runs without autograd and
+no weight gradient is ever computed. Where the model splits at its first tap the trunk runs under
+``no_grad`` and only the head records a graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from camshaft.engine.backends.base import FORWARD, TAP_GRADIENTS, ModelInfo, Output, batched_tap_grads
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters temporarily excluded from autograd; the caller's flags are restored."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class TorchBackend:
+    """A torch callable ``x -> (logits, taps)`` and, optionally, a split ``trunk`` / ``head``."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        info: ModelInfo,
+        full: Callable,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        split: tuple[Callable, Callable] | None = None,
+        leaf_forward: Callable | None = None,
+        owner: nn.Module | None = None,
+    ):
+        self.name, self.info, self.device, self.dtype = name, info, device, dtype
+        self._full, self._split, self._leaf_forward, self._owner = full, split, leaf_forward, owner
+        able = split is not None or leaf_forward is not None
+        self.capabilities = frozenset({FORWARD, TAP_GRADIENTS} if able else {FORWARD})
+
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def forward(self, x: torch.Tensor) -> Output:
+        with torch.inference_mode(), self._autocast():
+            logits, taps = self._full(x)
+        return Output(logits.float(), {k: v.float() for k, v in taps.items()})
+
+    def tap_gradients(self, x: torch.Tensor, targets: torch.Tensor) -> Output:
+        if TAP_GRADIENTS not in self.capabilities:
+            raise RuntimeError(f"{self.name} backend has no tap gradients for this model")
+        freeze = frozen(self._owner) if self._owner is not None else contextlib.nullcontext()
+        with freeze, self._autocast():
+            if self._split is not None:
+                trunk, head = self._split
+                with torch.no_grad():
+                    a = trunk(x)
+                a = a.detach().requires_grad_(True)
+                with torch.enable_grad():
+                    logits, taps = head(a)
+                    grads = batched_tap_grads(logits.float(), taps, targets)
+            else:
+                with torch.enable_grad():
+                    logits, taps = self._leaf_forward(x)
+                    grads = batched_tap_grads(logits.float(), taps, targets)
+        return Output(logits.detach().float(), {k: v.detach().float() for k, v in taps.items()}, grads)

@@ -1,0 +1,159 @@
+"""What a model offers to explain: its layers with output shapes, the default tap, the CAM head."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from camshaft.models.split import split_at_first_tap
+from camshaft.models.taps import TapPlan, TappedModel, plan_taps
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    kind: str
+    shape: tuple[int, ...] | None  # output shape for a batch of one, None if not a tensor
+
+
+@dataclass(frozen=True)
+class CamHead:
+    """``logits = weight @ mean_hw(A) + bias`` for the tap A: the class activation map head."""
+
+    tap: str
+    linear: str  # module path of the linear layer
+    weight: torch.Tensor  # (N, C)
+    bias: torch.Tensor | None  # (N,)
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    layers: list[Layer]
+    default_tap: str | None
+    cam_head: CamHead | None
+    num_classes: int
+
+
+def describe(model: nn.Module, *, input_size: tuple[int, int]) -> ModelReport:
+    """List the layers of ``model`` with shapes for ``input_size`` and find tap and CAM head."""
+    plan = plan_taps(model)
+    x = torch.zeros(1, 3, *input_size)
+    layers, logits = _layers(model, plan, x)
+    default = _default_tap(layers, plan)
+    head = find_cam_head(model, default, plan=plan, x=x) if default else None
+    return ModelReport(layers, default, head, int(logits.shape[-1]))
+
+
+def _layers(model: nn.Module, plan: TapPlan, x: torch.Tensor):
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple[int, ...] | None] = {}
+    with torch.inference_mode():
+        if plan.traceable:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                gm = create_feature_extractor(model, return_nodes=list(plan.nodes))
+            for name, value in gm(x).items():
+                shapes[name] = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            logits_value = gm(x)[plan.output]
+        else:
+            with _record_all(model, shapes):
+                logits_value = model(x)
+    layers = []
+    for name in plan.nodes:
+        if name not in shapes:
+            continue
+        kind = type(modules[name]).__name__ if name in modules else "function"
+        layers.append(Layer(name, kind, shapes[name]))
+    return layers, logits_value
+
+
+@contextlib.contextmanager
+def _record_all(model: nn.Module, shapes: dict):
+    def make(name):
+        def hook(_m, _i, out):
+            shapes[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+
+        return hook
+
+    handles = [m.register_forward_hook(make(n)) for n, m in model.named_modules() if n]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _default_tap(layers: list[Layer], plan: TapPlan) -> str | None:
+    """The last spatial (N, C, h, w) map before global pooling, named by the shortest module path ending there."""
+    spatial = [
+        lay.name
+        for lay in layers
+        if lay.shape and len(lay.shape) == 4 and min(lay.shape[2:]) > 1 and not lay.kind.startswith("Adaptive")
+    ]
+    if not spatial:
+        return None
+    last = spatial[-1]
+    if not plan.traceable:
+        return last
+    parts = last.split(".")
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        inside = [n for n in plan.nodes if n == prefix or n.startswith(prefix + ".")]
+        if inside and inside[-1] == last:
+            return prefix
+    return last
+
+
+def find_cam_head(model: nn.Module, tap: str, *, plan: TapPlan | None = None, x: torch.Tensor) -> CamHead | None:
+    """Check numerically whether logits = W·GAP(A) + b for the tap A; return W and b if so."""
+    plan = plan or plan_taps(model)
+    tapped = TappedModel(model, [tap], plan=plan)
+    with torch.inference_mode():
+        logits, taps = tapped(x)
+    a = taps[tap]
+    if a.dim() != 4:
+        return None
+    num_classes = logits.shape[-1]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes and m.in_features == a.shape[1]]
+    if not linears:
+        return None
+    name, linear = linears[-1]
+    head = _head_function(tapped, model, tap, x)
+    if head is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        probe = torch.randn((2, *a.shape[1:]), generator=gen) * a.abs().mean().clamp_min(1e-3)
+        with torch.inference_mode():
+            got = head(probe)
+            want = probe.mean(dim=(2, 3)) @ linear.weight.T
+            if linear.bias is not None:
+                want = want + linear.bias
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * (1 + want.abs().max().item())):
+            return None
+    bias = None if linear.bias is None else linear.bias.detach().clone()
+    return CamHead(tap, name, linear.weight.detach().clone(), bias)
+
+
+def _head_function(tapped: TappedModel, model: nn.Module, tap: str, x: torch.Tensor):
+    """``A -> logits`` for the tap: the split head, or the model with a hook replacing the tap."""
+    split = split_at_first_tap(tapped)
+    if split is not None:
+        return lambda a: split.head(a)[0]
+    modules = dict(model.named_modules())
+    if tapped.traceable or tap not in modules:
+        return None
+
+    def run(a):
+        h = modules[tap].register_forward_hook(lambda *_: a)
+        try:
+            return model(x.expand(a.shape[0], *x.shape[1:]))
+        finally:
+            h.remove()
+
+    return run

@@ -1,0 +1,145 @@
+"""One resolver from a model specification to something camshaft can run.
+
+Accepted: ``demo`` (the built-in classifier), a torchvision architecture name, ``pkg.module:factory``
+(both with optional local weights), a TorchScript file and an ONNX file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from camshaft.errors import ConfigError, ModelSourceError
+from camshaft.preprocess import Preprocess
+
+DEMO = "demo"
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: a live torch module, or the path of an exported artifact."""
+
+    kind: str  # "torch" | "torchscript" | "onnx"
+    spec: str
+    module: nn.Module | None = None
+    path: Path | None = None
+    preprocess: Preprocess | None = None  # defaults this source implies, if any
+    class_names: list[str] | None = field(default=None, repr=False)
+
+
+def classification_models() -> list[str]:
+    """torchvision's classification architectures."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def resolve_model(spec: str | None, *, weights: str | Path | None = None) -> ModelSource:
+    """Resolve ``spec``; the error lists every interpretation tried and why it failed."""
+    spec = spec or DEMO
+    if spec == DEMO:
+        _no_weights(spec, weights)
+        return _demo()
+    path = Path(spec)
+    tried: list[str] = []
+    if path.is_file():
+        _no_weights(spec, weights)
+        if path.suffix.lower() == ".onnx":
+            return ModelSource("onnx", spec, path=path)
+        if zipfile.is_zipfile(path):
+            return ModelSource("torchscript", spec, path=path)
+        raise ModelSourceError(spec, [f"file {path}: neither an ONNX file (.onnx) nor a TorchScript archive (zip)"])
+    tried.append(f"file: no such file {path}")
+    if ":" in spec:
+        return _factory(spec, weights)
+    tried.append("module:factory: no ':' in the name")
+    names = classification_models()
+    if spec in names:
+        return _torchvision(spec, weights)
+    tried.append(f"torchvision architecture: not one of {', '.join(names[:12])}, ... ({len(names)} in all)")
+    raise ModelSourceError(spec, tried)
+
+
+def _no_weights(spec: str, weights) -> None:
+    if weights is not None:
+        raise ConfigError(f"--weights applies to architectures and factories, not to {spec!r}")
+
+
+def _demo() -> ModelSource:
+    from camshaft.demo import model as demo
+
+    pre = Preprocess(tuple(demo.DEMO_INPUT_SIZE), tuple(demo.DEMO_MEAN), tuple(demo.DEMO_STD), "stretch")
+    return ModelSource("torch", DEMO, module=demo.load_demo_model(), preprocess=pre, class_names=list(demo.CLASS_NAMES))
+
+
+def _torchvision(name: str, weights) -> ModelSource:
+    model = torchvision.models.get_model(name, weights=None)
+    if weights is None:
+        warnings.warn(
+            f"{name}: no --weights given, using random weights (explanations will be meaningless)",
+            stacklevel=3,
+        )
+    else:
+        load_weights(model, weights)
+    categories = _imagenet_categories(name)
+    class_names = categories if categories and _num_classes(model) == len(categories) else None
+    return ModelSource("torch", name, module=model.eval(), preprocess=Preprocess(), class_names=class_names)
+
+
+def _factory(spec: str, weights) -> ModelSource:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ModelSourceError(spec, [f"module:factory: cannot import {attr!r} from {module_name!r}: {e}"]) from e
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(spec, [f"module:factory: {spec}() returned {type(model).__name__}, not a torch.nn.Module"])
+    if weights is not None:
+        load_weights(model, weights)
+    return ModelSource("torch", spec, module=model.eval())
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint safely (``weights_only=True``) into ``model``, strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(
+            f"cannot load weights {path} with weights_only=True (camshaft never unpickles code from "
+            f"model files): {e}. Save a plain state_dict: torch.save(model.state_dict(), path)"
+        ) from e
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ConfigError(f"weights file {path} holds a {type(state).__name__}, expected a state_dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"weights {path} do not fit the model: missing {result.missing_keys[:8]}, "
+            f"unexpected {result.unexpected_keys[:8]}"
+        )
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def _imagenet_categories(name: str) -> list[str] | None:
+    """ImageNet class names from torchvision's weight metadata (no download involved)."""
+    try:
+        enum = torchvision.models.get_model_weights(name)
+        return list(enum.DEFAULT.meta["categories"])
+    except (ValueError, KeyError, AttributeError):
+        return None

@@ -1,0 +1,158 @@
+"""Taps: named intermediate outputs of a model, and the model that returns them.
+
+A tapped model's forward returns ``(logits, {tap: activation})``. It is built with torchvision's
+FX feature extraction where the model traces (taps may then be module paths such as ``layer4`` or
+FX node names such as densenet's functional ``relu``), and with forward hooks on modules otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+from camshaft.errors import ConfigError, UnknownNameError
+
+LOGITS = "__camshaft_logits__"
+
+
+@dataclass(frozen=True)
+class TapPlan:
+    """How taps are read from a model: FX node names in execution order, or hooked modules."""
+
+    nodes: tuple[str, ...]  # execution order; FX node names, or module paths for hooks
+    output: str | None  # the FX node producing the logits (None with hooks)
+    traceable: bool
+
+
+def plan_taps(model: nn.Module) -> TapPlan:
+    """Trace ``model`` once (eval mode) and list the places a tap can read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _, nodes = get_graph_node_names(model)
+        return TapPlan(nodes=tuple(nodes), output=nodes[-1], traceable=True)
+    except Exception:  # noqa: BLE001 - any tracing failure means: use hooks
+        paths = tuple(name for name, _ in model.named_modules() if name)
+        return TapPlan(nodes=paths, output=None, traceable=False)
+
+
+def module_paths(model: nn.Module, *, depth: int = 2) -> list[str]:
+    """Module paths up to ``depth`` levels, the names users usually pick as taps."""
+    return [n for n, _ in model.named_modules() if n and n.count(".") < depth]
+
+
+def resolve_tap(plan: TapPlan, model: nn.Module, tap: str) -> str:
+    """The FX node (or hooked module) that ``tap`` names; unknown names list the valid ones."""
+    if tap in plan.nodes:
+        return tap
+    inside = [n for n in plan.nodes if n.startswith(tap + ".")]
+    if plan.traceable and inside:
+        return inside[-1]  # a container's output is its last node
+    raise UnknownNameError(
+        "tap",
+        tap,
+        module_paths(model),
+        hint="Any module path or FX node works; `camshaft inspect MODEL` lists them with shapes",
+    )
+
+
+def order_taps(plan: TapPlan, model: nn.Module, taps: Sequence[str]) -> list[tuple[str, str]]:
+    """``[(tap, node)]`` sorted in execution order (the first is where the split happens)."""
+    if not taps:
+        raise ConfigError("at least one tap is needed")
+    if len(set(taps)) != len(taps):
+        raise ConfigError(f"taps must be distinct, received {list(taps)}")
+    resolved = [(t, resolve_tap(plan, model, t)) for t in taps]
+    if plan.traceable:
+        rank = {n: i for i, n in enumerate(plan.nodes)}
+        resolved.sort(key=lambda tn: rank[tn[1]])
+    return resolved
+
+
+class TappedModel(nn.Module):
+    """``forward(x) -> (logits, {tap: activation})`` over a frozen, eval-mode model.
+
+    With ``leaf_first=True`` the first tap's activation is detached and made to require grad,
+    so autograd can differentiate class scores w.r.t. it while never recording the trunk below.
+    """
+
+    def __init__(self, model: nn.Module, taps: Sequence[str], *, plan: TapPlan | None = None):
+        super().__init__()
+        plan = plan or plan_taps(model)
+        self.taps = [t for t, _ in order_taps(plan, model, taps)]
+        self._nodes = dict(order_taps(plan, model, taps))
+        self.traceable = plan.traceable
+        if plan.traceable:
+            return_nodes = {node: tap for tap, node in self._nodes.items()}
+            return_nodes[plan.output] = LOGITS
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.graph_module = create_feature_extractor(model, return_nodes=return_nodes)
+            self.leaf_module = _with_leaf(self.graph_module, self.taps[0])
+        else:
+            self.model = model
+        self.eval()
+
+    def forward(self, x: torch.Tensor, leaf_first: bool = False):
+        if self.traceable:
+            out = dict((self.leaf_module if leaf_first else self.graph_module)(x))
+            logits = out.pop(LOGITS)
+            return logits, {t: out[t] for t in self.taps}
+        with _hooked(self.model, self._nodes, leaf_first=leaf_first) as store:
+            logits = self.model(x)
+        missing = [t for t in self.taps if t not in store]
+        if missing:
+            raise RuntimeError(f"taps {missing} were not reached by the forward pass")
+        return logits, {t: store[t] for t in self.taps}
+
+
+def _with_leaf(gm: fx.GraphModule, tap: str) -> fx.GraphModule:
+    """A copy of ``gm`` whose output named ``tap`` is cut from the graph below it."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    tap_node = next(n for n, alias in _output_aliases(out_node).items() if alias == tap)
+    for node in gm.graph.nodes:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+        if node is tap_node:
+            detached = graph.call_method("detach", (env[node],))
+            env[node] = graph.call_method("requires_grad_", (detached,))
+    return fx.GraphModule(gm, graph)
+
+
+def _output_aliases(out_node: fx.Node) -> dict[fx.Node, str]:
+    (outputs,) = out_node.args
+    return {node: alias for alias, node in outputs.items()}
+
+
+@contextlib.contextmanager
+def _hooked(model: nn.Module, nodes: dict[str, str], *, leaf_first: bool) -> Iterator[dict]:
+    """Forward hooks recording each tap's output; removed on exit whatever happens."""
+    store: dict[str, torch.Tensor] = {}
+    modules = dict(model.named_modules())
+
+    def make_hook(tap: str):
+        def hook(_module, _inputs, output):
+            if tap in store:
+                raise RuntimeError(f"tap {tap!r} is called more than once per forward")
+            if not isinstance(output, torch.Tensor):
+                raise ConfigError(f"tap {tap!r} outputs {type(output).__name__}, not a tensor")
+            if leaf_first and not store:  # the first tap the forward reaches
+                output = output.detach().requires_grad_(True)
+            store[tap] = output
+            return output
+
+        return hook
+
+    handles = [modules[node].register_forward_hook(make_hook(tap)) for tap, node in nodes.items()]
+    try:
+        yield store
+    finally:
+        for h in handles:
+            h.remove()

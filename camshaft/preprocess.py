@@ -1,0 +1,103 @@
+"""Preprocessing: original image -> model input, and the geometry to map explanations back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from camshaft.errors import ConfigError
+
+RESIZE_MODES = ("stretch", "center-crop", "letterbox")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an RGB image becomes the model's input tensor."""
+
+    input_size: tuple[int, int] = (224, 224)  # (H, W)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per channel, on [0, 1] pixels
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "center-crop"  # stretch | center-crop | letterbox
+
+    def __post_init__(self):
+        problems = []
+        if len(self.input_size) != 2 or min(self.input_size) < 1:
+            problems.append(f"input_size must be two positive integers (H, W), received {self.input_size}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            problems.append(f"mean and std need 3 values (R, G, B), received {self.mean}, {self.std}")
+        elif min(self.std) <= 0:
+            problems.append(f"std must be positive, received {self.std}")
+        if self.resize not in RESIZE_MODES:
+            problems.append(f"resize must be one of {', '.join(RESIZE_MODES)}, received {self.resize!r}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def replace(self, **changes) -> Preprocess:
+        """A copy with the given fields changed; None values keep the current field."""
+        fields = {k: v for k, v in changes.items() if v is not None}
+        return Preprocess(**{**self.__dict__, **fields})
+
+    def to_dict(self) -> dict:
+        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(tuple(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("resize", "stretch"))
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the original image sits in the model input, and which part of it is seen.
+
+    ``content`` is the box (x0, y0, x1, y1) in model-input pixels showing ``region``, a box in
+    original-image pixels. Maps are cropped to ``content`` and stretched onto ``region``.
+    """
+
+    original_size: tuple[int, int]  # (W, H)
+    content: tuple[float, float, float, float]
+    region: tuple[float, float, float, float]
+
+    def to_original(self, x: float, y: float) -> tuple[float, float]:
+        """Model-input pixel coordinates -> original-image pixel coordinates."""
+        cx0, cy0, cx1, cy1 = self.content
+        rx0, ry0, rx1, ry1 = self.region
+        return (rx0 + (x - cx0) * (rx1 - rx0) / (cx1 - cx0), ry0 + (y - cy0) * (ry1 - ry0) / (cy1 - cy0))
+
+
+def prepare(image: Image.Image, pre: Preprocess) -> tuple[torch.Tensor, Geometry]:
+    """Resize an RGB image for the model: uint8 tensor (3, H, W) and its geometry."""
+    h, w = pre.input_size
+    w0, h0 = image.size
+    if pre.resize == "stretch":
+        out = image.resize((w, h), Image.BILINEAR, reducing_gap=None)
+        geom = Geometry((w0, h0), (0, 0, w, h), (0, 0, w0, h0))
+    elif pre.resize == "center-crop":
+        scale = max(w / w0, h / h0)
+        cw, ch = w / scale, h / scale  # the seen region, in original pixels
+        x0, y0 = (w0 - cw) / 2, (h0 - ch) / 2
+        region = (x0, y0, x0 + cw, y0 + ch)
+        out = image.resize((w, h), Image.BILINEAR, box=region)
+        geom = Geometry((w0, h0), (0, 0, w, h), region)
+    else:  # letterbox
+        scale = min(w / w0, h / h0)
+        nw, nh = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        fill = tuple(int(round(255 * m)) for m in pre.mean)  # normalises to zero
+        out = Image.new("RGB", (w, h), fill)
+        ox, oy = (w - nw) // 2, (h - nh) // 2
+        out.paste(image.resize((nw, nh), Image.BILINEAR), (ox, oy))
+        geom = Geometry((w0, h0), (ox, oy, ox + nw, oy + nh), (0, 0, w0, h0))
+    array = np.asarray(out, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1), geom
+
+
+def normalize(batch: torch.Tensor, pre: Preprocess, *, device: torch.device | str = "cpu") -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 normalised input on ``device``."""
+    x = batch.to(device, non_blocking=True).float().div_(255)
+    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
