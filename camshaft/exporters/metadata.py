@@ -29,6 +29,7 @@ class ArtifactMeta:
     cam_linear: str | None = None  # module path of the CAM head's linear layer
     has_head: bool = False  # a differentiable head (first tap -> logits) travels along
     parity: dict[str, float] = field(default_factory=dict)  # max abs error per output
+    exporter: str = ""  # which torch exporter wrote an ONNX file
     camshaft_version: str = ""
     schema: int = SCHEMA
 

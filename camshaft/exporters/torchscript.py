@@ -5,8 +5,6 @@ traced submodules (``trunk(x) -> first tap``, ``head(a) -> [logits, later taps..
 TorchScript backend runs the trunk without autograd and differentiates only the head.
 """
 
-from __future__ import annotations
-
 import warnings
 from pathlib import Path
 from typing import Dict, List, Tuple  # noqa: UP035 - TorchScript needs the typing aliases

@@ -56,5 +56,6 @@ def prepare_model(
         cam_weight=None if head is None else head.weight,
         cam_tap=None if head is None else head.tap,
         source=source.spec,
+        tap_shapes={t: tuple(s) for t, s in shapes.items()},
     )
     return PreparedModel(model, tapped, split_at_first_tap(tapped), head, shapes, info)

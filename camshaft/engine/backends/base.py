@@ -27,6 +27,7 @@ class ModelInfo:
     cam_weight: torch.Tensor | None = field(default=None, repr=False)  # (N, C) for taps[cam_tap]
     cam_tap: str | None = None
     source: str = ""
+    tap_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per image: (C, h, w)
 
 
 @dataclass
@@ -36,6 +37,10 @@ class Output:
     logits: torch.Tensor  # (B, N), float32
     taps: dict[str, torch.Tensor]  # tap -> (B, C, h, w)
     grads: dict[str, torch.Tensor] | None = None
+    targets: torch.Tensor | None = None  # (B, K) class indices the maps are for
+
+
+Selector = Callable[[torch.Tensor], torch.Tensor]  # logits (B, N) -> targets (B, K)
 
 
 class Backend(Protocol):
@@ -48,8 +53,8 @@ class Backend(Protocol):
         """Logits and taps of a normalised float batch (B, 3, H, W)."""
         ...
 
-    def tap_gradients(self, x: torch.Tensor, targets: torch.Tensor) -> Output:
-        """Also d logits[b, targets[b, k]] / d tap, for targets (B, K), in one batched backward."""
+    def tap_gradients(self, x: torch.Tensor, select: Selector) -> Output:
+        """Also d logits[b, t[b, k]] / d tap for t = select(logits), in one batched backward."""
         ...
 
 
@@ -73,19 +78,21 @@ def backend_factory(name: str) -> BackendFactory:
     return _REGISTRY[name]
 
 
-def require(backend: Backend, needs: frozenset[str], *, method: str, able: list[str]) -> None:
+ABLE = {
+    FORWARD: "eager, torchscript, onnxruntime",
+    TAP_GRADIENTS: "eager (any torch model); torchscript and onnxruntime for files camshaft exported "
+    "from a model whose first tap splits it (re-export with `camshaft export`)",
+}
+
+
+def require(backend: Backend, needs: frozenset[str], *, method: str) -> None:
     """Fail before any work when ``backend`` cannot serve what ``method`` needs."""
     missing = sorted(needs - backend.capabilities)
     if missing:
+        able = "; ".join(f"{m}: {ABLE[m]}" for m in missing)
         raise CapabilityError(
             f"method {method!r} needs {', '.join(missing)}, which the {backend.name} backend cannot "
-            f"give for this model ({backend.info.source}). Backends that can: {', '.join(able) or 'none'}"
-            + (
-                "; an ONNX or TorchScript file serves gradients only if camshaft exported it with a "
-                "tap that splits the model"
-                if backend.name != "eager"
-                else ""
-            )
+            f"give for {backend.info.source!r}. Backends that can: {able}"
         )
 
 
@@ -121,6 +128,7 @@ def one_hot_targets(targets: torch.Tensor, num_classes: int, dtype: torch.dtype)
 def batched_tap_grads(logits: torch.Tensor, taps: dict[str, torch.Tensor], targets: torch.Tensor) -> dict:
     """d logits[b, t[b,k]] / d tap for every tap: one backward batched over the K targets."""
     names = list(taps)
+    targets = targets.to(logits.device)
     go = one_hot_targets(targets, logits.shape[-1], logits.dtype)
     if go.shape[0] == 1:
         grads = torch.autograd.grad(logits, [taps[n] for n in names], go[0], allow_unused=True)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from camshaft.engine.backends.base import FORWARD, TAP_GRADIENTS, ModelInfo, Output, batched_tap_grads
+from camshaft.engine.backends.base import FORWARD, TAP_GRADIENTS, ModelInfo, Output, Selector, batched_tap_grads
 
 
 @contextlib.contextmanager
@@ -58,7 +58,7 @@ class TorchBackend:
             logits, taps = self._full(x)
         return Output(logits.float(), {k: v.float() for k, v in taps.items()})
 
-    def tap_gradients(self, x: torch.Tensor, targets: torch.Tensor) -> Output:
+    def tap_gradients(self, x: torch.Tensor, select: Selector) -> Output:
         if TAP_GRADIENTS not in self.capabilities:
             raise RuntimeError(f"{self.name} backend has no tap gradients for this model")
         freeze = frozen(self._owner) if self._owner is not None else contextlib.nullcontext()
@@ -70,9 +70,11 @@ class TorchBackend:
                 a = a.detach().requires_grad_(True)
                 with torch.enable_grad():
                     logits, taps = head(a)
+                    targets = select(logits.detach().float())
                     grads = batched_tap_grads(logits.float(), taps, targets)
             else:
                 with torch.enable_grad():
                     logits, taps = self._leaf_forward(x)
+                    targets = select(logits.detach().float())
                     grads = batched_tap_grads(logits.float(), taps, targets)
-        return Output(logits.detach().float(), {k: v.detach().float() for k, v in taps.items()}, grads)
+        return Output(logits.detach().float(), {k: v.detach().float() for k, v in taps.items()}, grads, targets)

@@ -1,0 +1,112 @@
+"""ONNX Runtime backend: the forward in ONNX Runtime; tap gradients through the artifact's head.
+
+For gradients, ONNX Runtime computes only the trunk (input -> first tap: the session is asked for
+that output alone) and the small head travelling in the artifact runs under torch autograd.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import warnings
+
+import numpy as np
+import torch
+
+from camshaft.engine.backends.base import FORWARD, TAP_GRADIENTS, ModelInfo, Output, Selector, batched_tap_grads
+from camshaft.errors import ConfigError
+
+_NP = {torch.float32: np.float32, torch.float16: np.float16}
+
+
+def _onnxruntime():
+    installed = {d for d in ("onnxruntime", "onnxruntime-gpu") if _installed(d)}
+    if len(installed) > 1:
+        warnings.warn(
+            "both onnxruntime and onnxruntime-gpu are installed; they overwrite each other's files. "
+            "Uninstall both and install exactly one (pip install 'camshaft[cpu]' or 'camshaft[gpu]')",
+            stacklevel=3,
+        )
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ConfigError(
+            "the onnxruntime backend needs ONNX Runtime: pip install 'camshaft[cpu]' "
+            "(or 'camshaft[gpu]' for CUDA, never both)"
+        ) from e
+    return onnxruntime
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib.metadata.version(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def providers_for(device: torch.device) -> list:
+    """The providers to ask for: only those available, CUDA (and TensorRT) first on a GPU."""
+    ort = _onnxruntime()
+    available = ort.get_available_providers()
+    if device.type == "cuda":
+        wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        if not wanted:
+            raise ConfigError(
+                f"--device {device} with the onnxruntime backend needs onnxruntime-gpu with CUDA; "
+                f"available providers: {', '.join(available)}"
+            )
+        index = device.index or 0
+        return [(p, {"device_id": index}) for p in wanted] + ["CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def open_session(path, device: torch.device, *, threads: int | None = None):
+    ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=providers_for(device))
+
+
+class OnnxBackend:
+    name = "onnxruntime"
+
+    def __init__(self, session, info: ModelInfo, *, head: torch.nn.Module | None, device: torch.device):
+        self.session, self.info, self.device = session, info, device
+        self.dtype = torch.float32
+        self._head = None if head is None else head.to(device)
+        if self._head is not None:
+            for p in self._head.parameters():
+                p.requires_grad_(False)
+        self._input = session.get_inputs()[0].name
+        self._outputs = [o.name for o in session.get_outputs()]
+        missing = [t for t in info.taps if t not in self._outputs]
+        if missing:
+            raise ConfigError(f"ONNX model has no outputs for taps {missing}; outputs: {self._outputs}")
+        caps = {FORWARD, TAP_GRADIENTS} if self._head is not None else {FORWARD}
+        self.capabilities = frozenset(caps)
+
+    def _run(self, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
+        feed = {self._input: x.detach().to("cpu", torch.float32).numpy()}
+        outs = self.session.run(names, feed)
+        return [torch.from_numpy(o).to(self.device) for o in outs]
+
+    def forward(self, x: torch.Tensor) -> Output:
+        names = [self._outputs[0], *self.info.taps]
+        logits, *taps = self._run(x, names)
+        return Output(logits.float(), dict(zip(self.info.taps, taps, strict=True)))
+
+    def tap_gradients(self, x: torch.Tensor, select: Selector) -> Output:
+        if self._head is None:
+            raise RuntimeError("this ONNX artifact carries no head; gradients are unavailable")
+        (a,) = self._run(x, [self.info.taps[0]])
+        a = a.requires_grad_(True)
+        with torch.enable_grad():
+            outs = self._head(a)
+            logits = outs[0]
+            taps = {self.info.taps[0]: a, **dict(zip(self.info.taps[1:], outs[1:], strict=True))}
+            targets = select(logits.detach().float())
+            grads = batched_tap_grads(logits.float(), taps, targets)
+        return Output(logits.detach().float(), {k: v.detach().float() for k, v in taps.items()}, grads, targets)

@@ -1,0 +1,138 @@
+"""Opening a backend for a model source: eager torch, TorchScript or ONNX Runtime.
+
+A torch model asked to run on TorchScript or ONNX Runtime is exported first (with the parity
+check) into the run's work folder, so every backend serves the same taps and head.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from camshaft.engine.backends.base import ModelInfo, register_backend
+from camshaft.engine.backends.onnx_backend import OnnxBackend, open_session
+from camshaft.engine.backends.torch_backend import TorchBackend
+from camshaft.errors import ConfigError
+from camshaft.exporters import onnx as onnx_export
+from camshaft.exporters import torchscript as ts_export
+from camshaft.exporters.metadata import ArtifactMeta
+from camshaft.models.prepared import prepare_model
+from camshaft.models.sources import ModelSource
+from camshaft.preprocess import Preprocess
+
+
+def _check_taps(meta: ArtifactMeta, taps: Sequence[str] | None, path: Path) -> None:
+    unknown = [t for t in taps or () if t not in meta.taps]
+    if unknown:
+        raise ConfigError(
+            f"{path} was exported with taps {meta.taps}; it cannot serve {unknown}. "
+            "Re-export with those taps (camshaft export --tap ...) or use the eager backend"
+        )
+
+
+def _info(meta: ArtifactMeta, cam: torch.Tensor | None, preprocess: dict, source: str) -> ModelInfo:
+    pre = meta.preprocess.replace(**preprocess)
+    return ModelInfo(
+        taps=tuple(meta.taps),
+        num_classes=meta.num_classes,
+        preprocess=pre,
+        class_names=tuple(meta.class_names) if meta.class_names else None,
+        cam_weight=cam,
+        cam_tap=meta.cam_tap,
+        source=source,
+        tap_shapes={t: tuple(s) for t, s in meta.tap_shapes.items()},
+    )
+
+
+def _artifact(source: ModelSource, fmt: str, *, taps, preprocess: dict, workdir: Path | None) -> Path:
+    """The artifact path for ``source``: itself, or a fresh export of a torch model."""
+    if source.kind == fmt:
+        return source.path
+    if source.kind != "torch":
+        raise ConfigError(f"{source.spec!r} is a {source.kind} file; it cannot run on the {fmt} backend")
+    from camshaft.exporters import export_prepared
+
+    if workdir is None:
+        raise ConfigError(f"the {fmt} backend needs a work folder to export {source.spec!r} into")
+    pre = (source.preprocess or Preprocess()).replace(**preprocess)
+    prepared = prepare_model(source, taps=taps, preprocess=pre)
+    suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
+    return export_prepared(prepared, format=fmt, out=workdir / f"model{suffix}")
+
+
+def open_eager(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, **_) -> TorchBackend:
+    if source.kind != "torch":
+        raise ConfigError(
+            f"the eager backend needs a torch model; {source.spec!r} is a {source.kind} file "
+            f"(use --backend {'onnxruntime' if source.kind == 'onnx' else 'torchscript'})"
+        )
+    pre = (source.preprocess or Preprocess()).replace(**preprocess)
+    p = prepare_model(source, taps=taps, preprocess=pre)
+    p.module.to(device)
+    tapped = p.tapped.to(device)
+    split = None
+    if p.split is not None:
+        split = (p.split.trunk.to(device), p.split.head.to(device))
+    info = dataclasses.replace(
+        p.info, cam_weight=None if p.info.cam_weight is None else p.info.cam_weight.to(device)
+    )
+    return TorchBackend(
+        name="eager",
+        info=info,
+        full=tapped,
+        device=device,
+        dtype=dtype,
+        split=split,
+        leaf_forward=lambda x: tapped(x, leaf_first=True),
+        owner=p.module,
+    )
+
+
+def open_torchscript(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, **_):
+    path = _artifact(source, "torchscript", taps=taps, preprocess=preprocess, workdir=workdir)
+    module, meta, cam = ts_export.load(path, device=device)
+    if meta is None:
+        raise ConfigError(
+            f"{path} is a TorchScript file without camshaft metadata, so its taps are unknown. "
+            "Export the original model with `camshaft export` (or explain it with the eager backend)"
+        )
+    _check_taps(meta, taps, path)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    split = None
+    if hasattr(module, "trunk") and hasattr(module, "head"):
+        trunk, head = module.trunk, module.head
+        first, later = meta.taps[0], meta.taps[1:]
+
+        def run_head(a):
+            outs = head(a)
+            return outs[0], {first: a, **dict(zip(later, outs[1:], strict=True))}
+
+        split = (trunk, run_head)
+    frozen = torch.jit.freeze(module) if device.type == "cpu" else module
+    info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
+    return TorchBackend(name="torchscript", info=info, full=frozen, device=device, dtype=dtype, split=split)
+
+
+def open_onnxruntime(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, **_):
+    if dtype != torch.float32:
+        raise ConfigError("the onnxruntime backend runs float32 models; export in half precision is not supported yet")
+    path = _artifact(source, "onnx", taps=taps, preprocess=preprocess, workdir=workdir)
+    session = open_session(path, device)
+    meta, cam, head = onnx_export.read_metadata(session.get_modelmeta().custom_metadata_map)
+    if meta is None:
+        raise ConfigError(
+            f"{path} is an ONNX file without camshaft metadata, so its taps are unknown. "
+            "Export the original model with `camshaft export --format onnx`"
+        )
+    _check_taps(meta, taps, path)
+    info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
+    return OnnxBackend(session, info, head=head, device=device)
+
+
+register_backend("eager", open_eager)
+register_backend("torchscript", open_torchscript)
+register_backend("onnxruntime", open_onnxruntime)

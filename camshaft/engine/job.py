@@ -1,0 +1,58 @@
+"""The explain job: one frozen description of a run, validated before any work starts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from camshaft.engine.backends.base import DTYPES, backend_names
+from camshaft.engine.methods import method_names
+from camshaft.errors import ConfigError
+from camshaft.preprocess import RESIZE_MODES
+
+
+@dataclass(frozen=True)
+class ExplainJob:
+    """Everything ``camshaft explain`` needs; the CLI's flags map onto these fields."""
+
+    model: str | None  # architecture name, module:factory, .pt / .onnx file; None = demo model
+    data: Path  # folder (recursive) or CSV manifest
+    out: Path  # output folder: maps.zarr, results.parquet, overlays/
+    method: str = "gradcam"
+    targets: str = "top:1"  # top:K | label | comma-separated classes
+    tap: str | None = None  # default: the CAM tap, else the model's last feature map
+    weights: Path | None = None  # local state_dict for architectures and factories
+    backend: str = "eager"  # eager | torchscript | onnxruntime
+    device: str | None = None  # cpu | cuda[:N]; None = cuda when available
+    dtype: str = "float32"  # float16 / bfloat16 autocast on CUDA
+    batch_size: int = 32
+    overlays: bool = False
+    input_size: tuple[int, int] | None = None  # preprocessing overrides (None = the model's)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    resize: str | None = None
+    workers: int = 4  # decode threads
+
+    def __post_init__(self):
+        problems = []
+        if self.method not in method_names():
+            problems.append(f"unknown method {self.method!r} (choose from {', '.join(method_names())})")
+        if self.backend not in backend_names():
+            problems.append(f"unknown backend {self.backend!r} (choose from {', '.join(backend_names())})")
+        if self.dtype not in DTYPES:
+            problems.append(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        if self.batch_size < 1:
+            problems.append(f"batch size must be at least 1, received {self.batch_size}")
+        if self.workers < 1:
+            problems.append(f"workers must be at least 1, received {self.workers}")
+        if self.resize is not None and self.resize not in RESIZE_MODES:
+            problems.append(f"unknown resize mode {self.resize!r} (choose from {', '.join(RESIZE_MODES)})")
+        if not Path(self.data).exists():
+            problems.append(f"data not found: {self.data}")
+        if self.weights is not None and not Path(self.weights).is_file():
+            problems.append(f"weights file not found: {self.weights}")
+        if problems:
+            raise ConfigError("invalid explain job: " + "; ".join(problems))
+
+    def preprocess_overrides(self) -> dict:
+        return {"input_size": self.input_size, "mean": self.mean, "std": self.std, "resize": self.resize}

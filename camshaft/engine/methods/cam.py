@@ -1,0 +1,34 @@
+"""CAM (Zhou et al. 2016, "Learning Deep Features for Discriminative Localization").
+
+``M_c = sum_k W[c, k] * A_k`` for the feature map A read by a global-average-pool + linear head
+with weights W. Forward only; K targets per image are one batched contraction.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from camshaft.engine.backends.base import FORWARD, Backend, Output
+from camshaft.engine.methods.base import Method, register_method
+from camshaft.errors import CapabilityError
+
+
+def class_activation_maps(a: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) maps, (N, C) head weights, (B, K) targets -> (B, K, h, w) CAMs."""
+    w = weight.to(a.device, a.dtype)[targets]  # (B, K, C)
+    return torch.einsum("bkc,bchw->bkhw", w, a)
+
+
+def _compute(backend: Backend, out: Output, tap: str) -> torch.Tensor:
+    info = backend.info
+    if info.cam_weight is None:
+        raise CapabilityError(
+            f"CAM needs a global-average-pool + linear head after the tap; {info.source!r} has none "
+            "(camshaft inspect shows the CAM head when there is one). Use --method gradcam instead"
+        )
+    if tap != info.cam_tap:
+        raise CapabilityError(f"CAM reads the tap before the linear head, {info.cam_tap!r}, not {tap!r}")
+    return class_activation_maps(out.taps[tap], info.cam_weight, out.targets)
+
+
+CAM = register_method(Method("cam", frozenset({FORWARD}), _compute, "class activation maps (forward only)"))

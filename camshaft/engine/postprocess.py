@@ -1,0 +1,49 @@
+"""Shared post-processing: statistics of low-resolution maps and their placement on the image."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from camshaft.preprocess import Geometry
+from camshaft.writers.overlay import normalize_map
+
+
+def map_stats(maps: np.ndarray, geom: Geometry, input_size: tuple[int, int]) -> dict[str, list[float]]:
+    """Per target: max, mean, and the argmax cell's centre in original-image pixels."""
+    k, h, w = maps.shape
+    flat = maps.reshape(k, -1)
+    arg = flat.argmax(axis=1)
+    H, W = input_size
+    xs, ys = [], []
+    for a in arg:
+        i, j = divmod(int(a), w)
+        x, y = geom.to_original((j + 0.5) * W / w, (i + 0.5) * H / h)
+        xs.append(float(x))
+        ys.append(float(y))
+    return {
+        "map_max": flat.max(axis=1).tolist(),
+        "map_mean": flat.mean(axis=1).tolist(),
+        "map_argmax_x": xs,
+        "map_argmax_y": ys,
+    }
+
+
+def to_original(m: np.ndarray, geom: Geometry, input_size: tuple[int, int], *, normalize: bool = True) -> np.ndarray:
+    """A low-resolution map (h, w) placed on the original image: (H0, W0) float32.
+
+    The map is upsampled bicubically to the model input, cropped to the part showing the image,
+    and stretched onto the region of the original image the model saw (zero elsewhere).
+    """
+    m = normalize_map(m) if normalize else np.asarray(m, dtype=np.float32)
+    H, W = input_size
+    up = np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((W, H), Image.BICUBIC))
+    cx0, cy0, cx1, cy1 = (int(round(v)) for v in geom.content)
+    rx0, ry0, rx1, ry1 = geom.region
+    W0, H0 = geom.original_size
+    x0, y0 = max(0, int(np.floor(rx0))), max(0, int(np.floor(ry0)))
+    x1, y1 = min(W0, int(np.ceil(rx1))), min(H0, int(np.ceil(ry1)))
+    crop = Image.fromarray(up[cy0:cy1, cx0:cx1], mode="F").resize((max(1, x1 - x0), max(1, y1 - y0)), Image.BICUBIC)
+    canvas = np.zeros((H0, W0), dtype=np.float32)
+    canvas[y0:y1, x0:x1] = np.asarray(crop)
+    return np.clip(canvas, 0, 1) if normalize else canvas

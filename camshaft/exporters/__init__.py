@@ -1,0 +1,99 @@
+"""Export a tapped model to TorchScript or ONNX, with metadata and a parity check.
+
+An artifact is written under a temporary name and renamed only after it matches the eager model
+on logits and every tap; otherwise nothing is written and the error says by how much it failed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from camshaft.errors import ConfigError, ParityError
+from camshaft.exporters import onnx as onnx_export
+from camshaft.exporters import torchscript as ts_export
+from camshaft.exporters.metadata import ArtifactMeta, version
+from camshaft.models.prepared import PreparedModel
+
+FORMATS = ("torchscript", "onnx")
+SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
+
+
+def export_prepared(prepared: PreparedModel, *, format: str, out: str | Path, rtol: float = 1e-3) -> Path:
+    """Write ``prepared`` as a ``format`` artifact at ``out`` after a parity check."""
+    if format not in FORMATS:
+        raise ConfigError(f"unknown export format {format!r}; valid choices: {', '.join(FORMATS)}")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    pre = prepared.info.preprocess
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(2, 3, *pre.input_size, generator=gen)
+    checks = [torch.randn(n, 3, *pre.input_size, generator=gen) for n in (1, 3)]  # other batch sizes
+    meta = ArtifactMeta(
+        format=format,
+        source=prepared.info.source,
+        preprocess=pre,
+        taps=list(prepared.tapped.taps),
+        tap_shapes=prepared.tap_shapes,
+        num_classes=prepared.info.num_classes,
+        class_names=list(prepared.info.class_names) if prepared.info.class_names else None,
+        cam_tap=prepared.cam_head.tap if prepared.cam_head else None,
+        cam_linear=prepared.cam_head.linear if prepared.cam_head else None,
+        has_head=prepared.split is not None,
+        camshaft_version=version(),
+    )
+    cam = prepared.cam_head.weight if prepared.cam_head else None
+    module = prepared.tapped.cpu().eval()
+    if prepared.split is not None:
+        prepared.split.trunk.cpu(), prepared.split.head.cpu()
+    try:
+        if format == "torchscript":
+            artifact = ts_export.build(prepared, example)
+            meta.parity = _parity(module, lambda x: artifact(x), checks, rtol=rtol)
+            ts_export.save(artifact, meta, cam, tmp)
+        else:
+            meta.exporter = onnx_export.build(prepared, example, tmp)
+            session = _session(tmp)
+            names = ["logits", *meta.taps]
+            run = lambda x: _unflatten(session.run(names, {"input": x.numpy()}), meta.taps)  # noqa: E731
+            meta.parity = _parity(module, run, checks, rtol=rtol)
+            onnx_export.write_metadata(tmp, meta, cam, onnx_export.head_bytes(prepared, example))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _session(path: Path):
+    from camshaft.engine.backends.onnx_backend import open_session
+
+    return open_session(path, torch.device("cpu"))
+
+
+def _unflatten(outs, taps):
+    tensors = [torch.from_numpy(o) for o in outs]
+    return tensors[0], dict(zip(taps, tensors[1:], strict=True))
+
+
+def _parity(eager, artifact, inputs, *, rtol: float) -> dict[str, float]:
+    """Max abs error per output over ``inputs``; raises ParityError beyond ``rtol`` × scale."""
+    errors: dict[str, float] = {}
+    scales: dict[str, float] = {}
+    with torch.inference_mode():
+        for x in inputs:
+            ref_logits, ref_taps = eager(x)
+            got_logits, got_taps = artifact(x)
+            pairs = {"logits": (ref_logits, got_logits), **{t: (ref_taps[t], got_taps[t]) for t in ref_taps}}
+            for name, (ref, got) in pairs.items():
+                if tuple(ref.shape) != tuple(got.shape):
+                    raise ParityError(f"{name}: shape {tuple(got.shape)} in the artifact, {tuple(ref.shape)} eager")
+                errors[name] = max(errors.get(name, 0.0), (ref.float() - got.float()).abs().max().item())
+                scales[name] = max(scales.get(name, 0.0), ref.float().abs().max().item())
+    failed = {n: e for n, e in errors.items() if e > rtol * max(scales[n], 1.0)}
+    if failed:
+        detail = ", ".join(f"{n}: max abs error {e:.3g} (scale {scales[n]:.3g})" for n, e in failed.items())
+        raise ParityError(f"the artifact disagrees with the eager model beyond rtol {rtol}: {detail}; nothing written")
+    return errors

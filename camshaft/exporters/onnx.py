@@ -1,0 +1,127 @@
+"""ONNX artifacts: outputs ``logits`` and one output per tap, dynamic batch, metadata inside.
+
+Where the model splits at its first tap, the differentiable head travels in the file too (a
+TorchScript module in the metadata), so gradient methods run from an ONNX artifact: ONNX Runtime
+computes the trunk, torch autograd the small head.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from camshaft.exporters.metadata import ArtifactMeta, cam_from_bytes, cam_to_bytes
+from camshaft.exporters.torchscript import FlatHead, FlatTapped
+from camshaft.models.prepared import PreparedModel
+
+META_KEY = "camshaft"
+CAM_KEY = "camshaft.cam_head"
+HEAD_KEY = "camshaft.head"
+LOGITS = "logits"
+
+
+class TupleOutputs(nn.Module):
+    def __init__(self, flat: nn.Module):
+        super().__init__()
+        self.flat = flat
+
+    def forward(self, x: torch.Tensor):
+        return tuple(self.flat(x))
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters are chatty (progress lines, deprecation warnings): keep the CLI clean."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def build(prepared: PreparedModel, example: torch.Tensor, path: Path, *, opset: int | None = None) -> str:
+    """Export to ``path``; returns which torch exporter produced it."""
+    module = TupleOutputs(FlatTapped(prepared.tapped)).eval()
+    names = [LOGITS, *prepared.tapped.taps]
+    try:
+        with _quiet():
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                dynamo=True,
+                input_names=["input"],
+                output_names=names,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                opset_version=opset,
+                external_data=False,
+            )
+        return "dynamo"
+    except Exception as dynamo_error:  # noqa: BLE001 - fall back to the TorchScript-based exporter
+        try:
+            with _quiet():
+                torch.onnx.export(
+                    module,
+                    (example,),
+                    str(path),
+                    dynamo=False,
+                    input_names=["input"],
+                    output_names=names,
+                    dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                    opset_version=opset or 17,
+                )
+        except Exception as legacy_error:
+            raise RuntimeError(
+                f"ONNX export failed with both exporters: dynamo: {dynamo_error}; legacy: {legacy_error}"
+            ) from legacy_error
+        return "torchscript-based"
+
+
+def head_bytes(prepared: PreparedModel, example: torch.Tensor) -> bytes | None:
+    """The split head as TorchScript bytes, or None when the model does not split."""
+    if prepared.split is None:
+        return None
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        a = prepared.split.trunk(example)
+        head = torch.jit.trace(FlatHead(prepared.split.head, list(prepared.tapped.taps[1:])).eval(), (a,), strict=False)
+        buf = io.BytesIO()
+        torch.jit.save(head, buf)
+    return buf.getvalue()
+
+
+def write_metadata(path: Path, meta: ArtifactMeta, cam_weight: torch.Tensor | None, head: bytes | None) -> None:
+    model = onnx.load(str(path))
+    props = {META_KEY: meta.to_json()}
+    if cam_weight is not None:
+        props[CAM_KEY] = base64.b64encode(cam_to_bytes(cam_weight)).decode()
+    if head is not None:
+        props[HEAD_KEY] = base64.b64encode(head).decode()
+    for key, value in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def read_metadata(custom: dict[str, str]):
+    """``(meta or None, cam_weight or None, head module or None)`` from metadata properties."""
+    meta = ArtifactMeta.from_json(custom[META_KEY]) if META_KEY in custom else None
+    cam = cam_from_bytes(base64.b64decode(custom[CAM_KEY])) if CAM_KEY in custom else None
+    head = None
+    if HEAD_KEY in custom:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            head = torch.jit.load(io.BytesIO(base64.b64decode(custom[HEAD_KEY])), map_location="cpu").eval()
+    return meta, cam, head
