@@ -69,28 +69,34 @@ class Geometry:
         return (rx0 + (x - cx0) * (rx1 - rx0) / (cx1 - cx0), ry0 + (y - cy0) * (ry1 - ry0) / (cy1 - cy0))
 
 
-def prepare(image: Image.Image, pre: Preprocess) -> tuple[torch.Tensor, Geometry]:
-    """Resize an RGB image for the model: uint8 tensor (3, H, W) and its geometry."""
+def geometry(original_size: tuple[int, int], pre: Preprocess) -> Geometry:
+    """Where an image of ``original_size`` (W, H) lands in the model input under ``pre``."""
     h, w = pre.input_size
-    w0, h0 = image.size
+    w0, h0 = original_size
     if pre.resize == "stretch":
-        out = image.resize((w, h), Image.BILINEAR, reducing_gap=None)
-        geom = Geometry((w0, h0), (0, 0, w, h), (0, 0, w0, h0))
-    elif pre.resize == "center-crop":
+        return Geometry((w0, h0), (0, 0, w, h), (0, 0, w0, h0))
+    if pre.resize == "center-crop":
         scale = max(w / w0, h / h0)
         cw, ch = w / scale, h / scale  # the seen region, in original pixels
         x0, y0 = (w0 - cw) / 2, (h0 - ch) / 2
-        region = (x0, y0, x0 + cw, y0 + ch)
-        out = image.resize((w, h), Image.BILINEAR, box=region)
-        geom = Geometry((w0, h0), (0, 0, w, h), region)
-    else:  # letterbox
-        scale = min(w / w0, h / h0)
-        nw, nh = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+        return Geometry((w0, h0), (0, 0, w, h), (x0, y0, x0 + cw, y0 + ch))
+    scale = min(w / w0, h / h0)  # letterbox
+    nw, nh = max(1, round(w0 * scale)), max(1, round(h0 * scale))
+    ox, oy = (w - nw) // 2, (h - nh) // 2
+    return Geometry((w0, h0), (ox, oy, ox + nw, oy + nh), (0, 0, w0, h0))
+
+
+def prepare(image: Image.Image, pre: Preprocess) -> tuple[torch.Tensor, Geometry]:
+    """Resize an RGB image for the model: uint8 tensor (3, H, W) and its geometry."""
+    h, w = pre.input_size
+    geom = geometry(image.size, pre)
+    if pre.resize == "letterbox":
         fill = tuple(int(round(255 * m)) for m in pre.mean)  # normalises to zero
         out = Image.new("RGB", (w, h), fill)
-        ox, oy = (w - nw) // 2, (h - nh) // 2
-        out.paste(image.resize((nw, nh), Image.BILINEAR), (ox, oy))
-        geom = Geometry((w0, h0), (ox, oy, ox + nw, oy + nh), (0, 0, w0, h0))
+        cx0, cy0, cx1, cy1 = (int(v) for v in geom.content)
+        out.paste(image.resize((cx1 - cx0, cy1 - cy0), Image.BILINEAR), (cx0, cy0))
+    else:
+        out = image.resize((w, h), Image.BILINEAR, box=geom.region)
     array = np.asarray(out, dtype=np.uint8)
     return torch.from_numpy(array.copy()).permute(2, 0, 1), geom
 

@@ -1,0 +1,5 @@
+import sys
+
+from camshaft.cli import main
+
+sys.exit(main())

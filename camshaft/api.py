@@ -1,0 +1,96 @@
+"""The Python API, mirroring the CLI: ``explain``, ``export``, ``inspect``, ``load_results``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from camshaft.engine.job import ExplainJob
+from camshaft.engine.run import RunSummary, run_explain
+from camshaft.exporters import FORMATS, export_prepared
+from camshaft.models.inspect import ModelReport, describe
+from camshaft.models.prepared import prepare_model
+from camshaft.models.sources import resolve_model
+from camshaft.preprocess import Preprocess
+from camshaft.results import Results, load_results
+
+__all__ = ["explain", "export", "inspect", "load_results", "Results", "RunSummary"]
+
+
+def explain(
+    model: str | None,
+    data: str | Path,
+    *,
+    out: str | Path,
+    method: str = "gradcam",
+    targets: str = "top:1",
+    tap: str | None = None,
+    weights: str | Path | None = None,
+    backend: str = "eager",
+    device: str | None = None,
+    dtype: str = "float32",
+    batch_size: int = 32,
+    overlays: bool = False,
+    input_size: tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    resize: str | None = None,
+    workers: int = 4,
+    progress: bool = True,
+) -> RunSummary:
+    """Explain every image of ``data`` (folder or CSV manifest) with ``model``; see ``ExplainJob``."""
+    job = ExplainJob(
+        model=model,
+        data=Path(data),
+        out=Path(out),
+        method=method,
+        targets=targets,
+        tap=tap,
+        weights=None if weights is None else Path(weights),
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        overlays=overlays,
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        resize=resize,
+        workers=workers,
+    )
+    return run_explain(job, progress=progress)
+
+
+def export(
+    model: str,
+    *,
+    format: str,
+    out: str | Path,
+    taps: Sequence[str] | None = None,
+    weights: str | Path | None = None,
+    input_size: tuple[int, int] | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    resize: str | None = None,
+    rtol: float = 1e-3,
+) -> Path:
+    """Export ``model`` with ``taps`` to a TorchScript or ONNX artifact at ``out`` (parity-checked)."""
+    if format not in FORMATS:
+        from camshaft.errors import UnknownNameError
+
+        raise UnknownNameError("export format", format, FORMATS)
+    source = resolve_model(model, weights=weights)
+    pre = (source.preprocess or Preprocess()).replace(input_size=input_size, mean=mean, std=std, resize=resize)
+    prepared = prepare_model(source, taps=taps, preprocess=pre)
+    return export_prepared(prepared, format=format, out=out, rtol=rtol)
+
+
+def inspect(model: str | None, *, weights: str | Path | None = None, input_size: tuple[int, int] | None = None) -> ModelReport:
+    """Layers with output shapes, the default tap and the CAM head of a torch model."""
+    source = resolve_model(model, weights=weights)
+    if source.kind != "torch":
+        from camshaft.errors import ConfigError
+
+        raise ConfigError(f"inspect reads torch models; {source.spec!r} is a {source.kind} file")
+    size = input_size or (source.preprocess or Preprocess()).input_size
+    return describe(source.module, input_size=tuple(size))
