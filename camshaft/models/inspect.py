@@ -43,40 +43,49 @@ def describe(model: nn.Module, *, input_size: tuple[int, int]) -> ModelReport:
     """List the layers of ``model`` with shapes for ``input_size`` and find tap and CAM head."""
     plan = plan_taps(model)
     x = torch.zeros(1, 3, *input_size)
-    layers, logits = _layers(model, plan, x)
-    default = _default_tap(layers, plan)
+    layers, logits, same = _layers(model, plan, x)
+    default = _default_tap(layers, plan, same)
     head = find_cam_head(model, default, plan=plan, x=x) if default else None
     return ModelReport(layers, default, head, int(logits.shape[-1]))
 
 
 def _layers(model: nn.Module, plan: TapPlan, x: torch.Tensor):
+    """Layers in execution order with their output shapes, and the logits."""
     modules = dict(model.named_modules())
     shapes: dict[str, tuple[int, ...] | None] = {}
+    same: dict[str, str] = {}  # hooked module -> the shortest module path giving the same tensor
     with torch.inference_mode():
         if plan.traceable:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 gm = create_feature_extractor(model, return_nodes=list(plan.nodes))
-            for name, value in gm(x).items():
+            outputs = gm(x)
+            for name, value in outputs.items():
                 shapes[name] = tuple(value.shape) if isinstance(value, torch.Tensor) else None
-            logits_value = gm(x)[plan.output]
+            logits_value, order = outputs[plan.output], list(plan.nodes)
         else:
-            with _record_all(model, shapes):
+            with _record_all(model, shapes, same):
                 logits_value = model(x)
+            order = list(shapes)  # hooks fire in execution order
     layers = []
-    for name in plan.nodes:
-        if name not in shapes:
-            continue
-        kind = type(modules[name]).__name__ if name in modules else "function"
-        layers.append(Layer(name, kind, shapes[name]))
-    return layers, logits_value
+    for name in order:
+        if name in shapes:
+            kind = type(modules[name]).__name__ if name in modules else "function"
+            layers.append(Layer(name, kind, shapes[name]))
+    return layers, logits_value, same
 
 
 @contextlib.contextmanager
-def _record_all(model: nn.Module, shapes: dict):
+def _record_all(model: nn.Module, shapes: dict, same: dict):
+    seen: dict[int, str] = {}
+
     def make(name):
         def hook(_m, _i, out):
             shapes[name] = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+            if isinstance(out, torch.Tensor):
+                first = seen.setdefault(id(out), name)
+                same[name] = min(first, name, key=lambda n: (n.count("."), len(n)))
+                same[first] = same[name]
 
         return hook
 
@@ -88,7 +97,7 @@ def _record_all(model: nn.Module, shapes: dict):
             h.remove()
 
 
-def _default_tap(layers: list[Layer], plan: TapPlan) -> str | None:
+def _default_tap(layers: list[Layer], plan: TapPlan, same: dict[str, str]) -> str | None:
     """The last spatial (N, C, h, w) map before global pooling, named by the shortest module path ending there."""
     spatial = [
         lay.name
@@ -99,7 +108,7 @@ def _default_tap(layers: list[Layer], plan: TapPlan) -> str | None:
         return None
     last = spatial[-1]
     if not plan.traceable:
-        return last
+        return same.get(last, last)
     parts = last.split(".")
     for i in range(1, len(parts) + 1):
         prefix = ".".join(parts[:i])

@@ -7,6 +7,7 @@ check) into the run's work folder, so every backend serves the same taps and hea
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,7 +113,9 @@ def open_torchscript(source: ModelSource, *, taps=None, preprocess: dict, device
             return outs[0], {first: a, **dict(zip(later, outs[1:], strict=True))}
 
         split = (trunk, run_head)
-    frozen = torch.jit.freeze(module) if device.type == "cpu" else module
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # freeze is deprecated upstream but still the fastest CPU path
+        frozen = torch.jit.freeze(module) if device.type == "cpu" else module
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
     return TorchBackend(name="torchscript", info=info, full=frozen, device=device, dtype=dtype, split=split)
 

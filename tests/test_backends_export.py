@@ -1,0 +1,159 @@
+"""Taps, the split at the tap, exported artifacts and parity between the three backends."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+import torchvision
+from conftest import TinyCam, Untraceable, open_backend, source_of
+
+from camshaft.engine.methods import check_backend, get_method
+from camshaft.errors import CapabilityError, ConfigError, ParityError, UnknownNameError
+from camshaft.exporters import export_prepared
+from camshaft.exporters import torchscript as ts_export
+from camshaft.models.prepared import prepare_model
+from camshaft.models.sources import ModelSource
+from camshaft.models.split import split_at_first_tap
+from camshaft.models.taps import TappedModel, plan_taps
+
+BACKENDS = ["eager", "torchscript", "onnxruntime"]
+
+
+def fixed(targets):
+    t = torch.tensor(targets)
+    return lambda logits: t
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def test_untraceable_models_are_tapped_with_hooks():
+    assert plan_taps(TinyCam()).traceable
+    assert not plan_taps(Untraceable()).traceable
+
+
+def test_unknown_tap_lists_the_valid_choices(resnet):
+    with pytest.raises(UnknownNameError, match="layer4.*camshaft inspect"):
+        TappedModel(resnet, ["layer5"])
+
+
+def test_taps_come_back_in_execution_order_and_match_the_model(resnet):
+    tapped = TappedModel(resnet, ["layer4", "layer2"])
+    assert tapped.taps == ["layer2", "layer4"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, taps = tapped(x)
+        torch.testing.assert_close(logits, resnet(x))
+        torch.testing.assert_close(taps["layer2"], resnet.layer2(resnet.layer1(resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(x)))))))
+
+
+def test_split_exists_only_where_the_tap_cuts_the_graph(resnet):
+    split = split_at_first_tap(TappedModel(resnet, ["layer3", "layer4"]))
+    assert split is not None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, taps = split.head(split.trunk(x))
+        torch.testing.assert_close(logits, resnet(x))
+    assert set(taps) == {"layer3", "layer4"}
+    # inside a residual block the skip connection bypasses the tap: no split
+    assert split_at_first_tap(TappedModel(resnet, ["layer4.0.conv1"])) is None
+
+
+def test_gradients_at_a_tap_that_does_not_cut_the_graph(resnet, tmp_path):
+    """Eager tap gradients need no split: compare with retain_grad on the full model."""
+    backend = open_backend("eager", source_of(resnet, size=(64, 64)), tmp_path, taps=["layer4.0.conv1"])
+    x = torch.randn(2, 3, 64, 64)
+    out = backend.tap_gradients(x, fixed([[3], [5]]))
+    store = {}
+    handle = resnet.layer4[0].conv1.register_forward_hook(lambda m, i, o: store.setdefault("a", o))
+    try:
+        with torch.enable_grad():
+            logits = resnet(x.requires_grad_(True))
+            store["a"].retain_grad()
+            (logits[0, 3] + logits[1, 5]).backward()
+    finally:
+        handle.remove()
+        resnet.zero_grad(set_to_none=True)
+    torch.testing.assert_close(out.grads["layer4.0.conv1"][:, 0], store["a"].grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_backends_agree(method, resnet, tmp_path):
+    source = source_of(resnet, size=(64, 64))
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    targets = [[1, 2], [3, 4], [0, 9]]
+    maps = {}
+    for name in BACKENDS:
+        backend = open_backend(name, source, tmp_path / name, taps=["layer3", "layer4"])
+        maps[name], _ = get_method(method).run(backend, x, fixed(targets), tap="layer4")
+    scale = maps["eager"].abs().max()
+    assert scale > 0
+    for name in BACKENDS[1:]:
+        torch.testing.assert_close(maps[name], maps["eager"], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_gradcam_at_the_earlier_tap_through_every_backend(resnet, tmp_path):
+    source = source_of(resnet, size=(64, 64))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    maps = {}
+    for name in BACKENDS:
+        backend = open_backend(name, source, tmp_path / name, taps=["layer3", "layer4"])
+        maps[name], _ = get_method("gradcam").run(backend, x, fixed([[1], [2]]), tap="layer3")
+    for name in BACKENDS[1:]:
+        torch.testing.assert_close(maps[name], maps["eager"], rtol=1e-4, atol=1e-6)
+
+
+def test_artifact_metadata_and_dynamic_batch(resnet, tmp_path):
+    names = [f"class{i}" for i in range(10)]
+    source = ModelSource("torch", "resnet18-test", module=resnet, preprocess=source_of(resnet, size=(64, 64)).preprocess, class_names=names)
+    prepared = prepare_model(source, taps=["layer4"])
+    path = export_prepared(prepared, format="torchscript", out=tmp_path / "m.pt")
+    module, meta, cam = ts_export.load(path)
+    assert meta.taps == ["layer4"] and meta.tap_shapes == {"layer4": [512, 2, 2]}
+    assert meta.class_names == names and meta.num_classes == 10 and meta.has_head
+    assert meta.cam_tap == "layer4" and meta.cam_linear == "fc"
+    torch.testing.assert_close(cam, resnet.fc.weight)
+    assert meta.preprocess.input_size == (64, 64)
+    assert set(meta.parity) == {"logits", "layer4"} and max(meta.parity.values()) < 1e-3
+    for batch in (1, 5):
+        logits, taps = module(torch.randn(batch, 3, 64, 64))
+        assert logits.shape == (batch, 10) and taps["layer4"].shape == (batch, 512, 2, 2)
+
+    onnx_path = export_prepared(prepared, format="onnx", out=tmp_path / "m.onnx")
+    props = {p.key for p in onnx.load(str(onnx_path)).metadata_props}
+    assert {"camshaft", "camshaft.cam_head", "camshaft.head"} <= props
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_export_refuses_to_write_when_parity_fails(fmt, tmp_path):
+    prepared = prepare_model(source_of(TinyCam()), taps=["features"])
+    target = tmp_path / f"model.{fmt}"
+    with pytest.raises(ParityError, match="nothing written"):
+        export_prepared(prepared, format=fmt, out=target, rtol=-1.0)  # nothing can pass a negative tolerance
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_artifact_without_split_serves_forward_only(resnet, tmp_path):
+    source = source_of(resnet, size=(64, 64))
+    backend = open_backend("onnxruntime", source, tmp_path, taps=["layer4.0.conv1"])
+    assert "tap_gradients" not in backend.capabilities
+    with pytest.raises(CapabilityError, match="eager"):
+        check_backend(get_method("gradcam"), backend)
+
+
+def test_foreign_onnx_file_without_metadata_is_refused(tmp_path):
+    path = tmp_path / "plain.onnx"
+    torch.onnx.export(TinyCam().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False)
+    source = ModelSource("onnx", str(path), path=path)
+    with pytest.raises(ConfigError, match="without camshaft metadata"):
+        open_backend("onnxruntime", source, tmp_path)
+
+
+def test_artifact_rejects_taps_it_was_not_exported_with(resnet, tmp_path):
+    path = export_prepared(prepare_model(source_of(resnet, size=(64, 64)), taps=["layer4"]), format="onnx", out=tmp_path / "m.onnx")
+    with pytest.raises(ConfigError, match="layer3"):
+        open_backend("onnxruntime", ModelSource("onnx", str(path), path=path), tmp_path, taps=["layer3"])
