@@ -1,0 +1,119 @@
+"""The model resolver: architectures, factories, files, safe weight loading, clear errors."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import TinyCam
+
+from camshaft.errors import ConfigError, ModelSourceError
+from camshaft.models.inspect import describe
+from camshaft.models.sources import load_weights, resolve_model
+
+
+def make_tiny():
+    """A factory for the module:factory source (this test module is importable by pytest)."""
+    return TinyCam()
+
+
+class Payload:
+    """An arbitrary object: torch.load(weights_only=True) must refuse to unpickle it."""
+
+
+def test_torchvision_name_with_local_weights(tmp_path):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reference = resolve_model("resnet18").module
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, path)
+    loaded = resolve_model("resnet18", weights=path)
+    for (k, a), (_, b) in zip(reference.state_dict().items(), loaded.module.state_dict().items(), strict=True):
+        assert torch.equal(a, b), k
+    assert loaded.class_names and len(loaded.class_names) == 1000
+
+
+def test_random_weights_warn():
+    with pytest.warns(UserWarning, match="random weights"):
+        resolve_model("resnet18")
+
+
+def test_weights_are_never_unpickled(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": Payload()}, path)
+    with pytest.raises(ConfigError, match="weights_only=True"):
+        load_weights(TinyCam(), path)
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"other.weight": torch.zeros(1)}, path)
+    with pytest.raises(ConfigError, match="missing .*features.0.weight.*unexpected .*other.weight"):
+        load_weights(TinyCam(), path)
+
+
+def test_module_factory_with_weights(tmp_path):
+    reference = TinyCam()
+    with torch.no_grad():
+        reference.fc.bias.fill_(7.0)
+    path = tmp_path / "tiny.pth"
+    torch.save(reference.state_dict(), path)
+    source = resolve_model("test_model_sources:make_tiny", weights=path)
+    assert source.kind == "torch"
+    assert torch.equal(source.module.fc.bias, torch.full((3,), 7.0))
+
+
+def test_files_are_recognised(tmp_path):
+    onnx_path = tmp_path / "m.onnx"
+    onnx_path.write_bytes(b"not checked here")
+    assert resolve_model(str(onnx_path)).kind == "onnx"
+    ts_path = tmp_path / "m.pt"
+    torch.jit.save(torch.jit.script(TinyCam()), str(ts_path))
+    assert resolve_model(str(ts_path)).kind == "torchscript"
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"junk")
+    with pytest.raises(ModelSourceError, match="neither an ONNX"):
+        resolve_model(str(junk))
+
+
+def test_unknown_spec_lists_everything_tried():
+    with pytest.raises(ModelSourceError) as info:
+        resolve_model("resnet1800")
+    message = str(info.value)
+    assert "no such file" in message and "module:factory" in message and "torchvision architecture" in message
+
+
+def test_bad_factory_is_explained():
+    with pytest.raises(ModelSourceError, match="cannot import"):
+        resolve_model("no_such_module_xyz:build")
+
+
+def test_weights_for_a_file_are_refused(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"x")
+    with pytest.raises(ConfigError, match="--weights"):
+        resolve_model(str(path), weights=tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize(
+    ("name", "tap", "cam"),
+    [
+        ("resnet18", "layer4", "fc"),
+        ("vgg11_bn", "features", None),
+        ("mobilenet_v3_small", "features", None),
+        ("efficientnet_b0", "features", "classifier.1"),
+        ("convnext_tiny", "features", None),
+        ("densenet121", "relu", "classifier"),
+    ],
+)
+def test_default_tap_and_cam_head_of_torchvision_architectures(name, tap, cam):
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = resolve_model(name).module
+    report = describe(model, input_size=(64, 64))
+    assert report.default_tap == tap
+    assert (report.cam_head.linear if report.cam_head else None) == cam
+    assert report.num_classes == 1000
