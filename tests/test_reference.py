@@ -21,6 +21,7 @@ from torchcam.methods import GradCAM as TorchcamGradCAM
 from camshaft.engine.backends import backend_factory
 from camshaft.engine.methods import get_method
 from camshaft.engine.targets import Targets
+from camshaft.errors import CapabilityError
 from camshaft.models.sources import ModelSource
 from camshaft.preprocess import Preprocess
 
@@ -75,6 +76,19 @@ def _backend(kind: str, model: nn.Module, tap: str, workdir):
     return backend_factory(kind)(
         source, taps=[tap], preprocess={}, device=torch.device("cpu"), dtype=torch.float32, workdir=workdir
     )
+
+
+@pytest.fixture(scope="module")
+def eager(models, tmp_path_factory):
+    """``eager(arch)``: one eager backend per architecture at its tap, shared by the tests."""
+    backends = {}
+
+    def get(arch: str):
+        if arch not in backends:
+            backends[arch] = _backend("eager", models[arch], ARCHS[arch][0], tmp_path_factory.mktemp(arch))
+        return backends[arch]
+
+    return get
 
 
 def _assert_clean(model: nn.Module) -> None:
@@ -136,13 +150,14 @@ def _cells(model: nn.Module, tap: str, x: torch.Tensor) -> tuple[int, int]:
 # --- 1. Grad-CAM vs captum -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
-@pytest.mark.parametrize("selector", list(SELECTORS))
-def test_gradcam_matches_captum(models, x, tmp_path, arch, selector):
-    if selector != "top3" and arch != "resnet18":
-        pytest.skip("the K=1 and explicit-target paths are architecture-independent; resnet18 covers them")
+# every architecture with top:3; the K=1 and explicit-target paths do not depend on the architecture
+CAPTUM_CASES = [(arch, "top3") for arch in ARCHS] + [("resnet18", "top1"), ("resnet18", "explicit")]
+
+
+@pytest.mark.parametrize(("arch", "selector"), CAPTUM_CASES)
+def test_gradcam_matches_captum(models, eager, x, arch, selector):
     model, (tap, _) = models[arch], ARCHS[arch]
-    maps, out = get_method("gradcam").run(_backend("eager", model, tap, tmp_path), x, SELECTORS[selector], tap=tap)
+    maps, out = get_method("gradcam").run(eager(arch), x, SELECTORS[selector], tap=tap)
     _assert_clean(model)
 
     k = 1 if selector == "top1" else 3
@@ -150,7 +165,8 @@ def test_gradcam_matches_captum(models, x, tmp_path, arch, selector):
     if selector == "explicit":
         assert out.targets.tolist() == [[3, 7, 999], [500, 3, 3]]
     else:
-        assert torch.equal(out.targets, model(x).topk(k, dim=-1).indices)
+        with torch.no_grad():
+            assert torch.equal(out.targets, model(x).topk(k, dim=-1).indices)
     want = captum_gradcam(model, tap, x, out.targets)
     _assert_nontrivial(want)
     compare(maps, want)
@@ -160,18 +176,18 @@ def test_gradcam_matches_captum(models, x, tmp_path, arch, selector):
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_gradcam_matches_torchcam(models, x, tmp_path, arch):
+def test_gradcam_matches_torchcam(models, eager, x, arch):
     model, (tap, _) = models[arch], ARCHS[arch]
-    maps, out = get_method("gradcam").run(_backend("eager", model, tap, tmp_path), x, SELECTORS["top3"], tap=tap)
+    maps, out = get_method("gradcam").run(eager(arch), x, SELECTORS["top3"], tap=tap)
     want = torchcam_maps("gradcam", model, tap, None, x, out.targets)
     _assert_nontrivial(want)
     compare(maps, want)
 
 
 @pytest.mark.parametrize("arch", [a for a, (_, fc) in ARCHS.items() if fc])
-def test_cam_matches_torchcam(models, x, tmp_path, arch):
+def test_cam_matches_torchcam(models, eager, x, arch):
     model, (tap, fc) = models[arch], ARCHS[arch]
-    backend = _backend("eager", model, tap, tmp_path)
+    backend = eager(arch)
     assert backend.info.cam_tap == tap
     assert torch.equal(backend.info.cam_weight, model.get_submodule(fc).weight)
     maps, out = get_method("cam").run(backend, x, SELECTORS["explicit"], tap=tap)
@@ -180,9 +196,9 @@ def test_cam_matches_torchcam(models, x, tmp_path, arch):
     compare(maps, want)
 
 
-def test_cam_without_gap_linear_head_is_refused(models, x, tmp_path):
-    backend = _backend("eager", models["mobilenet_v3_small"], "features", tmp_path)
-    with pytest.raises(ValueError, match="CAM needs a global-average-pool"):
+def test_cam_without_gap_linear_head_is_refused(eager, x):
+    backend = eager("mobilenet_v3_small")
+    with pytest.raises(CapabilityError, match="CAM needs a global-average-pool"):
         get_method("cam").run(backend, x, SELECTORS["top3"], tap="features")
 
 
@@ -190,16 +206,15 @@ def test_cam_without_gap_linear_head_is_refused(models, x, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["torchscript", "onnxruntime"])
-def test_exported_backends_match_eager_and_references(models, x, tmp_path, kind):
+def test_exported_backends_match_eager_and_references(models, eager, x, tmp_path, kind):
     model, (tap, fc) = models["resnet18"], ARCHS["resnet18"]
     select = SELECTORS["explicit"]
-    eager = _backend("eager", model, tap, tmp_path / "eager")
-    exported = _backend(kind, model, tap, tmp_path / kind)
+    exported = _backend(kind, model, tap, tmp_path)
     assert {"forward", "tap_gradients"} <= exported.capabilities
 
     for method in ("gradcam", "cam"):
         got, out = get_method(method).run(exported, x, select, tap=tap)
-        ref, _ = get_method(method).run(eager, x, select, tap=tap)
+        ref, _ = get_method(method).run(eager("resnet18"), x, select, tap=tap)
         assert out.targets.tolist() == [[3, 7, 999], [500, 3, 3]]
         compare(got, ref)
         if method == "gradcam":
@@ -212,9 +227,9 @@ def test_exported_backends_match_eager_and_references(models, x, tmp_path, kind)
 # --- 4. an analytic identity: Grad-CAM = ReLU(CAM) / (h w) under a GAP + linear head ---------------
 
 
-def test_gradcam_is_relu_cam_over_cells_for_gap_linear_head(models, x, tmp_path):
+def test_gradcam_is_relu_cam_over_cells_for_gap_linear_head(models, eager, x):
     model = models["resnet18"]
-    backend = _backend("eager", model, "layer4", tmp_path)
+    backend = eager("resnet18")
     targets = Targets.parse("3,17,281,500,999", num_classes=1000)
     grad, out = get_method("gradcam").run(backend, x, targets.selector(), tap="layer4")
     cam, _ = get_method("cam").run(backend, x, targets.selector(), tap="layer4")

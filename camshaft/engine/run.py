@@ -8,6 +8,7 @@ row and the run goes on.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -101,8 +102,9 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
     bar = tqdm(total=len(records), unit="img", desc=f"{method.name} ({backend.name})", disable=not progress)
     with ThreadPoolExecutor(job.workers) as pool:
         pending: list[Future] = []
+        explain = BackOff(lambda b: _explain_batch(b, backend, method, targets, tap, store, info.preprocess))
         for batch in _prefetch(pool, records, job.batch_size, info.preprocess, keep_images=job.overlays):
-            batch_rows, maps = _explain_batch(batch, backend, method, targets, tap, store, info.preprocess)
+            batch_rows, maps = explain(batch)
             rows.extend(batch_rows)
             if job.overlays:
                 items = [(d, maps[d.index], rows_by[d.index]) for rows_by in [{r["index"]: r for r in batch_rows}] for d in batch if d.index in maps]
@@ -154,6 +156,34 @@ def _prefetch(pool, records, batch_size: int, pre: Preprocess, *, keep_images: b
             queue.append([pool.submit(_decode, r, s2 + i, pre, keep_images) for i, r in enumerate(records[s2 : s2 + batch_size])])
         queue[n] = []
         yield batch
+
+
+class BackOff:
+    """Run ``fn`` on batches, halving them on out-of-memory; later batches keep the size that fit."""
+
+    def __init__(self, fn):
+        self.fn, self.limit = fn, None
+
+    def __call__(self, batch: list) -> tuple[list[dict], dict]:
+        rows: list[dict] = []
+        maps: dict = {}
+        i = 0
+        while i < len(batch):
+            part = batch[i : i + (self.limit or len(batch))]
+            try:
+                r, m = self.fn(part)
+            except torch.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.limit = len(part) // 2
+                warnings.warn(f"out of memory at batch size {len(part)}; continuing with {self.limit}", stacklevel=2)
+                continue
+            rows.extend(r)
+            maps.update(m)
+            i += len(part)
+        return rows, maps
 
 
 def _label_index(d: Decoded, info) -> int | None:
