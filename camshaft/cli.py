@@ -245,6 +245,8 @@ def _inspect_artifact(source) -> int:
         _, meta, cam = ts_export.load(source.path)
     if meta is None:
         print(f"{source.path}: {source.kind} file without camshaft metadata")
+        if source.kind == "onnx":
+            _inspect_foreign_onnx(source.path)
         return 0
     print(f"{source.path}: camshaft {meta.format} artifact of {meta.source} (camshaft {meta.camshaft_version})")
     print(f"preprocess: {meta.preprocess.to_dict()}")
@@ -255,6 +257,21 @@ def _inspect_artifact(source) -> int:
     print(f"gradients (split head): {'yes' if meta.has_head else 'no'}")
     print("parity (max abs error): " + ", ".join(f"{k} {v:.2e}" for k, v in meta.parity.items()))
     return 0
+
+
+def _inspect_foreign_onnx(path) -> None:
+    from camshaft.models.onnx_graph import open_foreign, spatial_tensors
+
+    import onnx
+
+    for name, shape in spatial_tensors(onnx.load(str(path))).items():
+        print(f"{name}  {'x'.join(map(str, shape[1:]))}")
+    try:
+        graph = open_foreign(path, None)
+        print(f"default tap / CAM head: global average pool of {graph.cam_tap} -> linear {tuple(graph.cam_weight.shape)}")
+    except Exception as e:  # noqa: BLE001 - informative only
+        print(f"CAM head: none ({e})")
+    print("taps are tensor names (--tap NAME); set --mean/--std/--resize to the model's preprocessing")
 
 
 COMMANDS = {"demo": _demo, "explain": _explain, "export": _export, "inspect": _inspect}

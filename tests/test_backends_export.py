@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import onnx
 import pytest
 import torch
 import torchvision
 from conftest import TinyCam, Untraceable, open_backend, source_of
+from test_methods import closed_form_cam
 
 from camshaft.engine.methods import check_backend, get_method
 from camshaft.errors import CapabilityError, ConfigError, ParityError, UnknownNameError
@@ -145,12 +148,31 @@ def test_artifact_without_split_serves_forward_only(resnet, tmp_path):
         check_backend(get_method("gradcam"), backend)
 
 
-def test_foreign_onnx_file_without_metadata_is_refused(tmp_path):
+@pytest.fixture
+def foreign_onnx(tmp_path):
+    """An ONNX file exported by plain torch, without camshaft metadata."""
     path = tmp_path / "plain.onnx"
-    torch.onnx.export(TinyCam().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False)
-    source = ModelSource("onnx", str(path), path=path)
-    with pytest.raises(ConfigError, match="without camshaft metadata"):
-        open_backend("onnxruntime", source, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyCam().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    return ModelSource("onnx", str(path), path=path)
+
+
+def test_foreign_onnx_file_serves_cam_from_its_graph(foreign_onnx, tmp_path):
+    with pytest.warns(UserWarning, match="no camshaft metadata"):
+        backend = open_backend("onnxruntime", foreign_onnx, tmp_path)
+    assert backend.info.cam_tap == backend.info.taps[0] and backend.info.preprocess.input_size == (8, 8)
+    x = torch.randn(2, 3, 8, 8)
+    maps, _ = get_method("cam").run(backend, x, fixed([[0, 2], [1, 1]]), tap=backend.info.cam_tap)
+    torch.testing.assert_close(maps, closed_form_cam(x, torch.tensor([[0, 2], [1, 1]])), rtol=1e-5, atol=1e-5)
+    with pytest.raises(CapabilityError, match="eager"):
+        check_backend(get_method("gradcam"), backend)
+
+
+def test_foreign_onnx_taps_are_graph_tensors(foreign_onnx, tmp_path):
+    with pytest.raises(UnknownNameError, match="4-D tensor"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        open_backend("onnxruntime", foreign_onnx, tmp_path, taps=["layer4"])
 
 
 def test_artifact_rejects_taps_it_was_not_exported_with(resnet, tmp_path):

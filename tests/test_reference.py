@@ -172,6 +172,23 @@ def test_gradcam_matches_captum(models, eager, x, arch, selector):
     compare(maps, want)
 
 
+def test_gradcam_matches_captum_at_every_tap_of_a_multi_tap_backend(models, x):
+    """Given out of execution order, the later tap's gradients flow through the head above the first."""
+    model = models["resnet18"]
+    source = ModelSource(kind="torch", spec="x", module=model, preprocess=Preprocess(input_size=SIZE))
+    backend = backend_factory("eager")(
+        source, taps=["layer4", "layer3"], preprocess={}, device=torch.device("cpu"), dtype=torch.float32
+    )
+    assert backend.info.taps == ("layer3", "layer4")
+    for tap, cells in (("layer3", (6, 8)), ("layer4", (3, 4))):
+        maps, out = get_method("gradcam").run(backend, x, SELECTORS["explicit"], tap=tap)
+        assert maps.shape == (2, 3, *cells)
+        want = captum_gradcam(model, tap, x, out.targets)
+        _assert_nontrivial(want)
+        compare(maps, want)
+    _assert_clean(model)
+
+
 # --- 2. Grad-CAM and CAM vs torchcam ---------------------------------------------------------------
 
 
@@ -194,6 +211,47 @@ def test_cam_matches_torchcam(models, eager, x, arch):
     want = torchcam_maps("cam", model, tap, fc, x, out.targets)  # torchcam's CAM applies no ReLU either
     assert (want < 0).any() and (want > 0).any()  # signed maps: a stray ReLU would show
     compare(maps, want)
+
+
+class Untraceable(nn.Module):
+    """Wraps a model behind data-dependent control flow: FX cannot trace it, camshaft uses hooks."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > -1e9:
+            return self.net(x)
+        return -self.net(x)
+
+
+UNORDERED_HOOK_TAPS = pytest.mark.xfail(
+    strict=True,
+    reason="camshaft/models/taps.py:72 order_taps sorts taps into execution order only for FX-traceable "
+    "models; with hooks the user's order is kept, so ModelInfo.taps is not in execution order and "
+    "prepare_model (camshaft/models/prepared.py:49) looks for the CAM head at taps[-1] (net.layer3), "
+    "finds none, and CAM at net.layer4 is refused with CapabilityError",
+)
+
+
+@pytest.mark.parametrize(
+    "taps",
+    [["net.layer3", "net.layer4"], pytest.param(["net.layer4", "net.layer3"], marks=UNORDERED_HOOK_TAPS)],
+)
+def test_cam_and_gradcam_match_references_on_an_untraceable_model(models, x, taps):
+    model = Untraceable(models["resnet18"]).eval()
+    source = ModelSource(kind="torch", spec="x", module=model, preprocess=Preprocess(input_size=SIZE))
+    backend = backend_factory("eager")(
+        source, taps=taps, preprocess={}, device=torch.device("cpu"), dtype=torch.float32
+    )
+    for tap in taps:
+        maps, out = get_method("gradcam").run(backend, x, SELECTORS["explicit"], tap=tap)
+        compare(maps, captum_gradcam(model, tap, x, out.targets))
+    assert backend.info.taps == ("net.layer3", "net.layer4")  # execution order, as ModelInfo documents
+    maps, out = get_method("cam").run(backend, x, SELECTORS["explicit"], tap="net.layer4")
+    compare(maps, torchcam_maps("cam", model, "net.layer4", "net.fc", x, out.targets))
+    _assert_clean(model)
 
 
 def test_cam_without_gap_linear_head_is_refused(eager, x):

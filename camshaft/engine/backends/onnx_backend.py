@@ -60,14 +60,16 @@ def providers_for(device: torch.device) -> list:
     return ["CPUExecutionProvider"]
 
 
-def open_session(path, device: torch.device, *, threads: int | None = None):
+def open_session(model, device: torch.device, *, threads: int | None = None):
+    """An ONNX Runtime session for a path or serialized model bytes."""
     ort = _onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=providers_for(device))
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=providers_for(device))
 
 
 class OnnxBackend:

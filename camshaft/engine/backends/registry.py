@@ -20,6 +20,7 @@ from camshaft.errors import ConfigError
 from camshaft.exporters import onnx as onnx_export
 from camshaft.exporters import torchscript as ts_export
 from camshaft.exporters.metadata import ArtifactMeta
+from camshaft.models.onnx_graph import open_foreign
 from camshaft.models.prepared import prepare_model
 from camshaft.models.sources import ModelSource
 from camshaft.preprocess import Preprocess
@@ -127,10 +128,7 @@ def open_onnxruntime(source: ModelSource, *, taps=None, preprocess: dict, device
     session = open_session(path, device)
     meta, cam, head = onnx_export.read_metadata(session.get_modelmeta().custom_metadata_map)
     if meta is None:
-        raise ConfigError(
-            f"{path} is an ONNX file without camshaft metadata, so its taps are unknown. "
-            "Export the original model with `camshaft export --format onnx`"
-        )
+        return _foreign_onnx(path, source, taps=taps, preprocess=preprocess, device=device)
     _check_taps(meta, taps, path)
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
     return OnnxBackend(session, info, head=head, device=device)
@@ -139,3 +137,26 @@ def open_onnxruntime(source: ModelSource, *, taps=None, preprocess: dict, device
 register_backend("eager", open_eager)
 register_backend("torchscript", open_torchscript)
 register_backend("onnxruntime", open_onnxruntime)
+
+
+def _foreign_onnx(path: Path, source: ModelSource, *, taps, preprocess: dict, device) -> OnnxBackend:
+    """An ONNX file from elsewhere: taps become extra outputs; forward-only methods."""
+    graph = open_foreign(path, list(taps) if taps else None)
+    if preprocess.get("mean") is None or preprocess.get("std") is None:
+        warnings.warn(
+            f"{path} carries no camshaft metadata: assuming ImageNet mean/std and center-crop; "
+            "set --mean, --std, --resize (and --input-size) to match how the model was trained",
+            stacklevel=4,
+        )
+    pre = Preprocess(input_size=graph.input_size or (224, 224)).replace(**preprocess)
+    info = ModelInfo(
+        taps=tuple(graph.taps),
+        num_classes=graph.num_classes,
+        preprocess=pre,
+        cam_weight=None if graph.cam_weight is None else graph.cam_weight.to(device),
+        cam_tap=graph.cam_tap,
+        source=str(source.spec),
+        tap_shapes=graph.tap_shapes,
+    )
+    session = open_session(graph.model.SerializeToString(), device)
+    return OnnxBackend(session, info, head=None, device=device)

@@ -1,0 +1,125 @@
+"""ONNX files camshaft did not write: tap intermediate tensors by name, find a CAM head.
+
+A tap is any tensor of the graph (``camshaft inspect model.onnx`` lists the 4-D ones); it becomes
+an extra output. The CAM head is found by pattern: tap -> GlobalAveragePool (or ReduceMean over
+H, W) -> Flatten/Reshape/Squeeze -> Gemm or MatMul (+ Add) producing the first graph output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper, shape_inference
+
+from camshaft.errors import ConfigError, UnknownNameError
+
+_PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity", "Dropout"}
+
+
+@dataclass
+class ForeignGraph:
+    model: onnx.ModelProto  # with the taps added as outputs
+    logits: str
+    taps: list[str]
+    tap_shapes: dict[str, tuple[int, ...]]
+    num_classes: int
+    input_size: tuple[int, int] | None
+    cam_weight: torch.Tensor | None
+    cam_tap: str | None
+
+
+def spatial_tensors(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Tensors with a 4-D shape (N, C, h, w) in execution order, by name."""
+    inferred = shape_inference.infer_shapes(model)
+    shapes = {v.name: _dims(v) for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
+    out = {}
+    for node in inferred.graph.node:
+        for name in node.output:
+            if len(shapes.get(name, ())) == 4:
+                out[name] = shapes[name]
+    return out
+
+
+def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
+    model = onnx.load(str(path))
+    logits = model.graph.output[0].name
+    spatial = spatial_tensors(model)
+    head = _cam_head(model, logits)
+    if not taps:
+        if head is None:
+            raise ConfigError(
+                f"{path}: no CAM head found to pick a default tap; name one with --tap (4-D tensors: "
+                f"{', '.join(list(spatial)[-8:])})"
+            )
+        taps = [head[0]]
+    for t in taps:
+        if t not in spatial:
+            raise UnknownNameError("ONNX tap", t, list(spatial), hint="a tap is a 4-D tensor of the graph")
+    outputs = {o.name for o in model.graph.output}
+    for t in taps:
+        if t not in outputs:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    order = list(spatial)
+    taps = sorted(taps, key=order.index)
+    in_dims = _dims(model.graph.input[0])
+    size = tuple(in_dims[2:]) if len(in_dims) == 4 and all(isinstance(d, int) and d > 0 for d in in_dims[2:]) else None
+    out_dims = _dims(shape_inference.infer_shapes(onnx.load(str(path))).graph.output[0])
+    num_classes = out_dims[-1] if out_dims and isinstance(out_dims[-1], int) else None
+    if num_classes is None:
+        raise ConfigError(f"{path}: cannot tell the number of classes from the first output {logits!r}")
+    cam_w, cam_tap = (head[1], head[0]) if head is not None and head[0] in taps else (None, None)
+    shapes = {t: tuple(spatial[t][1:]) for t in taps}
+    return ForeignGraph(model, logits, taps, shapes, num_classes, size, cam_w, cam_tap)
+
+
+def _dims(value_info) -> tuple:
+    shape = value_info.type.tensor_type.shape
+    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in shape.dim)
+
+
+def _cam_head(model: onnx.ModelProto, logits: str):
+    """``(tap, weight (N, C))`` when logits = W · mean_hw(tap) + b, else None."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    node = producers.get(logits)
+    if node is not None and node.op_type == "Add":  # MatMul + Add
+        node = next((producers[i] for i in node.input if i in producers), None)
+    if node is None or node.op_type not in ("Gemm", "MatMul"):
+        return None
+    weight = _linear_weight(node, inits)
+    if weight is None:
+        return None
+    current = producers.get(node.input[0])
+    while current is not None and current.op_type in _PASS_THROUGH:
+        current = producers.get(current.input[0])
+    if current is None or not _is_global_mean(current, inits):
+        return None
+    return current.input[0], torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+
+
+def _linear_weight(node, inits) -> np.ndarray | None:
+    if node.input[1] not in inits:
+        return None
+    w = inits[node.input[1]]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Gemm":
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            return None
+        return w if attrs.get("transB", 0) else w.T
+    return w.T  # MatMul: x @ W with W (C, N)
+
+
+def _is_global_mean(node, inits) -> bool:
+    if node.op_type == "GlobalAveragePool":
+        return True
+    if node.op_type == "ReduceMean":
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = attrs.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1] in inits:
+            axes = inits[node.input[1]].tolist()
+        return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]
+    return False
