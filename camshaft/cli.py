@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--tap", help="layer to explain (default: the CAM tap or the last feature map)")
     ex.add_argument("--backend", choices=backend_names(), default="eager")
     ex.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
-    ex.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype on CUDA")
+    ex.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (mixed precision)")
     ex.add_argument("--batch-size", type=_positive, default=32)
     ex.add_argument("--workers", type=_positive, default=4, help="decode threads")
     ex.add_argument("--overlays", action="store_true", help="write one PNG overlay per image and target")

@@ -118,3 +118,20 @@ def test_targets_parse_and_validate():
         Targets.parse("top:0")
     with pytest.raises(ConfigError, match="only 3 classes"):
         Targets.parse("top:5", num_classes=3)
+
+
+def test_bfloat16_autocast_stays_close_to_float32(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    maps = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        from camshaft.engine.backends import backend_factory
+
+        backend = backend_factory("eager")(
+            source_of(model, size=(64, 64)), taps=None, preprocess={}, device=torch.device("cpu"), dtype=dtype, workdir=tmp_path
+        )
+        maps[dtype], out = get_method("gradcam").run(backend, x, fixed([[1], [2]]), tap="layer4")
+        assert out.logits.dtype == torch.float32
+    scale = maps[torch.float32].abs().max()
+    assert (maps[torch.bfloat16] - maps[torch.float32]).abs().max() < 0.1 * scale

@@ -50,8 +50,8 @@ class TorchBackend:
         self.capabilities = frozenset({FORWARD, TAP_GRADIENTS} if able else {FORWARD})
 
     def _autocast(self):
-        enabled = self.device.type == "cuda" and self.dtype != torch.float32
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+        """Mixed precision for float16 / bfloat16 (CUDA, and CPU where torch supports it)."""
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     def forward(self, x: torch.Tensor) -> Output:
         with torch.inference_mode(), self._autocast():
