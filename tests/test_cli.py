@@ -78,7 +78,7 @@ def test_version_through_the_allocator_reexec():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="BUG: camshaft.cli.main(argv) called from Python runs _tune_allocator (camshaft/cli.py:125), "
+    reason="BUG: camshaft.cli.main(argv) called from Python runs _tune_allocator (first line of main, camshaft/cli.py), "
     "which os.execve's a new `python -m camshaft` over the calling process: the caller never gets "
     "control back (a test run or notebook silently ends). Only the console entry should re-execute",
 )
@@ -130,8 +130,8 @@ def test_demo(tmp_path):
 
 OUT_CREATED = pytest.mark.xfail(
     strict=True,
-    reason="BUG: run_explain (camshaft/engine/run.py:85) creates --out before the backend, preprocessing "
-    "and --targets are validated, so a rejected run leaves an empty output folder",
+    reason="BUG: run_explain (camshaft/engine/run.py, `out.mkdir(...)` before `backend_factory(...)`) creates "
+    "--out before the preprocessing, --targets and CAM head are validated: a rejected run leaves an empty folder",
 )
 
 # (extra argv for `explain demo IMAGES --out OUT`, stderr regex, does --out wrongly get created?)
@@ -179,7 +179,7 @@ def test_explain_bad_flag_writes_nothing(capsys, tmp_path, images, argv):
     strict=True,
     reason="BUG: --targets label on a folder (no labels at all) is not rejected up front: every row becomes "
     "'no label for this image' and the command exits 0; the ConfigError in Targets.selector "
-    "(camshaft/engine/targets.py:56) is unreachable from run_explain",
+    "(camshaft/engine/targets.py) is unreachable from run_explain",
 )
 def test_explain_targets_label_without_labels_is_rejected(capsys, tmp_path, images):
     code, _, err = _main(capsys, "explain", "demo", images, "--out", tmp_path / "out", "--targets", "label", "--no-progress")

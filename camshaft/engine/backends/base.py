@@ -68,11 +68,18 @@ def register_backend(name: str, factory: BackendFactory) -> None:
     _REGISTRY[name] = factory
 
 
+def _builtin() -> None:
+    """Register the built-in backends on first use (imported lazily: they import exporters)."""
+    import camshaft.engine.backends.registry  # noqa: F401
+
+
 def backend_names() -> list[str]:
+    _builtin()
     return list(_REGISTRY)
 
 
 def backend_factory(name: str) -> BackendFactory:
+    _builtin()
     if name not in _REGISTRY:
         raise UnknownNameError("backend", name, _REGISTRY)
     return _REGISTRY[name]
