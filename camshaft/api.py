@@ -10,7 +10,7 @@ from camshaft.engine.run import RunSummary, run_explain
 from camshaft.exporters import FORMATS, export_prepared
 from camshaft.models.inspect import ModelReport, describe
 from camshaft.models.prepared import prepare_model
-from camshaft.models.sources import resolve_model
+from camshaft.models.sources import ModelSource, resolve_model
 from camshaft.preprocess import Preprocess
 from camshaft.results import Results, load_results
 
@@ -85,9 +85,11 @@ def export(
     return export_prepared(prepared, format=format, out=out, rtol=rtol)
 
 
-def inspect(model: str | None, *, weights: str | Path | None = None, input_size: tuple[int, int] | None = None) -> ModelReport:
+def inspect(
+    model: str | ModelSource | None, *, weights: str | Path | None = None, input_size: tuple[int, int] | None = None
+) -> ModelReport:
     """Layers with output shapes, the default tap and the CAM head of a torch model."""
-    source = resolve_model(model, weights=weights)
+    source = model if isinstance(model, ModelSource) else resolve_model(model, weights=weights)
     if source.kind != "torch":
         from camshaft.errors import ConfigError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import warnings
 import sys
 from pathlib import Path
 
@@ -121,17 +122,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    _tune_allocator(argv)
+    """The console entry point; re-executes with a tuned allocator only when run as a program."""
+    if argv is None:
+        argv = sys.argv[1:]
+        _tune_allocator(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     from camshaft.errors import CamshaftError
 
+    original = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_: f"camshaft: warning: {message}\n"
     try:
         return COMMANDS[args.command](args)
     except CamshaftError as e:
         print(f"camshaft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = original
 
 
 def _explain(args) -> int:
@@ -211,10 +218,10 @@ def _inspect(args) -> int:
     from camshaft.api import inspect
     from camshaft.models.sources import resolve_model
 
-    source = resolve_model(args.model, weights=args.weights) if args.model else None
-    if source is not None and source.kind != "torch":
+    source = resolve_model(args.model, weights=args.weights)
+    if source.kind != "torch":
         return _inspect_artifact(source)
-    report = inspect(args.model, weights=args.weights, input_size=args.input_size)
+    report = inspect(source, input_size=args.input_size)
     tap = report.default_tap
     tap_node = [x.name for x in report.layers if x.name == tap or x.name.startswith(f"{tap}.")][-1:]
     linear = report.cam_head.linear if report.cam_head else None

@@ -224,21 +224,11 @@ class Untraceable(nn.Module):
         return -self.net(x)
 
 
-UNORDERED_HOOK_TAPS = pytest.mark.xfail(
-    strict=True,
-    raises=CapabilityError,
-    reason="camshaft/models/taps.py:72 order_taps sorts taps into execution order only for FX-traceable "
-    "models; with hooks the user's order is kept, so ModelInfo.taps is not in execution order and "
-    "prepare_model (camshaft/models/prepared.py:49) looks for the CAM head at taps[-1] (net.layer3), "
-    "finds none, and CAM at net.layer4 is refused with CapabilityError",
-)
-
-
 @pytest.mark.parametrize(
     "taps",
     [
         pytest.param(["net.layer3", "net.layer4"], id="execution-order"),
-        pytest.param(["net.layer4", "net.layer3"], id="reverse-order", marks=UNORDERED_HOOK_TAPS),
+        pytest.param(["net.layer4", "net.layer3"], id="reverse-order"),
     ],
 )
 def test_cam_and_gradcam_match_references_on_an_untraceable_model(models, x, taps):

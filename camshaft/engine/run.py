@@ -7,6 +7,7 @@ row and the run goes on.
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from camshaft.engine.job import ExplainJob
 from camshaft.engine.methods import Method, check_backend, get_method
 from camshaft.engine.postprocess import map_stats
 from camshaft.engine.targets import Targets, class_index
-from camshaft.errors import CamshaftError
+from camshaft.errors import CamshaftError, ConfigError
 from camshaft.exporters.metadata import version
 from camshaft.models.sources import resolve_model
 from camshaft.preprocess import Geometry, Preprocess, normalize, prepare
@@ -76,26 +77,44 @@ class Decoded:
     error: str | None = None
 
 
-def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
-    """Explain every image of ``job.data``; results land in ``job.out``."""
+def _setup(job: ExplainJob, out: Path):
+    """Everything that can be checked before the first image: records, backend, method, targets."""
     records = list_images(job.data)
     source = resolve_model(job.model, weights=job.weights)
     device, dtype = resolve_device(job.device), resolve_dtype(job.dtype)
     method = get_method(job.method)
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if job.targets.strip() == "label" and not any(r.label is not None for r in records):
+        raise ConfigError(f"--targets label needs labels, and {job.data} has none: use a manifest with a label column")
     backend = backend_factory(job.backend)(
         source,
         taps=[job.tap] if job.tap else None,
         preprocess=job.preprocess_overrides(),
         device=device,
         dtype=dtype,
-        workdir=out / "artifacts",
+        workdir=out / "artifacts",  # only written when a torch model must be exported first
     )
-    check_backend(method, backend)
     info = backend.info
     tap = job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
+    check_backend(method, backend, tap=tap)
     targets = Targets.parse(job.targets, class_names=info.class_names, num_classes=info.num_classes)
+    return records, backend, method, tap, targets
+
+
+def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
+    """Explain every image of ``job.data``; results land in ``job.out``.
+
+    All validation happens before any image is read; a job that fails it leaves no output folder.
+    """
+    out = Path(job.out)
+    existed = out.exists()
+    try:
+        records, backend, method, tap, targets = _setup(job, out)
+    except Exception:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    info = backend.info
     store = MapsStore(out / MAPS_FILE, n_images=len(records), chunk=job.batch_size, attrs=_attrs(job, info, tap, targets))
     rows: list[dict] = []
     start = time.perf_counter()

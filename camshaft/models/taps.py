@@ -78,6 +78,8 @@ def order_taps(plan: TapPlan, model: nn.Module, taps: Sequence[str]) -> list[tup
 class TappedModel(nn.Module):
     """``forward(x) -> (logits, {tap: activation})`` over a frozen, eval-mode model.
 
+    ``taps`` lists the taps in execution order (with hooks, known after the first forward).
+
     With ``leaf_first=True`` the first tap's activation is detached and made to require grad,
     so autograd can differentiate class scores w.r.t. it while never recording the trunk below.
     """
@@ -109,6 +111,7 @@ class TappedModel(nn.Module):
         missing = [t for t in self.taps if t not in store]
         if missing:
             raise RuntimeError(f"taps {missing} were not reached by the forward pass")
+        self.taps = list(store)  # hooks fire in execution order: the first one is where gradients start
         return logits, {t: store[t] for t in self.taps}
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from camshaft.engine.backends.base import FORWARD, TAP_GRADIENTS, Backend, Output, Selector, require
-from camshaft.errors import UnknownNameError
+from camshaft.errors import CapabilityError, UnknownNameError
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class Method:
     needs: frozenset[str]  # FORWARD, TAP_GRADIENTS
     compute: Callable[[Backend, Output, str], torch.Tensor]  # (backend, output, tap) -> (B, K, h, w)
     summary: str = ""
+    validate: Callable[[Backend, str], None] | None = None  # (backend, tap): raise if unusable
 
     def run(self, backend: Backend, x: torch.Tensor, select: Selector, *, tap: str) -> tuple[torch.Tensor, Output]:
         """One forward (and one batched backward when needed); ``select`` picks targets from logits."""
@@ -52,9 +53,13 @@ def get_method(name: str) -> Method:
     return _METHODS[name]
 
 
-def check_backend(method: Method, backend: Backend) -> None:
-    """Fail before any work when ``backend`` cannot serve ``method``."""
+def check_backend(method: Method, backend: Backend, *, tap: str | None = None) -> None:
+    """Fail before any work when ``backend`` cannot serve ``method`` (at ``tap``)."""
     require(backend, method.needs, method=method.name)
+    if tap is not None and tap not in backend.info.taps:
+        raise CapabilityError(f"tap {tap!r} is not served by this backend; its taps: {list(backend.info.taps)}")
+    if method.validate is not None and tap is not None:
+        method.validate(backend, tap)
 
 
 __all__ = ["FORWARD", "TAP_GRADIENTS", "Method", "register_method", "method_names", "get_method", "check_backend"]

@@ -19,7 +19,7 @@ def class_activation_maps(a: torch.Tensor, weight: torch.Tensor, targets: torch.
     return torch.einsum("bkc,bchw->bkhw", w, a)
 
 
-def _compute(backend: Backend, out: Output, tap: str) -> torch.Tensor:
+def _validate(backend: Backend, tap: str) -> None:
     info = backend.info
     if info.cam_weight is None:
         raise CapabilityError(
@@ -28,7 +28,11 @@ def _compute(backend: Backend, out: Output, tap: str) -> torch.Tensor:
         )
     if tap != info.cam_tap:
         raise CapabilityError(f"CAM reads the tap before the linear head, {info.cam_tap!r}, not {tap!r}")
-    return class_activation_maps(out.taps[tap], info.cam_weight, out.targets)
 
 
-CAM = register_method(Method("cam", frozenset({FORWARD}), _compute, "class activation maps (forward only)"))
+def _compute(backend: Backend, out: Output, tap: str) -> torch.Tensor:
+    _validate(backend, tap)
+    return class_activation_maps(out.taps[tap], backend.info.cam_weight, out.targets)
+
+
+CAM = register_method(Method("cam", frozenset({FORWARD}), _compute, "class activation maps (forward only)", _validate))
