@@ -73,8 +73,13 @@ def export(
     std: tuple[float, float, float] | None = None,
     resize: str | None = None,
     rtol: float = 1e-3,
+    head: bool | None = None,
 ) -> Path:
-    """Export ``model`` with ``taps`` to a TorchScript or ONNX artifact at ``out`` (parity-checked)."""
+    """Export ``model`` with ``taps`` to a TorchScript or ONNX artifact at ``out`` (parity-checked).
+
+    ``head``: whether an ONNX file carries the differentiable head for gradient methods
+    (default: when the head is small next to the model).
+    """
     if format not in FORMATS:
         from camshaft.errors import UnknownNameError
 
@@ -82,7 +87,7 @@ def export(
     source = resolve_model(model, weights=weights)
     pre = (source.preprocess or Preprocess()).replace(input_size=input_size, mean=mean, std=std, resize=resize)
     prepared = prepare_model(source, taps=taps, preprocess=pre)
-    return export_prepared(prepared, format=format, out=out, rtol=rtol)
+    return export_prepared(prepared, format=format, out=out, rtol=rtol, head=head)
 
 
 def inspect(

@@ -113,6 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--tap", action="append", help="layer to expose (repeatable; default: the last feature map)")
     exp.add_argument("--out", type=Path, required=True, help="artifact path")
     exp.add_argument("--rtol", type=float, default=1e-3, help="parity tolerance relative to each output's scale")
+    exp.add_argument(
+        "--head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ONNX: embed the differentiable head so gradient methods run from the file "
+        "(default: only when the head is small next to the model)",
+    )
     _add_preprocess(exp)
 
     ins = sub.add_parser("inspect", help="list layers with shapes, the default tap and the CAM head")
@@ -209,6 +216,7 @@ def _export(args) -> int:
         std=args.std,
         resize=args.resize,
         rtol=args.rtol,
+        head=args.head,
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

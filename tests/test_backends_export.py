@@ -179,3 +179,36 @@ def test_artifact_rejects_taps_it_was_not_exported_with(resnet, tmp_path):
     path = export_prepared(prepare_model(source_of(resnet, size=(64, 64)), taps=["layer4"]), format="onnx", out=tmp_path / "m.onnx")
     with pytest.raises(ConfigError, match="layer3"):
         open_backend("onnxruntime", ModelSource("onnx", str(path), path=path), tmp_path, taps=["layer3"])
+
+
+class FunctionalRelu(torch.nn.Module):
+    """Like densenet: the tap is a functional relu whose FX name ('relu') is also an ONNX value name."""
+
+    def __init__(self, hidden: int = 4):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, hidden, 3, padding=1)
+        self.fc = torch.nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        a = torch.nn.functional.relu(self.conv(x))
+        return self.fc(torch.nn.functional.adaptive_avg_pool2d(a, 1).flatten(1))
+
+
+def test_tap_names_never_collide_with_onnx_value_names(tmp_path):
+    backend = open_backend("onnxruntime", source_of(FunctionalRelu()), tmp_path, taps=["relu"])
+    maps, _ = get_method("gradcam").run(backend, torch.randn(2, 3, 8, 8), fixed([[0], [1]]), tap="relu")
+    assert maps.shape == (2, 1, 8, 8)
+
+
+def test_a_large_head_is_not_embedded_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr("camshaft.exporters.onnx.HEAD_LIMIT_BYTES", 0)  # no MB-sized models in tests
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten(), torch.nn.Linear(2 * 8 * 8, 10))
+    prepared = prepare_model(source_of(model), taps=["0"])
+    with pytest.warns(UserWarning, match="not embedding it"):
+        path = export_prepared(prepared, format="onnx", out=tmp_path / "big.onnx")
+    backend = open_backend("onnxruntime", ModelSource("onnx", str(path), path=path), tmp_path)
+    assert "tap_gradients" not in backend.capabilities
+    forced = export_prepared(prepared, format="onnx", out=tmp_path / "forced.onnx", head=True)
+    backend = open_backend("onnxruntime", ModelSource("onnx", str(forced), path=forced), tmp_path)
+    assert "tap_gradients" in backend.capabilities

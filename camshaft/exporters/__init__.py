@@ -21,8 +21,13 @@ FORMATS = ("torchscript", "onnx")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
 
 
-def export_prepared(prepared: PreparedModel, *, format: str, out: str | Path, rtol: float = 1e-3) -> Path:
-    """Write ``prepared`` as a ``format`` artifact at ``out`` after a parity check."""
+def export_prepared(
+    prepared: PreparedModel, *, format: str, out: str | Path, rtol: float = 1e-3, head: bool | None = None
+) -> Path:
+    """Write ``prepared`` as a ``format`` artifact at ``out`` after a parity check.
+
+    ``head``: embed the differentiable head in an ONNX file (None: when it is small; see onnx.head_bytes).
+    """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; valid choices: {', '.join(FORMATS)}")
     out = Path(out)
@@ -57,10 +62,12 @@ def export_prepared(prepared: PreparedModel, *, format: str, out: str | Path, rt
         else:
             meta.exporter = onnx_export.build(prepared, example, tmp)
             session = _session(tmp)
-            names = ["logits", *meta.taps]
+            names = [onnx_export.LOGITS, *map(onnx_export.tap_output, meta.taps)]
             run = lambda x: _unflatten(session.run(names, {"input": x.numpy()}), meta.taps)  # noqa: E731
             meta.parity = _parity(module, run, checks, rtol=rtol)
-            onnx_export.write_metadata(tmp, meta, cam, onnx_export.head_bytes(prepared, example))
+            head_module = onnx_export.head_bytes(prepared, example, embed=head)
+            meta.has_head = head_module is not None
+            onnx_export.write_metadata(tmp, meta, cam, head_module)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

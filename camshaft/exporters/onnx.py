@@ -28,6 +28,14 @@ HEAD_KEY = "camshaft.head"
 LOGITS = "logits"
 
 
+HEAD_LIMIT_BYTES = 64e6  # a head this small always travels in the ONNX file
+
+
+def tap_output(tap: str) -> str:
+    """The graph output of a tap; prefixed so that it never collides with an internal name."""
+    return f"tap:{tap}"
+
+
 class TupleOutputs(nn.Module):
     def __init__(self, flat: nn.Module):
         super().__init__()
@@ -54,7 +62,7 @@ def _quiet():
 def build(prepared: PreparedModel, example: torch.Tensor, path: Path, *, opset: int | None = None) -> str:
     """Export to ``path``; returns which torch exporter produced it."""
     module = TupleOutputs(FlatTapped(prepared.tapped)).eval()
-    names = [LOGITS, *prepared.tapped.taps]
+    names = [LOGITS, *map(tap_output, prepared.tapped.taps)]
     try:
         with _quiet():
             torch.onnx.export(
@@ -89,9 +97,24 @@ def build(prepared: PreparedModel, example: torch.Tensor, path: Path, *, opset: 
         return "torchscript-based"
 
 
-def head_bytes(prepared: PreparedModel, example: torch.Tensor) -> bytes | None:
-    """The split head as TorchScript bytes, or None when the model does not split."""
-    if prepared.split is None:
+def head_bytes(prepared: PreparedModel, example: torch.Tensor, *, embed: bool | None = None) -> bytes | None:
+    """The split head as TorchScript bytes, or None when the model does not split.
+
+    The head's weights are stored a second time, so by default (``embed=None``) it travels only
+    when it is small: at most 64 MB or a quarter of the model (VGG's classifier is 90%, 480 MB).
+    """
+    if prepared.split is None or embed is False:
+        return None
+    head_params = sum(p.numel() for p in prepared.split.head.parameters())
+    total = sum(p.numel() for p in prepared.module.parameters())
+    if embed is None and head_params * 4 > max(HEAD_LIMIT_BYTES, total):  # fp32 bytes vs a quarter of them
+        warnings.warn(
+            f"the head above tap {prepared.tapped.taps[0]!r} holds {head_params / total:.0%} of the parameters "
+            f"({head_params * 4 / 1e6:.0f} MB); "
+            "not embedding it (the ONNX file would nearly double), so gradient methods will not run from this "
+            "file (TorchScript and eager still serve them); embed it anyway with head=True (--head)",
+            stacklevel=3,
+        )
         return None
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")

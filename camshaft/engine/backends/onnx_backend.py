@@ -75,8 +75,11 @@ def open_session(model, device: torch.device, *, threads: int | None = None):
 class OnnxBackend:
     name = "onnxruntime"
 
-    def __init__(self, session, info: ModelInfo, *, head: torch.nn.Module | None, device: torch.device):
+    def __init__(
+        self, session, info: ModelInfo, *, head: torch.nn.Module | None, device: torch.device, tap_outputs: dict[str, str]
+    ):
         self.session, self.info, self.device = session, info, device
+        self._tap_outputs = tap_outputs  # tap -> graph output name
         self.dtype = torch.float32
         self._head = None if head is None else head.to(device)
         if self._head is not None:
@@ -84,7 +87,7 @@ class OnnxBackend:
                 p.requires_grad_(False)
         self._input = session.get_inputs()[0].name
         self._outputs = [o.name for o in session.get_outputs()]
-        missing = [t for t in info.taps if t not in self._outputs]
+        missing = [t for t in info.taps if tap_outputs[t] not in self._outputs]
         if missing:
             raise ConfigError(f"ONNX model has no outputs for taps {missing}; outputs: {self._outputs}")
         caps = {FORWARD, TAP_GRADIENTS} if self._head is not None else {FORWARD}
@@ -96,14 +99,14 @@ class OnnxBackend:
         return [torch.from_numpy(o).to(self.device) for o in outs]
 
     def forward(self, x: torch.Tensor) -> Output:
-        names = [self._outputs[0], *self.info.taps]
+        names = [self._outputs[0], *(self._tap_outputs[t] for t in self.info.taps)]
         logits, *taps = self._run(x, names)
         return Output(logits.float(), dict(zip(self.info.taps, taps, strict=True)))
 
     def tap_gradients(self, x: torch.Tensor, select: Selector) -> Output:
         if self._head is None:
             raise RuntimeError("this ONNX artifact carries no head; gradients are unavailable")
-        (a,) = self._run(x, [self.info.taps[0]])
+        (a,) = self._run(x, [self._tap_outputs[self.info.taps[0]]])
         a = a.requires_grad_(True)
         with torch.enable_grad():
             outs = self._head(a)

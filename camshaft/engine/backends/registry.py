@@ -131,7 +131,7 @@ def open_onnxruntime(source: ModelSource, *, taps=None, preprocess: dict, device
         return _foreign_onnx(path, source, taps=taps, preprocess=preprocess, device=device)
     _check_taps(meta, taps, path)
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
-    return OnnxBackend(session, info, head=head, device=device)
+    return OnnxBackend(session, info, head=head, device=device, tap_outputs={t: onnx_export.tap_output(t) for t in info.taps})
 
 
 register_backend("eager", open_eager)
@@ -159,4 +159,4 @@ def _foreign_onnx(path: Path, source: ModelSource, *, taps, preprocess: dict, de
         tap_shapes=graph.tap_shapes,
     )
     session = open_session(graph.model.SerializeToString(), device)
-    return OnnxBackend(session, info, head=None, device=device)
+    return OnnxBackend(session, info, head=None, device=device, tap_outputs={t: t for t in info.taps})
