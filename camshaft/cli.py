@@ -148,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = original
 
 
+def _preprocess(args) -> dict:
+    return {"input_size": args.input_size, "mean": args.mean, "std": args.std, "resize": args.resize}
+
+
 def _explain(args) -> int:
     from camshaft.api import explain
 
@@ -164,11 +168,8 @@ def _explain(args) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         overlays=args.overlays,
-        input_size=args.input_size,
-        mean=args.mean,
-        std=args.std,
-        resize=args.resize,
         workers=args.workers,
+        **_preprocess(args),
         progress=not args.no_progress,
     )
     _print_summary(summary)
@@ -211,11 +212,8 @@ def _export(args) -> int:
         out=args.out,
         taps=args.tap,
         weights=args.weights,
-        input_size=args.input_size,
-        mean=args.mean,
-        std=args.std,
-        resize=args.resize,
         rtol=args.rtol,
+        **_preprocess(args),
         head=args.head,
     )
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")

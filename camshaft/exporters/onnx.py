@@ -63,38 +63,25 @@ def build(prepared: PreparedModel, example: torch.Tensor, path: Path, *, opset: 
     """Export to ``path``; returns which torch exporter produced it."""
     module = TupleOutputs(FlatTapped(prepared.tapped)).eval()
     names = [LOGITS, *map(tap_output, prepared.tapped.taps)]
-    try:
-        with _quiet():
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                dynamo=True,
-                input_names=["input"],
-                output_names=names,
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
-                opset_version=opset,
-                external_data=False,
-            )
-        return "dynamo"
-    except Exception as dynamo_error:  # noqa: BLE001 - fall back to the TorchScript-based exporter
+    attempts = {  # the torch.export-based exporter first, the TorchScript-based one as fallback
+        "dynamo": {"dynamo": True, "dynamic_shapes": ({0: torch.export.Dim("batch")},), "opset_version": opset, "external_data": False},
+        "torchscript-based": {
+            "dynamo": False,
+            "dynamic_axes": {"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+            "opset_version": opset or 17,
+        },
+    }
+    errors: dict[str, Exception] = {}
+    for name, options in attempts.items():
         try:
             with _quiet():
-                torch.onnx.export(
-                    module,
-                    (example,),
-                    str(path),
-                    dynamo=False,
-                    input_names=["input"],
-                    output_names=names,
-                    dynamic_axes={"input": {0: "batch"}, **{n: {0: "batch"} for n in names}},
-                    opset_version=opset or 17,
-                )
-        except Exception as legacy_error:
-            raise RuntimeError(
-                f"ONNX export failed with both exporters: dynamo: {dynamo_error}; legacy: {legacy_error}"
-            ) from legacy_error
-        return "torchscript-based"
+                torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=names, **options)
+            onnx.checker.check_model(str(path))
+            return name
+        except Exception as e:  # noqa: BLE001 - try the next exporter, report all failures
+            errors[name] = e
+    detail = "; ".join(f"{n}: {e}" for n, e in errors.items())
+    raise RuntimeError(f"ONNX export failed with every exporter: {detail}") from errors["torchscript-based"]
 
 
 def head_bytes(prepared: PreparedModel, example: torch.Tensor, *, embed: bool | None = None) -> bytes | None:
