@@ -1,0 +1,75 @@
+"""Argument types and flag groups shared by the commands."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def size(text: str) -> tuple[int, int]:
+    parts = [p for p in text.split(",") if p]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or min(values, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"expected H or H,W (positive integers), received {text!r}")
+    return (values[0], values[-1])
+
+
+def triple(text: str) -> tuple[float, float, float]:
+    try:
+        values = [float(p) for p in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"expected one number or R,G,B, received {text!r}")
+    return tuple(values * 3) if len(values) == 1 else tuple(values)
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
+    return value
+
+
+def add_model(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    help_ = "torchvision architecture (resnet50), pkg.module:factory, a TorchScript .pt or an ONNX .onnx file"
+    if optional:
+        p.add_argument("model", nargs="?", default=None, help=help_ + " (default: the built-in demo model)")
+    else:
+        p.add_argument("model", help=help_ + "; 'demo' for the built-in model")
+    p.add_argument("--weights", type=Path, help="local state_dict for an architecture or factory (loaded with weights_only=True)")
+
+
+def add_preprocess(p: argparse.ArgumentParser) -> None:
+    from camshaft.preprocess import RESIZE_MODES
+
+    g = p.add_argument_group("preprocessing (default: from the model or artifact)")
+    g.add_argument("--input-size", type=size, metavar="H[,W]", help="model input size")
+    g.add_argument("--mean", type=triple, metavar="R,G,B", help="normalisation mean on [0,1] pixels")
+    g.add_argument("--std", type=triple, metavar="R,G,B", help="normalisation std on [0,1] pixels")
+    g.add_argument("--resize", choices=RESIZE_MODES, help="how images are fitted to the input size")
+
+
+def preprocess(args) -> dict:
+    return {"input_size": args.input_size, "mean": args.mean, "std": args.std, "resize": args.resize}
+
+
+def print_summary(s) -> None:
+    print(
+        f"{s.method} on {s.backend}, tap {s.tap}: {s.ok} images explained, {s.failed} failed, "
+        f"{s.seconds:.1f} s ({s.images_per_second:.1f} images/s)"
+    )
+    for path, reason in s.errors[:10]:
+        print(f"  failed: {path}: {reason}")
+    if len(s.errors) > 10:
+        print(f"  ... and {len(s.errors) - 10} more (see the table)")
+    print(f"maps:     {s.maps_path}")
+    print(f"table:    {s.table_path}")
+    if s.overlays_dir.exists():
+        print(f"overlays: {s.overlays_dir}")

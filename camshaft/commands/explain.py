@@ -1,0 +1,55 @@
+"""``camshaft explain``: explain every image of a folder or manifest."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from camshaft.commands.common import add_model, add_preprocess, positive, preprocess, print_summary
+
+HELP = "explain every image of a folder or manifest"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from camshaft.engine.backends import backend_names
+    from camshaft.engine.backends.base import DTYPES
+    from camshaft.engine.methods import method_names
+
+    add_model(p)
+    p.add_argument("data", type=Path, help="image folder (recursive), a CSV manifest (path[,label][,x0,y0,x1,y1]) or one image")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--method", choices=method_names(), default="gradcam")
+    p.add_argument("--targets", default="top:1", help="top:K, label, or classes as 3,17,tabby (default: top:1)")
+    p.add_argument("--tap", help="layer to explain (default: the CAM tap or the last feature map)")
+    p.add_argument("--backend", choices=backend_names(), default="eager")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (mixed precision)")
+    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument("--workers", type=positive, default=4, help="decode threads")
+    p.add_argument("--overlays", action="store_true", help="write one PNG overlay per image and target")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_preprocess(p)
+
+
+def run(args) -> int:
+    from camshaft.api import explain
+
+    summary = explain(
+        args.model,
+        args.data,
+        out=args.out,
+        method=args.method,
+        targets=args.targets,
+        tap=args.tap,
+        weights=args.weights,
+        backend=args.backend,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        overlays=args.overlays,
+        workers=args.workers,
+        progress=not args.no_progress,
+        **preprocess(args),
+    )
+    print_summary(summary)
+    return 0

@@ -1,0 +1,45 @@
+"""``camshaft export``: a tapped model as a parity-checked TorchScript or ONNX artifact."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from camshaft.commands.common import add_model, add_preprocess, preprocess
+
+HELP = "export a tapped model to TorchScript or ONNX (parity-checked)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from camshaft.exporters import FORMATS
+
+    add_model(p)
+    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--tap", action="append", help="layer to expose (repeatable; default: the last feature map)")
+    p.add_argument("--out", type=Path, required=True, help="artifact path")
+    p.add_argument("--rtol", type=float, default=1e-3, help="parity tolerance relative to each output's scale")
+    p.add_argument(
+        "--head",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="ONNX: embed the differentiable head so gradient methods run from the file "
+        "(default: only when the head is small next to the model)",
+    )
+    add_preprocess(p)
+
+
+def run(args) -> int:
+    from camshaft.api import export
+
+    path = export(
+        args.model,
+        format=args.format,
+        out=args.out,
+        taps=args.tap,
+        weights=args.weights,
+        rtol=args.rtol,
+        head=args.head,
+        **preprocess(args),
+    )
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0

@@ -1,0 +1,81 @@
+"""``camshaft inspect``: layers with shapes, the default tap and the CAM head; artifact metadata."""
+
+from __future__ import annotations
+
+import argparse
+
+from camshaft.commands.common import add_model, size
+
+HELP = "list layers with shapes, the default tap and the CAM head"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model(p, optional=True)
+    p.add_argument("--input-size", type=size, metavar="H[,W]", help="input size for the shapes")
+
+
+def run(args) -> int:
+    from camshaft.api import inspect
+    from camshaft.models.sources import resolve_model
+
+    source = resolve_model(args.model, weights=args.weights)
+    if source.kind != "torch":
+        return _inspect_artifact(source)
+    report = inspect(source, input_size=args.input_size)
+    tap = report.default_tap
+    tap_node = [x.name for x in report.layers if x.name == tap or x.name.startswith(f"{tap}.")][-1:]
+    linear = report.cam_head.linear if report.cam_head else None
+    width = max(len(x.name) for x in report.layers)
+    for layer in report.layers:
+        shape = "x".join(map(str, layer.shape[1:])) if layer.shape else "-"
+        mark = f"<- default tap ({tap})" if [layer.name] == tap_node else ("<- CAM head" if layer.name == linear else "")
+        print(f"{layer.name:<{width}}  {layer.kind:<22} {shape:<14} {mark}".rstrip())
+    print(f"\nclasses: {report.num_classes}")
+    print(f"default tap: {report.default_tap}")
+    if report.cam_head:
+        print(f"CAM head: global average pool of {report.cam_head.tap} -> {report.cam_head.linear} {tuple(report.cam_head.weight.shape)}")
+    else:
+        print("CAM head: none (the tap is not followed by global average pooling and one linear layer); use gradcam")
+    return 0
+
+
+def _inspect_artifact(source) -> int:
+    from camshaft.exporters import onnx as onnx_export
+    from camshaft.exporters import torchscript as ts_export
+
+    if source.kind == "onnx":
+        import onnx
+
+        model = onnx.load(str(source.path), load_external_data=False)
+        meta, cam, head = onnx_export.read_metadata({p.key: p.value for p in model.metadata_props})
+    else:
+        _, meta, cam = ts_export.load(source.path)
+    if meta is None:
+        print(f"{source.path}: {source.kind} file without camshaft metadata")
+        if source.kind == "onnx":
+            _inspect_foreign_onnx(source.path)
+        return 0
+    print(f"{source.path}: camshaft {meta.format} artifact of {meta.source} (camshaft {meta.camshaft_version})")
+    print(f"preprocess: {meta.preprocess.to_dict()}")
+    for tap in meta.taps:
+        print(f"tap {tap}: {'x'.join(map(str, meta.tap_shapes[tap]))}")
+    print(f"classes: {meta.num_classes}" + (f" ({', '.join(meta.class_names[:5])}, ...)" if meta.class_names else ""))
+    print(f"CAM head: {meta.cam_linear + ' on ' + meta.cam_tap if meta.cam_tap else 'none'}")
+    print(f"gradients (split head): {'yes' if meta.has_head else 'no'}")
+    print("parity (max abs error): " + ", ".join(f"{k} {v:.2e}" for k, v in meta.parity.items()))
+    return 0
+
+
+def _inspect_foreign_onnx(path) -> None:
+    from camshaft.models.onnx_graph import open_foreign, spatial_tensors
+
+    import onnx
+
+    for name, shape in spatial_tensors(onnx.load(str(path))).items():
+        print(f"{name}  {'x'.join(map(str, shape[1:]))}")
+    try:
+        graph = open_foreign(path, None)
+        print(f"default tap / CAM head: global average pool of {graph.cam_tap} -> linear {tuple(graph.cam_weight.shape)}")
+    except Exception as e:  # noqa: BLE001 - informative only
+        print(f"CAM head: none ({e})")
+    print("taps are tensor names (--tap NAME); set --mean/--std/--resize to the model's preprocessing")
