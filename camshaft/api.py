@@ -36,9 +36,13 @@ def explain(
     std: tuple[float, float, float] | None = None,
     resize: str | None = None,
     workers: int = 4,
+    options: dict | None = None,
     progress: bool = True,
 ) -> RunSummary:
-    """Explain every image of ``data`` (folder or CSV manifest) with ``model``; see ``ExplainJob``."""
+    """Explain every image of ``data`` (folder or CSV manifest) with ``model``; see ``ExplainJob``.
+
+    ``options`` are the method's own settings, e.g. ``{"window": (32, 32)}`` for occlusion.
+    """
     job = ExplainJob(
         model=model,
         data=Path(data),
@@ -57,6 +61,7 @@ def explain(
         std=std,
         resize=resize,
         workers=workers,
+        options=dict(options or {}),
     )
     return run_explain(job, progress=progress)
 

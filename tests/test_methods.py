@@ -103,8 +103,9 @@ def test_cam_without_cam_head_fails_with_a_clear_message(tmp_path):
     torch.manual_seed(0)
     model = torchvision.models.vgg11(num_classes=4).eval()
     backend = open_backend("eager", source_of(model, size=(32, 32)), tmp_path)
-    check_backend(get_method("cam"), backend)  # forward is available ...
-    with pytest.raises(CapabilityError, match="gradcam"):  # ... but there is no CAM head
+    with pytest.raises(CapabilityError, match="gradcam"):  # refused before any work ...
+        check_backend(get_method("cam"), backend, tap=backend.info.taps[-1])
+    with pytest.raises(CapabilityError, match="gradcam"):  # ... and by the method itself
         get_method("cam").run(backend, torch.randn(1, 3, 32, 32), fixed([[0]]), tap=backend.info.taps[-1])
 
 

@@ -29,6 +29,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overlays", action="store_true", help="write one PNG overlay per image and target")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_preprocess(p)
+    add_method_options(p)
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """One flag per method option, from the registry (default None: the method's own default)."""
+    from camshaft.engine.methods import all_options
+
+    options = all_options()
+    if not options:
+        return
+    g = p.add_argument_group("method options")
+    for name, (option, methods) in sorted(options.items()):
+        g.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=f"option_{name}",
+            type=option.parse,
+            default=None,
+            help=f"{option.help} (default: {option.default}; {', '.join(methods)})",
+        )
+
+
+def method_options(args, method: str) -> dict:
+    """The method options given on the command line; one meant for another method is an error."""
+    from camshaft.engine.methods import all_options
+    from camshaft.errors import ConfigError
+
+    given = {k.removeprefix("option_"): v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
+    options = all_options()
+    wrong = [f"--{k.replace('_', '-')} (for {', '.join(options[k][1])})" for k in given if method not in options[k][1]]
+    if wrong:
+        raise ConfigError(f"method {method!r} does not take {', '.join(wrong)}")
+    return given
 
 
 def run(args) -> int:
@@ -49,6 +81,7 @@ def run(args) -> int:
         overlays=args.overlays,
         workers=args.workers,
         progress=not args.no_progress,
+        options=method_options(args, args.method),
         **preprocess(args),
     )
     print_summary(summary)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from camshaft.engine.backends.base import DTYPES, backend_names
-from camshaft.engine.methods import method_names
+from camshaft.engine.methods import get_method, method_names
 from camshaft.errors import ConfigError
 from camshaft.preprocess import RESIZE_MODES
 
@@ -32,11 +32,17 @@ class ExplainJob:
     std: tuple[float, float, float] | None = None
     resize: str | None = None
     workers: int = 4  # decode threads
+    options: dict = field(default_factory=dict)  # the method's options (see `Method.options`)
 
     def __post_init__(self):
         problems = []
         if self.method not in method_names():
             problems.append(f"unknown method {self.method!r} (choose from {', '.join(method_names())})")
+        else:
+            try:
+                get_method(self.method).resolve_options(self.options)
+            except ConfigError as e:
+                problems.append(str(e))
         if self.backend not in backend_names():
             problems.append(f"unknown backend {self.backend!r} (choose from {', '.join(backend_names())})")
         if self.dtype not in DTYPES:

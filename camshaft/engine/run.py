@@ -94,7 +94,9 @@ def _setup(job: ExplainJob, out: Path):
         workdir=out / "artifacts",  # only written when a torch model must be exported first
     )
     info = backend.info
-    tap = job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
+    tap = None
+    if method.uses_tap:
+        tap = job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
     check_backend(method, backend, tap=tap)
     targets = Targets.parse(job.targets, class_names=info.class_names, num_classes=info.num_classes)
     return records, backend, method, tap, targets
@@ -121,7 +123,8 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
     bar = tqdm(total=len(records), unit="img", desc=f"{method.name} ({backend.name})", disable=not progress)
     with ThreadPoolExecutor(job.workers) as pool:
         pending: list[Future] = []
-        explain = BackOff(lambda b: _explain_batch(b, backend, method, targets, tap, store, info.preprocess))
+        options = method.resolve_options(job.options)
+        explain = BackOff(lambda b: _explain_batch(b, backend, method, targets, tap, options, store, info.preprocess))
         for batch in _prefetch(pool, records, job.batch_size, info.preprocess, keep_images=job.overlays):
             batch_rows, maps = explain(batch)
             rows.extend(batch_rows)
@@ -132,7 +135,7 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
         for f in pending:
             f.result()
     bar.close()
-    h, w = info.tap_shapes.get(tap, (0, 1, 1))[1:]
+    h, w = info.tap_shapes.get(tap, (0, 1, 1))[1:] if tap else info.preprocess.input_size
     store.ensure(targets.k, h, w)
     write_table(rows, out / TABLE_FILE)
     errors = [(r["path"], r["error"]) for r in rows if r["status"] != "ok"]
@@ -142,6 +145,7 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
 def _attrs(job: ExplainJob, info, tap: str, targets: Targets) -> dict:
     return {
         "method": job.method,
+        "options": {k: _jsonable(v) for k, v in get_method(job.method).resolve_options(job.options).items()},
         "tap": tap,
         "targets": str(targets),
         "model": info.source,
@@ -150,6 +154,10 @@ def _attrs(job: ExplainJob, info, tap: str, targets: Targets) -> dict:
         "class_names": list(info.class_names) if info.class_names else None,
         "camshaft_version": version(),
     }
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _decode(record: ImageRecord, index: int, pre: Preprocess, keep_image: bool) -> Decoded:
@@ -211,7 +219,7 @@ def _label_index(d: Decoded, info) -> int | None:
     return class_index(d.record.label, class_names=info.class_names, num_classes=info.num_classes)
 
 
-def _explain_batch(batch: list[Decoded], backend: Backend, method: Method, targets: Targets, tap, store, pre):
+def _explain_batch(batch: list[Decoded], backend: Backend, method: Method, targets: Targets, tap, options, store, pre):
     """Explain the decodable images of ``batch``: one table row per image, maps by index."""
     info = backend.info
     rows = {d.index: _base_row(d) for d in batch}
@@ -230,7 +238,7 @@ def _explain_batch(batch: list[Decoded], backend: Backend, method: Method, targe
     if not good:
         return list(rows.values()), {}
     x = normalize(torch.stack([d.tensor for d in good]), pre, device=backend.device)
-    maps, out = method.run(backend, x, targets.selector(labels), tap=tap)
+    maps, out = method.run(backend, x, targets.selector(labels), tap=tap, options=options)
     maps_np = maps.detach().float().cpu().numpy()
     targets_np = out.targets.cpu().numpy().astype(np.int32)
     probs = torch.softmax(out.logits, dim=-1)

@@ -13,6 +13,8 @@ from camshaft.preprocess import Preprocess
 
 FORWARD = "forward"
 TAP_GRADIENTS = "tap_gradients"
+INPUT_GRADIENTS = "input_gradients"  # d score / d input pixels
+MODULE_HOOKS = "module_hooks"  # a live torch module whose layers a method may hook (guided backprop)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -38,6 +40,7 @@ class Output:
     taps: dict[str, torch.Tensor]  # tap -> (B, C, h, w)
     grads: dict[str, torch.Tensor] | None = None
     targets: torch.Tensor | None = None  # (B, K) class indices the maps are for
+    input_grads: torch.Tensor | None = None  # (B, K, 3, H, W) when asked for
 
 
 Selector = Callable[[torch.Tensor], torch.Tensor]  # logits (B, N) -> targets (B, K)
@@ -55,6 +58,10 @@ class Backend(Protocol):
 
     def tap_gradients(self, x: torch.Tensor, select: Selector) -> Output:
         """Also d logits[b, t[b, k]] / d tap for t = select(logits), in one batched backward."""
+        ...
+
+    def input_gradients(self, x: torch.Tensor, select: Selector) -> Output:
+        """Also d logits[b, t[b, k]] / d x for t = select(logits): ``input_grads`` (B, K, 3, H, W)."""
         ...
 
 
@@ -87,6 +94,8 @@ def backend_factory(name: str) -> BackendFactory:
 
 ABLE = {
     FORWARD: "eager, torchscript, onnxruntime",
+    INPUT_GRADIENTS: "eager and torchscript (ONNX Runtime computes no gradients)",
+    MODULE_HOOKS: "eager (the method modifies layers of a live torch model)",
     TAP_GRADIENTS: "eager (any torch model); torchscript and onnxruntime for files camshaft exported "
     "from a model whose first tap splits it (re-export with `camshaft export`)",
 }
@@ -132,19 +141,23 @@ def one_hot_targets(targets: torch.Tensor, num_classes: int, dtype: torch.dtype)
     return out
 
 
+def batched_grads(outputs: torch.Tensor, inputs: list[torch.Tensor], targets: torch.Tensor) -> list[torch.Tensor]:
+    """d outputs[b, t[b,k]] / d input for each input, (B, K, ...): one backward batched over K."""
+    go = one_hot_targets(targets.to(outputs.device), outputs.shape[-1], outputs.dtype)
+    if go.shape[0] == 1:
+        grads = torch.autograd.grad(outputs, inputs, go[0], allow_unused=True)
+        grads = [None if g is None else g.unsqueeze(0) for g in grads]
+    else:
+        grads = torch.autograd.grad(outputs, inputs, go, is_grads_batched=True, allow_unused=True)
+    return [None if g is None else g.transpose(0, 1).float() for g in grads]  # (K, B, ...) -> (B, K, ...)
+
+
 def batched_tap_grads(logits: torch.Tensor, taps: dict[str, torch.Tensor], targets: torch.Tensor) -> dict:
     """d logits[b, t[b,k]] / d tap for every tap: one backward batched over the K targets."""
     names = list(taps)
-    targets = targets.to(logits.device)
-    go = one_hot_targets(targets, logits.shape[-1], logits.dtype)
-    if go.shape[0] == 1:
-        grads = torch.autograd.grad(logits, [taps[n] for n in names], go[0], allow_unused=True)
-        grads = [None if g is None else g.unsqueeze(0) for g in grads]
-    else:
-        grads = torch.autograd.grad(logits, [taps[n] for n in names], go, is_grads_batched=True, allow_unused=True)
     out = {}
-    for n, g in zip(names, grads, strict=True):
+    for n, g in zip(names, batched_grads(logits, [taps[n] for n in names], targets), strict=True):
         if g is None:
             raise RuntimeError(f"the logits do not depend on tap {n!r}")
-        out[n] = g.transpose(0, 1).float()  # (K, B, ...) -> (B, K, ...)
+        out[n] = g
     return out

@@ -118,7 +118,9 @@ def open_torchscript(source: ModelSource, *, taps=None, preprocess: dict, device
         warnings.simplefilter("ignore")  # freeze is deprecated upstream but still the fastest CPU path
         frozen = torch.jit.freeze(module) if device.type == "cpu" else module
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
-    return TorchBackend(name="torchscript", info=info, full=frozen, device=device, dtype=dtype, split=split)
+    return TorchBackend(
+        name="torchscript", info=info, full=frozen, device=device, dtype=dtype, split=split, grad_forward=module
+    )
 
 
 def open_onnxruntime(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, **_):

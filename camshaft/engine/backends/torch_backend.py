@@ -13,7 +13,17 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from camshaft.engine.backends.base import FORWARD, TAP_GRADIENTS, ModelInfo, Output, Selector, batched_tap_grads
+from camshaft.engine.backends.base import (
+    FORWARD,
+    INPUT_GRADIENTS,
+    MODULE_HOOKS,
+    TAP_GRADIENTS,
+    ModelInfo,
+    Output,
+    Selector,
+    batched_grads,
+    batched_tap_grads,
+)
 
 
 @contextlib.contextmanager
@@ -42,12 +52,19 @@ class TorchBackend:
         dtype: torch.dtype = torch.float32,
         split: tuple[Callable, Callable] | None = None,
         leaf_forward: Callable | None = None,
+        grad_forward: Callable | None = None,
         owner: nn.Module | None = None,
     ):
         self.name, self.info, self.device, self.dtype = name, info, device, dtype
         self._full, self._split, self._leaf_forward, self._owner = full, split, leaf_forward, owner
-        able = split is not None or leaf_forward is not None
-        self.capabilities = frozenset({FORWARD, TAP_GRADIENTS} if able else {FORWARD})
+        self._grad_forward = grad_forward or full  # a differentiable x -> (logits, taps)
+        caps = {FORWARD, INPUT_GRADIENTS}
+        if split is not None or leaf_forward is not None:
+            caps.add(TAP_GRADIENTS)
+        if owner is not None:
+            caps.add(MODULE_HOOKS)
+        self.capabilities = frozenset(caps)
+        self.module = owner  # the live model (eager only): methods that hook layers use it
 
     def _autocast(self):
         """Mixed precision for float16 / bfloat16 (CUDA, and CPU where torch supports it)."""
@@ -78,3 +95,14 @@ class TorchBackend:
                     targets = select(logits.detach().float())
                     grads = batched_tap_grads(logits.float(), taps, targets)
         return Output(logits.detach().float(), {k: v.detach().float() for k, v in taps.items()}, grads, targets)
+
+    def input_gradients(self, x: torch.Tensor, select: Selector) -> Output:
+        freeze = frozen(self._owner) if self._owner is not None else contextlib.nullcontext()
+        with freeze, self._autocast(), torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            logits, taps = self._grad_forward(x)
+            targets = select(logits.detach().float())
+            (grads,) = batched_grads(logits.float(), [x], targets)
+        return Output(
+            logits.detach().float(), {k: v.detach().float() for k, v in taps.items()}, targets=targets, input_grads=grads
+        )

@@ -1,6 +1,12 @@
-"""Explanation methods, one file each, registered by name."""
+"""Explanation methods, one file each, registered by name when this package is imported."""
 
-from camshaft.engine.methods import cam, gradcam  # noqa: F401 - registers the methods
-from camshaft.engine.methods.base import Method, check_backend, get_method, method_names
+import importlib
+import pkgutil
 
-__all__ = ["Method", "check_backend", "get_method", "method_names"]
+from camshaft.engine.methods.base import Method, Option, all_options, check_backend, get_method, method_names
+
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name != "base" and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["Method", "Option", "all_options", "check_backend", "get_method", "method_names"]

@@ -1,36 +1,74 @@
-"""The method registry. A method maps a backend's output for a batch and its targets to maps.
+"""The method registry. A method maps a batch and its targets to low-resolution maps.
 
-Every method takes ``x`` (B, 3, H, W) and ``targets`` (B, K) and returns low-resolution maps
-(B, K, h, w); upsampling, normalisation and colouring are shared post-processing.
+Every method takes ``x`` (B, 3, H, W), a selector ``logits -> targets (B, K)`` and its options, and
+returns maps (B, K, h, w) plus the backend ``Output`` it used (logits and the targets chosen).
+Upsampling, normalisation and colouring are shared post-processing. Methods declare what they
+need from a backend (``needs``) and their options (``options``: the CLI's flags come from them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from camshaft.engine.backends.base import FORWARD, TAP_GRADIENTS, Backend, Output, Selector, require
-from camshaft.errors import CapabilityError, UnknownNameError
+from camshaft.engine.backends.base import FORWARD, INPUT_GRADIENTS, TAP_GRADIENTS, Backend, Output, Selector, require
+from camshaft.errors import CapabilityError, ConfigError, UnknownNameError
+
+RunFn = Callable[[Backend, torch.Tensor, Selector, "str | None", dict], "tuple[torch.Tensor, Output]"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method option: ``--name`` on the CLI, a keyword in the API."""
+
+    name: str  # python name; the flag is --name-with-dashes
+    parse: Callable[[str], Any]  # CLI string -> value
+    default: Any
+    help: str
 
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    needs: frozenset[str]  # FORWARD, TAP_GRADIENTS
-    compute: Callable[[Backend, Output, str], torch.Tensor]  # (backend, output, tap) -> (B, K, h, w)
+    needs: frozenset[str]  # FORWARD, TAP_GRADIENTS, INPUT_GRADIENTS
+    fn: RunFn  # (backend, x, select, tap, options) -> (maps, output)
     summary: str = ""
-    validate: Callable[[Backend, str], None] | None = None  # (backend, tap): raise if unusable
+    validate: Callable[[Backend, str | None], None] | None = None  # raise before any work if unusable
+    options: tuple[Option, ...] = ()
+    uses_tap: bool = True  # False: maps come from the input, not from a tapped layer
+    paper: str = ""
 
-    def run(self, backend: Backend, x: torch.Tensor, select: Selector, *, tap: str) -> tuple[torch.Tensor, Output]:
-        """One forward (and one batched backward when needed); ``select`` picks targets from logits."""
-        if TAP_GRADIENTS in self.needs:
+    def resolve_options(self, given: dict | None) -> dict:
+        """Defaults completed with ``given``; unknown names fail with the valid ones."""
+        given = dict(given or {})
+        valid = {o.name: o for o in self.options}
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            raise ConfigError(
+                f"method {self.name!r} has no options {unknown}; its options: {', '.join(valid) or 'none'}"
+            )
+        return {name: given.get(name, o.default) for name, o in valid.items()}
+
+    def run(self, backend: Backend, x: torch.Tensor, select: Selector, *, tap: str | None, options: dict | None = None):
+        """Maps (B, K, h, w) and the backend output for the batch ``x``."""
+        return self.fn(backend, x, select, tap if self.uses_tap else None, self.resolve_options(options))
+
+
+def tap_method(compute: Callable[[Backend, Output, str, dict], torch.Tensor], *, gradients: bool) -> RunFn:
+    """A method computed from one forward (and one batched backward to the tap when ``gradients``)."""
+
+    def fn(backend: Backend, x: torch.Tensor, select: Selector, tap: str, options: dict):
+        if gradients:
             out = backend.tap_gradients(x, select)
         else:
             out = backend.forward(x)
             out.targets = select(out.logits)
-        return self.compute(backend, out, tap), out
+        return compute(backend, out, tap, options), out
+
+    return fn
 
 
 _METHODS: dict[str, Method] = {}
@@ -53,13 +91,34 @@ def get_method(name: str) -> Method:
     return _METHODS[name]
 
 
+def all_options() -> dict[str, tuple[Option, list[str]]]:
+    """Every option name -> (the option, the methods that take it), for the CLI."""
+    out: dict[str, tuple[Option, list[str]]] = {}
+    for m in _METHODS.values():
+        for o in m.options:
+            out.setdefault(o.name, (o, []))[1].append(m.name)
+    return out
+
+
 def check_backend(method: Method, backend: Backend, *, tap: str | None = None) -> None:
     """Fail before any work when ``backend`` cannot serve ``method`` (at ``tap``)."""
     require(backend, method.needs, method=method.name)
-    if tap is not None and tap not in backend.info.taps:
+    if method.uses_tap and tap is not None and tap not in backend.info.taps:
         raise CapabilityError(f"tap {tap!r} is not served by this backend; its taps: {list(backend.info.taps)}")
-    if method.validate is not None and tap is not None:
+    if method.validate is not None:
         method.validate(backend, tap)
 
 
-__all__ = ["FORWARD", "TAP_GRADIENTS", "Method", "register_method", "method_names", "get_method", "check_backend"]
+__all__ = [
+    "FORWARD",
+    "INPUT_GRADIENTS",
+    "TAP_GRADIENTS",
+    "Method",
+    "Option",
+    "register_method",
+    "method_names",
+    "get_method",
+    "check_backend",
+    "tap_method",
+    "all_options",
+]

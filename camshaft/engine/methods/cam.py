@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from camshaft.engine.backends.base import FORWARD, Backend, Output
-from camshaft.engine.methods.base import Method, register_method
+from camshaft.engine.methods.base import Method, register_method, tap_method
 from camshaft.errors import CapabilityError
 
 
@@ -19,7 +19,7 @@ def class_activation_maps(a: torch.Tensor, weight: torch.Tensor, targets: torch.
     return torch.einsum("bkc,bchw->bkhw", w, a)
 
 
-def _validate(backend: Backend, tap: str) -> None:
+def _validate(backend: Backend, tap: str | None) -> None:
     info = backend.info
     if info.cam_weight is None:
         raise CapabilityError(
@@ -30,9 +30,18 @@ def _validate(backend: Backend, tap: str) -> None:
         raise CapabilityError(f"CAM reads the tap before the linear head, {info.cam_tap!r}, not {tap!r}")
 
 
-def _compute(backend: Backend, out: Output, tap: str) -> torch.Tensor:
+def _compute(backend: Backend, out: Output, tap: str, options: dict) -> torch.Tensor:
     _validate(backend, tap)
     return class_activation_maps(out.taps[tap], backend.info.cam_weight, out.targets)
 
 
-CAM = register_method(Method("cam", frozenset({FORWARD}), _compute, "class activation maps (forward only)", _validate))
+CAM = register_method(
+    Method(
+        "cam",
+        frozenset({FORWARD}),
+        tap_method(_compute, gradients=False),
+        "class activation maps (forward only)",
+        validate=_validate,
+        paper="Zhou et al. 2016",
+    )
+)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from camshaft.engine.backends.base import TAP_GRADIENTS, Backend, Output
-from camshaft.engine.methods.base import Method, register_method
+from camshaft.engine.methods.base import Method, register_method, tap_method
 
 
 def gradcam_maps(a: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
@@ -18,8 +18,16 @@ def gradcam_maps(a: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
     return torch.relu(torch.einsum("bkc,bchw->bkhw", alpha, a))
 
 
-def _compute(backend: Backend, out: Output, tap: str) -> torch.Tensor:
+def _compute(backend: Backend, out: Output, tap: str, options: dict) -> torch.Tensor:
     return gradcam_maps(out.taps[tap], out.grads[tap])
 
 
-GRADCAM = register_method(Method("gradcam", frozenset({TAP_GRADIENTS}), _compute, "Grad-CAM (tap gradients)"))
+GRADCAM = register_method(
+    Method(
+        "gradcam",
+        frozenset({TAP_GRADIENTS}),
+        tap_method(_compute, gradients=True),
+        "Grad-CAM (tap gradients)",
+        paper="Selvaraju et al. 2017",
+    )
+)
