@@ -26,12 +26,12 @@ def _tune_allocator(argv: list[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from camshaft import __version__
-    from camshaft.commands import COMMANDS
+    from camshaft.commands import command_names
 
     parser = argparse.ArgumentParser(prog="camshaft", description="Batch explanations (CAM, Grad-CAM) for image classifiers.")
     parser.add_argument("--version", action="version", version=f"camshaft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
+    for name in command_names():
         module = importlib.import_module(f"camshaft.commands.{name}")
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
