@@ -44,10 +44,23 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
         g.add_argument(
             f"--{name.replace('_', '-')}",
             dest=f"option_{name}",
-            type=option.parse,
+            type=_cli_type(option.parse),
             default=None,
             help=f"{option.help} (default: {option.default}; {', '.join(methods)})",
         )
+
+
+def _cli_type(parse):
+    """argparse shows only ArgumentTypeError messages: pass the parser's own message through."""
+
+    def convert(text: str):
+        try:
+            return parse(text)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
 def method_options(args, method: str) -> dict:
