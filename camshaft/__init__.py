@@ -5,7 +5,7 @@ mirror the CLI. They are imported lazily so that ``camshaft --help`` stays fast.
 """
 
 __version__ = "0.1.0"
-__all__ = ["explain", "export", "inspect", "load_results"]
+__all__ = ["explain", "export", "inspect", "load_results", "feature_maps"]
 
 
 def __getattr__(name: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from camshaft.engine.featmaps import FeatureMaps, feature_maps
 from camshaft.engine.job import ExplainJob
 from camshaft.engine.run import RunSummary, run_explain
 from camshaft.exporters import FORMATS, export_prepared
@@ -14,7 +15,7 @@ from camshaft.models.sources import ModelSource, resolve_model
 from camshaft.preprocess import Preprocess
 from camshaft.results import Results, load_results
 
-__all__ = ["explain", "export", "inspect", "load_results", "Results", "RunSummary"]
+__all__ = ["explain", "export", "inspect", "load_results", "feature_maps", "FeatureMaps", "Results", "RunSummary"]
 
 
 def explain(

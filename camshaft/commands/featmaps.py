@@ -1,0 +1,58 @@
+"""``camshaft featmaps``: chosen channels of a tap for one image, as a grid and overlays."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from camshaft.commands.common import add_model, add_preprocess, positive, preprocess
+
+HELP = "render channels of a layer for one image (grid and overlays)"
+
+
+def _channels(text: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected channel indices such as 0,20,40, received {text!r}") from e
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from camshaft.engine.backends import backend_names
+
+    add_model(p)
+    p.add_argument("image", type=Path, help="the image")
+    p.add_argument("--tap", help="layer (default: the last feature map)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--channels", type=_channels, help="channel indices, e.g. 0,20,40")
+    which.add_argument("--top", type=positive, help="the N channels with the highest mean activation (default 16)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--backend", choices=backend_names(), default="eager")
+    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    add_preprocess(p)
+
+
+def run(args) -> int:
+    from camshaft.engine.featmaps import feature_maps
+
+    fm = feature_maps(
+        args.model,
+        args.image,
+        tap=args.tap,
+        channels=args.channels,
+        top=args.top,
+        weights=args.weights,
+        backend=args.backend,
+        device=args.device,
+        preprocess=preprocess(args),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    fm.grid().save(args.out / "grid.png")
+    for channel, image in zip(fm.channels, fm.overlays(), strict=True):
+        image.save(args.out / f"overlay_channel_{channel:04d}.png")
+    np.save(args.out / "featmaps.npy", fm.maps)
+    print(f"{fm.tap}: channels {fm.channels}")
+    print(f"grid:     {args.out / 'grid.png'}\noverlays: {args.out}/overlay_channel_*.png\narrays:   {args.out / 'featmaps.npy'}")
+    return 0

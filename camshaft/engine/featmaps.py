@@ -1,0 +1,94 @@
+"""Layer feature maps: chosen channels of any tap for one image, as arrays, a grid and overlays."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from camshaft.data.decode import load_rgb
+from camshaft.engine.backends import backend_factory
+from camshaft.engine.backends.base import resolve_device, resolve_dtype
+from camshaft.engine.postprocess import to_original
+from camshaft.errors import ConfigError
+from camshaft.models.sources import resolve_model
+from camshaft.preprocess import Geometry, Preprocess, normalize, prepare
+from camshaft.writers.overlay import colorize, normalize_map, overlay, render_grid, upsample_map
+
+
+@dataclass
+class FeatureMaps:
+    """Channels ``channels`` of ``tap`` for ``image``: ``maps`` (len(channels), h, w)."""
+
+    tap: str
+    channels: list[int]
+    maps: np.ndarray
+    image: Image.Image
+    geometry: Geometry
+    preprocess: Preprocess
+
+    def overlays(self, *, alpha: float = 0.4) -> list[Image.Image]:
+        """One overlay per channel on the original image (ReLU, [0, 1], bicubic, jet, blend)."""
+        return [overlay(self.image, to_original(m, self.geometry, self.preprocess.input_size), alpha=alpha) for m in self.maps]
+
+    def grid(self, *, tile: int = 128, columns: int | None = None) -> Image.Image:
+        """The channels side by side, each coloured alone, labelled with its index."""
+        tiles = [Image.fromarray(colorize(upsample_map(normalize_map(m), (tile, tile)))) for m in self.maps]
+        columns = columns or int(np.ceil(np.sqrt(len(tiles))))
+        return render_grid(tiles, columns=columns, labels=[f"{self.tap} #{c}" for c in self.channels])
+
+
+def feature_maps(
+    model: str | None,
+    image: str | Path,
+    *,
+    tap: str | None = None,
+    channels: Sequence[int] | None = None,
+    top: int | None = None,
+    weights: str | Path | None = None,
+    backend: str = "eager",
+    device: str | None = None,
+    dtype: str = "float32",
+    preprocess: dict | None = None,
+) -> FeatureMaps:
+    """Channels of ``tap`` (default: the last feature map) for one image.
+
+    ``channels`` picks them by index; ``top`` picks the N with the highest mean activation
+    (default: the top 16).
+    """
+    if channels is not None and top is not None:
+        raise ConfigError("give --channels or --top, not both")
+    if top is not None and top < 1:
+        raise ConfigError(f"--top must be positive, received {top}")
+    source = resolve_model(model, weights=weights)
+    be = backend_factory(backend)(
+        source,
+        taps=[tap] if tap else None,
+        preprocess=dict(preprocess or {}),
+        device=resolve_device(device),
+        dtype=resolve_dtype(dtype),
+        workdir=None,
+    )
+    tap = tap or be.info.taps[-1]
+    picture = load_rgb(image)
+    tensor, geom = prepare(picture, be.info.preprocess)
+    a = be.forward(normalize(tensor[None], be.info.preprocess, device=be.device)).taps[tap][0]  # (C, h, w)
+    if a.dim() != 3:
+        raise ConfigError(f"tap {tap!r} outputs shape {tuple(a.shape)}, not a (C, h, w) feature map")
+    chosen = _channels(a, channels, top)
+    return FeatureMaps(tap, chosen, a[chosen].float().cpu().numpy(), picture, geom, be.info.preprocess)
+
+
+def _channels(a: torch.Tensor, channels: Sequence[int] | None, top: int | None) -> list[int]:
+    c = a.shape[0]
+    if channels is not None:
+        bad = [i for i in channels if not 0 <= i < c]
+        if bad:
+            raise ConfigError(f"channels {bad} out of range: this tap has channels 0..{c - 1}")
+        return list(channels)
+    k = min(top or 16, c)
+    return a.flatten(1).mean(dim=1).topk(k).indices.tolist()

@@ -1,0 +1,57 @@
+"""Layer feature maps: the arrays are the tap's channels; selection; the CLI writes the views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import camshaft
+from camshaft.cli import main
+from camshaft.demo.model import load_demo_model
+from camshaft.demo.shapes import render_sample
+from camshaft.errors import ConfigError
+from camshaft.preprocess import normalize, prepare
+from camshaft.models.sources import resolve_model
+
+
+@pytest.fixture
+def image(tmp_path):
+    img, _, _ = render_sample(np.random.default_rng(0), size=120)
+    path = tmp_path / "shape.png"
+    img.save(path)
+    return path
+
+
+def test_feature_maps_are_the_tap_activations(image):
+    fm = camshaft.feature_maps(None, image, tap="features", channels=[0, 5, 79])
+    pre = resolve_model("demo").preprocess
+    x, _ = prepare(Image.open(image).convert("RGB"), pre)
+    with torch.no_grad():
+        a = load_demo_model().features(normalize(x[None], pre))[0]
+    np.testing.assert_allclose(fm.maps, a[[0, 5, 79]].numpy(), rtol=1e-5, atol=1e-6)
+    assert [o.size for o in fm.overlays()] == [(120, 120)] * 3
+
+
+def test_top_channels_have_the_highest_means(image):
+    fm = camshaft.feature_maps(None, image, top=4)
+    everything = camshaft.feature_maps(None, image, channels=list(range(80)))
+    means = everything.maps.reshape(80, -1).mean(1)
+    assert sorted(fm.channels) == sorted(np.argsort(-means)[:4].tolist())
+
+
+def test_bad_channel_selection_is_explained(image):
+    with pytest.raises(ConfigError, match=r"out of range: this tap has channels 0\.\.79"):
+        camshaft.feature_maps(None, image, channels=[80])
+    with pytest.raises(ConfigError, match="not both"):
+        camshaft.feature_maps(None, image, channels=[1], top=2)
+
+
+def test_cli_writes_grid_overlays_and_arrays(image, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "fm"
+    assert main(["featmaps", "demo", str(image), "--channels", "1,2,3", "--out", str(out)]) == 0
+    assert (out / "grid.png").is_file() and np.load(out / "featmaps.npy").shape == (3, 12, 12)
+    assert sorted(p.name for p in out.glob("overlay_channel_*.png")) == [f"overlay_channel_{c:04d}.png" for c in (1, 2, 3)]
+    with pytest.raises(SystemExit):
+        main(["featmaps", "demo", str(image), "--channels", "1", "--top", "2", "--out", str(out)])
