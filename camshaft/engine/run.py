@@ -149,6 +149,9 @@ def _attrs(job: ExplainJob, info, tap: str, targets: Targets) -> dict:
         "tap": tap,
         "targets": str(targets),
         "model": info.source,
+        "model_spec": job.model or "demo",  # what resolve_model() takes to reload it
+        "weights": None if job.weights is None else str(Path(job.weights).resolve()),
+        "data": str(Path(job.data).resolve()),
         "backend": job.backend,
         "preprocess": info.preprocess.to_dict(),
         "class_names": list(info.class_names) if info.class_names else None,
