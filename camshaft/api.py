@@ -7,7 +7,7 @@ from pathlib import Path
 
 from camshaft.engine.featmaps import FeatureMaps, feature_maps
 from camshaft.engine.job import ExplainJob
-from camshaft.engine.run import RunSummary, run_explain
+from camshaft.pipeline.run import RunSummary, run_explain
 from camshaft.exporters import FORMATS, export_prepared
 from camshaft.models.inspect import ModelReport, describe
 from camshaft.models.prepared import prepare_model
@@ -38,11 +38,17 @@ def explain(
     resize: str | None = None,
     workers: int = 4,
     options: dict | None = None,
+    partition_size: int = 256,
+    scheduler: str = "threads",
+    overwrite: bool = False,
+    labels_from_folders: bool = False,
     progress: bool = True,
 ) -> RunSummary:
     """Explain every image of ``data`` (folder or CSV manifest) with ``model``; see ``ExplainJob``.
 
     ``options`` are the method's own settings, e.g. ``{"window": (32, 32)}`` for occlusion.
+    Rerunning into the same ``out`` resumes (finished partitions are skipped) or, when the dataset
+    changed, explains only new and changed images; ``overwrite=True`` starts over.
     """
     job = ExplainJob(
         model=model,
@@ -63,6 +69,10 @@ def explain(
         resize=resize,
         workers=workers,
         options=dict(options or {}),
+        partition_size=partition_size,
+        scheduler=scheduler,
+        overwrite=overwrite,
+        labels_from_folders=labels_from_folders,
     )
     return run_explain(job, progress=progress)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from camshaft.engine.postprocess import to_original
-from camshaft.engine.run import MAPS_FILE, TABLE_FILE
+from camshaft.pipeline.state import MAPS_FILE, TABLE_FILE
 from camshaft.errors import ConfigError
 from camshaft.preprocess import Preprocess, geometry
 from camshaft.writers.maps_store import MAPS, TARGETS, open_maps

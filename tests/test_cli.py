@@ -114,7 +114,7 @@ def test_demo(tmp_path):
     results = out / "results"
     for line in (f"maps:     {results / 'maps.zarr'}", f"table:    {results / 'results.parquet'}", f"overlays: {results / 'overlays'}"):
         assert line in run.stdout
-    assert "6 images explained, 0 failed" in run.stdout
+    assert "6 images, 6 ok, 0 failed; 6 explained" in run.stdout
     table = camshaft.load_results(results).table
     assert len(table) == 6 and (table["status"] == "ok").all()
     assert len(list((results / "overlays").glob("*.png"))) == 6
@@ -205,7 +205,7 @@ def test_explain_onnx_gradcam_matches_eager(capsys, tmp_path, onnx_file, images)
     argv = ["--method", "gradcam", "--no-progress"]
     code, out, err = _main(capsys, "explain", onnx_file, images, "--backend", "onnxruntime", "--out", tmp_path / "onnx", *argv)
     assert code == 0, err
-    assert "gradcam on onnxruntime, tap features: 3 images explained, 0 failed" in out
+    assert "gradcam on onnxruntime, tap features: 3 images, 3 ok, 0 failed" in out
     code, _, err = _main(capsys, "explain", "demo", images, "--out", tmp_path / "eager", *argv)
     assert code == 0, err
     onnx, eager = camshaft.load_results(tmp_path / "onnx"), camshaft.load_results(tmp_path / "eager")

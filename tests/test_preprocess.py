@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from camshaft.engine.postprocess import map_stats, to_original
-from camshaft.engine.run import BackOff
+from camshaft.engine.explainer import BackOff
 from camshaft.errors import ConfigError
 from camshaft.preprocess import Preprocess, geometry, normalize, prepare
 

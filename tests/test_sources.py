@@ -40,12 +40,13 @@ def test_folder_recursive_sorted_hidden_skipped(tmp_path):
 def test_folder_paths_are_absolute(tmp_path, monkeypatch):
     _touch(tmp_path, "data/a.png")
     monkeypatch.chdir(tmp_path)
-    assert list_images("data") == [ImageRecord(str(tmp_path / "data" / "a.png"))]
+    assert [r.path for r in list_images("data")] == [str(tmp_path / "data" / "a.png")]
 
 
 def test_single_image_file(tmp_path):
     path = _touch(tmp_path, "one.PNG")
-    assert list_images(path) == [ImageRecord(path)]
+    (record,) = list_images(path)
+    assert record.path == path and record.size == os.path.getsize(path) and record.mtime_ns > 0
 
 
 def test_manifest_relative_absolute_labels_boxes(tmp_path):
@@ -61,18 +62,20 @@ def test_manifest_relative_absolute_labels_boxes(tmp_path):
     )
     records = list_images(manifest)
     base = str(tmp_path / "sets")
-    assert records == [
-        ImageRecord(os.path.join(base, "imgs", "cat.jpg"), "281", (1.0, 2.0, 30.5, 40.0)),
-        ImageRecord(elsewhere, "dog", None),
-        ImageRecord(str(tmp_path / "up.png"), None, (0.0, 0.0, 5.0, 5.0)),
-        ImageRecord(os.path.join(base, "missing.png"), "007", None),  # labels stay strings
+    outside = f"outside the dataset root {base}: not read"
+    assert [(r.path, r.label, r.box, r.error) for r in records] == [
+        (os.path.join(base, "imgs", "cat.jpg"), "281", (1.0, 2.0, 30.5, 40.0), None),
+        (elsewhere, "dog", None, outside),  # nothing outside the manifest's folder is read
+        (str(tmp_path / "up.png"), None, (0.0, 0.0, 5.0, 5.0), outside),
+        (os.path.join(base, "missing.png"), "007", None, None),  # labels stay strings
     ]
+    assert records[3].size is None  # missing: an error row later, not here
 
 
 def test_manifest_path_only_with_bom_and_spaces(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_bytes("\ufeff Path \na.png\n".encode())
-    assert list_images(manifest) == [ImageRecord(str(tmp_path / "a.png"))]
+    assert [r.path for r in list_images(manifest)] == [str(tmp_path / "a.png")]
 
 
 def test_record_is_frozen():
@@ -138,3 +141,23 @@ def test_manifest_without_rows(tmp_path):
     manifest.write_text("path,label\n")
     with pytest.raises(ConfigError, match=r"lists no images"):
         list_images(manifest)
+
+
+def test_imagefolder_tree_labels_from_folders(tmp_path):
+    _touch(tmp_path, "tree/cat/1.png")
+    _touch(tmp_path, "tree/dog/sub/2.jpg")
+    records = list_images(tmp_path / "tree", labels_from_folders=True)
+    assert [(os.path.basename(r.path), r.label) for r in records] == [("1.png", "cat"), ("2.jpg", "dog")]
+    _touch(tmp_path, "tree/loose.png")
+    with pytest.raises(ConfigError, match="sit at the top"):
+        list_images(tmp_path / "tree", labels_from_folders=True)
+
+
+def test_parquet_manifest(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _touch(tmp_path, "a.png")
+    pq.write_table(pa.table({"Path": ["a.png", "b.png"], "label": [3, None], "x0": [1.0, None], "y0": [2.0, None], "x1": [3.0, None], "y1": [4.0, None]}), tmp_path / "m.parquet")
+    records = list_images(tmp_path / "m.parquet")
+    assert [(os.path.basename(r.path), r.label, r.box) for r in records] == [("a.png", "3", (1.0, 2.0, 3.0, 4.0)), ("b.png", None, None)]

@@ -61,9 +61,11 @@ def preprocess(args) -> dict:
 
 
 def print_summary(s) -> None:
+    where = f", tap {s.tap}" if s.tap else ""
     print(
-        f"{s.method} on {s.backend}, tap {s.tap}: {s.ok} images explained, {s.failed} failed, "
-        f"{s.seconds:.1f} s ({s.images_per_second:.1f} images/s)"
+        f"{s.method} on {s.backend}{where}: {s.images} images, {s.ok} ok, {s.failed} failed; "
+        f"{s.explained} explained in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s)"
+        + (f", the rest {'resumed' if s.mode == 'resume' else 'reused'} from earlier work" if s.explained < s.images else "")
     )
     for path, reason in s.errors[:10]:
         print(f"  failed: {path}: {reason}")

@@ -28,6 +28,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=positive, default=4, help="decode threads")
     p.add_argument("--overlays", action="store_true", help="write one PNG overlay per image and target")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("dataset-scale runs")
+    g.add_argument("--partition-size", type=positive, default=256, help="images per Dask task and shard (default 256)")
+    g.add_argument(
+        "--scheduler",
+        default="threads",
+        help="threads (default: decoding overlaps compute), sync (debugging), or a dask.distributed address",
+    )
+    resume = g.add_mutually_exclusive_group()
+    resume.add_argument("--resume", dest="overwrite", action="store_false", help="skip finished work in --out (default)")
+    resume.add_argument("--overwrite", dest="overwrite", action="store_true", help="start over in --out")
+    p.set_defaults(overwrite=False)
+    g.add_argument("--labels-from-folders", action="store_true", help="DATA is an ImageFolder tree: label = class folder")
     add_preprocess(p)
     add_method_options(p)
 
@@ -95,6 +107,10 @@ def run(args) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         options=method_options(args, args.method),
+        partition_size=args.partition_size,
+        scheduler=args.scheduler,
+        overwrite=args.overwrite,
+        labels_from_folders=args.labels_from_folders,
         **preprocess(args),
     )
     print_summary(summary)

@@ -1,7 +1,9 @@
-"""Turn a dataset argument (folder, CSV manifest or one image file) into image records.
+"""Turn a dataset argument (folder, ImageFolder tree, CSV/Parquet manifest, one image) into records.
 
-Records carry absolute paths. A listed file that does not exist is not an error here: it becomes
-an error row when decoding fails. Problems with the argument itself raise ConfigError.
+Records carry absolute paths, the file's size and modification time (to spot changed files between
+runs). A listed file that does not exist is not an error here: it becomes an error row when
+decoding fails. A manifest row pointing outside the manifest's folder is never read: it becomes an
+error row. Problems with the argument itself raise ConfigError.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from camshaft.errors import ConfigError
 
@@ -21,7 +23,7 @@ IMAGE_EXTENSIONS = frozenset(
 )
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 _ACCEPTED = (
-    "a folder of images (searched recursively), a .csv manifest with a 'path' column "
+    "a folder of images (searched recursively), a .csv or .parquet manifest with a 'path' column "
     "(optional 'label' and 'x0,y0,x1,y1' box columns), or a single image file "
     f"({', '.join(sorted(IMAGE_EXTENSIONS))})"
 )
@@ -35,6 +37,17 @@ class ImageRecord:
     path: str
     label: str | None = None
     box: tuple[float, float, float, float] | None = None
+    size: int | None = None  # bytes, at listing time (None: missing)
+    mtime_ns: int | None = None
+    error: str | None = None  # why it must not be read (outside the dataset root)
+
+
+def _stat(record: ImageRecord) -> ImageRecord:
+    try:
+        st = os.stat(record.path)
+    except OSError:
+        return record
+    return replace(record, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 def is_image_file(name: str | os.PathLike) -> bool:
@@ -42,8 +55,11 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(name))[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(data: str | os.PathLike) -> list[ImageRecord]:
-    """List a dataset's images: a folder, a .csv manifest or one image file.
+def list_images(data: str | os.PathLike, *, labels_from_folders: bool = False) -> list[ImageRecord]:
+    """List a dataset's images: a folder, a .csv/.parquet manifest or one image file.
+
+    With ``labels_from_folders`` a folder is read as an ImageFolder tree: each image's label is
+    the name of its top-level sub-folder.
 
     Raises:
         ConfigError: the argument does not exist, is of an unsupported kind, the folder holds
@@ -55,19 +71,21 @@ def list_images(data: str | os.PathLike) -> list[ImageRecord]:
         received = type(data).__name__
         raise ConfigError(f"data must be a path, got {received}; expected {_ACCEPTED}") from e
     if os.path.isdir(path):
-        return _list_folder(path)
+        return [_stat(r) for r in _list_folder(path, labels_from_folders=labels_from_folders)]
+    if labels_from_folders:
+        raise ConfigError(f"labels from folders need a folder (an ImageFolder tree), received {path!r}")
     if not os.path.exists(path):
         raise ConfigError(f"data {path!r} does not exist; expected {_ACCEPTED}")
     suffix = os.path.splitext(path)[1].lower()
-    if suffix == ".csv":
-        return _read_manifest(path)
+    if suffix in (".csv", ".parquet"):
+        return [r if r.error else _stat(r) for r in _read_manifest(path)]
     if suffix in IMAGE_EXTENSIONS:
-        return [ImageRecord(os.path.abspath(path))]
+        return [_stat(ImageRecord(os.path.abspath(path)))]
     kind = f"a {suffix!r} file" if suffix else "a file without extension"
     raise ConfigError(f"unsupported data {path!r} ({kind}); expected {_ACCEPTED}")
 
 
-def _list_folder(folder: str) -> list[ImageRecord]:
+def _list_folder(folder: str, *, labels_from_folders: bool = False) -> list[ImageRecord]:
     """Recursive listing in path order; hidden entries skipped, symlinked folders not followed."""
     root = os.path.abspath(folder)
     found: list[tuple[str, ...]] = []
@@ -81,18 +99,32 @@ def _list_folder(folder: str) -> list[ImageRecord]:
             f"no images found in folder {folder!r} (searched recursively for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}; hidden files and folders are skipped)"
         )
+    if labels_from_folders:
+        loose = [os.path.join(*p) for p in found if len(p) == 1]
+        if loose:
+            raise ConfigError(
+                f"an ImageFolder tree keeps each image in a class folder; {len(loose)} image(s) sit at the "
+                f"top of {folder!r}: {', '.join(sorted(loose)[:5])}"
+            )
+        return [ImageRecord(os.path.join(root, *parts), parts[0]) for parts in sorted(found)]
     return [ImageRecord(os.path.join(root, *parts)) for parts in sorted(found)]
 
 
 def _read_manifest(manifest: str) -> list[ImageRecord]:
-    """Read a CSV manifest; relative paths are taken from the manifest's folder."""
+    """Read a CSV or Parquet manifest; relative paths are taken from the manifest's folder."""
     root = os.path.dirname(os.path.abspath(manifest))
     try:
-        with open(manifest, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            columns = _check_header(manifest, reader.fieldnames)
-            reader.fieldnames = columns
-            records, problems = _parse_rows(reader, root=root, has_box=BOX_COLUMNS[0] in columns)
+        if manifest.lower().endswith(".parquet"):
+            rows, columns = _parquet_rows(manifest)
+            columns = _check_header(manifest, columns)
+            records, problems = _parse_rows(rows, root=root, has_box=BOX_COLUMNS[0] in columns)
+        else:
+            with open(manifest, newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                columns = _check_header(manifest, reader.fieldnames)
+                reader.fieldnames = columns
+                numbered = ((reader.line_num, row) for row in reader)
+                records, problems = _parse_rows(numbered, root=root, has_box=BOX_COLUMNS[0] in columns)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise ConfigError(f"cannot read manifest {manifest!r}: {e}") from e
     if problems:
@@ -121,13 +153,28 @@ def _check_header(manifest: str, fieldnames: list[str] | None) -> list[str]:
     return columns
 
 
-def _parse_rows(
-    reader: csv.DictReader, *, root: str, has_box: bool
-) -> tuple[list[ImageRecord], list[str]]:
+def _parquet_rows(manifest: str):
+    """Numbered rows of a Parquet manifest as strings, with lower-case column names."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(manifest)
+    names = [n.strip().lower() for n in table.column_names]
+    data = table.rename_columns(names).to_pylist()
+    rows = ((i + 1, {k: None if v is None else str(v) for k, v in row.items()}) for i, row in enumerate(data))
+    return rows, names
+
+
+def _inside(root: str, path: str) -> bool:
+    real_root, real = os.path.realpath(root), os.path.realpath(path)
+    return os.path.commonpath([real_root, real]) == real_root
+
+
+def _parse_rows(rows, *, root: str, has_box: bool) -> tuple[list[ImageRecord], list[str]]:
+    """Records from numbered rows ``(line, {column: text})``, and the problems found."""
     records: list[ImageRecord] = []
     problems: list[str] = []
-    for row in reader:
-        where = f"line {reader.line_num}"
+    for line, row in rows:
+        where = f"line {line}"
         path = (row.get("path") or "").strip()
         box, box_problem = _parse_box(row) if has_box else (None, None)
         if not path:
@@ -136,7 +183,9 @@ def _parse_rows(
             problems.append(f"{where}: {box_problem}")
         if path and not box_problem:
             label = (row.get("label") or "").strip() or None
-            records.append(ImageRecord(os.path.normpath(os.path.join(root, path)), label, box))
+            full = os.path.normpath(os.path.join(root, path))
+            outside = None if _inside(root, full) else f"outside the dataset root {root}: not read"
+            records.append(ImageRecord(full, label, box, error=outside))
     return records, problems
 
 

@@ -31,8 +31,12 @@ class ExplainJob:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     resize: str | None = None
-    workers: int = 4  # decode threads
+    workers: int = 4  # decode threads per partition
     options: dict = field(default_factory=dict)  # the method's options (see `Method.options`)
+    partition_size: int = 256  # images per Dask task and per shard
+    scheduler: str = "threads"  # threads | sync | a dask.distributed scheduler address
+    overwrite: bool = False  # start over instead of resuming / updating an earlier run in `out`
+    labels_from_folders: bool = False  # ImageFolder tree: label = top-level folder name
 
     def __post_init__(self):
         problems = []
@@ -51,6 +55,10 @@ class ExplainJob:
             problems.append(f"batch size must be at least 1, received {self.batch_size}")
         if self.workers < 1:
             problems.append(f"workers must be at least 1, received {self.workers}")
+        if self.partition_size < 1:
+            problems.append(f"partition size must be at least 1, received {self.partition_size}")
+        if not self.scheduler:
+            problems.append("scheduler must be threads, sync or a dask.distributed address (tcp://host:8786)")
         if self.resize is not None and self.resize not in RESIZE_MODES:
             problems.append(f"unknown resize mode {self.resize!r} (choose from {', '.join(RESIZE_MODES)})")
         if not Path(self.data).exists():

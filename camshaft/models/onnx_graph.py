@@ -98,7 +98,7 @@ def _cam_head(model: onnx.ModelProto, logits: str):
         current = producers.get(current.input[0])
     if current is None or not _is_global_mean(current, inits):
         return None
-    return current.input[0], torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
+    return current.input[0], torch.from_numpy(np.array(weight, dtype=np.float32, copy=True))
 
 
 def _linear_weight(node, inits) -> np.ndarray | None:

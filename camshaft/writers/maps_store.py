@@ -1,9 +1,10 @@
 """The maps store: a Zarr group with ``maps`` (images, K, h, w) and ``targets`` (images, K).
 
-Maps stay at their native resolution (one cell per feature-map position); the group's attributes
-record the method, tap, targets and preprocessing so readers can upsample them onto the images.
-Rows of images that failed to decode hold NaN maps and target -1. dask and xarray read it directly
-(``dask.array.from_zarr(path, component="maps")``).
+Maps stay at their native resolution (one cell per feature-map position, or per occlusion window,
+or per pixel for input-gradient methods); the group's attributes record the method, tap, targets
+and preprocessing so readers can place them on the images. One chunk per partition: each Dask task
+writes exactly its own chunk. Rows of images that failed hold NaN maps and target -1. dask and
+xarray read it directly (``dask.array.from_zarr(path, component="maps")``).
 """
 
 from __future__ import annotations
@@ -16,40 +17,21 @@ import zarr
 MAPS, TARGETS = "maps", "targets"
 
 
-class MapsStore:
-    """Writes batches of maps into rows of a Zarr store created on the first batch."""
+def create_store(path: Path, *, n_images: int, map_shape: tuple[int, int, int], chunk: int, attrs: dict) -> None:
+    """A fresh store for ``n_images`` rows of maps of ``map_shape`` (K, h, w)."""
+    k, h, w = map_shape
+    group = zarr.open_group(str(path), mode="w")
+    rows = max(1, min(chunk, n_images))
+    group.create_array(MAPS, shape=(n_images, k, h, w), chunks=(rows, k, h, w), dtype="float32", fill_value=np.nan)
+    group.create_array(TARGETS, shape=(n_images, k), chunks=(rows, k), dtype="int32", fill_value=-1)
+    group.attrs.update({**attrs, "map_shape": [h, w], "k": k})
 
-    def __init__(self, path: Path, *, n_images: int, chunk: int, attrs: dict):
-        self.path, self.n_images, self.chunk, self.attrs = Path(path), n_images, chunk, attrs
-        self._group = None
 
-    def _create(self, k: int, h: int, w: int) -> None:
-        group = zarr.open_group(str(self.path), mode="w")
-        chunk = min(self.chunk, max(self.n_images, 1))
-        group.create_array(MAPS, shape=(self.n_images, k, h, w), chunks=(chunk, k, h, w), dtype="float32", fill_value=np.nan)
-        group.create_array(TARGETS, shape=(self.n_images, k), chunks=(chunk, k), dtype="int32", fill_value=-1)
-        group.attrs.update({**self.attrs, "map_shape": [h, w], "k": k})
-        self._group = group
-
-    def write(self, rows: np.ndarray, maps: np.ndarray, targets: np.ndarray) -> None:
-        """Write ``maps`` (n, K, h, w) and ``targets`` (n, K) at the given row indices."""
-        if len(rows) == 0:
-            return
-        if self._group is None:
-            self._create(*maps.shape[1:])
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        if hi - lo == len(rows):  # contiguous rows: one region write
-            order = np.argsort(rows)
-            self._group[MAPS][lo:hi] = maps[order]
-            self._group[TARGETS][lo:hi] = targets[order]
-        else:
-            self._group[MAPS].set_orthogonal_selection((rows,), maps)
-            self._group[TARGETS].set_orthogonal_selection((rows,), targets)
-
-    def ensure(self, k: int, h: int, w: int) -> None:
-        """Create an empty store when no image could be explained at all."""
-        if self._group is None:
-            self._create(k, h, w)
+def write_rows(path: Path, start: int, maps: np.ndarray, targets: np.ndarray) -> None:
+    """Write rows ``start:start + len(maps)`` (a partition: one chunk)."""
+    group = zarr.open_group(str(path), mode="r+")
+    group[MAPS][start : start + len(maps)] = maps
+    group[TARGETS][start : start + len(targets)] = targets
 
 
 def open_maps(path: Path):

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from camshaft.data.decode import load_rgb
 from camshaft.engine.postprocess import to_original
+from camshaft.errors import CamshaftError
+from camshaft.preprocess import Preprocess, geometry
+from camshaft.writers.atomic import atomic_path
 from camshaft.writers.overlay import overlay
 
 
@@ -21,16 +24,20 @@ def overlay_name(index: int, path: str, target: int, class_names) -> str:
     return f"{index:06d}_{stem}_{label}.png"
 
 
-def write_overlays(folder: Path, items, info) -> list[Path]:
-    """Write overlays for ``items`` = [(decoded, maps (K, h, w), row)]; returns the paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for d, maps, row in items:
+def write_overlays(folder: Path, rows: list[dict], maps: np.ndarray, *, preprocess: Preprocess, class_names) -> int:
+    """Overlays for the ok ``rows`` (maps aligned with them); the image is read again, not kept."""
+    written = 0
+    for row, image_maps in zip(rows, maps, strict=True):
+        if row["status"] != "ok":
+            continue
+        try:
+            image = load_rgb(row["path"])
+        except CamshaftError:
+            continue  # vanished since it was explained: its row says ok, only the picture is missing
+        geom = geometry(image.size, preprocess)
         for k, target in enumerate(row["targets"]):
-            heat = to_original(np.asarray(maps[k]), d.geometry, info.preprocess.input_size)
-            path = folder / overlay_name(d.index, d.record.path, target, info.class_names)
-            tmp = path.with_name(f".{path.name}.tmp")
-            overlay(d.image, heat).save(tmp, format="PNG")
-            os.replace(tmp, path)
-            written.append(path)
+            heat = to_original(np.asarray(image_maps[k]), geom, preprocess.input_size)
+            with atomic_path(folder / overlay_name(row["index"], row["path"], target, class_names)) as tmp:
+                overlay(image, heat).save(tmp, format="PNG")
+            written += 1
     return written

@@ -1,12 +1,16 @@
-"""The results table: one Parquet row per input image, written atomically."""
+"""The results table: one Parquet row per input image, written atomically.
+
+A run writes one shard per partition and assembles ``results.parquet`` from them at the end.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from camshaft.writers.atomic import atomic_path
 
 SCHEMA = pa.schema(
     [
@@ -15,8 +19,11 @@ SCHEMA = pa.schema(
         ("status", pa.string()),  # ok | error
         ("error", pa.string()),
         ("label", pa.string()),
+        ("box", pa.list_(pa.float32())),  # x0, y0, x1, y1 from the manifest, original-image pixels
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("file_size", pa.int64()),  # at listing time: with mtime_ns, how changed files are spotted
+        ("mtime_ns", pa.int64()),
         ("top5_classes", pa.list_(pa.int32())),
         ("top5_names", pa.list_(pa.string())),
         ("top5_scores", pa.list_(pa.float32())),  # softmax probabilities
@@ -32,12 +39,19 @@ SCHEMA = pa.schema(
 
 def write_table(rows: list[dict], path: Path) -> None:
     """Write ``rows`` sorted by index to ``path`` via a temporary file and a rename."""
-    path = Path(path)
     rows = sorted(rows, key=lambda r: r["index"])
     table = pa.Table.from_pylist([{f: r.get(f) for f in SCHEMA.names} for r in rows], schema=SCHEMA)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return pq.read_table(path, schema=SCHEMA).to_pylist()
+
+
+def assemble(shards: list[Path], path: Path) -> pa.Table:
+    """Concatenate partition shards (in order) into the final table, atomically."""
+    table = pa.concat_tables([pq.read_table(s, schema=SCHEMA) for s in shards]) if shards else SCHEMA.empty_table()
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return table

@@ -1,0 +1,219 @@
+"""The pure core of a run: explain a list of image records into table rows and map arrays.
+
+Knows nothing of Dask or files on disk beyond reading images: the pipeline hands it partitions.
+One ``Explainer`` per process holds the backend; a lock serialises device work so that several
+partitions can decode in parallel while one computes.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from camshaft.data.decode import load_rgb
+from camshaft.data.sources import ImageRecord
+from camshaft.engine.backends import Backend, backend_factory
+from camshaft.engine.backends.base import resolve_device, resolve_dtype
+from camshaft.engine.job import ExplainJob
+from camshaft.engine.methods import Method, check_backend, get_method
+from camshaft.engine.postprocess import map_stats
+from camshaft.engine.targets import Targets, class_index
+from camshaft.errors import CamshaftError
+from camshaft.models.sources import ModelSource, resolve_model
+from camshaft.preprocess import Geometry, Preprocess, normalize, prepare
+
+
+@dataclass
+class Decoded:
+    record: ImageRecord
+    index: int
+    tensor: torch.Tensor | None = None  # uint8 (3, H, W)
+    geometry: Geometry | None = None
+    error: str | None = None
+
+
+@dataclass
+class PartitionOutput:
+    """Rows (one per record, in order) and arrays aligned with them (NaN / -1 where failed)."""
+
+    rows: list[dict]
+    maps: np.ndarray  # (n, K, h, w) float32
+    targets: np.ndarray  # (n, K) int32
+
+
+@dataclass
+class Explainer:
+    job: ExplainJob
+    source: ModelSource
+    backend: Backend
+    method: Method
+    tap: str | None
+    targets: Targets
+    options: dict
+    map_shape: tuple[int, int, int] = (0, 0, 0)  # (K, h, w), from a probe
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.backend.info.preprocess
+
+    def explain(self, records: list[ImageRecord], indices: list[int]) -> PartitionOutput:
+        """Decode ``records`` on threads, explain them in batches on the device (one at a time).
+
+        ``indices`` are the records' rows in the run; outputs follow the order of ``records``.
+        """
+        with ThreadPoolExecutor(self.job.workers) as pool:
+            decoded = list(pool.map(self._decode, records, indices))
+        k, h, w = self.map_shape
+        maps = np.full((len(records), k, h, w), np.nan, dtype=np.float32)
+        targets = np.full((len(records), k), -1, dtype=np.int32)
+        position = {index: i for i, index in enumerate(indices)}
+        rows: dict[int, dict] = {}
+        backoff = BackOff(self._explain_batch)
+        with self.lock:
+            for i in range(0, len(decoded), self.job.batch_size):
+                batch_rows, batch_maps, batch_targets = backoff(decoded[i : i + self.job.batch_size])
+                rows.update({r["index"]: r for r in batch_rows})
+                for index, m in batch_maps.items():
+                    maps[position[index]] = m
+                    targets[position[index]] = batch_targets[index]
+        return PartitionOutput([rows[d.index] for d in decoded], maps, targets)
+
+    def probe(self) -> tuple[int, int, int]:
+        """(K, h, w) of this job's maps, from one black image (before any real work)."""
+        x = torch.zeros(1, 3, *self.preprocess.input_size, device=self.backend.device)
+        k = self.targets.k
+        with self.lock:
+            maps, _ = self.method.run(self.backend, x, lambda logits: torch.zeros(1, k, dtype=torch.long, device=logits.device), tap=self.tap, options=self.options)
+        self.map_shape = tuple(maps.shape[1:])
+        return self.map_shape
+
+    def _decode(self, record: ImageRecord, index: int) -> Decoded:
+        if record.error:
+            return Decoded(record, index, error=record.error)
+        try:
+            image = load_rgb(record.path)
+        except CamshaftError as e:
+            return Decoded(record, index, error=str(e))
+        tensor, geom = prepare(image, self.preprocess)
+        return Decoded(record, index, tensor, geom)
+
+    def _label(self, d: Decoded) -> int | None:
+        info = self.backend.info
+        return None if d.record.label is None else class_index(d.record.label, class_names=info.class_names, num_classes=info.num_classes)
+
+    def _explain_batch(self, batch: list[Decoded]):
+        """One device batch: rows for every image, maps and targets by index for the good ones."""
+        rows = {d.index: base_row(d) for d in batch}
+        good = [d for d in batch if d.error is None]
+        labels = None
+        if self.targets.kind == "label":
+            for d in good:
+                if self._label(d) is None:
+                    reason = "no label for this image" if d.record.label is None else f"label {d.record.label!r} is not a class of the model"
+                    rows[d.index].update(status="error", error=f"{reason} (--targets label)")
+            good = [d for d in good if self._label(d) is not None]
+            labels = torch.tensor([self._label(d) for d in good], dtype=torch.long)
+        if not good:
+            return list(rows.values()), {}, {}
+        x = normalize(torch.stack([d.tensor for d in good]), self.preprocess, device=self.backend.device)
+        maps, out = self.method.run(self.backend, x, self.targets.selector(labels), tap=self.tap, options=self.options)
+        maps_np = maps.detach().float().cpu().numpy()
+        targets_np = out.targets.cpu().numpy().astype(np.int32)
+        probs = torch.softmax(out.logits, dim=-1)
+        top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        names = self.backend.info.class_names
+        for i, d in enumerate(good):
+            t = targets_np[i].tolist()
+            rows[d.index].update(
+                status="ok",
+                top5_classes=top.indices[i].tolist(),
+                top5_names=[names[c] for c in top.indices[i].tolist()] if names else None,
+                top5_scores=top.values[i].tolist(),
+                targets=t,
+                target_names=[names[c] for c in t] if names else None,
+                **map_stats(maps_np[i], d.geometry, self.preprocess.input_size),
+            )
+        return (
+            [rows[d.index] for d in batch],
+            {d.index: maps_np[i] for i, d in enumerate(good)},
+            {d.index: targets_np[i] for i, d in enumerate(good)},
+        )
+
+
+def base_row(d: Decoded) -> dict:
+    size = d.geometry.original_size if d.geometry else (None, None)
+    r = d.record
+    return {
+        "index": d.index,
+        "path": r.path,
+        "status": "error" if d.error else "ok",
+        "error": d.error,
+        "label": r.label,
+        "width": size[0],
+        "height": size[1],
+        "file_size": r.size,
+        "mtime_ns": r.mtime_ns,
+        "box": list(r.box) if r.box else None,
+    }
+
+
+def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
+    """Everything that can be checked before the first image: model, backend, method, targets."""
+    source = resolve_model(job.model, weights=job.weights)
+    device, dtype = resolve_device(job.device), resolve_dtype(job.dtype)
+    method = get_method(job.method)
+    backend = backend_factory(job.backend)(
+        source,
+        taps=[job.tap] if job.tap else None,
+        preprocess=job.preprocess_overrides(),
+        device=device,
+        dtype=dtype,
+        workdir=workdir,  # only written when a torch model must be exported first
+    )
+    info = backend.info
+    tap = None
+    if method.uses_tap:
+        tap = job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
+    check_backend(method, backend, tap=tap)
+    targets = Targets.parse(job.targets, class_names=info.class_names, num_classes=info.num_classes)
+    return Explainer(job, source, backend, method, tap, targets, method.resolve_options(job.options))
+
+
+class BackOff:
+    """Run ``fn`` on batches, halving them on out-of-memory; later batches keep the size that fit."""
+
+    def __init__(self, fn):
+        self.fn, self.limit = fn, None
+
+    def __call__(self, batch: list):
+        results = None
+        i = 0
+        while i < len(batch):
+            part = batch[i : i + (self.limit or len(batch))]
+            try:
+                r = self.fn(part)
+            except torch.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self.limit = len(part) // 2
+                warnings.warn(f"out of memory at batch size {len(part)}; continuing with {self.limit}", stacklevel=2)
+                continue
+            results = r if results is None else _merge(results, r)
+            i += len(part)
+        return results
+
+
+def _merge(a: tuple, b: tuple) -> tuple:
+    """Concatenate (rows, {index: ...}, ...) results of two parts of a batch."""
+    return tuple(x + y if isinstance(x, list) else {**x, **y} for x, y in zip(a, b, strict=True))
+
+
+__all__ = ["BackOff", "Decoded", "Explainer", "PartitionOutput", "build_explainer"]

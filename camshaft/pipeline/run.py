@@ -1,0 +1,171 @@
+"""Run an explain job over a dataset: plan partitions, resume or update, schedule, assemble.
+
+The first run of a job plans the dataset into partitions and runs one Dask task per partition.
+Rerunning the same command skips finished partitions (resume). Rerunning it after the dataset
+changed explains only new or changed files and copies the rest from the previous results
+(update), unless the model or the job changed, which starts over. ``overwrite`` always starts over.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from camshaft.data.sources import list_images
+from camshaft.engine.explainer import Explainer, build_explainer
+from camshaft.engine.job import ExplainJob
+from camshaft.errors import ConfigError
+from camshaft.exporters.metadata import version
+from camshaft.pipeline import plan as planning
+from camshaft.pipeline.schedule import LOCAL, check_scheduler, run_tasks
+from camshaft.pipeline.state import MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
+from camshaft.pipeline.tasks import TaskContext, load_summary, register
+from camshaft.writers import maps_store
+from camshaft.writers.table import assemble
+
+
+@dataclass
+class RunSummary:
+    out: Path
+    images: int
+    ok: int
+    failed: int
+    seconds: float
+    method: str
+    tap: str | None
+    backend: str
+    mode: str = "fresh"  # fresh | resume | update
+    explained: int = 0  # images computed in this run (the others were resumed or reused)
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.explained / self.seconds if self.seconds > 0 else float("nan")
+
+    @property
+    def maps_path(self) -> Path:
+        return self.out / MAPS_FILE
+
+    @property
+    def table_path(self) -> Path:
+        return self.out / TABLE_FILE
+
+    @property
+    def overlays_dir(self) -> Path:
+        return self.out / OVERLAYS_DIR
+
+
+def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
+    """Explain every image of ``job.data`` into ``job.out``.
+
+    All validation happens before any image is read; a job that fails it leaves no output folder.
+    """
+    out = Path(job.out)
+    existed = out.exists()
+    try:
+        check_scheduler(job.scheduler)
+        records = list_images(job.data, labels_from_folders=job.labels_from_folders)
+        if job.targets.strip() == "label" and not any(r.label is not None for r in records):
+            raise ConfigError(f"--targets label needs labels, and {job.data} has none: use a manifest with a label column")
+        explainer = build_explainer(job, workdir=out / "artifacts")
+        explainer.probe()
+    except Exception:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    out.mkdir(parents=True, exist_ok=True)
+    state = RunState(out)
+    model = planning.model_fingerprint(explainer)
+    identity = {
+        "job": planning.job_fingerprint(explainer, model),
+        "listing": planning.listing_fingerprint(records),
+        "partition_size": job.partition_size,
+    }
+    mode = _prepare(state, job, identity, explainer, len(records))
+    return _execute(state, job, explainer, records, mode, progress=progress)
+
+
+def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explainer, n: int) -> str:
+    """Decide fresh / resume / update from what ``out`` holds, and set the folder up for it."""
+    previous = None if job.overwrite else state.load()
+    same_job = previous is not None and previous.get("job") == identity["job"]
+    if same_job and all(previous.get(k) == v for k, v in identity.items()):
+        return "resume"
+    if same_job and previous.get("complete") and (state.out / TABLE_FILE).exists():
+        mode = "update"
+        state.keep_previous()
+    elif same_job and state.previous.exists():  # an interrupted update, and the data changed again
+        mode = "update"
+        state.clear_partitions()
+    else:
+        mode = "fresh"
+        state.reset()
+    maps_store.create_store(state.out / MAPS_FILE, n_images=n, map_shape=explainer.map_shape, chunk=job.partition_size, attrs=_attrs(job, explainer))
+    state.save({**identity, "complete": False, "mode": mode, "images": n})
+    return mode
+
+
+def _execute(state: RunState, job: ExplainJob, explainer: Explainer, records, mode: str, *, progress: bool) -> RunSummary:
+    partitions = planning.plan(len(records), job.partition_size)
+    todo = [p for p in partitions if not state.is_done(p)]
+    reuse = mode == "update" or (state.load() or {}).get("mode") == "update"
+    ctx = TaskContext(_worker_job(job, explainer, state), state.out, explainer.map_shape, reuse)
+    if job.scheduler in LOCAL:
+        register(ctx, explainer)
+    start = time.perf_counter()
+    done_images = len(records) - sum(p.stop - p.start for p in todo)
+    bar = tqdm(total=len(records), initial=done_images, unit="img", desc=f"{explainer.method.name} ({explainer.backend.name})", disable=not progress)
+    summaries = run_tasks(ctx, [(p, records[p.start : p.stop]) for p in todo], scheduler=job.scheduler, on_done=lambda s: bar.update(s["images"]))
+    bar.close()
+    seconds = time.perf_counter() - start
+    table = assemble([state.rows_path(p) for p in partitions], state.out / TABLE_FILE)
+    state.save({**state.load(), "complete": True})
+    state.drop_previous()
+    statuses = table.column("status").to_pylist()
+    errors = [(p, e) for p, e, s in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), statuses, strict=True) if s != "ok"]
+    explained = sum(s["explained"] for s in summaries)
+    return RunSummary(
+        state.out, len(statuses), len(statuses) - len(errors), len(errors), seconds, explainer.method.name, explainer.tap,
+        explainer.backend.name, mode, explained, errors,
+    )
+
+
+def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> ExplainJob:
+    """The job as another process must run it: the same model, loadable from a file."""
+    if job.scheduler in LOCAL:
+        return job
+    source = explainer.source
+    if source.kind == "torch" and job.backend != "eager":
+        suffix = ".onnx" if job.backend == "onnxruntime" else ".torchscript.pt"
+        return replace(job, model=str(state.out / "artifacts" / f"model{suffix}"), weights=None)
+    if source.kind == "torch" and job.weights is None and source.spec != "demo":
+        path = state.dir / "weights.pt"  # e.g. random weights: every worker must get the same ones
+        torch.save(source.module.state_dict(), path)
+        return replace(job, weights=path)
+    return job
+
+
+def _attrs(job: ExplainJob, explainer: Explainer) -> dict:
+    info = explainer.backend.info
+    return {
+        "method": explainer.method.name,
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in explainer.options.items()},
+        "tap": explainer.tap,
+        "targets": str(explainer.targets),
+        "model": info.source,
+        "model_spec": job.model or "demo",  # what resolve_model() takes to reload it
+        "weights": None if job.weights is None else str(Path(job.weights).resolve()),
+        "data": str(Path(job.data).resolve()),
+        "backend": job.backend,
+        "preprocess": info.preprocess.to_dict(),
+        "class_names": list(info.class_names) if info.class_names else None,
+        "camshaft_version": version(),
+    }
+
+
+__all__ = ["RunSummary", "run_explain", "load_summary"]

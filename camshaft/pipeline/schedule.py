@@ -1,0 +1,66 @@
+"""Running partition tasks on a Dask scheduler: ``sync``, ``threads`` (default) or a cluster.
+
+Locally, two partitions run at once: one decodes on threads while the other holds the device.
+On a dask.distributed cluster, each worker loads the model once and runs whole partitions; the
+tasks of a worker that dies are rescheduled on the others (a partition is idempotent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import dask
+from dask.callbacks import Callback
+
+from camshaft.errors import ConfigError
+from camshaft.pipeline.tasks import run_partition
+
+LOCAL = ("threads", "sync")
+PARALLEL_PARTITIONS = 2
+
+
+class _Progress(Callback):
+    def __init__(self, on_done: Callable[[dict], None]):
+        super().__init__()
+        self.on_done = on_done
+
+    def _posttask(self, key, result, dsk, state, worker_id):
+        if isinstance(result, dict) and "partition" in result:
+            self.on_done(result)
+
+
+def run_tasks(ctx, work: list, *, scheduler: str, on_done: Callable[[dict], None]) -> list[dict]:
+    """Run ``run_partition(ctx, part, records)`` for each ``(part, records)`` in ``work``."""
+    if scheduler in LOCAL:
+        tasks = [dask.delayed(run_partition, pure=False)(ctx, part, records) for part, records in work]
+        with _Progress(on_done):
+            return list(dask.compute(*tasks, scheduler=scheduler, num_workers=PARALLEL_PARTITIONS))
+    return _distributed(ctx, work, scheduler, on_done)
+
+
+def _distributed(ctx, work: list, address, on_done) -> list[dict]:
+    try:
+        from dask.distributed import Client, as_completed
+    except ImportError as e:
+        raise ConfigError(
+            f"--scheduler {address!r} needs dask.distributed: pip install 'camshaft[distributed]'"
+        ) from e
+    client = address if isinstance(address, Client) else Client(address, timeout="30s")
+    try:
+        futures = [client.submit(run_partition, ctx, part, records, pure=False, retries=2) for part, records in work]
+        results = []
+        for future in as_completed(futures):
+            summary = future.result()
+            on_done(summary)
+            results.append(summary)
+        return results
+    finally:
+        if client is not address:
+            client.close()
+
+
+def check_scheduler(scheduler: str) -> None:
+    """Fail fast on a scheduler that is neither local nor a plausible address."""
+    if scheduler in LOCAL or "://" in scheduler or ":" in scheduler:
+        return
+    raise ConfigError(f"unknown scheduler {scheduler!r}: use threads, sync or a dask.distributed address such as tcp://host:8786")

@@ -1,0 +1,72 @@
+"""What a run has done, on disk: so that a rerun resumes, and a nightly run updates.
+
+``OUT/_camshaft/run.json`` names the job (fingerprints), ``done/PART.json`` marks a partition whose
+maps chunk, table shard and overlays are complete (written last, atomically), ``rows/PART.parquet``
+holds its table shard. A partition without a marker is recomputed, overwriting whatever a killed
+run left of it; the final table appears only when every partition is done.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from camshaft.pipeline.plan import Partition
+from camshaft.writers.atomic import write_json
+
+STATE_DIR = "_camshaft"
+MAPS_FILE, TABLE_FILE, OVERLAYS_DIR = "maps.zarr", "results.parquet", "overlays"
+
+
+class RunState:
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.dir = self.out / STATE_DIR
+
+    @property
+    def previous(self) -> Path:
+        """An earlier complete run kept aside while an update reuses its unchanged images."""
+        return self.dir / "previous"
+
+    def load(self) -> dict | None:
+        try:
+            return json.loads((self.dir / "run.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def save(self, info: dict) -> None:
+        write_json(self.dir / "run.json", info)
+
+    def is_done(self, part: Partition) -> bool:
+        return (self.dir / "done" / f"{part.name}.json").exists()
+
+    def mark_done(self, part: Partition, summary: dict) -> None:
+        write_json(self.dir / "done" / f"{part.name}.json", summary)
+
+    def rows_path(self, part: Partition) -> Path:
+        return self.dir / "rows" / f"{part.name}.parquet"
+
+    def reset(self) -> None:
+        """Forget everything a run wrote in ``out`` (and nothing else)."""
+        for name in (STATE_DIR, MAPS_FILE, OVERLAYS_DIR):
+            shutil.rmtree(self.out / name, ignore_errors=True)
+        (self.out / TABLE_FILE).unlink(missing_ok=True)
+
+    def keep_previous(self) -> None:
+        """Move the finished results aside (for reuse) and clear the markers of the old plan."""
+        shutil.rmtree(self.previous, ignore_errors=True)
+        self.previous.mkdir(parents=True)
+        for name in (MAPS_FILE, TABLE_FILE):
+            if (self.out / name).exists():
+                shutil.move(str(self.out / name), str(self.previous / name))
+        self.clear_partitions()
+
+    def clear_partitions(self) -> None:
+        """Drop the markers and shards of an old plan (and its overlays: indices move)."""
+        for name in ("done", "rows"):
+            shutil.rmtree(self.dir / name, ignore_errors=True)
+        shutil.rmtree(self.out / OVERLAYS_DIR, ignore_errors=True)
+
+    def drop_previous(self) -> None:
+        shutil.rmtree(self.previous, ignore_errors=True)
