@@ -1,0 +1,172 @@
+"""The Dask pipeline: same results whatever the scheduling, resume after kill -9, updates."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import camshaft
+from camshaft.demo.shapes import render_sample, write_demo_dataset
+
+VOLATILE = ["mtime_ns"]  # the table otherwise matches exactly
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("data"), n=14, seed=3).parent / "images"
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    camshaft.explain(None, data, out=out, scheduler="sync", partition_size=100, progress=False)
+    return camshaft.load_results(out)
+
+
+def assert_same_results(a, b):
+    np.testing.assert_allclose(a.maps[:], b.maps[:], rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(a.targets, b.targets)
+    left, right = a.table.drop(columns=VOLATILE), b.table.drop(columns=VOLATILE)
+    assert left[["index", "path", "status", "targets"]].equals(right[["index", "path", "status", "targets"]])
+    np.testing.assert_allclose(np.stack(left["map_max"]), np.stack(right["map_max"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize(("scheduler", "partition_size"), [("threads", 1), ("threads", 4), ("sync", 5), ("threads", 14)])
+def test_results_do_not_depend_on_scheduler_or_partition_size(scheduler, partition_size, data, reference, tmp_path):
+    summary = camshaft.explain(None, data, out=tmp_path / "run", scheduler=scheduler, partition_size=partition_size, batch_size=3, progress=False)
+    assert (summary.images, summary.explained, summary.mode) == (14, 14, "fresh")
+    assert_same_results(camshaft.load_results(tmp_path / "run"), reference)
+    assert len(list((tmp_path / "run" / "_camshaft" / "done").iterdir())) == -(-14 // partition_size)
+
+
+def test_distributed_scheduler_gives_the_same_results(data, reference, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        camshaft.explain(None, data, out=tmp_path / "run", scheduler=cluster.scheduler_address, partition_size=3, progress=False)
+    assert_same_results(camshaft.load_results(tmp_path / "run"), reference)
+
+
+def test_rerun_resumes_without_recomputing(data, tmp_path):
+    camshaft.explain(None, data, out=tmp_path / "run", partition_size=4, progress=False)
+    again = camshaft.explain(None, data, out=tmp_path / "run", partition_size=4, progress=False)
+    assert (again.mode, again.explained, again.images) == ("resume", 0, 14)
+    over = camshaft.explain(None, data, out=tmp_path / "run", partition_size=4, overwrite=True, progress=False)
+    assert (over.mode, over.explained) == ("fresh", 14)
+
+
+def _cli(*args, **kwargs):
+    env = {**os.environ, "CAMSHAFT_NO_REEXEC": "1"}
+    return subprocess.Popen([sys.executable, "-m", "camshaft", *map(str, args)], env=env, **kwargs)
+
+
+def test_kill_dash_9_then_rerun_equals_a_clean_run(data, reference, tmp_path):
+    out = tmp_path / "run"
+    args = ("explain", "demo", data, "--out", out, "--partition-size", "2", "--batch-size", "2", "--no-progress", "--overlays")
+    rng = random.Random(7)
+    for _ in range(3):  # kill at random moments: during start-up, planning, or mid-partition
+        proc = _cli(*args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(2.5, 6.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finish = _cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = finish.communicate(timeout=300)
+    assert finish.returncode == 0, stderr
+    results = camshaft.load_results(out)
+    assert_same_results(results, reference)
+    assert sorted(results.table["index"]) == list(range(14))  # every image exactly once
+    assert len(list((out / "overlays").glob("*.png"))) == 14
+    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []  # killed writes never become results; the finished run left none
+
+
+def test_a_killed_distributed_worker_does_not_lose_or_duplicate_images(data, reference, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        client = distributed.Client(cluster)
+        killed = []
+
+        def kill_one(summary):
+            if not killed:  # after the first partition finishes, kill a worker mid-run
+                pid = next(iter(client.run(os.getpid).values()))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+
+        from camshaft.pipeline import schedule
+
+        original = schedule._distributed
+        try:
+            schedule._distributed = lambda ctx, work, address, on_done: original(ctx, work, client, lambda s: (kill_one(s), on_done(s)))
+            camshaft.explain(None, data, out=tmp_path / "run", scheduler=cluster.scheduler_address, partition_size=2, progress=False)
+        finally:
+            schedule._distributed = original
+        client.close()
+    assert killed
+    results = camshaft.load_results(tmp_path / "run")
+    assert sorted(results.table["index"]) == list(range(14))
+    assert_same_results(results, reference)
+
+
+def test_update_explains_only_new_and_changed_images(tmp_path):
+    data = write_demo_dataset(tmp_path / "data", n=9, seed=4).parent / "images"
+    out = tmp_path / "run"
+    camshaft.explain(None, data, out=out, partition_size=4, progress=False)
+    files = sorted(data.rglob("*.*"))
+    files[0].unlink()  # removed
+    image, _, _ = render_sample(np.random.default_rng(11), size=96)
+    image.save(files[1], format="PNG" if files[1].suffix == ".png" else "JPEG")  # changed
+    image.save(data / "circle" / "new.png")  # added
+    update = camshaft.explain(None, data, out=out, partition_size=4, progress=False)
+    assert (update.mode, update.images, update.explained) == ("update", 9, 2)
+    fresh = camshaft.explain(None, data, out=tmp_path / "fresh", partition_size=4, progress=False)
+    assert_same_results(camshaft.load_results(out), camshaft.load_results(tmp_path / "fresh"))
+    assert fresh.explained == 9
+
+
+def test_a_changed_model_recomputes_everything(tmp_path):
+    data = write_demo_dataset(tmp_path / "data", n=4, seed=5).parent / "images"
+    weights = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path = tmp_path / f"w{seed}.pt"
+        torch.save(camshaft_test_factory().state_dict(), path)
+        weights.append(path)
+    first = camshaft.explain("test_pipeline:camshaft_test_factory", data, out=tmp_path / "run", weights=weights[0], progress=False, input_size=(32, 32))
+    second = camshaft.explain("test_pipeline:camshaft_test_factory", data, out=tmp_path / "run", weights=weights[1], progress=False, input_size=(32, 32))
+    assert (first.explained, second.mode, second.explained) == (4, "fresh", 4)
+
+
+def camshaft_test_factory():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+    )
+
+
+def test_a_file_that_vanishes_mid_run_is_an_error_row(data, tmp_path, monkeypatch):
+    import shutil
+
+    from camshaft.engine import explainer
+
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    victim = sorted(copy.rglob("*.*"))[-1]
+    real = explainer.load_rgb
+
+    def load_and_delete(path):
+        if victim.exists():
+            victim.unlink()  # gone after listing, before its turn
+        return real(path)
+
+    monkeypatch.setattr(explainer, "load_rgb", load_and_delete)
+    summary = camshaft.explain(None, copy, out=tmp_path / "run", scheduler="sync", partition_size=5, workers=1, progress=False)
+    table = camshaft.load_results(tmp_path / "run").table
+    row = table[table["path"] == str(victim)].iloc[0]
+    assert (row["status"], row["error"]) == ("error", "file not found")
+    assert summary.ok == 13 and summary.failed == 1
