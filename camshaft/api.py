@@ -23,7 +23,7 @@ def explain(
     data: str | Path,
     *,
     out: str | Path,
-    method: str = "gradcam",
+    method: str | Sequence[str] = "gradcam",
     targets: str = "top:1",
     tap: str | None = None,
     weights: str | Path | None = None,
@@ -46,7 +46,9 @@ def explain(
 ) -> RunSummary:
     """Explain every image of ``data`` (folder or CSV manifest) with ``model``; see ``ExplainJob``.
 
-    ``options`` are the method's own settings, e.g. ``{"window": (32, 32)}`` for occlusion.
+    ``options`` are the methods' own settings, e.g. ``{"window": (32, 32)}`` for occlusion.
+    Several methods (``method=["cam", "gradcam"]``) share the forwards they can and write one run
+    directory each, ``out/METHOD``.
     Rerunning into the same ``out`` resumes (finished partitions are skipped) or, when the dataset
     changed, explains only new and changed images; ``overwrite=True`` starts over.
     """
@@ -54,7 +56,7 @@ def explain(
         model=model,
         data=Path(data),
         out=Path(out),
-        method=method,
+        method=method if isinstance(method, str) else tuple(method),
         targets=targets,
         tap=tap,
         weights=None if weights is None else Path(weights),

@@ -125,7 +125,7 @@ def test_demo(tmp_path):
 # (extra argv for `explain demo IMAGES --out OUT`, stderr regex, does --out wrongly get created?)
 BAD_FLAGS = [
     (["--batch-size", "0"], r"argument --batch-size: expected a positive integer, received '0'", False),
-    (["--method", "nope"], r"argument --method: invalid choice: 'nope' \(choose from .*'gradcam'", False),
+    (["--method", "nope"], r"argument --method: unknown method nope \(choose from .*gradcam", False),
     (["--targets", "top:0"], r"--targets 'top:0': K must be a positive integer", True),
     (["--targets", "top:9"], r"--targets 'top:9': the model has only 5 classes", True),
     (["--targets", "hexagon"], r"unknown classes \['hexagon'\]; use 0\.\.4 or names such as circle", True),

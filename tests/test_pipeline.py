@@ -170,3 +170,20 @@ def test_a_file_that_vanishes_mid_run_is_an_error_row(data, tmp_path, monkeypatc
     row = table[table["path"] == str(victim)].iloc[0]
     assert (row["status"], row["error"]) == ("error", "file not found")
     assert summary.ok == 13 and summary.failed == 1
+
+
+def test_several_methods_share_one_forward_and_match_single_runs(data, reference, tmp_path, monkeypatch):
+    from camshaft.engine.backends.torch_backend import TorchBackend
+
+    calls = {"forward": 0, "tap_gradients": 0}
+    for name in calls:
+        real = getattr(TorchBackend, name)
+        monkeypatch.setattr(TorchBackend, name, lambda self, *a, _real=real, _n=name: (calls.__setitem__(_n, calls[_n] + 1), _real(self, *a))[1])
+    summary = camshaft.explain(None, data, out=tmp_path / "run", method=["cam", "gradcam", "layercam"], scheduler="sync", batch_size=7, partition_size=14, progress=False)
+    assert calls == {"forward": 0, "tap_gradients": 1 + 2}  # the probe, then one shared pass per batch of 7
+    assert [d.name for d in summary.result_dirs] == ["cam", "gradcam", "layercam"]
+    assert_same_results(camshaft.load_results(tmp_path / "run" / "gradcam"), reference)
+    single = camshaft.explain(None, data, out=tmp_path / "cam", method="cam", progress=False)
+    assert_same_results(camshaft.load_results(tmp_path / "run" / "cam"), camshaft.load_results(single.out))
+    again = camshaft.explain(None, data, out=tmp_path / "run", method=["cam", "gradcam", "layercam"], progress=False, partition_size=14)
+    assert again.mode == "resume" and again.explained == 0

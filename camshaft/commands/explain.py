@@ -18,7 +18,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model(p)
     p.add_argument("data", type=Path, help="image folder (recursive), a CSV manifest (path[,label][,x0,y0,x1,y1]) or one image")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--method", choices=method_names(), default="gradcam")
+    p.add_argument(
+        "--method",
+        type=_methods,
+        default=("gradcam",),
+        help=f"one or several (comma-separated: they share forwards), from {', '.join(method_names())} (default: gradcam)",
+    )
     p.add_argument("--targets", default="top:1", help="top:K, label, or classes as 3,17,tabby (default: top:1)")
     p.add_argument("--tap", help="layer to explain (default: the CAM tap or the last feature map)")
     p.add_argument("--backend", choices=backend_names(), default="eager")
@@ -75,16 +80,26 @@ def _cli_type(parse):
     return convert
 
 
-def method_options(args, method: str) -> dict:
+def _methods(text: str) -> tuple[str, ...]:
+    from camshaft.engine.methods import method_names
+
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in method_names()]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown) or repr(text)} (choose from {', '.join(method_names())})")
+    return names
+
+
+def method_options(args, methods: tuple[str, ...]) -> dict:
     """The method options given on the command line; one meant for another method is an error."""
     from camshaft.engine.methods import all_options
     from camshaft.errors import ConfigError
 
     given = {k.removeprefix("option_"): v for k, v in vars(args).items() if k.startswith("option_") and v is not None}
     options = all_options()
-    wrong = [f"--{k.replace('_', '-')} (for {', '.join(options[k][1])})" for k in given if method not in options[k][1]]
+    wrong = [f"--{k.replace('_', '-')} (for {', '.join(options[k][1])})" for k in given if not set(methods) & set(options[k][1])]
     if wrong:
-        raise ConfigError(f"method {method!r} does not take {', '.join(wrong)}")
+        raise ConfigError(f"method {', '.join(methods)} does not take {', '.join(wrong)}")
     return given
 
 
@@ -95,7 +110,7 @@ def run(args) -> int:
         args.model,
         args.data,
         out=args.out,
-        method=args.method,
+        method=args.method[0] if len(args.method) == 1 else args.method,
         targets=args.targets,
         tap=args.tap,
         weights=args.weights,

@@ -18,10 +18,11 @@ import torch
 from camshaft.data.decode import load_rgb
 from camshaft.data.sources import ImageRecord
 from camshaft.engine.backends import Backend, backend_factory
-from camshaft.engine.backends.base import resolve_device, resolve_dtype
+from camshaft.engine.backends.base import TAP_GRADIENTS, resolve_device, resolve_dtype
 from camshaft.engine.job import ExplainJob
 from camshaft.engine.methods import Method, check_backend, get_method
 from camshaft.engine.postprocess import map_stats
+from camshaft.engine.shared import SharedBatch
 from camshaft.engine.targets import Targets, class_index
 from camshaft.errors import CamshaftError
 from camshaft.models.sources import ModelSource, resolve_model
@@ -39,11 +40,25 @@ class Decoded:
 
 @dataclass
 class PartitionOutput:
-    """Rows (one per record, in order) and arrays aligned with them (NaN / -1 where failed)."""
+    """Per method: rows (one per record, in order) and arrays aligned with them (NaN / -1 where failed)."""
 
-    rows: list[dict]
-    maps: np.ndarray  # (n, K, h, w) float32
-    targets: np.ndarray  # (n, K) int32
+    rows: dict[str, list[dict]]
+    maps: dict[str, np.ndarray]  # (n, K, h, w) float32
+    targets: np.ndarray  # (n, K) int32, shared by the methods
+
+
+@dataclass
+class MethodRun:
+    """One method of a job: where it reads (tap), its options, the shape of its maps."""
+
+    method: Method
+    tap: str | None
+    options: dict
+    map_shape: tuple[int, int, int] = (0, 0, 0)  # (K, h, w), from a probe
+
+    @property
+    def name(self) -> str:
+        return self.method.name
 
 
 @dataclass
@@ -51,12 +66,14 @@ class Explainer:
     job: ExplainJob
     source: ModelSource
     backend: Backend
-    method: Method
-    tap: str | None
+    runs: list[MethodRun]
     targets: Targets
-    options: dict
-    map_shape: tuple[int, int, int] = (0, 0, 0)  # (K, h, w), from a probe
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def gradients(self) -> bool:
+        """Whether the shared forward must carry tap gradients (a method of the job needs them)."""
+        return any(TAP_GRADIENTS in r.method.needs for r in self.runs)
 
     @property
     def preprocess(self) -> Preprocess:
@@ -69,29 +86,34 @@ class Explainer:
         """
         with ThreadPoolExecutor(self.job.workers) as pool:
             decoded = list(pool.map(self._decode, records, indices))
-        k, h, w = self.map_shape
-        maps = np.full((len(records), k, h, w), np.nan, dtype=np.float32)
-        targets = np.full((len(records), k), -1, dtype=np.int32)
+        n, k = len(records), self.targets.k
+        maps = {r.name: np.full((n, *r.map_shape), np.nan, dtype=np.float32) for r in self.runs}
+        targets = np.full((n, k), -1, dtype=np.int32)
         position = {index: i for i, index in enumerate(indices)}
-        rows: dict[int, dict] = {}
+        rows: dict[str, dict[int, dict]] = {r.name: {} for r in self.runs}
         backoff = BackOff(self._explain_batch)
         with self.lock:
             for i in range(0, len(decoded), self.job.batch_size):
                 batch_rows, batch_maps, batch_targets = backoff(decoded[i : i + self.job.batch_size])
-                rows.update({r["index"]: r for r in batch_rows})
-                for index, m in batch_maps.items():
-                    maps[position[index]] = m
-                    targets[position[index]] = batch_targets[index]
-        return PartitionOutput([rows[d.index] for d in decoded], maps, targets)
+                for name, by_index in batch_rows.items():
+                    rows[name].update(by_index)
+                for name, by_index in batch_maps.items():
+                    for index, m in by_index.items():
+                        maps[name][position[index]] = m
+                for index, t in batch_targets.items():
+                    targets[position[index]] = t
+        ordered = {name: [by_index[d.index] for d in decoded] for name, by_index in rows.items()}
+        return PartitionOutput(ordered, maps, targets)
 
-    def probe(self) -> tuple[int, int, int]:
-        """(K, h, w) of this job's maps, from one black image (before any real work)."""
+    def probe(self) -> None:
+        """The (K, h, w) of every method's maps, from one black image (before any real work)."""
         x = torch.zeros(1, 3, *self.preprocess.input_size, device=self.backend.device)
-        k = self.targets.k
+        zeros = torch.zeros(1, self.targets.k, dtype=torch.long, device=self.backend.device)
         with self.lock:
-            maps, _ = self.method.run(self.backend, x, lambda logits: torch.zeros(1, k, dtype=torch.long, device=logits.device), tap=self.tap, options=self.options)
-        self.map_shape = tuple(maps.shape[1:])
-        return self.map_shape
+            shared = SharedBatch(self.backend, x, lambda logits: zeros, gradients=self.gradients)
+            for r in self.runs:
+                maps, _ = r.method.run(shared, x, shared._select, tap=r.tap, options=r.options)
+                r.map_shape = tuple(maps.shape[1:])
 
     def _decode(self, record: ImageRecord, index: int) -> Decoded:
         if record.error:
@@ -108,7 +130,10 @@ class Explainer:
         return None if d.record.label is None else class_index(d.record.label, class_names=info.class_names, num_classes=info.num_classes)
 
     def _explain_batch(self, batch: list[Decoded]):
-        """One device batch: rows for every image, maps and targets by index for the good ones."""
+        """One device batch, every method on one shared forward.
+
+        Returns rows {method: {index: row}}, maps {method: {index: (K, h, w)}}, targets {index: (K,)}.
+        """
         rows = {d.index: base_row(d) for d in batch}
         good = [d for d in batch if d.error is None]
         labels = None
@@ -120,10 +145,11 @@ class Explainer:
             good = [d for d in good if self._label(d) is not None]
             labels = torch.tensor([self._label(d) for d in good], dtype=torch.long)
         if not good:
-            return list(rows.values()), {}, {}
+            return {r.name: dict(rows) for r in self.runs}, {}, {}
         x = normalize(torch.stack([d.tensor for d in good]), self.preprocess, device=self.backend.device)
-        maps, out = self.method.run(self.backend, x, self.targets.selector(labels), tap=self.tap, options=self.options)
-        maps_np = maps.detach().float().cpu().numpy()
+        shared = SharedBatch(self.backend, x, self.targets.selector(labels), gradients=self.gradients)
+        results = {r.name: r.method.run(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs}
+        out = next(iter(results.values()))[1]
         targets_np = out.targets.cpu().numpy().astype(np.int32)
         probs = torch.softmax(out.logits, dim=-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
@@ -137,13 +163,15 @@ class Explainer:
                 top5_scores=top.values[i].tolist(),
                 targets=t,
                 target_names=[names[c] for c in t] if names else None,
-                **map_stats(maps_np[i], d.geometry, self.preprocess.input_size),
             )
-        return (
-            [rows[d.index] for d in batch],
-            {d.index: maps_np[i] for i, d in enumerate(good)},
-            {d.index: targets_np[i] for i, d in enumerate(good)},
-        )
+        all_rows, all_maps = {}, {}
+        for name, (maps, _) in results.items():
+            maps_np = maps.detach().float().cpu().numpy()
+            all_maps[name] = {d.index: maps_np[i] for i, d in enumerate(good)}
+            all_rows[name] = {d.index: dict(rows[d.index]) for d in batch}
+            for i, d in enumerate(good):
+                all_rows[name][d.index].update(map_stats(maps_np[i], d.geometry, self.preprocess.input_size))
+        return all_rows, all_maps, {d.index: targets_np[i] for i, d in enumerate(good)}
 
 
 def base_row(d: Decoded) -> dict:
@@ -167,7 +195,7 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
     """Everything that can be checked before the first image: model, backend, method, targets."""
     source = resolve_model(job.model, weights=job.weights)
     device, dtype = resolve_device(job.device), resolve_dtype(job.dtype)
-    method = get_method(job.method)
+    methods = [get_method(m) for m in job.methods]
     backend = backend_factory(job.backend)(
         source,
         taps=[job.tap] if job.tap else None,
@@ -177,12 +205,15 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
         workdir=workdir,  # only written when a torch model must be exported first
     )
     info = backend.info
-    tap = None
-    if method.uses_tap:
-        tap = job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
-    check_backend(method, backend, tap=tap)
+    runs = []
+    for method in methods:
+        tap = None
+        if method.uses_tap:
+            tap = job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
+        check_backend(method, backend, tap=tap)
+        runs.append(MethodRun(method, tap, job.options_for(method.name)))
     targets = Targets.parse(job.targets, class_names=info.class_names, num_classes=info.num_classes)
-    return Explainer(job, source, backend, method, tap, targets, method.resolve_options(job.options))
+    return Explainer(job, source, backend, runs, targets)
 
 
 class BackOff:
@@ -211,9 +242,15 @@ class BackOff:
         return results
 
 
-def _merge(a: tuple, b: tuple) -> tuple:
-    """Concatenate (rows, {index: ...}, ...) results of two parts of a batch."""
-    return tuple(x + y if isinstance(x, list) else {**x, **y} for x, y in zip(a, b, strict=True))
+def _merge(a, b):
+    """Combine the results of two parts of a batch: lists concatenate, dicts merge deeply."""
+    if isinstance(a, tuple):
+        return tuple(_merge(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, list):
+        return a + b
+    if isinstance(a, dict):
+        return {k: _merge(a[k], b[k]) if k in a and k in b and isinstance(a[k], dict | list) else b.get(k, a.get(k)) for k in {**a, **b}}
+    return b
 
 
-__all__ = ["BackOff", "Decoded", "Explainer", "PartitionOutput", "build_explainer"]
+__all__ = ["BackOff", "Decoded", "Explainer", "MethodRun", "PartitionOutput", "build_explainer"]

@@ -18,7 +18,7 @@ class ExplainJob:
     model: str | None  # architecture name, module:factory, .pt / .onnx file; None = demo model
     data: Path  # folder (recursive) or CSV manifest
     out: Path  # output folder: maps.zarr, results.parquet, overlays/
-    method: str = "gradcam"
+    method: str | tuple[str, ...] = "gradcam"  # several: they share the forwards they can
     targets: str = "top:1"  # top:K | label | comma-separated classes
     tap: str | None = None  # default: the CAM tap, else the model's last feature map
     weights: Path | None = None  # local state_dict for architectures and factories
@@ -40,13 +40,14 @@ class ExplainJob:
 
     def __post_init__(self):
         problems = []
-        if self.method not in method_names():
-            problems.append(f"unknown method {self.method!r} (choose from {', '.join(method_names())})")
+        unknown = [m for m in self.methods if m not in method_names()]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            problems.append(f"unknown or repeated methods {list(self.methods)} (choose from {', '.join(method_names())})")
         else:
-            try:
-                get_method(self.method).resolve_options(self.options)
-            except ConfigError as e:
-                problems.append(str(e))
+            taken = {o.name for m in self.methods for o in get_method(m).options}
+            stray = sorted(set(self.options) - taken)
+            if stray:
+                problems.append(f"options {stray} belong to none of the methods {list(self.methods)}")
         if self.backend not in backend_names():
             problems.append(f"unknown backend {self.backend!r} (choose from {', '.join(backend_names())})")
         if self.dtype not in DTYPES:
@@ -67,6 +68,15 @@ class ExplainJob:
             problems.append(f"weights file not found: {self.weights}")
         if problems:
             raise ConfigError("invalid explain job: " + "; ".join(problems))
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return (self.method,) if isinstance(self.method, str) else tuple(self.method)
+
+    def options_for(self, method: str) -> dict:
+        """The options (of ``options``) that ``method`` declares, completed with its defaults."""
+        declared = {o.name for o in get_method(method).options}
+        return get_method(method).resolve_options({k: v for k, v in self.options.items() if k in declared})
 
     def preprocess_overrides(self) -> dict:
         return {"input_size": self.input_size, "mean": self.mean, "std": self.std, "resize": self.resize}

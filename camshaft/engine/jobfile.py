@@ -48,6 +48,8 @@ def load_job(path: str | Path) -> ExplainJob:
     if problems:
         raise ConfigError(f"job file {path}: " + "; ".join(p for p in problems if p))
     values.setdefault("model", None)  # the built-in demo model
+    if isinstance(values.get("method"), list):
+        values["method"] = tuple(values["method"])
     try:
         return ExplainJob(**values)
     except TypeError as e:

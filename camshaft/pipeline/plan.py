@@ -49,12 +49,9 @@ def job_fingerprint(explainer: Explainer, model: str) -> str:
         "model": model,
         "backend": job.backend,
         "dtype": job.dtype,
-        "method": explainer.method.name,
-        "options": {k: repr(v) for k, v in explainer.options.items()},
-        "tap": explainer.tap,
+        "methods": [(r.name, r.tap, {k: repr(v) for k, v in r.options.items()}, list(r.map_shape)) for r in explainer.runs],
         "targets": str(explainer.targets),
         "preprocess": explainer.preprocess.to_dict(),
-        "map_shape": list(explainer.map_shape),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

@@ -42,6 +42,7 @@ class RunSummary:
     mode: str = "fresh"  # fresh | resume | update
     explained: int = 0  # images computed in this run (the others were resumed or reused)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    result_dirs: list[Path] = field(default_factory=list)  # one run directory per method
 
     @property
     def images_per_second(self) -> float:
@@ -49,15 +50,15 @@ class RunSummary:
 
     @property
     def maps_path(self) -> Path:
-        return self.out / MAPS_FILE
+        return self.result_dirs[0] / MAPS_FILE
 
     @property
     def table_path(self) -> Path:
-        return self.out / TABLE_FILE
+        return self.result_dirs[0] / TABLE_FILE
 
     @property
     def overlays_dir(self) -> Path:
-        return self.out / OVERLAYS_DIR
+        return self.result_dirs[0] / OVERLAYS_DIR
 
 
 def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
@@ -79,7 +80,7 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
             shutil.rmtree(out, ignore_errors=True)
         raise
     out.mkdir(parents=True, exist_ok=True)
-    state = RunState(out)
+    state = RunState(out, job.methods)
     model = planning.model_fingerprint(explainer)
     identity = {
         "job": planning.job_fingerprint(explainer, model),
@@ -105,7 +106,10 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
     else:
         mode = "fresh"
         state.reset()
-    maps_store.create_store(state.out / MAPS_FILE, n_images=n, map_shape=explainer.map_shape, chunk=job.partition_size, attrs=_attrs(job, explainer))
+    for run in explainer.runs:
+        folder = state.method_dir(run.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        maps_store.create_store(folder / MAPS_FILE, n_images=n, map_shape=run.map_shape, chunk=job.partition_size, attrs=_attrs(job, explainer, run))
     state.save({**identity, "complete": False, "mode": mode, "images": n})
     return mode
 
@@ -114,24 +118,28 @@ def _execute(state: RunState, job: ExplainJob, explainer: Explainer, records, mo
     partitions = planning.plan(len(records), job.partition_size)
     todo = [p for p in partitions if not state.is_done(p)]
     reuse = mode == "update" or (state.load() or {}).get("mode") == "update"
-    ctx = TaskContext(_worker_job(job, explainer, state), state.out, explainer.map_shape, reuse)
+    shapes = tuple(run.map_shape for run in explainer.runs)
+    ctx = TaskContext(_worker_job(job, explainer, state), state.out, shapes, reuse)
     if job.scheduler in LOCAL:
         register(ctx, explainer)
     start = time.perf_counter()
     done_images = len(records) - sum(p.stop - p.start for p in todo)
-    bar = tqdm(total=len(records), initial=done_images, unit="img", desc=f"{explainer.method.name} ({explainer.backend.name})", disable=not progress)
+    names = [run.name for run in explainer.runs]
+    bar = tqdm(total=len(records), initial=done_images, unit="img", desc=f"{'+'.join(names)} ({explainer.backend.name})", disable=not progress)
     summaries = run_tasks(ctx, [(p, records[p.start : p.stop]) for p in todo], scheduler=job.scheduler, on_done=lambda s: bar.update(s["images"]))
     bar.close()
     seconds = time.perf_counter() - start
-    table = assemble([state.rows_path(p) for p in partitions], state.out / TABLE_FILE)
+    tables = [assemble([state.rows_path(p, n) for p in partitions], state.method_dir(n) / TABLE_FILE) for n in names]
+    table = tables[0]
     state.save({**state.load(), "complete": True})
     state.drop_previous()
     statuses = table.column("status").to_pylist()
     errors = [(p, e) for p, e, s in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), statuses, strict=True) if s != "ok"]
     explained = sum(s["explained"] for s in summaries)
+    first = explainer.runs[0]
     return RunSummary(
-        state.out, len(statuses), len(statuses) - len(errors), len(errors), seconds, explainer.method.name, explainer.tap,
-        explainer.backend.name, mode, explained, errors,
+        state.out, len(statuses), len(statuses) - len(errors), len(errors), seconds, "+".join(names), first.tap,
+        explainer.backend.name, mode, explained, errors, [state.method_dir(n) for n in names],
     )
 
 
@@ -150,12 +158,12 @@ def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> Expla
     return job
 
 
-def _attrs(job: ExplainJob, explainer: Explainer) -> dict:
+def _attrs(job: ExplainJob, explainer: Explainer, run) -> dict:
     info = explainer.backend.info
     return {
-        "method": explainer.method.name,
-        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in explainer.options.items()},
-        "tap": explainer.tap,
+        "method": run.name,
+        "options": {k: list(v) if isinstance(v, tuple) else v for k, v in run.options.items()},
+        "tap": run.tap,
         "targets": str(explainer.targets),
         "model": info.source,
         "model_spec": job.model or "demo",  # what resolve_model() takes to reload it

@@ -20,9 +20,19 @@ MAPS_FILE, TABLE_FILE, OVERLAYS_DIR = "maps.zarr", "results.parquet", "overlays"
 
 
 class RunState:
-    def __init__(self, out: Path):
+    """``methods`` name the job's methods: one writes into ``out``, several into ``out/METHOD``."""
+
+    def __init__(self, out: Path, methods: tuple[str, ...] = ()):
         self.out = Path(out)
         self.dir = self.out / STATE_DIR
+        self.methods = tuple(methods)
+
+    def method_dir(self, method: str) -> Path:
+        return self.out if len(self.methods) <= 1 else self.out / method
+
+    @property
+    def result_dirs(self) -> list[Path]:
+        return [self.method_dir(m) for m in self.methods] or [self.out]
 
     @property
     def previous(self) -> Path:
@@ -44,29 +54,36 @@ class RunState:
     def mark_done(self, part: Partition, summary: dict) -> None:
         write_json(self.dir / "done" / f"{part.name}.json", summary)
 
-    def rows_path(self, part: Partition) -> Path:
-        return self.dir / "rows" / f"{part.name}.parquet"
+    def rows_path(self, part: Partition, method: str) -> Path:
+        return self.dir / "rows" / method / f"{part.name}.parquet"
+
+    def previous_dir(self, method: str) -> Path:
+        return self.previous / method
 
     def reset(self) -> None:
         """Forget everything a run wrote in ``out`` (and nothing else)."""
-        for name in (STATE_DIR, MAPS_FILE, OVERLAYS_DIR):
-            shutil.rmtree(self.out / name, ignore_errors=True)
-        (self.out / TABLE_FILE).unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for folder in self.result_dirs:
+            for name in (MAPS_FILE, OVERLAYS_DIR):
+                shutil.rmtree(folder / name, ignore_errors=True)
+            (folder / TABLE_FILE).unlink(missing_ok=True)
 
     def keep_previous(self) -> None:
         """Move the finished results aside (for reuse) and clear the markers of the old plan."""
         shutil.rmtree(self.previous, ignore_errors=True)
-        self.previous.mkdir(parents=True)
-        for name in (MAPS_FILE, TABLE_FILE):
-            if (self.out / name).exists():
-                shutil.move(str(self.out / name), str(self.previous / name))
+        for method in self.methods:
+            self.previous_dir(method).mkdir(parents=True)
+            for name in (MAPS_FILE, TABLE_FILE):
+                if (self.method_dir(method) / name).exists():
+                    shutil.move(str(self.method_dir(method) / name), str(self.previous_dir(method) / name))
         self.clear_partitions()
 
     def clear_partitions(self) -> None:
         """Drop the markers and shards of an old plan (and its overlays: indices move)."""
         for name in ("done", "rows"):
             shutil.rmtree(self.dir / name, ignore_errors=True)
-        shutil.rmtree(self.out / OVERLAYS_DIR, ignore_errors=True)
+        for folder in self.result_dirs:
+            shutil.rmtree(folder / OVERLAYS_DIR, ignore_errors=True)
 
     def drop_previous(self) -> None:
         shutil.rmtree(self.previous, ignore_errors=True)

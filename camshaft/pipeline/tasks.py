@@ -29,8 +29,12 @@ from camshaft.writers.table import read_rows, write_table
 class TaskContext:
     job: ExplainJob  # as the workers must run it (models they can load by path)
     out: Path
-    map_shape: tuple[int, int, int]
+    map_shapes: tuple[tuple[int, int, int], ...]  # per method of the job, in order
     reuse: bool  # an update: copy unchanged images from the previous run
+
+    @property
+    def state(self) -> RunState:
+        return RunState(self.out, self.job.methods)
 
     @property
     def key(self) -> str:
@@ -52,49 +56,55 @@ def _explainer(ctx: TaskContext) -> Explainer:
     with _LOCK:
         if ctx.key not in _EXPLAINERS:  # a dask.distributed worker: load the model once
             explainer = build_explainer(ctx.job, workdir=None)
-            explainer.map_shape = ctx.map_shape
+            for run, shape in zip(explainer.runs, ctx.map_shapes, strict=True):
+                run.map_shape = shape
             _EXPLAINERS[ctx.key] = explainer
         return _EXPLAINERS[ctx.key]
 
 
-def _previous(ctx: TaskContext):
+def _previous(ctx: TaskContext, method: str):
     """The previous run's rows by file key, and its maps group (read once per process)."""
-    state = RunState(ctx.out)
+    folder = ctx.state.previous_dir(method)
     with _LOCK:
-        if str(state.previous) not in _PREVIOUS:
-            rows = {(r["path"], r["file_size"], r["mtime_ns"]): r for r in read_rows(state.previous / TABLE_FILE)}
-            _PREVIOUS[str(state.previous)] = (rows, maps_store.open_maps(state.previous / MAPS_FILE))
-        return _PREVIOUS[str(state.previous)]
+        if str(folder) not in _PREVIOUS:
+            rows = {(r["path"], r["file_size"], r["mtime_ns"]): r for r in read_rows(folder / TABLE_FILE)}
+            _PREVIOUS[str(folder)] = (rows, maps_store.open_maps(folder / MAPS_FILE))
+        return _PREVIOUS[str(folder)]
 
 
 def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord]) -> dict:
-    """Explain ``records`` (rows ``part.start:part.stop``) and write the partition's shard."""
+    """Explain ``records`` (rows ``part.start:part.stop``) and write the partition's shards."""
     start = time.perf_counter()
     explainer = _explainer(ctx)
-    state = RunState(ctx.out)
+    state = ctx.state
     indices = list(range(part.start, part.stop))
-    k, h, w = ctx.map_shape
-    rows: list[dict | None] = [None] * len(records)
-    maps = np.full((len(records), k, h, w), np.nan, dtype=np.float32)
-    targets = np.full((len(records), k), -1, dtype=np.int32)
+    names = [r.name for r in explainer.runs]
+    rows = {name: [None] * len(records) for name in names}
+    maps = {name: np.full((len(records), *shape), np.nan, dtype=np.float32) for name, shape in zip(names, ctx.map_shapes, strict=True)}
+    targets = {name: np.full((len(records), explainer.targets.k), -1, dtype=np.int32) for name in names}
     if ctx.reuse:
-        old_rows, old_maps = _previous(ctx)
-        for i, record in enumerate(records):
-            old = old_rows.get(file_key(record))
-            if old is not None and record.error is None:
-                rows[i] = {**old, "index": indices[i]}
-                maps[i], targets[i] = old_maps["maps"][old["index"]], old_maps["targets"][old["index"]]
-    todo = [i for i, r in enumerate(rows) if r is None]
+        for name in names:
+            old_rows, old_maps = _previous(ctx, name)
+            for i, record in enumerate(records):
+                old = old_rows.get(file_key(record))
+                if old is not None and record.error is None:
+                    rows[name][i] = {**old, "index": indices[i]}
+                    maps[name][i], targets[name][i] = old_maps["maps"][old["index"]], old_maps["targets"][old["index"]]
+    todo = [i for i in range(len(records)) if any(rows[n][i] is None for n in names)]
     if todo:
         out = explainer.explain([records[i] for i in todo], [indices[i] for i in todo])
-        for j, i in enumerate(todo):
-            rows[i], maps[i], targets[i] = out.rows[j], out.maps[j], out.targets[j]
-    maps_store.write_rows(ctx.out / MAPS_FILE, part.start, maps, targets)
-    write_table(rows, state.rows_path(part))
-    if ctx.job.overlays:
-        info = explainer.backend.info
-        write_overlays(ctx.out / OVERLAYS_DIR, rows, maps, preprocess=info.preprocess, class_names=info.class_names)
-    failed = [(r["path"], r["error"]) for r in rows if r["status"] != "ok"]
+        for name in names:
+            for j, i in enumerate(todo):
+                rows[name][i], maps[name][i], targets[name][i] = out.rows[name][j], out.maps[name][j], out.targets[j]
+    info = explainer.backend.info
+    for name in names:
+        folder = state.method_dir(name)
+        maps_store.write_rows(folder / MAPS_FILE, part.start, maps[name], targets[name])
+        write_table(rows[name], state.rows_path(part, name))
+        if ctx.job.overlays:
+            write_overlays(folder / OVERLAYS_DIR, rows[name], maps[name], preprocess=info.preprocess, class_names=info.class_names)
+    first = rows[names[0]]
+    failed = [(r["path"], r["error"]) for r in first if r["status"] != "ok"]
     summary = {
         "partition": part.number,
         "images": len(records),
