@@ -58,5 +58,8 @@ def load_results(out: str | Path) -> Results:
     table, maps = out / TABLE_FILE, out / MAPS_FILE
     missing = [str(p) for p in (table, maps) if not p.exists()]
     if missing:
+        methods = sorted(p.parent.name for p in out.glob(f"*/{TABLE_FILE}"))
+        if methods:
+            raise ConfigError(f"{out} holds a run of several methods: load one of {', '.join(str(out / m) for m in methods)}")
         raise ConfigError(f"{out} is not a finished camshaft run: missing {', '.join(missing)}")
     return Results(out, pd.read_parquet(table), open_maps(maps))
