@@ -1,0 +1,96 @@
+"""``camshaft report``: a dataset-wide audit of a run as an HTML folder, with drift against another run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from camshaft.commands.common import positive
+
+HELP = "audit a run (flags, classes, localization, faithfulness, drift) as an HTML report"
+
+
+def _unit(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not -1.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [-1, 1], received {text!r}")
+    return value
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder written by camshaft explain")
+    p.add_argument("--out", type=Path, required=True, help="report folder (index.html, img/, tables/)")
+    p.add_argument("--compare", type=Path, metavar="OTHER_RUN", help="another run over the same images: explanation drift")
+    g = p.add_argument_group("faithfulness (computed now, into RUN/metrics.parquet; else read from it)")
+    g.add_argument("--metrics", help="deletion, insertion or deletion,insertion (Petsiuk et al. 2018)")
+    g.add_argument("--steps", type=positive, default=50, help="points per curve minus one (default: 50)")
+    g.add_argument("--score", choices=("prob", "logit"), default="prob", help="the target score tracked (default: prob)")
+    g.add_argument("--metric-batch", type=positive, default=64, help="perturbed images per forward (default: 64)")
+    g = p.add_argument_group("dataset exemplars (computed now, into RUN/exemplars.parquet)")
+    g.add_argument("--exemplars", action="append", metavar="TAP[:C,...]", help="a tap, optionally channels; repeatable")
+    g.add_argument("--exemplar-k", type=positive, default=8, help="images per channel (default: 8)")
+    g = p.add_argument_group("map statistics and flags")
+    g.add_argument("--border", type=float, default=0.1, help="border band, a fraction of the image side (default: 0.1)")
+    g.add_argument("--tolerance", type=float, default=15.0, help="pointing game tolerance in pixels (default: 15)")
+    g.add_argument("--flag-border", type=float, default=0.5, help="border-heavy at this border mass (default: 0.5)")
+    g.add_argument("--flag-entropy", type=float, default=0.95, help="diffuse at this normalised entropy (default: 0.95)")
+    g.add_argument("--examples", type=int, default=4, help="best and worst examples per class page (default: 4)")
+    g.add_argument("--class-pages", type=int, default=100, help="pages for at most this many classes, flagged first (default: 100)")
+    g = p.add_argument_group("drift alerts (exit code 1 when crossed)")
+    g.add_argument("--min-rank-corr", type=_unit, help="alert when the mean rank correlation is below this")
+    g.add_argument("--min-iou", type=_unit, help="alert when the mean top-region IoU is below this")
+    g.add_argument("--max-changed", type=_unit, help="alert when this share of top-1 predictions changed")
+    p.add_argument("--device", help="cpu, cuda or cuda:N for metrics and exemplars (default: cuda when available)")
+    p.add_argument("--batch-size", type=positive, default=16, help="images per batch for metrics and exemplars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def options_from(args):
+    from camshaft.report.build import ReportOptions
+    from camshaft.report.drift import DriftThresholds
+    from camshaft.report.flags import FlagRules
+    from camshaft.report.spatial import SpatialSpec
+
+    return ReportOptions(
+        spatial=SpatialSpec(border=args.border, tolerance=args.tolerance),
+        rules=FlagRules(border=args.flag_border, entropy=args.flag_entropy),
+        thresholds=DriftThresholds(args.min_rank_corr, args.min_iou, args.max_changed),
+        examples=args.examples,
+        class_pages=args.class_pages,
+    )
+
+
+def run(args) -> int:
+    from camshaft.report import build_report, compute_exemplars, compute_metrics
+    from camshaft.report.exemplars import ExemplarSpec
+    from camshaft.report.faithfulness import parse_metrics
+
+    options = options_from(args)  # validate every flag before any work
+    specs = parse_metrics(args.metrics, steps=args.steps, score=args.score, batch_size=args.metric_batch) if args.metrics else None
+    exemplars = [ExemplarSpec.parse(t) for t in args.exemplars or []]
+    common = {"batch_size": args.batch_size, "device": args.device, "progress": not args.no_progress}
+    if specs:
+        compute_metrics(args.run_dir, specs=specs, **common)
+    if exemplars:
+        compute_exemplars(args.run_dir, specs=exemplars, k=args.exemplar_k, **common)
+    report = build_report(args.run_dir, out=args.out, compare=args.compare, options=options)
+    s = report.audit.summary
+    print(
+        f"audited {s['explained']:,} images ({s['maps']:,} maps): {s['flagged_images']:,} flagged images, "
+        f"{s['flagged_classes']:,} flagged classes"
+    )
+    for _, c in report.audit.flagged_classes.head(10).iterrows():
+        print(f"  flagged class {c['class_name']}: {c['flags']} (border {c['mean_border_mass']:.3f}, entropy {c['mean_entropy']:.3f})")
+    if report.drift is not None:
+        d = report.drift.summary
+        print(
+            f"drift over {d['matched']:,} images: mean rank correlation {d['mean_rank_corr']:.4f}, "
+            f"mean top-region IoU {d['mean_top_iou']:.4f}, {d['changed_images']:,} changed predictions"
+        )
+    print(f"report: {report.index} ({report.seconds:.1f} s)")
+    for alert in report.alerts:
+        print(f"ALERT: {alert}")
+    return 1 if report.alerts else 0

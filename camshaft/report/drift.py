@@ -1,0 +1,130 @@
+"""Explanation drift: the same images explained by two runs (yesterday's and today's model).
+
+Images are matched by path; target slots k by position (the k-th target of each run). Per
+(image, k): ``rank_corr`` (Spearman over map cells), ``top_iou`` (IoU of the top 10% cells),
+whether the top-1 prediction changed, and ``drift = 1 - rank_corr``. Maps of different shapes are
+compared on the first run's grid (the second resampled bilinearly). Maps are read a chunk at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from camshaft.errors import ConfigError
+from camshaft.report.scan import chunks, ok_rows, read_step
+from camshaft.report.similarity import spearman, top_iou
+from camshaft.results import Results, load_results
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """When a nightly job should alert; None switches a check off."""
+
+    min_rank_corr: float | None = None  # mean rank correlation below this alerts
+    min_iou: float | None = None  # mean top-region IoU below this alerts
+    max_changed: float | None = None  # share of images whose top-1 prediction changed above this alerts
+
+    def alerts(self, summary: dict) -> list[str]:
+        """One line per threshold crossed by a drift summary."""
+        out = []
+        if self.min_rank_corr is not None and not summary["mean_rank_corr"] >= self.min_rank_corr:
+            out.append(f"mean rank correlation {summary['mean_rank_corr']:.4f} < {self.min_rank_corr}")
+        if self.min_iou is not None and not summary["mean_top_iou"] >= self.min_iou:
+            out.append(f"mean top-region IoU {summary['mean_top_iou']:.4f} < {self.min_iou}")
+        if self.max_changed is not None and not summary["prediction_changed"] <= self.max_changed:
+            out.append(f"share of changed predictions {summary['prediction_changed']:.4f} > {self.max_changed}")
+        return out
+
+
+@dataclass
+class Drift:
+    """``images``: one row per matched (image, k), most changed first; ``classes``; ``summary``."""
+
+    images: pd.DataFrame
+    classes: pd.DataFrame
+    summary: dict
+
+
+def drift(run_a: str | Path | Results, run_b: str | Path | Results, *, top: float = 0.1) -> Drift:
+    """Compare the maps of two runs over the images they share (matched by path)."""
+    a = run_a if isinstance(run_a, Results) else load_results(run_a)
+    b = run_b if isinstance(run_b, Results) else load_results(run_b)
+    rows_a, rows_b = ok_rows(a.table), ok_rows(b.table)
+    pairs = rows_a.merge(rows_b, on="path", suffixes=("_a", "_b"))
+    if pairs.empty:
+        raise ConfigError(f"the runs {a.out} and {b.out} share no explained image (images are matched by path)")
+    pairs = pairs.rename(columns={"index_a": "index"}).sort_values("index").reset_index(drop=True)
+    k = min(a.maps.shape[1], b.maps.shape[1])
+    names = a.attrs.get("class_names")
+    parts = [_compare(a, b, part, k) for _, _, part in chunks(pairs, read_step(a.maps))]
+    images = pd.concat(parts, ignore_index=True)
+    images["target_name"] = [names[t] if names and 0 <= t < len(names) else str(t) for t in images["target_a"]]
+    images = images.sort_values(["prediction_changed", "rank_corr", "index", "k"], ascending=[False, True, True, True], na_position="last")
+    return Drift(images.reset_index(drop=True), _classes(images), _summary(images, rows_a, rows_b))
+
+
+def _compare(a: Results, b: Results, part: pd.DataFrame, k: int) -> pd.DataFrame:
+    ia, ib = part["index"].to_numpy(), part["index_b"].to_numpy()
+    ma = np.asarray(a.maps.get_orthogonal_selection((ia,)))[:, :k]  # (n, k, h, w)
+    mb = np.asarray(b.maps.get_orthogonal_selection((ib,)))[:, :k]
+    if ma.shape[2:] != mb.shape[2:]:
+        t = torch.from_numpy(mb).reshape(-1, 1, *mb.shape[2:])
+        mb = F.interpolate(t, size=ma.shape[2:], mode="bilinear", align_corners=False).reshape(ma.shape).numpy()
+    n = len(part)
+    fa, fb = ma.reshape(n * k, -1), mb.reshape(n * k, -1)
+    ta = np.stack([np.asarray(t[:k]) for t in part["targets_a"]]).reshape(-1)
+    tb = np.stack([np.asarray(t[:k]) for t in part["targets_b"]]).reshape(-1)
+    top1_a = np.array([c[0] for c in part["top5_classes_a"]])
+    top1_b = np.array([c[0] for c in part["top5_classes_b"]])
+    rank = spearman(fa, fb)
+    return pd.DataFrame(
+        {
+            "index": np.repeat(ia, k),
+            "index_b": np.repeat(ib, k),
+            "path": np.repeat(part["path"].to_numpy(), k),
+            "label": np.repeat(part["label_a"].to_numpy(), k),
+            "k": np.tile(np.arange(k), n),
+            "target_a": ta,
+            "target_b": tb,
+            "top1_a": np.repeat(top1_a, k),
+            "top1_b": np.repeat(top1_b, k),
+            "prediction_changed": np.repeat(top1_a != top1_b, k),
+            "rank_corr": rank,
+            "top_iou": top_iou(fa, fb),
+            "drift": 1.0 - rank,
+        }
+    )
+
+
+def _classes(images: pd.DataFrame) -> pd.DataFrame:
+    """Per class of the first run's target: mean similarity and share of changed predictions."""
+    g = images.groupby(["target_a", "target_name"], sort=True)
+    out = g.agg(
+        maps=("rank_corr", "size"),
+        mean_rank_corr=("rank_corr", "mean"),
+        mean_top_iou=("top_iou", "mean"),
+        prediction_changed=("prediction_changed", "mean"),
+    ).reset_index()
+    out = out.rename(columns={"target_a": "class", "target_name": "class_name"})
+    return out.sort_values(["mean_rank_corr", "class"]).reset_index(drop=True)
+
+
+def _summary(images: pd.DataFrame, rows_a: pd.DataFrame, rows_b: pd.DataFrame) -> dict:
+    per_image = images.drop_duplicates("index")
+    return {
+        "images_a": int(len(rows_a)),
+        "images_b": int(len(rows_b)),
+        "matched": int(len(per_image)),
+        "mean_rank_corr": float(images["rank_corr"].mean()),
+        "median_rank_corr": float(images["rank_corr"].median()),
+        "mean_top_iou": float(images["top_iou"].mean()),
+        "mean_drift": float(images["drift"].mean()),
+        "prediction_changed": float(per_image["prediction_changed"].mean()),
+        "changed_images": int(per_image["prediction_changed"].sum()),
+    }
