@@ -42,13 +42,18 @@ def explain(
     scheduler: str = "threads",
     overwrite: bool = False,
     labels_from_folders: bool = False,
+    metrics: tuple[str, ...] = (),
+    metric_steps: int = 50,
+    exemplars: tuple[str, ...] = (),
+    exemplar_k: int = 8,
     progress: bool = True,
 ) -> RunSummary:
     """Explain every image of ``data`` (folder or CSV manifest) with ``model``; see ``ExplainJob``.
 
     ``options`` are the methods' own settings, e.g. ``{"window": (32, 32)}`` for occlusion.
     Several methods (``method=["cam", "gradcam"]``) share the forwards they can and write one run
-    directory each, ``out/METHOD``.
+    directory each, ``out/METHOD``. ``metrics`` (deletion, insertion) and ``exemplars`` (taps) are
+    gathered in the same pass and written beside the results for ``camshaft report``.
     Rerunning into the same ``out`` resumes (finished partitions are skipped) or, when the dataset
     changed, explains only new and changed images; ``overwrite=True`` starts over.
     """
@@ -75,6 +80,10 @@ def explain(
         scheduler=scheduler,
         overwrite=overwrite,
         labels_from_folders=labels_from_folders,
+        metrics=tuple(metrics),
+        metric_steps=metric_steps,
+        exemplars=tuple(exemplars),
+        exemplar_k=exemplar_k,
     )
     return run_explain(job, progress=progress)
 

@@ -187,3 +187,25 @@ def test_several_methods_share_one_forward_and_match_single_runs(data, reference
     assert_same_results(camshaft.load_results(tmp_path / "run" / "cam"), camshaft.load_results(single.out))
     again = camshaft.explain(None, data, out=tmp_path / "run", method=["cam", "gradcam", "layercam"], progress=False, partition_size=14)
     assert again.mode == "resume" and again.explained == 0
+
+
+def test_metrics_and_exemplars_gathered_in_the_pass_equal_the_later_computation(data, tmp_path):
+    from camshaft.report import compute_exemplars, compute_metrics, load_exemplars, load_metrics, parse_metrics
+    from camshaft.report.exemplars import ExemplarSpec
+
+    out = tmp_path / "run"
+    camshaft.explain(
+        None, data, out=out, metrics=("deletion", "insertion"), metric_steps=8, exemplars=("features:0,5",), exemplar_k=3,
+        partition_size=5, batch_size=4, progress=False,
+    )
+    (in_pass, specs), exemplars = load_metrics(out), load_exemplars(out)
+    assert len(in_pass) == 14 and set(exemplars["channel"]) == {0, 5} and len(exemplars) == 6
+    later = tmp_path / "later"
+    camshaft.explain(None, data, out=later, partition_size=14, progress=False)
+    compute_metrics(later, specs=parse_metrics("deletion,insertion", steps=8))
+    compute_exemplars(later, specs=[ExemplarSpec.parse("features:0,5")], k=3)
+    assert [s["kind"] for s in specs] == ["deletion", "insertion"]
+    # maps differ by float noise between batchings, which can swap near-tied pixels in the ranking
+    np.testing.assert_allclose(in_pass["deletion_auc"], load_metrics(later)[0]["deletion_auc"], rtol=2e-3, atol=1e-5)
+    np.testing.assert_allclose(in_pass["insertion_auc"], load_metrics(later)[0]["insertion_auc"], rtol=2e-3, atol=1e-5)
+    assert list(exemplars["index"]) == list(load_exemplars(later)["index"])

@@ -44,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     resume.add_argument("--resume", dest="overwrite", action="store_false", help="skip finished work in --out (default)")
     resume.add_argument("--overwrite", dest="overwrite", action="store_true", help="start over in --out")
     p.set_defaults(overwrite=False)
+    a = p.add_argument_group("audit extras, gathered in the same pass (see camshaft report)")
+    a.add_argument("--metrics", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()), default=(), help="faithfulness curves: deletion,insertion")
+    a.add_argument("--metric-steps", type=positive, default=50, help="steps of the deletion/insertion curves (default 50)")
+    a.add_argument("--exemplars", action="append", default=[], metavar="TAP[:C,...]", help="gather the dataset's top images per channel of TAP (repeatable)")
+    a.add_argument("--exemplar-k", type=positive, default=8, help="top images kept per channel (default 8)")
     g.add_argument("--labels-from-folders", action="store_true", help="DATA is an ImageFolder tree: label = class folder")
     add_preprocess(p)
     add_method_options(p)
@@ -126,6 +131,10 @@ def run(args) -> int:
         scheduler=args.scheduler,
         overwrite=args.overwrite,
         labels_from_folders=args.labels_from_folders,
+        metrics=args.metrics,
+        metric_steps=args.metric_steps,
+        exemplars=tuple(args.exemplars),
+        exemplar_k=args.exemplar_k,
         **preprocess(args),
     )
     print_summary(summary)

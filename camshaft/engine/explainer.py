@@ -7,6 +7,7 @@ partitions can decode in parallel while one computes.
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +46,8 @@ class PartitionOutput:
     rows: dict[str, list[dict]]
     maps: dict[str, np.ndarray]  # (n, K, h, w) float32
     targets: np.ndarray  # (n, K) int32, shared by the methods
+    metrics: dict[str, object] = field(default_factory=dict)  # method -> faithfulness rows (DataFrame)
+    exemplars: object = None  # the partition's top-k exemplar table (DataFrame), if asked for
 
 
 @dataclass
@@ -69,6 +72,8 @@ class Explainer:
     runs: list[MethodRun]
     targets: Targets
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    metric_specs: tuple = ()  # faithfulness curves to compute in the same pass
+    exemplar_specs: tuple = ()  # taps (and channels) whose top images to gather in the same pass
 
     @property
     def gradients(self) -> bool:
@@ -91,10 +96,14 @@ class Explainer:
         targets = np.full((n, k), -1, dtype=np.int32)
         position = {index: i for i, index in enumerate(indices)}
         rows: dict[str, dict[int, dict]] = {r.name: {} for r in self.runs}
-        backoff = BackOff(self._explain_batch)
+        metrics: dict[str, list] = {r.name: [] for r in self.runs}
         with self.lock:
+            collector = self._exemplar_collector()  # per call: partitions may run concurrently
+            backoff = BackOff(functools.partial(self._explain_batch, exemplars=collector))
             for i in range(0, len(decoded), self.job.batch_size):
-                batch_rows, batch_maps, batch_targets = backoff(decoded[i : i + self.job.batch_size])
+                batch_rows, batch_maps, batch_targets, batch_metrics = backoff(decoded[i : i + self.job.batch_size])
+                for name, parts in batch_metrics.items():
+                    metrics[name].extend(parts)
                 for name, by_index in batch_rows.items():
                     rows[name].update(by_index)
                 for name, by_index in batch_maps.items():
@@ -103,7 +112,16 @@ class Explainer:
                 for index, t in batch_targets.items():
                     targets[position[index]] = t
         ordered = {name: [by_index[d.index] for d in decoded] for name, by_index in rows.items()}
-        return PartitionOutput(ordered, maps, targets)
+        tables = {name: _concat(parts) for name, parts in metrics.items()} if self.metric_specs else {}
+        exemplars = collector.table() if collector is not None else None
+        return PartitionOutput(ordered, maps, targets, tables, exemplars)
+
+    def _exemplar_collector(self):
+        if not self.exemplar_specs:
+            return None
+        from camshaft.report.exemplars import ExemplarCollector
+
+        return ExemplarCollector(self.exemplar_specs, k=self.job.exemplar_k)
 
     def probe(self) -> None:
         """The (K, h, w) of every method's maps, from one black image (before any real work)."""
@@ -129,7 +147,7 @@ class Explainer:
         info = self.backend.info
         return None if d.record.label is None else class_index(d.record.label, class_names=info.class_names, num_classes=info.num_classes)
 
-    def _explain_batch(self, batch: list[Decoded]):
+    def _explain_batch(self, batch: list[Decoded], *, exemplars=None):
         """One device batch, every method on one shared forward.
 
         Returns rows {method: {index: row}}, maps {method: {index: (K, h, w)}}, targets {index: (K,)}.
@@ -145,7 +163,7 @@ class Explainer:
             good = [d for d in good if self._label(d) is not None]
             labels = torch.tensor([self._label(d) for d in good], dtype=torch.long)
         if not good:
-            return {r.name: dict(rows) for r in self.runs}, {}, {}
+            return {r.name: dict(rows) for r in self.runs}, {}, {}, {}
         x = normalize(torch.stack([d.tensor for d in good]), self.preprocess, device=self.backend.device)
         shared = SharedBatch(self.backend, x, self.targets.selector(labels), gradients=self.gradients)
         results = {r.name: r.method.run(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs}
@@ -164,14 +182,21 @@ class Explainer:
                 targets=t,
                 target_names=[names[c] for c in t] if names else None,
             )
-        all_rows, all_maps = {}, {}
+        all_rows, all_maps, all_metrics = {}, {}, {}
+        ids = [d.index for d in good]
         for name, (maps, _) in results.items():
             maps_np = maps.detach().float().cpu().numpy()
             all_maps[name] = {d.index: maps_np[i] for i, d in enumerate(good)}
             all_rows[name] = {d.index: dict(rows[d.index]) for d in batch}
             for i, d in enumerate(good):
                 all_rows[name][d.index].update(map_stats(maps_np[i], d.geometry, self.preprocess.input_size))
-        return all_rows, all_maps, {d.index: targets_np[i] for i, d in enumerate(good)}
+            if self.metric_specs:
+                from camshaft.report.metrics import metric_rows
+
+                all_metrics[name] = [metric_rows(self.backend, x, maps, out.targets, ids, specs=self.metric_specs)]
+        if exemplars is not None:  # last: a batch retried after out-of-memory is never counted twice
+            exemplars.update(shared.forward(x).taps, ids)
+        return all_rows, all_maps, {d.index: targets_np[i] for i, d in enumerate(good)}, all_metrics
 
 
 def base_row(d: Decoded) -> dict:
@@ -212,8 +237,22 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
             tap = job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
         check_backend(method, backend, tap=tap)
         runs.append(MethodRun(method, tap, job.options_for(method.name)))
+    exemplar_specs = job.exemplar_specs()
+    missing = [e.tap for e in exemplar_specs if e.tap not in info.taps]
+    if missing:  # reopen with the exemplar taps too; the methods keep the taps resolved above
+        method_taps = [r.tap for r in runs if r.tap] or list(info.taps)
+        backend = backend_factory(job.backend)(
+            source,
+            taps=list(dict.fromkeys([*method_taps, *missing])),
+            preprocess=job.preprocess_overrides(),
+            device=device,
+            dtype=dtype,
+            workdir=workdir,
+        )
+        for r in runs:
+            check_backend(r.method, backend, tap=r.tap)
     targets = Targets.parse(job.targets, class_names=info.class_names, num_classes=info.num_classes)
-    return Explainer(job, source, backend, runs, targets)
+    return Explainer(job, source, backend, runs, targets, metric_specs=job.metric_specs(), exemplar_specs=exemplar_specs)
 
 
 class BackOff:
@@ -240,6 +279,12 @@ class BackOff:
             results = r if results is None else _merge(results, r)
             i += len(part)
         return results
+
+
+def _concat(parts: list):
+    import pandas as pd
+
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 def _merge(a, b):

@@ -37,6 +37,10 @@ class ExplainJob:
     scheduler: str = "threads"  # threads | sync | a dask.distributed scheduler address
     overwrite: bool = False  # start over instead of resuming / updating an earlier run in `out`
     labels_from_folders: bool = False  # ImageFolder tree: label = top-level folder name
+    metrics: tuple[str, ...] = ()  # faithfulness curves computed in the same pass: deletion, insertion
+    metric_steps: int = 50
+    exemplars: tuple[str, ...] = ()  # TAP or TAP:C1,C2: the dataset's top images per channel, same pass
+    exemplar_k: int = 8
 
     def __post_init__(self):
         problems = []
@@ -58,6 +62,7 @@ class ExplainJob:
             problems.append(f"workers must be at least 1, received {self.workers}")
         if self.partition_size < 1:
             problems.append(f"partition size must be at least 1, received {self.partition_size}")
+        problems += self._check_extras()
         if not self.scheduler:
             problems.append("scheduler must be threads, sync or a dask.distributed address (tcp://host:8786)")
         if self.resize is not None and self.resize not in RESIZE_MODES:
@@ -68,6 +73,28 @@ class ExplainJob:
             problems.append(f"weights file not found: {self.weights}")
         if problems:
             raise ConfigError("invalid explain job: " + "; ".join(problems))
+
+    def _check_extras(self) -> list[str]:
+        """Problems with the metrics and exemplars requested (parsed by the report package)."""
+        problems = []
+        try:
+            self.metric_specs()
+            self.exemplar_specs()
+        except ConfigError as e:
+            problems.append(str(e))
+        if self.exemplar_k < 1:
+            problems.append(f"exemplar k must be at least 1, received {self.exemplar_k}")
+        return problems
+
+    def metric_specs(self) -> tuple:
+        from camshaft.report.faithfulness import parse_metrics
+
+        return parse_metrics(",".join(self.metrics), steps=self.metric_steps) if self.metrics else ()
+
+    def exemplar_specs(self) -> tuple:
+        from camshaft.report.exemplars import ExemplarSpec
+
+        return tuple(ExemplarSpec.parse(t) for t in self.exemplars)
 
     @property
     def methods(self) -> tuple[str, ...]:

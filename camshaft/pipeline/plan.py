@@ -52,6 +52,8 @@ def job_fingerprint(explainer: Explainer, model: str) -> str:
         "methods": [(r.name, r.tap, {k: repr(v) for k, v in r.options.items()}, list(r.map_shape)) for r in explainer.runs],
         "targets": str(explainer.targets),
         "preprocess": explainer.preprocess.to_dict(),
+        "metrics": [repr(s) for s in explainer.metric_specs],
+        "exemplars": [repr(s) for s in explainer.exemplar_specs] + [explainer.job.exemplar_k],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 

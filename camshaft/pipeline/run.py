@@ -97,10 +97,11 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
     same_job = previous is not None and previous.get("job") == identity["job"]
     if same_job and all(previous.get(k) == v for k, v in identity.items()):
         return "resume"
-    if same_job and previous.get("complete") and (state.out / TABLE_FILE).exists():
+    reusable = not job.exemplars  # a dataset's exemplars need every image again
+    if same_job and reusable and previous.get("complete") and (state.out / TABLE_FILE).exists():
         mode = "update"
         state.keep_previous()
-    elif same_job and state.previous.exists():  # an interrupted update, and the data changed again
+    elif same_job and reusable and state.previous.exists():  # an interrupted update, and the data changed again
         mode = "update"
         state.clear_partitions()
     else:
@@ -131,6 +132,7 @@ def _execute(state: RunState, job: ExplainJob, explainer: Explainer, records, mo
     seconds = time.perf_counter() - start
     tables = [assemble([state.rows_path(p, n) for p in partitions], state.method_dir(n) / TABLE_FILE) for n in names]
     table = tables[0]
+    _assemble_extras(state, explainer, partitions)
     state.save({**state.load(), "complete": True})
     state.drop_previous()
     statuses = table.column("status").to_pylist()
@@ -141,6 +143,25 @@ def _execute(state: RunState, job: ExplainJob, explainer: Explainer, records, mo
         state.out, len(statuses), len(statuses) - len(errors), len(errors), seconds, "+".join(names), first.tap,
         explainer.backend.name, mode, explained, errors, [state.method_dir(n) for n in names],
     )
+
+
+def _assemble_extras(state: RunState, explainer: Explainer, partitions) -> None:
+    """metrics.parquet per method and exemplars.parquet from the partitions' shards."""
+    import pandas as pd
+
+    from camshaft.report.exemplars import merge_tables, write_exemplars
+    from camshaft.report.metrics import write_metrics
+
+    def shards(folder: Path) -> list:
+        return [pd.read_parquet(folder / f"{p.name}.parquet") for p in partitions if (folder / f"{p.name}.parquet").exists()]
+
+    for run in explainer.runs:
+        if explainer.metric_specs:
+            parts = [f for f in shards(state.dir / "metrics" / run.name) if len(f)]
+            table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["index", "k", "target"])
+            write_metrics(table, state.method_dir(run.name), explainer.metric_specs)
+        if explainer.exemplar_specs:
+            write_exemplars(merge_tables(shards(state.dir / "exemplars"), k=explainer.job.exemplar_k), state.method_dir(run.name))
 
 
 def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> ExplainJob:

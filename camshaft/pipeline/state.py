@@ -66,21 +66,22 @@ class RunState:
         for folder in self.result_dirs:
             for name in (MAPS_FILE, OVERLAYS_DIR):
                 shutil.rmtree(folder / name, ignore_errors=True)
-            (folder / TABLE_FILE).unlink(missing_ok=True)
+            for name in (TABLE_FILE, "metrics.parquet", "exemplars.parquet"):
+                (folder / name).unlink(missing_ok=True)
 
     def keep_previous(self) -> None:
         """Move the finished results aside (for reuse) and clear the markers of the old plan."""
         shutil.rmtree(self.previous, ignore_errors=True)
         for method in self.methods:
             self.previous_dir(method).mkdir(parents=True)
-            for name in (MAPS_FILE, TABLE_FILE):
+            for name in (MAPS_FILE, TABLE_FILE, "metrics.parquet"):
                 if (self.method_dir(method) / name).exists():
                     shutil.move(str(self.method_dir(method) / name), str(self.previous_dir(method) / name))
         self.clear_partitions()
 
     def clear_partitions(self) -> None:
         """Drop the markers and shards of an old plan (and its overlays: indices move)."""
-        for name in ("done", "rows"):
+        for name in ("done", "rows", "metrics", "exemplars"):
             shutil.rmtree(self.dir / name, ignore_errors=True)
         for folder in self.result_dirs:
             shutil.rmtree(folder / OVERLAYS_DIR, ignore_errors=True)

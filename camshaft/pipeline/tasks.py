@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from camshaft.data.sources import ImageRecord
 from camshaft.engine.explainer import Explainer, build_explainer
@@ -21,6 +22,7 @@ from camshaft.engine.job import ExplainJob
 from camshaft.pipeline.plan import Partition, file_key
 from camshaft.pipeline.state import MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
 from camshaft.writers import maps_store
+from camshaft.writers.atomic import atomic_path
 from camshaft.writers.pngs import write_overlays
 from camshaft.writers.table import read_rows, write_table
 
@@ -88,16 +90,25 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
             for i, record in enumerate(records):
                 old = old_rows.get(file_key(record))
                 if old is not None and record.error is None:
-                    rows[name][i] = {**old, "index": indices[i]}
+                    rows[name][i] = {**old, "index": indices[i], "_old_index": old["index"]}
                     maps[name][i], targets[name][i] = old_maps["maps"][old["index"]], old_maps["targets"][old["index"]]
     todo = [i for i in range(len(records)) if any(rows[n][i] is None for n in names)]
+    metrics = {name: [_previous_metrics(ctx, name, rows[name], todo)] for name in names} if explainer.metric_specs else {}
     if todo:
         out = explainer.explain([records[i] for i in todo], [indices[i] for i in todo])
         for name in names:
             for j, i in enumerate(todo):
                 rows[name][i], maps[name][i], targets[name][i] = out.rows[name][j], out.maps[name][j], out.targets[j]
+            if name in metrics:
+                metrics[name].append(out.metrics[name])
+        if out.exemplars is not None:
+            _write_frame(out.exemplars, state.dir / "exemplars" / f"{part.name}.parquet")
+    for name, parts in metrics.items():
+        _write_frame(pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame(), state.dir / "metrics" / name / f"{part.name}.parquet")
     info = explainer.backend.info
     for name in names:
+        for r in rows[name]:
+            r.pop("_old_index", None)
         folder = state.method_dir(name)
         maps_store.write_rows(folder / MAPS_FILE, part.start, maps[name], targets[name])
         write_table(rows[name], state.rows_path(part, name))
@@ -116,6 +127,24 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
     }
     state.mark_done(part, summary)
     return summary
+
+
+def _previous_metrics(ctx: TaskContext, name: str, rows: list, todo: list[int]):
+    """Faithfulness rows of the reused images, taken from the previous run, re-indexed."""
+    path = ctx.state.previous_dir(name) / "metrics.parquet"
+    computed = set(todo)
+    reused = {r["_old_index"]: r["index"] for i, r in enumerate(rows) if i not in computed}
+    if not ctx.reuse or not path.exists() or not reused:
+        return pd.DataFrame()
+    old = pd.read_parquet(path)
+    old = old[old["index"].isin(list(reused))].copy()
+    old["index"] = old["index"].map(reused)
+    return old
+
+
+def _write_frame(frame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
 
 
 def load_summary(state: RunState, part: Partition) -> dict:
