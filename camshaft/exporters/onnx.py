@@ -46,7 +46,7 @@ class TupleOutputs(nn.Module):
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """The exporters are chatty (progress lines, deprecation warnings): keep the CLI clean."""
     logger = logging.getLogger("torch.onnx")
     level = logger.level
@@ -74,7 +74,7 @@ def build(prepared: PreparedModel, example: torch.Tensor, path: Path, *, opset: 
     errors: dict[str, Exception] = {}
     for name, options in attempts.items():
         try:
-            with _quiet():
+            with quiet():
                 torch.onnx.export(module, (example,), str(path), input_names=["input"], output_names=names, **options)
             onnx.checker.check_model(str(path))
             return name

@@ -1,0 +1,38 @@
+"""Activation maximization: seconds per class of camshaft's batched render, its limit, and lucent.
+
+Full mode: resnet18, 128 px, 64 steps, 8 classes at once (the issue's setting); quick: the tiny preset.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from camshaft.bench.cases import Group
+
+
+@pytest.fixture(scope="module")
+def actmax_items(bench):
+    from camshaft.bench.actmax import actmax_workloads
+
+    s = bench.settings
+    model = s.models[0] if s.quick else "resnet18"
+    group = Group(model, (s.actmax_size, s.actmax_size), s.actmax_classes)
+    mb = bench.model(model)
+    items = actmax_workloads(
+        mb.source.module,
+        classes=s.actmax_classes,
+        size=s.actmax_size,
+        steps=s.actmax_steps,
+        device=mb.device,
+        dtype=s.dtype,
+        key=group.key,
+        attrs=group.attrs(),
+        peers=True,
+    )
+    return {item.key.rsplit("/", 1)[-1]: item for item in items}
+
+
+@pytest.mark.parametrize("who", ["eager", "peer:lucent"])
+def test_actmax(timed, bench, actmax_items, who):
+    bench.ensure([actmax_items["actmax_limit"]])  # the plain batched Adam loop, same run
+    timed(actmax_items[who])

@@ -1,0 +1,195 @@
+"""The limits: what the hardware does for the same model when nothing is explained.
+
+*The limit* is the best plain batched forward of the model on the device and dtype of the run,
+under inference mode: the best of eager, channels_last, frozen TorchScript (``torch.jit.trace`` +
+``torch.jit.freeze``) and ONNX Runtime (the session options camshaft itself uses). Gradient methods
+are also compared with *the gradient limit*: that best forward plus the head above the tap run
+forward with a batched backward of the K target scores to the tap (``head_backward``). Methods on
+input gradients are compared with a forward and a batched backward to the pixels (``input_backward``).
+
+Limits run on their own frozen copy of the model, so they share no state with backends or peers.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from camshaft.bench.workload import Skipped, Workload
+from camshaft.errors import CamshaftError
+from camshaft.exporters.onnx import quiet
+
+VARIANTS = ("eager", "channels_last", "torchscript", "onnxruntime")
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode copy whose parameters never require gradients."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def forward_limits(
+    model: nn.Module, x: torch.Tensor, *, dtype: torch.dtype, onnx_path: Path | None, key: str, attrs: dict
+) -> list[Workload | Skipped]:
+    """One ``limit`` workload per variant for the batch ``x`` (or why a variant cannot run)."""
+    builders: dict[str, Callable[[], Callable[[], object]]] = {
+        "eager": lambda: _eager(model, x, dtype),
+        "channels_last": lambda: _channels_last(model, x, dtype),
+        "torchscript": lambda: _torchscript(model, x, dtype),
+        "onnxruntime": lambda: _onnxruntime(onnx_path, x, dtype),
+    }
+    out: list[Workload | Skipped] = []
+    b = x.shape[0]
+    for variant, build in builders.items():
+        k = f"{key}/limit/{variant}"
+        try:
+            fn = build()
+        except (_Unavailable, CamshaftError) as e:  # e.g. no CUDA provider in ONNX Runtime
+            out.append(Skipped(k, str(e)))
+            continue
+        out.append(Workload(k, "limit", fn, b, b, b, {**attrs, "variant": variant}))
+    return out
+
+
+class _Unavailable(Exception):
+    """A limit variant that cannot run here (dtype, missing runtime, failed export)."""
+
+
+def _eager(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+    def fn():
+        with torch.inference_mode(), autocast(x.device, dtype):
+            model(x)
+
+    return fn
+
+
+def _channels_last(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return _eager(model, x.contiguous(memory_format=torch.channels_last), dtype)
+
+
+def _torchscript(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+    if dtype != torch.float32:
+        raise _Unavailable("frozen TorchScript limit is measured in float32 only")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.freeze(torch.jit.trace(model, x).eval())
+
+    def fn():
+        with torch.inference_mode():
+            traced(x)
+
+    return fn
+
+
+def _onnxruntime(path: Path | None, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+    if dtype != torch.float32:
+        raise _Unavailable("ONNX Runtime limit is measured in float32 only (as the backend runs)")
+    if path is None or not path.is_file():
+        raise _Unavailable("no ONNX export of the plain model (onnxruntime missing or the export failed)")
+    from camshaft.engine.backends.onnx_backend import open_session
+
+    session = open_session(path, x.device)
+    feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
+
+    def fn():
+        session.run(None, feed)
+
+    return fn
+
+
+def export_plain_onnx(model: nn.Module, input_size: tuple[int, int], path: Path) -> Path | str:
+    """The plain model as ONNX with a dynamic batch axis; returns the path, or why it failed."""
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return "onnxruntime is not installed"
+    example = torch.zeros(2, 3, *input_size)
+    model = copy.deepcopy(model).cpu().eval()
+    attempts = {  # the same order as camshaft's exporter: torch.export first, TorchScript-based second
+        "dynamo": {"dynamo": True, "dynamic_shapes": ({0: torch.export.Dim("batch")},), "external_data": False},
+        "torchscript-based": {
+            "dynamo": False,
+            "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}},
+            "opset_version": 17,
+        },
+    }
+    errors = []
+    for name, options in attempts.items():
+        try:
+            with quiet():
+                torch.onnx.export(
+                    model, (example,), str(path), input_names=["input"], output_names=["logits"], **options
+                )
+            return path
+        except Exception as e:  # noqa: BLE001 - try the next exporter, report both
+            errors.append(f"{name}: {e}")
+    return "ONNX export of the plain model failed: " + "; ".join(errors)
+
+
+def one_hot(targets: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B, K) classes -> (K, B, N) grad_outputs: the K scores of every image in one backward."""
+    b, k = targets.shape
+    out = torch.zeros(k, b, num_classes, dtype=dtype, device=targets.device)
+    return out.scatter_(2, targets.T.unsqueeze(-1), 1.0)
+
+
+def backward_to(leaf: torch.Tensor, logits: torch.Tensor, k: int) -> torch.Tensor:
+    """d logits[b, top-k of b] / d leaf, batched over the k targets: (k, B, ...) or (B, ...)."""
+    go = one_hot(logits.detach().topk(k, dim=-1).indices, logits.shape[-1], logits.dtype)
+    if k == 1:
+        return torch.autograd.grad(logits, leaf, go[0])[0]
+    return torch.autograd.grad(logits, leaf, go, is_grads_batched=True)[0]
+
+
+def head_backward(head: Callable, a: torch.Tensor, *, k: int, dtype: torch.dtype, key: str, attrs: dict) -> Workload:
+    """The head (tap -> logits) forward and a batched backward of k scores to the tap activation ``a``."""
+
+    def fn():
+        leaf = a.detach().requires_grad_(True)
+        with torch.enable_grad(), autocast(a.device, dtype):
+            logits = head(leaf)
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            backward_to(leaf, logits.float(), k)
+
+    b = a.shape[0]
+    return Workload(f"{key}/head_backward/k{k}", "head_backward", fn, b, b * k, b, {**attrs, "k": k})
+
+
+def input_backward(model: nn.Module, x: torch.Tensor, *, k: int, dtype: torch.dtype, key: str, attrs: dict) -> Workload:
+    """A plain forward and a batched backward of k scores to the input pixels (parameters frozen)."""
+
+    def fn():
+        leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad(), autocast(x.device, dtype):
+            backward_to(leaf, model(leaf).float(), k)
+
+    b = x.shape[0]
+    return Workload(f"{key}/input_backward/k{k}", "input_backward", fn, b, b * k, b, {**attrs, "k": k})
+
+
+def adam_loop(
+    model: nn.Module, *, classes: torch.Tensor, size: int, steps: int, device: torch.device
+) -> Callable[[], object]:
+    """The activation-maximization limit: a plain batched Adam ascent on N class logits at once."""
+
+    def fn():
+        gen = torch.Generator(device=device).manual_seed(0)
+        img = (0.01 * torch.randn(len(classes), 3, size, size, generator=gen, device=device)).requires_grad_(True)
+        opt = torch.optim.Adam([img], lr=0.05)
+        rows = torch.arange(len(classes), device=device)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = -model(img)[rows, classes].sum()
+            loss.backward()
+            opt.step()
+
+    return fn

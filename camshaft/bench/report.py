@@ -1,0 +1,217 @@
+"""A benchmark run's results: the JSON document (saved and reloaded) and the printed table.
+
+The table is printed from the JSON form, so a saved run prints exactly as it did live.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from camshaft.bench.ratios import derive
+from camshaft.bench.workload import Figure, Skipped
+from camshaft.errors import ConfigError
+
+SCHEMA = "camshaft-bench/1"
+
+
+@dataclass
+class BenchReport:
+    settings: dict
+    machine: dict
+    figures: list[Figure] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+
+    def to_dict(self) -> dict:
+        derived = derive(self.figures)
+        return {
+            "schema": SCHEMA,
+            "created": self.created,
+            "machine": self.machine,
+            "settings": self.settings,
+            "figures": [{**f.to_dict(), **derived[f.key]} for f in self.figures],
+            "skipped": [s.to_dict() for s in self.skipped],
+        }
+
+
+def save_json(data: dict, path: str | Path) -> Path:
+    """Write ``data`` to ``path`` atomically (a temporary name, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def load_json(path: str | Path) -> dict:
+    """A saved run; anything else is a ConfigError that says what was found."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read benchmark results {path}: {e}") from e
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("figures"), list):
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise ConfigError(f"{path} is not a camshaft benchmark result (schema {SCHEMA!r}); found {found!r}")
+    return data
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+def _num(v, spec: str = ".1f", suffix: str = "") -> str:
+    return "-" if v is None else f"{v:{spec}}{suffix}"
+
+
+def _group(f: dict) -> str:
+    h, w = f.get("input_size") or ("?", "?")
+    return f"{Path(str(f.get('model'))).name} {h}x{w} b{f.get('batch')}"
+
+
+def _method(f: dict) -> str:
+    return f"{f['method']}[{f['variant']}]" if f.get("variant") and f["role"] != "peer" else f["method"]
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
+    left = {0, 1, 2, 3} & set(range(len(headers)))
+
+    def line(cells):
+        return "  ".join(
+            str(c).ljust(w) if i in left else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _limit_rows(figures: list[dict]) -> list[list[str]]:
+    from camshaft.bench.limits import VARIANTS
+
+    by_group: dict[str, dict] = {}
+    for f in figures:
+        if f["role"] == "limit":
+            by_group.setdefault(_group(f), {})[f["variant"]] = f["images_per_second"]
+    rows = []
+    for g, variants in by_group.items():
+        best = max(variants, key=variants.get)
+        rows.append([g, *(_num(variants.get(v)) for v in VARIANTS), f"{variants[best]:.1f} ({best})"])
+    return rows
+
+
+def _method_rows(figures: list[dict]) -> list[list[str]]:
+    rows = []
+    for f in figures:
+        if f["role"] != "method":
+            continue
+        peers = ", ".join(f"{p} {v['speedup']:.2f}x" for p, v in (f.get("peers") or {}).items())
+        evals = f["evaluations_per_second"] if f["evaluations"] != f["images"] else None
+        rows.append(
+            [
+                _group(f),
+                _method(f),
+                f["targets"],
+                f["backend"],
+                _num(f["images_per_second"]),
+                _num(f["pairs_per_second"]),
+                _num(evals),
+                _num(f.get("ratio_to_limit"), ".2f"),
+                _num(f.get("ratio_to_gradient_limit"), ".2f"),
+                peers or "-",
+            ]
+        )
+    return rows
+
+
+def _other_rows(figures: list[dict]) -> list[list[str]]:
+    rows = []
+    for f in figures:
+        if f["role"] == "peer":
+            label = f["peer"] + (f" ({f['variant']})" if f.get("variant") else "")
+            rows.append(
+                [
+                    _group(f),
+                    f["method"],
+                    f["targets"],
+                    label,
+                    _num(f["images_per_second"]),
+                    _num(f["pairs_per_second"]),
+                    "-",
+                ]
+            )
+        elif f["role"] == "pipeline":
+            rows.append(
+                [
+                    _group(f),
+                    _method(f),
+                    f["targets"],
+                    f"pipeline/{f['backend']}",
+                    _num(f["images_per_second"]),
+                    _num(f["pairs_per_second"]),
+                    _num(f.get("ratio_to_method"), ".2f"),
+                ]
+            )
+    return rows
+
+
+def _header(data: dict) -> str:
+    m, s = data.get("machine", {}), data.get("settings", {})
+    timing = s.get("timing", {})
+    load = ", ".join(f"{x:.1f}" for x in m.get("load_average") or [])
+    quick = " (quick mode: sizes too small to mean anything)" if s.get("quick") else ""
+    return (
+        f"camshaft bench on {m.get('device_name')} ({m.get('device')}, {m.get('dtype')}), "
+        f"{m.get('usable_cores')} cores, torch threads {m.get('torch_threads')}, load average {load or '?'}, "
+        f"GLIBC_TUNABLES={'set' if m.get('glibc_tunables') else 'unset'}; best of {timing.get('repeats')} rounds "
+        f"after {timing.get('warmup')} warm-up calls{quick}"
+    )
+
+
+def format_table(data: dict, *, skipped: bool = True) -> str:
+    """The printed report of a run (from its JSON form)."""
+    from camshaft.bench.limits import VARIANTS
+
+    figures = data["figures"]
+    parts = [_header(data)]
+    if any(f["role"] == "limit" for f in figures):
+        parts += [
+            "",
+            "limit: plain batched forward, inference mode (images/s)",
+            _table(["model", *VARIANTS, "limit"], _limit_rows(figures)),
+        ]
+    if any(f["role"] == "method" for f in figures):
+        headers = [
+            "model",
+            "method",
+            "targets",
+            "backend",
+            "img/s",
+            "pairs/s",
+            "evals/s",
+            "x limit",
+            "x grad-limit",
+            "speed-up over peers",
+        ]
+        parts += ["", "camshaft", _table(headers, _method_rows(figures))]
+    other = _other_rows(figures)
+    if other:
+        parts += [
+            "",
+            "peers and pipeline (same run)",
+            _table(["model", "method", "targets", "who", "img/s", "pairs/s", "x method"], other),
+        ]
+    if skipped and data.get("skipped"):
+        parts += ["", f"skipped ({len(data['skipped'])}):"]
+        parts += [
+            f"  {x['key']}: {'FAILED ' if x.get('failed') else ''}{_first_line(x['reason'])}" for x in data["skipped"]
+        ]
+    return "\n".join(parts)
+
+
+def _first_line(text: str, limit: int = 160) -> str:
+    line = str(text).strip().splitlines()[0] if str(text).strip() else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."

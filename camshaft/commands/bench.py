@@ -1,0 +1,151 @@
+"""``camshaft bench``: throughput of a chosen subset beside the limit measured in the same run.
+
+Exit status: 0 done, 1 a regression against ``--compare`` (or a camshaft workload failed),
+2 invalid flags (checked before any work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from camshaft.commands.common import positive, size
+
+HELP = "benchmark methods × backends against the limit and peer libraries"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from camshaft.engine.backends import backend_names
+    from camshaft.engine.backends.base import DTYPES
+    from camshaft.engine.methods import method_names
+
+    p.add_argument(
+        "--model",
+        nargs="+",
+        metavar="MODEL",
+        help="architectures, demo or artifact files (default: resnet50; quick: demo)",
+    )
+    p.add_argument(
+        "--method",
+        nargs="+",
+        choices=method_names(),
+        metavar="METHOD",
+        help=f"default: all ({', '.join(method_names())})",
+    )
+    p.add_argument(
+        "--backend",
+        nargs="+",
+        choices=backend_names(),
+        metavar="BACKEND",
+        help=f"default: all ({', '.join(backend_names())})",
+    )
+    p.add_argument("--batch-size", nargs="+", type=positive, metavar="N", help="default: 16 (quick: 2)")
+    p.add_argument("--targets", nargs="+", metavar="TARGETS", help="top:K or classes, one figure each (default: top:1)")
+    p.add_argument("--input-size", type=size, metavar="H[,W]", help="default: 224 (quick: 64)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32", help="autocast dtype for camshaft and the limits"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes and 2 rounds: proves the machinery works, measures nothing"
+    )
+    p.add_argument(
+        "--peers", action=argparse.BooleanOptionalAction, default=True, help="time installed peer libraries too"
+    )
+    p.add_argument("--pipeline", action="store_true", help="also time decode + explain + write on generated JPEGs")
+    p.add_argument(
+        "--actmax", action="store_true", help="also time activation maximization (N classes at once) against its limit"
+    )
+    p.add_argument("--repeats", type=positive, help="timed rounds (default: 3; quick: 2)")
+    p.add_argument("--warmup", type=positive, help="untimed calls per workload first (default: 2; quick: 1)")
+    p.add_argument(
+        "--json", type=Path, metavar="PATH", help="save the results (machine, versions, settings, figures, ratios)"
+    )
+    p.add_argument("--compare", type=Path, metavar="PREVIOUS.json", help="flag figures that dropped since a saved run")
+    p.add_argument(
+        "--threshold", type=float, default=0.1, help="relative drop that counts as a regression (default: 0.1)"
+    )
+    p.add_argument(
+        "--compare-metric",
+        choices=["ratio", "throughput"],
+        default="ratio",
+        help="ratio to the limit (robust to machine load; default) or raw throughput (same machine only)",
+    )
+    p.add_argument("--workdir", type=Path, help="where artifacts and pipeline outputs go (default: a temporary folder)")
+
+
+def settings_from(args):
+    """The run's settings: the preset (quick or full) with every given flag applied; validated."""
+    from camshaft.bench import BenchSettings, TimingConfig
+
+    base = BenchSettings.preset(quick=args.quick)
+    timing = TimingConfig(warmup=args.warmup or base.timing.warmup, repeats=args.repeats or base.timing.repeats)
+    return base.replace(
+        models=_tuple(args.model),
+        methods=_tuple(args.method),
+        backends=_tuple(args.backend),
+        batch_sizes=_tuple(args.batch_size),
+        targets=_tuple(args.targets),
+        input_size=args.input_size,
+        device=args.device,
+        dtype=args.dtype,
+        peers=args.peers,
+        pipeline=args.pipeline or None,
+        actmax=args.actmax or None,
+        timing=timing,
+    )
+
+
+def _tuple(values):
+    return None if values is None else tuple(dict.fromkeys(values))  # keep order, drop repeats
+
+
+def _check_files(args) -> dict | None:
+    """Output and comparison files, checked before any work; returns the previous run if any."""
+    from camshaft.bench import load_json
+    from camshaft.errors import ConfigError
+
+    problems = []
+    if args.json is not None and not args.json.parent.is_dir():
+        problems.append(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if not 0 < args.threshold < 1:
+        problems.append(f"--threshold must be between 0 and 1 (0.1 = a 10% drop), received {args.threshold}")
+    if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
+        problems.append(f"--workdir {args.workdir} is not a folder")
+    previous = None
+    if args.compare is not None:
+        try:
+            previous = load_json(args.compare)
+        except ConfigError as e:
+            problems.append(f"--compare: {e}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return previous
+
+
+def run(args) -> int:
+    from camshaft.bench import compare, format_comparison, format_table, run_bench, save_json
+
+    settings = settings_from(args)
+    previous = _check_files(args)
+    log = lambda message: print(f"camshaft bench: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="camshaft-bench-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        data = run_bench(settings, workdir=workdir, log=log).to_dict()
+    print(format_table(data))
+    if args.json is not None:
+        save_json(data, args.json)
+        print(f"\nresults: {args.json}")
+    code = 1 if _failures(data) else 0
+    if previous is not None:
+        result = compare(previous, data, threshold=args.threshold, metric=args.compare_metric)
+        print("\n" + format_comparison(result))
+        code = code or (0 if result.ok else 1)
+    return code
+
+
+def _failures(data: dict) -> list[dict]:
+    """camshaft's own workloads that raised unexpectedly (a peer's failure is not ours)."""
+    return [s for s in data["skipped"] if s.get("failed") and s.get("role") != "peer"]

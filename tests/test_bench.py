@@ -1,0 +1,262 @@
+"""The benchmark machinery (not speed): timing, ratios, JSON, comparison, and ``camshaft bench``.
+
+Ratios are checked on made-up figures with hand-computed answers; the CLI's comparison exit codes
+with a stubbed run; one tiny real ``camshaft bench --quick`` proves the whole path works.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from camshaft.bench import BenchSettings, TimingConfig, compare, format_table, load_json, save_json
+from camshaft.bench.cases import Case, Group, evaluations_per_image, method_workload
+from camshaft.bench.ratios import derive
+from camshaft.bench.report import BenchReport
+from camshaft.bench.timing import round_robin, time_call
+from camshaft.bench.workload import Figure, Skipped
+from camshaft.cli import main
+from camshaft.engine.backends.base import FORWARD
+from camshaft.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _no_reexec(monkeypatch):
+    monkeypatch.setenv("CAMSHAFT_NO_REEXEC", "1")
+
+
+G = {"model": "resnet50", "input_size": [224, 224], "batch": 16}
+
+
+def fig(key, role, seconds, *, images=16, k=1, evaluations=None, **attrs) -> Figure:
+    return Figure(
+        key, role, images, images * k, evaluations or images, (seconds, seconds * 1.5), {**G, "k": k, **attrs}
+    )
+
+
+def made_up() -> list[Figure]:
+    return [
+        fig("l/eager", "limit", 2.0, variant="eager"),  # 8 images/s
+        fig("l/onnx", "limit", 1.0, variant="onnxruntime"),  # 16 images/s: the limit
+        fig("h/k1", "head_backward", 0.5),
+        fig("h/k5", "head_backward", 1.0, k=5),
+        fig("m/gradcam/top1", "method", 2.0, method="gradcam", backend="eager", targets="top:1", gradient="tap"),
+        fig("m/gradcam/top5", "method", 4.0, k=5, method="gradcam", backend="eager", targets="top:5", gradient="tap"),
+        fig("m/occlusion", "method", 10.0, evaluations=16 * 170, method="occlusion", backend="eager", targets="top:1"),
+        fig("p/pgc1", "peer", 8.0, method="gradcam", targets="top:1", peer="pytorch-grad-cam"),
+        fig("p/captum1", "peer", 5.0, method="gradcam", targets="top:1", peer="captum"),
+        fig("p/occ-ppe1", "peer", 80.0, method="occlusion", targets="top:1", peer="captum", variant="ppe1"),
+        fig("p/occ-ppe4", "peer", 40.0, method="occlusion", targets="top:1", peer="captum", variant="ppe4"),
+        fig("e2e", "pipeline", 2.5, method="gradcam", backend="eager", targets="top:1"),
+    ]
+
+
+# --- timing -----------------------------------------------------------------------------------------
+
+
+def test_round_robin_warms_up_then_interleaves_and_keeps_every_sample():
+    calls, now = [], [0.0]
+
+    def make(name, cost):
+        def fn():
+            calls.append(name)
+            now[0] += cost
+
+        return fn
+
+    timings = round_robin(
+        [make("a", 1.0), make("b", 3.0)], config=TimingConfig(warmup=1, repeats=2), clock=lambda: now[0]
+    )
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-up, then one call of each per round
+    assert [t.seconds for t in timings] == [(1.0, 1.0), (3.0, 3.0)]
+    assert timings[1].best == 3.0 and timings[1].median == 3.0
+
+
+def test_a_workload_may_time_itself():
+    assert time_call(lambda: 0.25, clock=iter([0.0, 9.0]).__next__) == 0.25
+    assert time_call(lambda: None, clock=iter([1.0, 4.0]).__next__) == 3.0
+
+
+def test_timing_config_rejects_nonsense():
+    with pytest.raises(ConfigError, match="repeats must be at least 1"):
+        TimingConfig(repeats=0)
+
+
+# --- ratios -----------------------------------------------------------------------------------------
+
+
+def test_ratios_to_the_limit_the_gradient_limit_peers_and_the_method():
+    d = derive(made_up())
+    top1 = d["m/gradcam/top1"]
+    assert top1["limit_per_second"] == 16.0 and top1["limit_variant"] == "onnxruntime"
+    assert top1["ratio_to_limit"] == pytest.approx(8 / 16)
+    # gradient limit: 16 images / (1 s of the best forward + 0.5 s of head backward)
+    assert top1["gradient_limit_per_second"] == pytest.approx(16 / 1.5)
+    assert top1["ratio_to_gradient_limit"] == pytest.approx(8 / (16 / 1.5))
+    assert top1["peers"]["pytorch-grad-cam"]["speedup"] == pytest.approx(8 / 2)  # pairs/s: 8 vs 2
+    assert top1["peers"]["captum"]["speedup"] == pytest.approx(8 / 3.2)
+    top5 = d["m/gradcam/top5"]
+    assert top5["ratio_to_limit"] == pytest.approx(4 / 16)  # images/s against the limit
+    assert top5["gradient_limit_per_second"] == pytest.approx(16 / 2.0)  # the k=5 head backward
+    occ = d["m/occlusion"]
+    assert occ["ratio_to_limit"] == pytest.approx(16 * 170 / 10 / 16)  # evaluations/s
+    assert occ["peers"]["captum"]["speedup"] == pytest.approx((16 / 10) / (16 / 40))  # captum at its best ppe
+    assert d["e2e"]["ratio_to_method"] == pytest.approx((16 / 2.5) / 8)
+
+
+def test_evaluations_count_occlusion_windows_like_captum():
+    assert evaluations_per_image("occlusion", {"window": (32, 32), "stride": (16, 16)}, (224, 224)) == 13 * 13 + 1
+    assert evaluations_per_image("smoothgrad", {"samples": 16}, (224, 224)) == 17
+    assert evaluations_per_image("scorecam", {}, (224, 224), channels=2048) == 2049
+    assert evaluations_per_image("gradcam", {}, (224, 224)) == 1
+
+
+def test_a_backend_that_cannot_serve_a_method_is_skipped_with_the_reason():
+    info = SimpleNamespace(
+        taps=("layer4",), cam_tap="layer4", num_classes=10, source="tiny", tap_shapes={"layer4": (8, 2, 2)}
+    )
+    backend = SimpleNamespace(
+        name="onnxruntime", info=info, capabilities=frozenset({FORWARD}), device=torch.device("cpu")
+    )
+    case = Case(Group("tiny", (8, 8), 2), "gradcam", "onnxruntime", "top:1")
+    skipped = method_workload(case, backend, torch.zeros(2, 3, 8, 8))
+    assert isinstance(skipped, Skipped) and "tap_gradients" in skipped.reason
+
+
+def test_settings_collect_every_problem():
+    with pytest.raises(ConfigError) as e:
+        BenchSettings(models=("nonsense",), methods=("nope",), batch_sizes=(0,), targets=("label",))
+    for part in (
+        "unknown model 'nonsense'",
+        "unknown methods ['nope']",
+        "batch sizes must be positive",
+        "needs dataset labels",
+    ):
+        assert part in str(e.value)
+
+
+# --- JSON and comparison ----------------------------------------------------------------------------
+
+
+def report_of(figures) -> dict:
+    settings = BenchSettings.preset(quick=True)
+    return BenchReport(
+        settings.to_dict(), {"cpu": "test", "device": "cpu", "dtype": "float32"}, figures, [Skipped("x", "why")]
+    ).to_dict()
+
+
+def test_json_round_trip_has_the_fields_and_ratios(tmp_path):
+    from camshaft.bench.machine import machine_info
+
+    data = BenchReport(BenchSettings.preset(quick=True).to_dict(), machine_info("cpu", "float32"), made_up()).to_dict()
+    loaded = load_json(save_json(data, tmp_path / "run.json"))
+    m = loaded["machine"]
+    for key in ("cpu", "cores", "device", "dtype", "glibc_tunables", "load_average", "torch_threads"):
+        assert key in m
+    for dist in ("torch", "onnxruntime", "camshaft", "captum", "grad-cam", "torchcam"):
+        assert dist in m["versions"]
+    assert loaded["settings"]["timing"] == {"warmup": 1, "repeats": 2} and loaded["settings"]["quick"] is True
+    method = next(f for f in loaded["figures"] if f["key"] == "m/gradcam/top1")
+    assert method["images_per_second"] == 8.0 and method["ratio_to_limit"] == pytest.approx(0.5)
+    assert method["seconds"] == [2.0, 3.0] and method["best_seconds"] == 2.0
+    assert "limit" in format_table(loaded) and "pytorch-grad-cam 4.00x" in format_table(loaded)
+
+
+def test_load_json_refuses_other_files(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ConfigError, match="not a camshaft benchmark result"):
+        load_json(tmp_path / "x.json")
+
+
+def test_compare_flags_drops_beyond_the_threshold_only():
+    before = report_of(made_up())
+    slower = [fig("m/gradcam/top1", "method", 2.5, method="gradcam", backend="eager", targets="top:1", gradient="tap")]
+    slightly = [
+        fig("m/gradcam/top1", "method", 2.1, method="gradcam", backend="eager", targets="top:1", gradient="tap")
+    ]
+    after = report_of([f for f in made_up() if f.key != "m/gradcam/top1"] + slower)
+    result = compare(before, after, threshold=0.1)
+    assert not result.ok and [c.key for c in result.regressions] == ["m/gradcam/top1"]
+    assert result.regressions[0].relative == pytest.approx(2.0 / 2.5 - 1)
+    within = report_of([f for f in made_up() if f.key != "m/gradcam/top1"] + slightly)
+    assert compare(before, within, threshold=0.1).ok
+    assert compare(before, within, threshold=0.01).regressions  # a 4.8% drop beyond a 1% threshold
+
+
+# --- the command ------------------------------------------------------------------------------------
+
+
+def _main(capsys, *argv) -> tuple[int, str, str]:
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "nonsense"], "unknown model 'nonsense'"),
+        (["--method", "nope"], "invalid choice: 'nope'"),
+        (["--batch-size", "0"], "expected a positive integer"),
+        (["--targets", "label"], "needs dataset labels"),
+        (["--targets", "top:x"], "K must be a positive integer"),
+        (["--threshold", "1.5"], "--threshold must be between 0 and 1"),
+        (["--compare", "missing.json"], "cannot read benchmark results"),
+        (["--json", "no/such/folder/run.json"], "does not exist"),
+        (["--device", "tpu"], "device 'tpu'"),
+    ],
+)
+def test_bad_flags_exit_2_before_any_work(capsys, monkeypatch, argv, message):
+    monkeypatch.setattr("camshaft.bench.runner.run_bench", lambda *a, **k: pytest.fail("work started"))
+    code, _, err = _main(capsys, "bench", "--quick", *argv)
+    assert code == 2 and message in err
+
+
+@pytest.fixture
+def stubbed_run(monkeypatch):
+    """``camshaft bench`` whose measuring is replaced by the made-up figures."""
+
+    def fake(settings, *, workdir, log):
+        return BenchReport(settings.to_dict(), {"cpu": "test", "device": "cpu", "dtype": "float32"}, made_up())
+
+    monkeypatch.setattr("camshaft.bench.runner.run_bench", fake)
+
+
+def _previous(tmp_path: Path, scale: float) -> Path:
+    data = report_of(made_up())
+    for f in data["figures"]:
+        if f.get("ratio_to_limit"):
+            f["ratio_to_limit"] *= scale
+    return save_json(data, tmp_path / "previous.json")
+
+
+def test_compare_exits_1_on_a_regression_beyond_the_threshold(capsys, stubbed_run, tmp_path):
+    code, out, _ = _main(capsys, "bench", "--quick", "--compare", _previous(tmp_path, 1.5), "--threshold", "0.2")
+    assert code == 1 and "REGRESSION m/gradcam/top1" in out
+
+
+def test_compare_exits_0_within_the_threshold(capsys, stubbed_run, tmp_path):
+    code, out, _ = _main(capsys, "bench", "--quick", "--compare", _previous(tmp_path, 1.05), "--threshold", "0.1")
+    assert code == 0 and "0 regressions" in out
+
+
+def test_a_tiny_quick_run_prints_a_table_and_saves_json(capsys, tmp_path):
+    path = tmp_path / "bench.json"
+    code, out, err = _main(
+        capsys, "bench", "--quick", "--method", "cam", "gradcam", "--backend", "eager", "--json", path
+    )
+    assert code == 0, err
+    assert "limit: plain batched forward" in out and "x limit" in out
+    data = load_json(path)
+    methods = {f["key"]: f for f in data["figures"] if f["role"] == "method"}
+    assert set(methods) == {"demo/64x64/b2/cam/eager/top:1", "demo/64x64/b2/gradcam/eager/top:1"}
+    assert all(f["ratio_to_limit"] > 0 for f in methods.values())
+    assert methods["demo/64x64/b2/gradcam/eager/top:1"]["ratio_to_gradient_limit"] > 0
+    assert {f["variant"] for f in data["figures"] if f["role"] == "limit"} >= {"eager", "channels_last", "torchscript"}
