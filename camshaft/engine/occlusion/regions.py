@@ -1,0 +1,137 @@
+"""Changed regions of occluded activations: a box per variant over the unoccluded activation.
+
+Occluding a patch of the input changes, at every layer, only the activations inside the patch's
+receptive-field cone. A ``Region`` stores just that part: for P occluded variants of one image,
+the activation equals ``base`` (the unoccluded activation, cached) everywhere except inside a box
+per variant, where it equals ``crop``. The boxes of all variants have one size, so crops stack into
+one batch; a box bigger than the changed part is harmless (its extra cells are recomputed to the
+values ``base`` already holds), which is how border boxes keep the common size (they shift inward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Region:
+    """P variants of one activation: ``base`` outside the boxes, ``crop`` inside them."""
+
+    crop: torch.Tensor  # (P, C, h, w) the variants' values inside their boxes
+    top: torch.Tensor  # (P,) long, on the CPU: each box's first row in the map
+    left: torch.Tensor  # (P,) long, on the CPU: each box's first column
+    base: torch.Tensor  # (1, C, H, W) the unoccluded activation
+
+    @property
+    def box(self) -> tuple[int, int]:
+        return tuple(self.crop.shape[-2:])
+
+    @property
+    def map_size(self) -> tuple[int, int]:
+        return tuple(self.base.shape[-2:])
+
+    def covers(self, fraction: float) -> bool:
+        """Whether the boxes cover at least ``fraction`` of the map."""
+        (h, w), (mh, mw) = self.box, self.map_size
+        return h * w >= fraction * mh * mw
+
+
+def source(base: torch.Tensor, pad: tuple[int, int, int, int] = (0, 0, 0, 0), value: float = 0.0) -> torch.Tensor:
+    """``base`` (1, C, H, W) padded by (top, bottom, left, right) cells of ``value``, as (Hp, Wp, C).
+
+    The (H, W, C) layout lets ``read`` cut all boxes with one indexing of an unfolded view.
+    """
+    top, bottom, left, right = pad
+    if any(pad):
+        base = torch.nn.functional.pad(base, (left, right, top, bottom), value=value)
+    return base[0].permute(1, 2, 0).contiguous()
+
+
+def boxes_of(src: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Boxes of ``size`` at (``top``, ``left``) (P,) of an (H, W, C) ``source``: (P, C, h, w).
+
+    The boxes come out channels-last, the layout CPU convolutions on small maps run fastest on.
+    """
+    windows = src.unfold(0, size[0], 1).unfold(1, size[1], 1)  # (H - h + 1, W - w + 1, C, h, w), a view
+    return windows[top.to(src.device), left.to(src.device)].contiguous(memory_format=torch.channels_last)
+
+
+def read(
+    r: Region, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int], src: torch.Tensor, *, pad=(0, 0, 0, 0)
+) -> torch.Tensor:
+    """The variants' activation inside boxes of ``size`` at (``top``, ``left``): (P, C, h, w).
+
+    ``src`` is ``source(r.base, pad, ...)``: box coordinates are those of the map padded by ``pad``
+    (top, bottom, left, right). Cells inside a variant's own box come from ``r.crop``.
+    """
+    out = boxes_of(src, top, left, size)
+    (h, w), (ch, cw) = size, r.box
+    p, c = out.shape[:2]
+    dev = out.device
+    dy, dx = r.top + pad[0] - top, r.left + pad[2] - left  # (P,) the crop's corner inside each box
+    if bool((dy >= 0).all() and (dy <= h - ch).all() and (dx >= 0).all() and (dx <= w - cw).all()):
+        index = (dy[:, None, None] + torch.arange(ch)[:, None]) * w + dx[:, None, None] + torch.arange(cw)
+        index = index.to(dev).view(p, 1, ch * cw).expand(p, c, ch * cw)
+        return out.reshape(p, c, h * w).scatter_(2, index, r.crop.reshape(p, c, ch * cw)).view(p, c, h, w)
+    ri = torch.arange(h) - dy[:, None]  # (P, h): row inside the crop
+    ci = torch.arange(w) - dx[:, None]  # (P, w)
+    inside = ((ri >= 0) & (ri < ch))[:, :, None] & ((ci >= 0) & (ci < cw))[:, None, :]  # (P, h, w)
+    if not bool(inside.any()):
+        return out
+    index = (ri.clamp(0, ch - 1)[:, :, None] * cw + ci.clamp(0, cw - 1)[:, None, :]).to(dev)
+    vals = r.crop.reshape(p, c, ch * cw).gather(2, index.view(p, 1, h * w).expand(p, c, h * w))
+    return torch.where(inside.to(dev)[:, None], vals.view(p, c, h, w), out)
+
+
+def materialize(r: Region, src: torch.Tensor) -> torch.Tensor:
+    """The full activations (P, C, H, W) of the variants, contiguous as a plain forward's would be.
+
+    ``src`` is ``source(r.base)``.
+    """
+    zeros = torch.zeros_like(r.top)
+    return read(r, zeros, zeros, r.map_size, src).contiguous()
+
+
+def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
+    return -torch.div(-a, b, rounding_mode="floor")
+
+
+def window_range(
+    start: torch.Tensor,
+    length: int,
+    *,
+    kernel: int,
+    stride: int,
+    padding: int,
+    dilation: int,
+    size_in: int,
+    size_out: int,
+) -> tuple[torch.Tensor, int, int]:
+    """Along one axis of a sliding-window op (conv, pool): the outputs a changed input span affects.
+
+    The inputs ``[start, start + length)`` change; returns (first output (P,), count R, right
+    padding): outputs ``[first, first + R)`` hold every changed output and lie inside the map. They
+    read the padded input ``[first * stride, first * stride + (R - 1) * stride + span)``, where the
+    input is padded by ``padding`` on the left and by the returned amount on the right.
+    """
+    span = (kernel - 1) * dilation + 1
+    lo = _ceil_div(start + padding - span + 1, stride).clamp(min=0)
+    hi = (torch.div(start + length - 1 + padding, stride, rounding_mode="floor") + 1).clamp(max=size_out)
+    count = int((hi - lo).max()) if lo.numel() else 1
+    count = min(max(count, 1), size_out)
+    first = torch.minimum(lo, torch.full_like(lo, size_out - count))
+    right = max(0, (size_out - 1) * stride + span - size_in - padding)
+    return first, count, right
+
+
+def union(regions: list[Region]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """One box per variant holding the boxes of every region (same map): (top, left, size)."""
+    (mh, mw) = regions[0].map_size
+    top = torch.stack([r.top for r in regions]).amin(0)
+    left = torch.stack([r.left for r in regions]).amin(0)
+    bottom = torch.stack([r.top + r.box[0] for r in regions]).amax(0)
+    right = torch.stack([r.left + r.box[1] for r in regions]).amax(0)
+    h, w = min(int((bottom - top).max()), mh), min(int((right - left).max()), mw)
+    return top.clamp(max=mh - h), left.clamp(max=mw - w), (h, w)

@@ -1,0 +1,86 @@
+"""Where the occlusion windows sit, and the occluded images built from them on the device.
+
+Layout (the same as captum's ``Occlusion``, so maps compare cell for cell): along each axis of an
+input of ``n`` pixels, a window of ``w`` pixels moved by ``s`` pixels takes ``ceil((n - w) / s) + 1``
+positions, starting at ``0, s, 2s, ...``. When ``s`` does not divide ``n - w`` the last window
+overhangs the border and is cut there (it covers fewer pixels), so every pixel is covered. Position
+``(i, j)`` is cell ``(i, j)`` of the map; positions are numbered row-major, ``p = i * cols + j``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from camshaft.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The window positions over an input of ``size`` pixels; all pairs are (height, width)."""
+
+    size: tuple[int, int]  # (H, W) of the model input
+    window: tuple[int, int]  # (wh, ww) pixels
+    stride: tuple[int, int]  # (sh, sw) pixels
+
+    def __post_init__(self):
+        problems = []
+        for name in ("window", "stride"):
+            value = getattr(self, name)
+            if len(value) != 2 or min(value) < 1:
+                problems.append(f"{name} must be two positive integers (height, width), received {value}")
+        if not problems and (self.window[0] > self.size[0] or self.window[1] > self.size[1]):
+            problems.append(
+                f"window {self.window[0]}x{self.window[1]} is larger than the {self.size[0]}x{self.size[1]} "
+                "model input; use a smaller --window"
+            )
+        if problems:
+            raise ConfigError("invalid occlusion grid: " + "; ".join(problems))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, cols) of window positions: the map's shape."""
+        return tuple(math.ceil((n - w) / s) + 1 for n, w, s in zip(self.size, self.window, self.stride, strict=True))
+
+    @property
+    def count(self) -> int:
+        rows, cols = self.shape
+        return rows * cols
+
+    def boxes(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(top, left, bottom, right) pixel bounds (exclusive ends, cut at the border) of positions ``pos``."""
+        pos = pos.long()
+        cols = self.shape[1]
+        top = torch.div(pos, cols, rounding_mode="floor") * self.stride[0]
+        left = (pos % cols) * self.stride[1]
+        bottom = (top + self.window[0]).clamp(max=self.size[0])
+        right = (left + self.window[1]).clamp(max=self.size[1])
+        return top, left, bottom, right
+
+    def masks(self, pos: torch.Tensor, *, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(M, 1, H, W) boolean masks, True inside the windows of positions ``pos`` (M,)."""
+        top, left, bottom, right = (t.to(device) for t in self.boxes(pos))
+        ys = torch.arange(self.size[0], device=device)
+        xs = torch.arange(self.size[1], device=device)
+        rows = (ys >= top[:, None]) & (ys < bottom[:, None])  # (M, H)
+        cols = (xs >= left[:, None]) & (xs < right[:, None])  # (M, W)
+        return (rows[:, :, None] & cols[:, None, :]).unsqueeze(1)
+
+
+def occlude(x: torch.Tensor, fill: torch.Tensor, grid: Grid, img: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Occluded variants (M, C, H, W): image ``img[m]`` with window ``pos[m]`` replaced by its fill.
+
+    ``x`` is (B, C, H, W); ``fill`` is broadcastable to it with a batch dimension of B (a constant
+    (B, 1, 1, 1), a per-image colour (B, C, 1, 1) or a per-image picture (B, C, H, W)).
+    """
+    img = img.to(x.device)
+    return torch.where(grid.masks(pos, device=x.device), fill[img], x[img])
+
+
+def all_pairs(batch: int, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image, position) of every occluded variant, image-major: (B * count,) each."""
+    img = torch.arange(batch).repeat_interleave(grid.count)
+    pos = torch.arange(grid.count).repeat(batch)
+    return img, pos
