@@ -1,0 +1,31 @@
+"""Activation maximization: many objectives optimised at once as one batch.
+
+The pieces compose: objectives (read activations by tap name, add and scale), regularizers (are
+objectives), parameterizations (``(params, image_fn)``), transforms (``(x, generators) -> x``), and
+``render`` the loop that runs them; ``actmax`` adds model resolution and the output folder.
+"""
+
+from camshaft.engine.actmax.job import ActmaxJob, ActmaxSummary, actmax, load_init, run_actmax
+from camshaft.engine.actmax.objectives import (
+    Activations, Objective, Term, channel, class_logit, class_prob, direction, layer_norm, neuron,
+)
+from camshaft.engine.actmax.outputs import write_outputs
+from camshaft.engine.actmax.param import ImageParam, fourier_image, get_param, param_names, pixel_image, register_param
+from camshaft.engine.actmax.regularizers import diversity, frequency_penalty, l2, total_variation
+from camshaft.engine.actmax.render import RenderConfig, Rendering, render
+from camshaft.engine.actmax.spec import (
+    ObjectiveKind, objective_kinds, parse_objective, parse_objectives, register_objective_kind, syntax_help,
+)
+from camshaft.engine.actmax.transforms import Compose, Jitter, Pad, Rotate, Scale, Transform, gaussian_blur
+
+__all__ = [
+    "actmax", "run_actmax", "ActmaxJob", "ActmaxSummary", "load_init", "write_outputs",
+    "render", "RenderConfig", "Rendering",
+    "Objective", "Term", "Activations",
+    "class_logit", "class_prob", "channel", "neuron", "layer_norm", "direction",
+    "l2", "total_variation", "frequency_penalty", "diversity",
+    "ImageParam", "pixel_image", "fourier_image", "register_param", "get_param", "param_names",
+    "Transform", "Compose", "Pad", "Jitter", "Scale", "Rotate", "gaussian_blur",
+    "ObjectiveKind", "register_objective_kind", "objective_kinds", "parse_objective", "parse_objectives",
+    "syntax_help",
+]

@@ -1,0 +1,122 @@
+"""An actmax run from model spec to output folder: resolve, parse, validate, render, write.
+
+Everything is validated (flags, specs against the model's classes and tap shapes, start images)
+before the output folder is touched.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from camshaft.engine.actmax.outputs import write_outputs
+from camshaft.engine.actmax.render import RenderConfig, forward_fn, render, tap_shapes
+from camshaft.engine.actmax.spec import parse_objectives
+from camshaft.errors import ConfigError, ImageDecodeError
+from camshaft.models.sources import ModelSource, resolve_model
+from camshaft.preprocess import RESIZE_MODES, Preprocess, prepare
+
+__all__ = ["ActmaxJob", "ActmaxSummary", "actmax", "run_actmax", "load_init"]
+
+
+@dataclass(frozen=True)
+class ActmaxJob:
+    """Everything ``camshaft actmax`` needs; the CLI's flags map onto these fields."""
+
+    model: str | None  # architecture, module:factory or "demo" (None); only torch models
+    objectives: tuple[str, ...]  # specs, e.g. ("class:0-9", "-channel:layer4:7")
+    out: Path  # output folder
+    config: RenderConfig = field(default_factory=RenderConfig)
+    weights: Path | None = None
+    init: Path | None = None  # an image or a folder of images to start from (DeepDream on a photo)
+    input_size: tuple[int, int] | None = None  # preprocessing overrides (None = the model's)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    resize: str | None = None  # how --init images are fitted to the input size
+    columns: int | None = None  # grid columns (default: about square, or one row per objective)
+
+    def __post_init__(self):
+        problems = []
+        if isinstance(self.objectives, str) or not self.objectives:
+            problems.append(f"give objectives as a list of specs, received {self.objectives!r}")
+        if self.weights is not None and not Path(self.weights).is_file():
+            problems.append(f"weights file not found: {self.weights}")
+        if self.init is not None and not Path(self.init).exists():
+            problems.append(f"initial image or folder not found: {self.init}")
+        if self.resize is not None and self.resize not in RESIZE_MODES:
+            problems.append(f"unknown resize mode {self.resize!r} (choose from {', '.join(RESIZE_MODES)})")
+        if self.columns is not None and self.columns < 1:
+            problems.append(f"columns must be at least 1, received {self.columns}")
+        if Path(self.out).exists() and not Path(self.out).is_dir():
+            problems.append(f"--out {self.out} exists and is not a folder")
+        if problems:
+            raise ConfigError("invalid actmax job: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ActmaxSummary:
+    out: Path
+    rows: list[dict]  # the rows of results.parquet
+    seconds: float
+
+
+def load_init(path: Path, preprocess: Preprocess) -> torch.Tensor:
+    """An image or a folder of images -> (M, 3, H, W) in [0, 1] at the model's input size."""
+    from camshaft.data.decode import load_rgb
+    from camshaft.data.sources import list_images
+
+    images, problems = [], []
+    for record in list_images(path):
+        try:
+            images.append(prepare(load_rgb(record.path), preprocess)[0].float() / 255.0)
+        except ImageDecodeError as e:
+            problems.append(f"{record.path}: {e}")
+    if problems:
+        raise ConfigError("cannot read initial images: " + "; ".join(problems))
+    return torch.stack(images)
+
+
+def _torch_model(job: ActmaxJob) -> ModelSource:
+    source = resolve_model(job.model, weights=job.weights)
+    if source.kind != "torch":
+        raise ConfigError(
+            f"actmax differentiates the model w.r.t. its input and runs only live torch models; "
+            f"{source.spec!r} is a {source.kind} file. Use the architecture name or module:factory "
+            "with --weights instead"
+        )
+    return source
+
+
+def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
+    """Run ``job``: nothing is written unless every setting and objective is valid."""
+    start = time.perf_counter()
+    source = _torch_model(job)
+    pre = (source.preprocess or Preprocess()).replace(input_size=job.input_size, mean=job.mean,
+                                                      std=job.std, resize=job.resize)
+    _, num_classes = tap_shapes(forward_fn(source.module, []), pre, torch.device("cpu"))
+    names = source.class_names if source.class_names and len(source.class_names) == num_classes else None
+    objectives = parse_objectives(job.objectives, class_names=names, num_classes=num_classes)
+    init = None if job.init is None else load_init(job.init, pre)
+    n = len(objectives) * job.config.copies
+    if init is not None and init.shape[0] not in (1, n):
+        raise ConfigError(f"--init holds {init.shape[0]} images; give 1 or one per image ({n})")
+    rendering = render(source.module, objectives, preprocess=pre, config=job.config, init=init,
+                       progress=progress)
+    rows = write_outputs(job.out, rendering, class_names=names, columns=job.columns)
+    return ActmaxSummary(Path(job.out), rows, time.perf_counter() - start)
+
+
+def actmax(model: str | None, objectives: Sequence[str], *, out: str | Path, config: RenderConfig | None = None,
+           weights: str | Path | None = None, init: str | Path | None = None,
+           input_size: tuple[int, int] | None = None, mean: tuple[float, float, float] | None = None,
+           std: tuple[float, float, float] | None = None, resize: str | None = None,
+           columns: int | None = None, progress: bool = True) -> ActmaxSummary:
+    """Visualize ``objectives`` (spec strings) of ``model``; writes PNGs, grid and table to ``out``."""
+    job = ActmaxJob(model=model, objectives=tuple(objectives), out=Path(out), config=config or RenderConfig(),
+                    weights=None if weights is None else Path(weights), init=None if init is None else Path(init),
+                    input_size=input_size, mean=mean, std=std, resize=resize, columns=columns)
+    return run_actmax(job, progress=progress)

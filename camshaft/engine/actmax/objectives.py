@@ -1,0 +1,209 @@
+"""Objectives for activation maximization: per-image losses read from logits and taps by name.
+
+An objective maps :class:`Activations` of B images to a loss per image, (B,); lower is better.
+Objectives never install hooks: the render loop runs a tapped model and hands them what they read.
+They form a small algebra — ``-obj``, ``a + b``, ``a - b``, ``2 * obj`` — kept as a weighted sum of
+terms, so every combination has a spec string the CLI parser reads back (``class:3+-0.5*l2``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from camshaft.errors import ConfigError
+
+__all__ = [
+    "Activations", "Term", "Objective",
+    "class_logit", "class_prob", "channel", "neuron", "layer_norm", "direction",
+]
+
+Check = Callable[[Mapping[str, tuple[int, ...]], int], "list[str]"]  # (tap shapes, num classes) -> problems
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What objectives read for a group of images (float32; the images before transforms)."""
+
+    logits: torch.Tensor  # (B, N)
+    taps: Mapping[str, torch.Tensor]  # tap -> (B, C, h, w) or (B, C)
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+
+    def rows(self, start: int, stop: int) -> Activations:
+        """The images ``start:stop`` only (views, no copies)."""
+        return Activations(self.logits[start:stop], {k: v[start:stop] for k, v in self.taps.items()},
+                           self.images[start:stop])
+
+    def tap(self, name: str) -> torch.Tensor:
+        if name not in self.taps:
+            raise ConfigError(f"tap {name!r} was not recorded; recorded taps: {', '.join(self.taps) or 'none'}")
+        return self.taps[name]
+
+
+@dataclass(frozen=True, eq=False)
+class Term:
+    """One named loss: ``fn(activations) -> (B,)``, the taps it reads and the class it targets."""
+
+    spec: str  # as the CLI writes it, e.g. "channel:layer3:7"
+    fn: Callable[[Activations], torch.Tensor] = field(repr=False)
+    taps: frozenset[str] = frozenset()
+    target: int | None = None  # the class whose probability measures success
+    check: Check | None = field(default=None, repr=False)
+
+
+class Objective:
+    """A weighted sum of terms; ``objective(activations)`` is the per-image loss (B,)."""
+
+    def __init__(self, terms: Sequence[tuple[float, Term]]):
+        if not terms:
+            raise ConfigError("an objective needs at least one term")
+        self.terms = tuple((float(w), t) for w, t in terms)
+
+    @classmethod
+    def of(cls, term: Term) -> Objective:
+        return cls([(1.0, term)])
+
+    def __call__(self, acts: Activations) -> torch.Tensor:
+        total = sum(w * t.fn(acts) for w, t in self.terms if w != 0.0)
+        if not isinstance(total, torch.Tensor):  # every weight was zero
+            total = acts.images.new_zeros(acts.images.shape[0])
+        return total  # (B,)
+
+    @property
+    def taps(self) -> frozenset[str]:
+        return frozenset().union(*(t.taps for _, t in self.terms))
+
+    @property
+    def target(self) -> int | None:
+        """The class of the class terms, when they name exactly one."""
+        targets = {t.target for _, t in self.terms if t.target is not None}
+        return targets.pop() if len(targets) == 1 else None
+
+    @property
+    def spec(self) -> str:
+        return "+".join(_term_spec(w, t) for w, t in self.terms)
+
+    def check(self, shapes: Mapping[str, tuple[int, ...]], num_classes: int) -> list[str]:
+        """Problems of this objective on a model with these tap shapes (per image) and classes."""
+        missing = sorted(self.taps - set(shapes))
+        problems = [f"{self.spec}: tap {t!r} is not recorded" for t in missing]
+        for _, t in self.terms:
+            if t.check is not None and not (t.taps - set(shapes)):
+                problems += [f"{self.spec}: {p}" for p in t.check(shapes, num_classes)]
+        return problems
+
+    def __neg__(self) -> Objective:
+        return Objective([(-w, t) for w, t in self.terms])
+
+    def __add__(self, other) -> Objective:
+        if isinstance(other, (int, float)) and other == 0:
+            return self  # sum(objectives) starts at 0
+        if not isinstance(other, Objective):
+            return NotImplemented
+        return Objective([*self.terms, *other.terms])
+
+    __radd__ = __add__
+
+    def __sub__(self, other) -> Objective:
+        return self + (-other) if isinstance(other, Objective) else NotImplemented
+
+    def __mul__(self, weight) -> Objective:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            return NotImplemented
+        return Objective([(w * weight, t) for w, t in self.terms])
+
+    __rmul__ = __mul__
+
+    def __repr__(self) -> str:
+        return f"Objective({self.spec!r})"
+
+
+def _term_spec(weight: float, term: Term) -> str:
+    if weight == 1.0:
+        return term.spec
+    if weight == -1.0:
+        return "-" + term.spec
+    return f"{weight:g}*{term.spec}"
+
+
+def _class_check(c: int) -> Check:
+    def check(_shapes, num_classes):
+        return [] if 0 <= c < num_classes else [f"class {c} is out of range 0..{num_classes - 1}"]
+
+    return check
+
+
+def _channel_check(tap: str, c: int, yx: tuple[int, int] | None = None) -> Check:
+    def check(shapes, _num_classes):
+        shape = shapes[tap]  # (C, h, w) or (C,)
+        if not 0 <= c < shape[0]:
+            return [f"channel {c} is out of range 0..{shape[0] - 1} of tap {tap!r}"]
+        if yx is not None and (len(shape) != 3 or not (0 <= yx[0] < shape[1] and 0 <= yx[1] < shape[2])):
+            return [f"position {yx} is outside tap {tap!r} of shape {tuple(shape)} (C, h, w)"]
+        return []
+
+    return check
+
+
+def class_logit(c: int) -> Objective:
+    """Maximise the logit of class ``c`` (Simonyan et al. 2013)."""
+    return Objective.of(Term(f"class:{c}", lambda a: -a.logits[:, c], target=c, check=_class_check(c)))
+
+
+def class_prob(c: int) -> Objective:
+    """Maximise the probability of class ``c``, as its log-softmax (no vanishing gradient at 0)."""
+    fn = lambda a: -torch.log_softmax(a.logits, dim=-1)[:, c]  # noqa: E731
+    return Objective.of(Term(f"prob:{c}", fn, target=c, check=_class_check(c)))
+
+
+def channel(tap: str, c: int) -> Objective:
+    """Maximise the mean of channel ``c`` of ``tap`` over all positions (Olah et al. 2017)."""
+    fn = lambda a: -a.tap(tap)[:, c].flatten(1).mean(1)  # noqa: E731
+    return Objective.of(Term(f"channel:{tap}:{c}", fn, frozenset({tap}), check=_channel_check(tap, c)))
+
+
+def neuron(tap: str, c: int, y: int | None = None, x: int | None = None) -> Objective:
+    """Maximise one unit ``tap[c, y, x]``; without ``y, x`` the centre one (Erhan et al. 2009)."""
+    if (y is None) != (x is None):
+        raise ConfigError(f"neuron {tap}:{c}: give both y and x or neither, received y={y}, x={x}")
+
+    def fn(a: Activations) -> torch.Tensor:
+        t = a.tap(tap)  # (B, C, h, w)
+        yy, xx = (t.shape[2] // 2, t.shape[3] // 2) if y is None else (y, x)
+        return -t[:, c, yy, xx]
+
+    spec = f"neuron:{tap}:{c}" + ("" if y is None else f":{y}:{x}")
+    yx = None if y is None else (y, x)
+    return Objective.of(Term(spec, fn, frozenset({tap}), check=_channel_check(tap, c, yx or (0, 0))))
+
+
+def layer_norm(tap: str) -> Objective:
+    """Maximise the mean squared activation of a whole layer: DeepDream (Mordvintsev et al. 2015)."""
+    fn = lambda a: -a.tap(tap).flatten(1).pow(2).mean(1)  # noqa: E731
+    return Objective.of(Term(f"layer:{tap}", fn, frozenset({tap})))
+
+
+def direction(tap: str, vector: Sequence[float] | torch.Tensor, *, name: str | None = None) -> Objective:
+    """Maximise the projection of ``tap``'s channel vectors on ``vector``, averaged over positions.
+
+    Olah et al. 2017 ("Feature Visualization"); the vector is normalised to unit length.
+    """
+    v = torch.as_tensor(vector, dtype=torch.float32).flatten()
+    norm = float(v.norm())
+    if v.numel() == 0 or not norm > 0 or not torch.isfinite(v).all():
+        raise ConfigError(f"direction on {tap!r} needs a finite, non-zero vector, received {v.tolist()[:8]}")
+    v = v / norm
+
+    def fn(a: Activations) -> torch.Tensor:
+        t = a.tap(tap)  # (B, C, ...)
+        w = v.to(t.device).view(1, -1, *([1] * (t.dim() - 2)))
+        return -(t * w).sum(1).flatten(1).mean(1)
+
+    def check(shapes, _num_classes):
+        c = shapes[tap][0]
+        return [] if c == v.numel() else [f"direction has {v.numel()} values, tap {tap!r} has {c} channels"]
+
+    label = name or ",".join(f"{x:.4g}" for x in v.tolist())
+    return Objective.of(Term(f"direction:{tap}:{label}", fn, frozenset({tap}), check=check))

@@ -1,0 +1,67 @@
+"""Leaky ReLU gradients for dead channels: a way out of the dead-ReLU stall of activation maximization.
+
+Maximising a logit ``b + w . f`` from a grey image sometimes kills every feature with a negative
+weight before it grows one with a positive weight; once the channels that would help are dead
+everywhere, no gradient reaches them and the optimisation stalls at the bias. Where a ReLU passes
+no gradient at all to a channel of an image, that channel's dead units receive ``leak`` times the
+part of the gradient that would wake them (descent raises a unit whose gradient is negative). The
+forward pass is unchanged, and with a small leak the true gradient dominates wherever there is one.
+Adapted from Lucid's redirected ReLU gradient (Olah et al. 2017), which redirects whole layers.
+The decision is per image and channel, so a batch still equals its single runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["redirected_relus"]
+
+
+class _LeakyDeadReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, leak: float) -> torch.Tensor:
+        out = x.clamp(min=0)
+        ctx.save_for_backward(out > 0)
+        ctx.leak = leak
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        (alive,) = ctx.saved_tensors
+        normal = torch.where(alive, g, 0.0)
+        if g.dim() > 2:  # (B, C, 1, 1): channels of an image that pass no gradient at all
+            stalled = ~normal.flatten(2).any(2).view(*g.shape[:2], *([1] * (g.dim() - 2)))
+        else:  # (B, 1): vectors that pass none
+            stalled = ~normal.any(1, keepdim=True)
+        waking = g.clamp(max=0).mul_(stalled.to(g.dtype) * ctx.leak)  # descent raises units with g < 0
+        return torch.where(alive, g, waking), None
+
+
+@contextlib.contextmanager
+def redirected_relus(model: nn.Module, *, leak: float) -> Iterator[int]:
+    """Every ``nn.ReLU`` of ``model`` leaks waking gradients into dead channels; yields how many.
+
+    ``leak=0`` changes nothing. In-place ReLUs are made out-of-place meanwhile (the hook reads
+    their input); functional ``F.relu`` calls are not seen. Hooks and flags are restored on exit.
+    """
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)] if leak > 0 else []
+    flags = [(m, m.inplace) for m in relus]
+    handles = []
+
+    def hook(_module, inputs, _output):
+        return _LeakyDeadReLU.apply(inputs[0], leak)
+
+    try:
+        for m in relus:
+            m.inplace = False
+            handles.append(m.register_forward_hook(hook))
+        yield len(relus)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags:
+            m.inplace = flag

@@ -1,0 +1,299 @@
+"""Multi-objective activation maximization: N objectives -> a batch of N images, one step for all.
+
+Image ``i`` is optimised for objective ``i`` only: the batch's loss is the sum of each image's own
+loss, so one forward and one backward per step serve every objective, and the result equals N
+single runs with the same seeds (image ``i`` draws its noise and transforms from ``seed + i``) —
+bitwise with ``exact`` kernels (see ``batch_invariant``), else to rounding at first.
+Simonyan et al. 2013; Mordvintsev et al. 2015; Olah et al. 2017.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from camshaft.engine.actmax.objectives import Activations, Objective
+from camshaft.engine.actmax.param import get_param, param_names
+from camshaft.engine.actmax.relu import redirected_relus
+from camshaft.engine.actmax.regularizers import diversity, frequency_penalty, l2, total_variation
+from camshaft.engine.actmax.transforms import Compose, Jitter, Pad, Rotate, Scale
+from camshaft.engine.backends.base import DTYPES, resolve_device, resolve_dtype
+from camshaft.engine.backends.torch_backend import frozen
+from camshaft.errors import ConfigError
+from camshaft.models.taps import TappedModel
+from camshaft.preprocess import Preprocess
+
+__all__ = ["RenderConfig", "Rendering", "render", "forward_fn", "tap_shapes", "batch_invariant"]
+
+
+@dataclass(frozen=True)
+class RenderConfig:
+    """How images are optimised; the CLI's flags map onto these fields."""
+
+    steps: int = 128  # optimiser steps per image
+    lr: float = 0.05  # Adam learning rate (pre-sigmoid units: a step moves pixels about this much)
+    param: str = "fourier"  # pixel | fourier (decorrelated colour)
+    init_sd: float = 0.01  # standard deviation of the initial noise (pre-sigmoid)
+    pad: int = 4  # mirrored frame, pixels (robustness transforms, applied in this order)
+    jitter: int = 4  # random shift, pixels
+    scale: float = 0.05  # random zoom in [1 - scale, 1 + scale]
+    rotate: float = 5.0  # random rotation in [-rotate, rotate] degrees
+    l2: float = 0.0  # weight of L2 decay toward grey
+    tv: float = 0.0  # weight of total variation
+    freq: float = 0.0  # weight of the high-frequency penalty
+    blur_every: int = 0  # blur the image every this many steps (0: never)
+    blur_sigma: float = 0.5  # pixels
+    diversity: float = 0.0  # weight of the diversity term among the copies of one objective
+    diversity_tap: str | None = None  # default: the objective's tap, else the model's last feature map
+    copies: int = 1  # images per objective (diversity needs 2 or more)
+    seed: int = 0  # image i uses a generator seeded with seed + i
+    batch_size: int = 64  # images optimised at once; a chunk always holds whole groups of copies
+    device: str | None = None  # cpu | cuda[:N]; None = cuda when available
+    dtype: str = "float32"  # float16 / bfloat16: autocast for the model's forward
+    exact: bool | None = None  # batch-size-invariant kernels, so results never depend on batch_size;
+    # None: on the CPU only (oneDNN off, ~1.5x slower); on CUDA it turns cuDNN off (much slower)
+    relu_leak: float = 0.03  # dead ReLU channels get this share of the gradient that wakes them (relu.py)
+
+    def __post_init__(self):
+        problems = []
+        for name in ("steps", "copies", "batch_size"):
+            if _bad_int(getattr(self, name), 1):
+                problems.append(f"{name} must be an integer >= 1, received {getattr(self, name)!r}")
+        for name in ("pad", "jitter", "blur_every"):
+            if _bad_int(getattr(self, name), 0):
+                problems.append(f"{name} must be an integer >= 0, received {getattr(self, name)!r}")
+        for name in ("init_sd", "relu_leak", "l2", "tv", "freq", "diversity", "blur_sigma", "rotate"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                problems.append(f"{name} must be a finite number >= 0, received {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            problems.append(f"lr must be a positive number, received {self.lr!r}")
+        if not 0 <= self.scale < 1:
+            problems.append(f"scale must lie in [0, 1), received {self.scale!r}")
+        if self.rotate > 180:
+            problems.append(f"rotate must be at most 180 degrees, received {self.rotate!r}")
+        if self.param not in param_names():
+            problems.append(f"unknown parameterization {self.param!r} (choose from {', '.join(param_names())})")
+        try:
+            resolve_device(self.device)
+        except ConfigError as e:
+            problems.append(str(e))
+        if self.exact not in (None, True, False):
+            problems.append(f"exact must be True, False or None (automatic), received {self.exact!r}")
+        if self.dtype not in DTYPES:
+            problems.append(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
+        if self.diversity > 0 and self.copies < 2:
+            problems.append(f"diversity needs copies >= 2 images per objective, received copies={self.copies}")
+        if self.batch_size < self.copies:
+            problems.append(f"batch_size ({self.batch_size}) must hold the {self.copies} copies of an objective")
+        if problems:
+            raise ConfigError("invalid actmax settings: " + "; ".join(problems))
+
+    def transforms(self) -> Compose:
+        """Pad, jitter, scale, rotate: those with a non-zero amount."""
+        ts = [Pad(self.pad), Jitter(self.jitter), Scale(self.scale), Rotate(self.rotate)]
+        return Compose([t for t, on in zip(ts, (self.pad, self.jitter, self.scale, self.rotate)) if on])
+
+    def regularizer(self, tap: str | None) -> Objective | None:
+        """The weighted sum of the regularizers switched on; ``tap`` is where diversity reads."""
+        parts = [(self.l2, l2), (self.tv, total_variation), (self.freq, frequency_penalty)]
+        terms = [w * make() for w, make in parts if w > 0]
+        if self.diversity > 0:
+            if tap is None:
+                raise ConfigError("diversity needs a tap: set diversity_tap (--diversity-tap)")
+            terms.append(self.diversity * diversity(tap))
+        return sum(terms) if terms else None
+
+
+def _bad_int(value, low: int) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int) or value < low
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """The images and how well they do. Row i is copy ``i % copies`` of objective ``i // copies``."""
+
+    images: torch.Tensor  # (N * copies, 3, H, W) in [0, 1], float32 on the CPU
+    objectives: tuple[Objective, ...]  # (N,)
+    values: torch.Tensor  # (N * copies,) -objective(final image), regularizers excluded
+    target_probs: torch.Tensor  # (N * copies,) softmax probability of the target class; NaN without one
+    losses: torch.Tensor  # (steps, N * copies) each image's loss (regularizers included) at each step
+    copies: int = 1
+
+
+Forward = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+
+
+def forward_fn(model: nn.Module, taps: Sequence[str]) -> Forward:
+    """``x -> (logits, {tap: activation})`` through ``TappedModel`` (the bare model without taps)."""
+    if not taps:
+        return lambda x: (model(x), {})
+    return TappedModel(model, sorted(taps))
+
+
+@contextlib.contextmanager
+def _frozen_eval(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no parameter gradients for the duration; the caller's modes are restored."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with frozen(model):
+            yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+
+
+@contextlib.contextmanager
+def batch_invariant(device: torch.device, enabled: bool = True) -> Iterator[None]:
+    """Convolution kernels whose result for an image does not depend on the batch size.
+
+    oneDNN (CPU) and cuDNN (CUDA) pick kernels by batch size; their rounding differs, and gradient
+    ascent amplifies rounding (max-pool and ReLU near-ties) until a batch no longer matches its
+    single runs. Inside, torch's own per-image kernels run instead. The switch is process-wide.
+    """
+    backend = torch.backends.mkldnn if device.type == "cpu" else torch.backends.cudnn
+    previous = backend.enabled
+    try:
+        if enabled:
+            backend.enabled = False
+        yield
+    finally:
+        backend.enabled = previous
+
+
+def tap_shapes(forward: Forward, preprocess: Preprocess, device: torch.device) -> tuple[dict, int]:
+    """Per-image tap shapes and the number of classes, from one forward of a grey image."""
+    x = torch.zeros(1, 3, *preprocess.input_size, device=device)
+    with torch.no_grad():
+        logits, taps = forward(x)
+    return {k: tuple(v.shape[1:]) for k, v in taps.items()}, int(logits.shape[-1])
+
+
+def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Preprocess,
+           config: RenderConfig = RenderConfig(), init: torch.Tensor | None = None,
+           progress: bool = False) -> Rendering:
+    """Optimise ``config.copies`` images per objective, ``config.batch_size`` images at a time.
+
+    Args:
+        model: a torch classifier (moved to the device; its modes and grad flags are restored).
+        preprocess: input size and normalisation (mean, std on [0, 1] pixels).
+        init: start images (M, 3, H, W) in [0, 1], M = 1 or one per image; default: seeded noise.
+    Raises:
+        ConfigError: bad settings, an objective that does not fit the model (all are named).
+    """
+    from tqdm.auto import tqdm
+
+    objectives = list(objectives)
+    if not objectives:
+        raise ConfigError("give at least one objective")
+    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+    n_images = len(objectives) * config.copies
+    init = _expand_init(init, n_images, preprocess.input_size)
+    model.to(device)
+    exact = device.type == "cpu" if config.exact is None else config.exact
+    with _frozen_eval(model), redirected_relus(model, leak=config.relu_leak), batch_invariant(device, exact):
+        full = _with_regularizers(model, objectives, config, preprocess, device)
+        forward = forward_fn(model, sorted(set().union(*(o.taps for o in full))))
+        _check(objectives + full, forward, preprocess, device)
+        per_chunk = config.batch_size // config.copies  # objectives per chunk
+        chunks = [range(i, min(i + per_chunk, len(objectives))) for i in range(0, len(objectives), per_chunk)]
+        parts = []
+        with tqdm(total=len(chunks) * config.steps, desc="actmax", unit="step", disable=not progress) as bar:
+            for chunk in chunks:
+                rows = slice(chunk[0] * config.copies, (chunk[-1] + 1) * config.copies)
+                parts.append(_render_chunk(forward, [objectives[i] for i in chunk], [full[i] for i in chunk],
+                                           rows, init=None if init is None else init[rows], config=config,
+                                           preprocess=preprocess, device=device, dtype=dtype, bar=bar))
+    images, values, probs, losses = (torch.cat(t, dim=1 if k == 3 else 0) for k, t in enumerate(zip(*parts)))
+    return Rendering(images, tuple(objectives), values, probs, losses, config.copies)
+
+
+def _expand_init(init: torch.Tensor | None, n: int, size: tuple[int, int]) -> torch.Tensor | None:
+    if init is None:
+        return None
+    if init.dim() != 4 or init.shape[1] != 3 or tuple(init.shape[2:]) != tuple(size):
+        raise ConfigError(f"initial images must be (M, 3, {size[0]}, {size[1]}), received {tuple(init.shape)}")
+    if init.shape[0] not in (1, n):
+        raise ConfigError(f"give 1 initial image or one per image ({n}), received {init.shape[0]}")
+    return init.float().cpu().expand(n, -1, -1, -1)
+
+
+def _with_regularizers(model, objectives, config, preprocess, device) -> list[Objective]:
+    """Each objective plus the configured regularizers (diversity at its own tap by default)."""
+    fallback: list[str | None] = []
+
+    def default_tap() -> str | None:
+        if not fallback:
+            from camshaft.models.inspect import describe
+
+            fallback.append(describe(model.to("cpu"), input_size=preprocess.input_size).default_tap)
+            model.to(device)
+        return fallback[0]
+
+    out = []
+    for o in objectives:
+        tap = config.diversity_tap
+        if config.diversity > 0 and tap is None:
+            tap = next(iter(o.taps)) if len(o.taps) == 1 else default_tap()
+        reg = config.regularizer(tap)
+        out.append(o if reg is None else o + reg)
+    return out
+
+
+def _check(objectives: Sequence[Objective], forward: Forward, preprocess: Preprocess, device) -> None:
+    shapes, num_classes = tap_shapes(forward, preprocess, device)
+    problems = sorted({p for o in objectives for p in o.check(shapes, num_classes)})
+    if problems:
+        raise ConfigError("objectives do not fit the model: " + "; ".join(problems))
+
+
+def _render_chunk(forward, objectives, full, rows: slice, *, init, config: RenderConfig,
+                  preprocess: Preprocess, device, dtype, bar):
+    """Optimise one chunk: images ``rows`` of the whole run; returns images, values, probs, losses."""
+    k = config.copies
+    generators = [torch.Generator().manual_seed(config.seed + i) for i in range(rows.start, rows.stop)]
+    param = get_param(config.param)(preprocess.input_size, generators=generators, sd=config.init_sd,
+                                    init=init, device=device)
+    optimizer = torch.optim.Adam(param.params, lr=config.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and dtype == torch.float16)
+    transform = config.transforms()
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (preprocess.mean, preprocess.std))
+    history = []
+    for step in range(config.steps):
+        optimizer.zero_grad(set_to_none=True)
+        images = param.image_fn()  # (B, 3, H, W)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits, taps = forward((transform(images, generators) - mean) / std)
+        losses = _losses(full, Activations(logits.float(), {t: a.float() for t, a in taps.items()}, images), k)
+        scaler.scale(losses.sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        history.append(losses.detach())  # stays on the device: no sync per step
+        if config.blur_every and (step + 1) % config.blur_every == 0:
+            param.blur_(config.blur_sigma)
+        bar.update(1)
+    with torch.no_grad():
+        images = param.image_fn()
+        logits, taps = forward((images - mean) / std)  # the final image, untransformed, in float32
+        acts = Activations(logits.float(), {t: a.float() for t, a in taps.items()}, images)
+        values = -_losses(objectives, acts, k)
+        probs = _target_probs(objectives, logits.float().softmax(-1), k)
+    return images.float().cpu(), values.cpu(), probs.cpu(), torch.stack(history).cpu()
+
+
+def _losses(objectives: Sequence[Objective], acts: Activations, copies: int) -> torch.Tensor:
+    """(B,) each image's own objective: objective j reads only its images j*copies:(j+1)*copies."""
+    return torch.cat([o(acts.rows(j * copies, (j + 1) * copies)) for j, o in enumerate(objectives)])
+
+
+def _target_probs(objectives: Sequence[Objective], probs: torch.Tensor, copies: int) -> torch.Tensor:
+    out = torch.full((probs.shape[0],), math.nan)
+    for j, o in enumerate(objectives):
+        if o.target is not None:
+            out[j * copies:(j + 1) * copies] = probs[j * copies:(j + 1) * copies, o.target].cpu()
+    return out

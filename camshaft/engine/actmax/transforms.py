@@ -1,0 +1,172 @@
+"""Robustness transforms: random jitter, scaling, rotation and padding before each step.
+
+A transform is ``(x (B, C, H, W), generators) -> Tensor``: image ``b`` draws its random parameters
+from ``generators[b]`` only, so a batch transforms exactly as its images would one at a time
+(Mordvintsev et al. 2015, Olah et al. 2017 "transformation robustness"). Geometric transforms are
+affine; :class:`Compose` multiplies consecutive ones into one resampling per batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from camshaft.errors import ConfigError
+
+__all__ = ["Transform", "Pad", "Jitter", "Scale", "Rotate", "Compose", "warp", "gaussian_blur"]
+
+
+class Transform(Protocol):
+    def __call__(self, x: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor: ...
+
+
+def _uniform(g: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=g, dtype=torch.float64))
+
+
+def _check_count(x: torch.Tensor, generators: Sequence[torch.Generator]) -> None:
+    if x.shape[0] != len(generators):
+        raise ConfigError(f"a batch of {x.shape[0]} images needs as many generators, received {len(generators)}")
+
+
+@dataclass(frozen=True)
+class Pad:
+    """A frame of ``width`` pixels on every side, mirrored (default) or constant; not random.
+
+    The mirrored frame is the default: a constant one makes exact ties in max-pooling, whose
+    winners then depend on rounding, so a batch would no longer equal its single runs.
+    """
+
+    width: int
+    mode: str = "reflect"  # reflect | constant
+    value: float = 0.5  # the constant frame's value
+
+    def __post_init__(self):
+        if self.width < 0:
+            raise ConfigError(f"pad width must be >= 0, received {self.width}")
+        if self.mode not in ("reflect", "constant"):
+            raise ConfigError(f"pad mode must be reflect or constant, received {self.mode!r}")
+
+    def __call__(self, x, generators):
+        if not self.width:
+            return x
+        if self.mode == "constant":
+            return F.pad(x, [self.width] * 4, value=self.value)
+        return F.pad(x, [self.width] * 4, mode="reflect")
+
+
+class Affine:
+    """A random affine map per image, as a sampling matrix in centred pixel coordinates."""
+
+    def matrices(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """(B, 3, 3) float64: output pixel (centred) -> input pixel (centred)."""
+        return torch.stack([self.sample(g) for g in generators])
+
+    def sample(self, g: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x, generators):
+        _check_count(x, generators)
+        return warp(x, self.matrices(generators))
+
+
+@dataclass(frozen=True)
+class Jitter(Affine):
+    """Shift by a whole number of pixels drawn uniformly from ``[-pixels, pixels]`` on each axis."""
+
+    pixels: int
+
+    def __post_init__(self):
+        if self.pixels < 0:
+            raise ConfigError(f"jitter must be >= 0 pixels, received {self.pixels}")
+
+    def sample(self, g):
+        dy, dx = torch.randint(-self.pixels, self.pixels + 1, (2,), generator=g).tolist()
+        return torch.tensor([[1.0, 0, dx], [0, 1.0, dy], [0, 0, 1.0]], dtype=torch.float64)
+
+
+@dataclass(frozen=True)
+class Scale(Affine):
+    """Zoom about the centre by a factor drawn uniformly from ``[1 - amount, 1 + amount]``."""
+
+    amount: float
+
+    def __post_init__(self):
+        if not 0 <= self.amount < 1:
+            raise ConfigError(f"scale amount must lie in [0, 1), received {self.amount}")
+
+    def sample(self, g):
+        s = _uniform(g, 1 - self.amount, 1 + self.amount)
+        return torch.diag(torch.tensor([1 / s, 1 / s, 1.0], dtype=torch.float64))
+
+
+@dataclass(frozen=True)
+class Rotate(Affine):
+    """Rotate about the centre by an angle drawn uniformly from ``[-degrees, degrees]``."""
+
+    degrees: float
+
+    def __post_init__(self):
+        if not 0 <= self.degrees <= 180:
+            raise ConfigError(f"rotation must lie in [0, 180] degrees, received {self.degrees}")
+
+    def sample(self, g):
+        a = math.radians(_uniform(g, -self.degrees, self.degrees))
+        c, s = math.cos(a), math.sin(a)
+        return torch.tensor([[c, -s, 0], [s, c, 0], [0, 0, 1.0]], dtype=torch.float64)
+
+
+class Compose:
+    """Transforms applied in order; runs of affine transforms are resampled once."""
+
+    def __init__(self, transforms: Sequence[Transform]):
+        self.transforms = tuple(transforms)
+
+    def __call__(self, x, generators):
+        _check_count(x, generators)
+        pending: torch.Tensor | None = None  # the product of the affine maps met so far
+        for t in self.transforms:
+            if isinstance(t, Affine):
+                m = t.matrices(generators)
+                # sampling maps compose in reverse: out = T2(T1(x)) samples x at M1 @ M2 @ p
+                pending = m if pending is None else pending @ m
+                continue
+            if pending is not None:
+                x, pending = warp(x, pending), None
+            x = t(x, generators)
+        return x if pending is None else warp(x, pending)
+
+    def __repr__(self) -> str:
+        return f"Compose({list(self.transforms)})"
+
+
+def warp(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """Resample ``x`` (B, C, H, W) at ``matrices`` (B, 3, 3) (output -> input, centred pixels)."""
+    b, _, h, w = x.shape
+    # centred pixels -> grid_sample's normalised coordinates (align_corners=False): u -> 2u / size
+    to_norm = torch.diag(torch.tensor([2.0 / w, 2.0 / h, 1.0], dtype=torch.float64))
+    from_norm = torch.diag(torch.tensor([w / 2.0, h / 2.0, 1.0], dtype=torch.float64))
+    theta = (to_norm @ matrices @ from_norm)[:, :2].to(x.device, x.dtype)  # (B, 2, 3)
+    grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) with reflected borders; ``sigma`` in pixels."""
+    if sigma <= 0:
+        return x
+    radius = max(1, math.ceil(3 * sigma))
+    r = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-0.5 * (r / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[1]
+    pad = min(radius, x.shape[-1] - 1, x.shape[-2] - 1)
+    if pad < radius:  # image smaller than the kernel: crop the kernel
+        k = k[radius - pad: radius + pad + 1] / k[radius - pad: radius + pad + 1].sum()
+    x = F.conv2d(F.pad(x, [pad, pad, 0, 0], mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, [0, 0, pad, pad], mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)

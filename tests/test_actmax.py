@@ -1,0 +1,292 @@
+"""Activation maximization: the objective algebra and its spec strings, transforms, parameterizations,
+and the render loop (every objective lowers its loss; a batch equals its singles; no side effects).
+
+The demo model at 48 px and a 10-class resnet18 at 32 px keep every test to a few seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torchvision
+
+from camshaft.engine.actmax import (
+    Activations, Compose, Jitter, Pad, RenderConfig, Rotate, Scale, channel, class_logit, class_prob, direction,
+    diversity, fourier_image, frequency_penalty, l2, layer_norm, neuron, parse_objective, parse_objectives,
+    pixel_image, render, total_variation,
+)
+from camshaft.engine.actmax.relu import redirected_relus
+from camshaft.errors import ConfigError
+from camshaft.models.sources import resolve_model
+from camshaft.preprocess import Preprocess
+
+STILL = dict(pad=0, jitter=0, scale=0.0, rotate=0.0)  # no transforms: losses fall monotonically
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny images parallelise badly: one thread is faster, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    source = resolve_model("demo")
+    return source.module, source.preprocess.replace(input_size=(48, 48))
+
+
+def _cfg(**kw) -> RenderConfig:
+    return RenderConfig(**{"steps": 8, "device": "cpu", **kw})
+
+
+def _acts(b=2, n=5, c=4):
+    g = torch.Generator().manual_seed(0)
+    taps = {"t": torch.randn(b, c, 3, 3, generator=g)}
+    return Activations(torch.randn(b, n, generator=g), taps, torch.rand(b, 3, 8, 8, generator=g))
+
+
+# ---- the algebra and the spec strings ---------------------------------------------------------------
+
+
+def test_algebra_adds_scales_negates_in_closed_form():
+    a = _acts()
+    logit, ch = class_logit(3), channel("t", 1)
+    combo = 2 * logit - 0.5 * ch
+    expected = -2 * a.logits[:, 3] + 0.5 * a.taps["t"][:, 1].mean((1, 2))
+    torch.testing.assert_close(combo(a), expected)
+    torch.testing.assert_close((-logit)(a), a.logits[:, 3])
+    torch.testing.assert_close(sum([logit, ch])(a), logit(a) + ch(a))
+    assert combo.spec == "2*class:3+-0.5*channel:t:1"
+    assert combo.taps == {"t"} and combo.target == 3 and ch.target is None
+
+
+def test_every_spec_reads_back_to_the_same_objective():
+    a = _acts()
+    for spec in ("class:3", "-prob:1", "channel:t:2", "neuron:t:1:2:0", "neuron:t:3", "layer:t",
+                 "0.5*class:1+-2*l2+tv+freq", "direction:t:1,0,0,1"):
+        (o,) = parse_objective(spec)
+        (again,) = parse_objective(o.spec)
+        assert again.spec == o.spec
+        torch.testing.assert_close(again(a), o(a))
+
+
+def test_specs_expand_ranges_lists_and_names():
+    names = ["circle", "square", "triangle", "cross", "ring"]
+    specs = [o.spec for o in parse_objectives(["class:0-2", "class:ring,1"], class_names=names, num_classes=5)]
+    assert specs == ["class:0", "class:1", "class:2", "class:4", "class:1"]
+    assert [o.spec for o in parse_objective("-channel:layer4:7,9")] == ["-channel:layer4:7", "-channel:layer4:9"]
+    summed = parse_objective("class:0-2+0.1*layer:layer3")  # one-unit terms join every objective
+    assert [o.spec for o in summed] == [f"class:{c}+0.1*layer:layer3" for c in range(3)]
+
+
+def test_closed_form_values_of_each_objective():
+    a = _acts()
+    t = a.taps["t"]
+    torch.testing.assert_close(class_prob(2)(a), -torch.log_softmax(a.logits, -1)[:, 2])
+    torch.testing.assert_close(neuron("t", 1, 0, 2)(a), -t[:, 1, 0, 2])
+    torch.testing.assert_close(neuron("t", 1)(a), -t[:, 1, 1, 1])  # the centre
+    torch.testing.assert_close(layer_norm("t")(a), -t.pow(2).mean((1, 2, 3)))
+    torch.testing.assert_close(direction("t", [0, 3.0, 0, 4.0])(a), -(0.6 * t[:, 1] + 0.8 * t[:, 3]).mean((1, 2)))
+    torch.testing.assert_close(l2()(a), (a.images - 0.5).pow(2).mean((1, 2, 3)))
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("klass:3", "unknown kind 'klass'"),
+        ("class:5-2", "range '5-2' is empty"),
+        ("class:99", r"out of range 0\.\.4"),
+        ("class:dog", r"unknown classes \['dog'\]"),
+        ("channel:layer3", "expected channel:TAP:C"),
+        ("neuron:layer4:1:2", "expected TAP:C or TAP:C:Y:X"),
+        ("class:0-2+channel:t:0,1", "the same number of units"),
+        ("direction:t:0,0", "non-zero vector"),
+        ("", "empty objective"),
+    ],
+)
+def test_bad_specs_name_the_problem_and_the_syntax(spec, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        parse_objectives([spec], class_names=["circle"], num_classes=5)
+    assert "valid syntax" in str(e.value) and "class:I[-J]" in str(e.value)
+
+
+def test_objectives_that_do_not_fit_the_model_are_all_named(demo):
+    model, pre = demo
+    objs = [channel("features", 999), neuron("features", 0, 40, 0), class_logit(7)]
+    with pytest.raises(ConfigError) as e:
+        render(model, objs, preprocess=pre, config=_cfg(steps=1))
+    for part in ("channel 999 is out of range 0..79", "position (40, 0) is outside tap 'features'",
+                 "class 7 is out of range 0..4"):
+        assert part in str(e.value)
+    with pytest.raises(ConfigError, match="unknown tap 'nope'; valid choices: features"):
+        render(model, [layer_norm("nope")], preprocess=pre, config=_cfg(steps=1))
+
+
+# ---- transforms and parameterizations ----------------------------------------------------------------
+
+
+def test_transforms_draw_per_image_so_a_batch_equals_its_images():
+    x = torch.rand(3, 3, 20, 24, generator=torch.Generator().manual_seed(1))
+    t = Compose([Pad(2), Jitter(3), Scale(0.1), Rotate(10)])
+    batch = t(x, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    singles = torch.cat([t(x[i:i + 1], [torch.Generator().manual_seed(5 + i)]) for i in range(3)])
+    torch.testing.assert_close(batch, singles, rtol=1e-6, atol=1e-6)
+    assert batch.shape == (3, 3, 24, 28)
+
+
+def test_jitter_is_an_exact_shift_and_affine_runs_resample_once():
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    g = torch.Generator().manual_seed(0)
+    dy, dx = torch.randint(-3, 4, (2,), generator=torch.Generator().manual_seed(0)).tolist()
+    y = Jitter(3)(x, [g])
+    shifted = torch.roll(x, (-dy, -dx), dims=(2, 3))  # the output samples the input at p + d
+    inner = (slice(None), slice(None), slice(4, 12), slice(4, 12))
+    torch.testing.assert_close(y[inner], shifted[inner])
+    merged = Compose([Jitter(0), Rotate(0), Scale(0)])(x, [torch.Generator()])
+    torch.testing.assert_close(merged, x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("make", [pixel_image, fourier_image])
+def test_parameterizations_start_from_given_images_and_blur(make):
+    img = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(3)) * 0.9 + 0.05
+    p = make((16, 12), generators=[torch.Generator(), torch.Generator()], init=img)
+    torch.testing.assert_close(p.image_fn(), img, rtol=1e-4, atol=1e-4)
+    rough = p.image_fn().diff(dim=-1).abs().mean()
+    p.blur_(1.0)
+    assert p.image_fn().diff(dim=-1).abs().mean() < 0.7 * rough
+    params, image_fn = make((16, 12), generators=[torch.Generator().manual_seed(0)])  # lucent's unpacking
+    assert image_fn().shape == (1, 3, 16, 12) and params[0].requires_grad
+    assert 0.45 < float(image_fn().detach().mean()) < 0.55  # seeded noise around grey
+
+
+# ---- the render loop ---------------------------------------------------------------------------------
+
+OBJECTIVES = [
+    "class:1", "prob:2", "channel:features:5", "neuron:features:3", "neuron:features:7:1:4", "layer:features",
+    "direction:features:" + ",".join(["1", "-1"] * 40), "-class:1", "2*class:0+-0.5*channel:features:1",
+]
+
+
+@pytest.mark.parametrize("spec", OBJECTIVES)
+def test_every_objective_lowers_its_loss(demo, spec):
+    model, pre = demo
+    r = render(model, parse_objective(spec, num_classes=5), preprocess=pre, config=_cfg(steps=6, **STILL))
+    assert r.losses.shape == (6, 1)
+    assert r.losses[-1, 0] < r.losses[0, 0] - 1e-3, r.losses[:, 0].tolist()
+    assert math.isclose(-float(r.values[0]), float(r.losses[-1, 0]), rel_tol=0.5, abs_tol=5.0)
+
+
+@pytest.mark.parametrize("spec", ["l2", "tv", "freq"])
+def test_every_image_regularizer_lowers_its_loss(demo, spec):
+    model, pre = demo
+    start = torch.rand(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    r = render(model, parse_objective(spec), preprocess=pre, init=start, config=_cfg(steps=6, param="pixel", **STILL))
+    assert r.losses[-1, 0] < 0.9 * r.losses[0, 0], r.losses[:, 0].tolist()
+
+
+def test_diversity_lowers_its_loss_and_makes_copies_differ(demo):
+    model, pre = demo
+    r = render(model, [diversity("features")], preprocess=pre, config=_cfg(steps=6, copies=3, init_sd=0.5, **STILL))
+    assert r.losses.shape == (6, 3)
+    assert r.losses[-1].mean() < r.losses[0].mean() - 1e-3, r.losses.mean(1).tolist()
+
+
+def test_a_batch_equals_its_singles_and_chunking_changes_nothing(demo):
+    model, pre = demo
+    objs = parse_objective("class:0-1") + [channel("features", 4), layer_norm("features"), neuron("features", 2)]
+    settings = dict(steps=12, l2=0.01, tv=0.01, blur_every=5)  # exact kernels: the CPU default
+    whole = render(model, objs, preprocess=pre, config=_cfg(seed=11, **settings))
+    singles = [render(model, [o], preprocess=pre, config=_cfg(seed=11 + i, **settings)) for i, o in enumerate(objs)]
+    torch.testing.assert_close(whole.images, torch.cat([s.images for s in singles]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole.values, torch.cat([s.values for s in singles]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole.losses, torch.cat([s.losses for s in singles], 1), rtol=1e-5, atol=1e-6)
+    for size in (2, 4):
+        chunked = render(model, objs, preprocess=pre, config=_cfg(seed=11, batch_size=size, **settings))
+        torch.testing.assert_close(chunked.images, whole.images, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(chunked.losses, whole.losses, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_kernels_agree_to_rounding_before_the_first_step(demo):
+    """oneDNN's batch-size-specific kernels round differently; only the first step is comparable."""
+    model, pre = demo
+    objs = [class_logit(0), layer_norm("features")]
+    fast = [render(model, objs, preprocess=pre, config=_cfg(steps=1, batch_size=b, exact=False)) for b in (1, 2)]
+    torch.testing.assert_close(fast[0].losses, fast[1].losses, rtol=1e-5, atol=1e-6)
+    assert torch.backends.mkldnn.enabled  # restored after every run
+
+
+def test_render_leaves_the_model_as_it_found_it(demo):
+    model, pre = demo
+    model.train()
+    model.fc.weight.requires_grad_(False)
+    try:
+        r = render(model, [channel("features", 0), class_logit(1)], preprocess=pre, config=_cfg(steps=2))
+        assert model.training and all(m.training for m in model.modules())
+        assert not model.fc.weight.requires_grad and model.fc.bias.requires_grad
+        assert all(p.grad is None for p in model.parameters())
+        assert not any(m._forward_hooks for m in model.modules())
+        assert r.images.shape == (2, 3, 48, 48) and 0 <= r.images.min() and r.images.max() <= 1
+        assert math.isnan(r.target_probs[0]) and 0 <= r.target_probs[1] <= 1
+    finally:
+        model.eval()
+        model.fc.weight.requires_grad_(True)
+
+
+def test_dead_relu_channels_leak_only_the_gradient_that_wakes_them():
+    relu = torch.nn.ReLU(inplace=True)
+    model = torch.nn.Sequential(relu)
+    x = torch.tensor([[[[-1.0, 2.0]], [[-1.0, -2.0]]]], requires_grad=True)  # (1, 2, 1, 2): channel 1 is dead
+    g = torch.tensor([[[[-3.0, 5.0]], [[-3.0, 5.0]]]])
+    with redirected_relus(model, leak=0.5) as count:
+        assert count == 1 and not relu.inplace
+        y = model(x.clone())
+        (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(y, x.clamp(min=0))
+    # channel 0 passes a gradient (its unit at 2.0): exact ReLU; channel 1 is dead: -3 leaks at 0.5, +5 does not
+    torch.testing.assert_close(grad, torch.tensor([[[[0.0, 5.0]], [[-1.5, 0.0]]]]))
+    assert relu.inplace and not relu._forward_hooks
+
+
+def test_mixed_precision_forward_runs(demo):
+    model, pre = demo
+    r = render(model, [class_logit(2)], preprocess=pre, config=_cfg(steps=6, dtype="bfloat16", **STILL))
+    assert torch.isfinite(r.images).all() and r.losses[-1, 0] < r.losses[0, 0]
+
+
+def test_a_torchvision_model_with_module_taps():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    pre = Preprocess(input_size=(32, 32))
+    objs = [class_logit(3), channel("layer3", 7), layer_norm("layer2")]
+    r = render(model, objs, preprocess=pre, config=_cfg(steps=4, batch_size=2, **STILL))
+    assert (r.losses[-1] < r.losses[0]).all(), r.losses.tolist()
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(param="wavelet"), "unknown parameterization 'wavelet'"),
+        (dict(diversity=1.0), "diversity needs copies >= 2"),
+        (dict(copies=4, batch_size=2), "must hold the 4 copies"),
+        (dict(scale=1.5), r"scale must lie in \[0, 1\)"),
+        (dict(lr=-1.0), "lr must be a positive number"),
+        (dict(dtype="int8"), "unknown dtype 'int8'"),
+        (dict(exact="yes"), "exact must be True, False or None"),
+    ],
+)
+def test_bad_settings_are_refused_with_the_reason(kw, message):
+    with pytest.raises(ConfigError, match=message):
+        RenderConfig(**kw)
+
+
+def test_start_images_must_fit(demo):
+    model, pre = demo
+    with pytest.raises(ConfigError, match="give 1 initial image or one per image"):
+        render(model, [class_logit(0)], preprocess=pre, init=torch.rand(3, 3, 48, 48), config=_cfg(steps=1))
+    with pytest.raises(ConfigError, match=r"\(M, 3, 48, 48\)"):
+        render(model, [class_logit(0)], preprocess=pre, init=torch.rand(1, 3, 20, 20), config=_cfg(steps=1))
