@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     model = torchvision.models.get_model(args.model, weights=None).eval()
     pre = Preprocess(input_size=(args.size, args.size))
     objectives = [class_logit(c) for c in range(args.classes)]
-    cfg = dict(device=str(device), dtype=args.dtype, steps=args.steps, batch_size=args.classes, exact=args.exact)
+    cfg = {"device": str(device), "dtype": args.dtype, "steps": args.steps, "batch_size": args.classes, "exact": args.exact}
     render(model, objectives[:2], preprocess=pre, config=RenderConfig(**{**cfg, "steps": 2}))  # warm-up
 
     batch = _timed(lambda: render(model, objectives, preprocess=pre, config=RenderConfig(**cfg)), device)

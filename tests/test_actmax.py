@@ -13,16 +13,33 @@ import torch
 import torchvision
 
 from camshaft.engine.actmax import (
-    Activations, Compose, Jitter, Pad, RenderConfig, Rotate, Scale, channel, class_logit, class_prob, direction,
-    diversity, fourier_image, frequency_penalty, l2, layer_norm, neuron, parse_objective, parse_objectives,
-    pixel_image, render, total_variation,
+    Activations,
+    Compose,
+    Jitter,
+    Pad,
+    RenderConfig,
+    Rotate,
+    Scale,
+    channel,
+    class_logit,
+    class_prob,
+    direction,
+    diversity,
+    fourier_image,
+    l2,
+    layer_norm,
+    neuron,
+    parse_objective,
+    parse_objectives,
+    pixel_image,
+    render,
 )
 from camshaft.engine.actmax.relu import redirected_relus
 from camshaft.errors import ConfigError
 from camshaft.models.sources import resolve_model
 from camshaft.preprocess import Preprocess
 
-STILL = dict(pad=0, jitter=0, scale=0.0, rotate=0.0)  # no transforms: losses fall monotonically
+STILL = {"pad": 0, "jitter": 0, "scale": 0.0, "rotate": 0.0}  # no transforms: losses fall monotonically
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -199,7 +216,7 @@ def test_diversity_lowers_its_loss_and_makes_copies_differ(demo):
 def test_a_batch_equals_its_singles_and_chunking_changes_nothing(demo):
     model, pre = demo
     objs = parse_objective("class:0-1") + [channel("features", 4), layer_norm("features"), neuron("features", 2)]
-    settings = dict(steps=12, l2=0.01, tv=0.01, blur_every=5)  # exact kernels: the CPU default
+    settings = {"steps": 12, "l2": 0.01, "tv": 0.01, "blur_every": 5}  # exact kernels: the CPU default
     whole = render(model, objs, preprocess=pre, config=_cfg(seed=11, **settings))
     singles = [render(model, [o], preprocess=pre, config=_cfg(seed=11 + i, **settings)) for i, o in enumerate(objs)]
     torch.testing.assert_close(whole.images, torch.cat([s.images for s in singles]), rtol=1e-5, atol=1e-6)
@@ -269,14 +286,14 @@ def test_a_torchvision_model_with_module_taps():
 @pytest.mark.parametrize(
     "kw, message",
     [
-        (dict(steps=0), "steps must be an integer >= 1"),
-        (dict(param="wavelet"), "unknown parameterization 'wavelet'"),
-        (dict(diversity=1.0), "diversity needs copies >= 2"),
-        (dict(copies=4, batch_size=2), "must hold the 4 copies"),
-        (dict(scale=1.5), r"scale must lie in \[0, 1\)"),
-        (dict(lr=-1.0), "lr must be a positive number"),
-        (dict(dtype="int8"), "unknown dtype 'int8'"),
-        (dict(exact="yes"), "exact must be True, False or None"),
+        ({"steps": 0}, "steps must be an integer >= 1"),
+        ({"param": "wavelet"}, "unknown parameterization 'wavelet'"),
+        ({"diversity": 1.0}, "diversity needs copies >= 2"),
+        ({"copies": 4, "batch_size": 2}, "must hold the 4 copies"),
+        ({"scale": 1.5}, r"scale must lie in \[0, 1\)"),
+        ({"lr": -1.0}, "lr must be a positive number"),
+        ({"dtype": "int8"}, "unknown dtype 'int8'"),
+        ({"exact": "yes"}, "exact must be True, False or None"),
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(kw, message):

@@ -4,8 +4,8 @@ success measure: class objectives of the demo model reach a target probability >
 
 from __future__ import annotations
 
-import pytest
 import pyarrow.parquet as pq
+import pytest
 import torch
 from PIL import Image
 
@@ -93,7 +93,7 @@ def test_cli_rejects_syntax_errors_with_the_syntax(tmp_path, capsys):
     assert code == 2 and "expected an integer >= 0" in err
 
 
-def test_torchscript_and_onnx_files_are_refused(tmp_path):
+def test_exported_files_are_refused(tmp_path):
     path = tmp_path / "m.pt"
     torch.jit.script(torch.nn.Linear(3, 2)).save(str(path))
     with pytest.raises(ConfigError, match="only live torch models.*torchscript file"):
@@ -129,3 +129,16 @@ def test_every_class_reaches_090_with_the_defaults():
 def test_every_class_reaches_090_for_other_seeds_and_the_probability_objective(kind, seed):
     probs = _success(f"{kind}:0-{len(CLASS_NAMES) - 1}", seed=seed)
     assert min(probs) >= 0.9, dict(zip(CLASS_NAMES, probs))
+
+
+def test_cli_help_lists_the_flags_and_the_registries(capsys):
+    code, out, _ = _main(capsys, "actmax", "--help")
+    text = " ".join(out.split())
+    assert code == 0
+    for flag in ("--objective", "--out", "--steps", "--batch-size", "--param", "--seed", "--init", "--lr", "--jitter",
+                 "--rotate", "--scale", "--pad", "--l2", "--tv", "--blur-every", "--diversity", "--device", "--dtype",
+                 "--no-progress", "--input-size", "--weights", "pixel", "fourier"):
+        assert flag in text, flag
+    from camshaft.engine.actmax import objective_kinds
+
+    assert all(f"{kind}" in text for kind in objective_kinds())

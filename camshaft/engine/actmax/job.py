@@ -20,7 +20,7 @@ from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.sources import ModelSource, resolve_model
 from camshaft.preprocess import RESIZE_MODES, Preprocess, prepare
 
-__all__ = ["ActmaxJob", "ActmaxSummary", "actmax", "run_actmax", "load_init"]
+__all__ = ["ActmaxJob", "ActmaxSummary", "actmax", "load_init", "run_actmax"]
 
 
 @dataclass(frozen=True)

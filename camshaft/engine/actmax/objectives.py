@@ -16,8 +16,15 @@ import torch
 from camshaft.errors import ConfigError
 
 __all__ = [
-    "Activations", "Term", "Objective",
-    "class_logit", "class_prob", "channel", "neuron", "layer_norm", "direction",
+    "Activations",
+    "Objective",
+    "Term",
+    "channel",
+    "class_logit",
+    "class_prob",
+    "direction",
+    "layer_norm",
+    "neuron",
 ]
 
 Check = Callable[[Mapping[str, tuple[int, ...]], int], "list[str]"]  # (tap shapes, num classes) -> problems
@@ -154,13 +161,13 @@ def class_logit(c: int) -> Objective:
 
 def class_prob(c: int) -> Objective:
     """Maximise the probability of class ``c``, as its log-softmax (no vanishing gradient at 0)."""
-    fn = lambda a: -torch.log_softmax(a.logits, dim=-1)[:, c]  # noqa: E731
+    fn = lambda a: -torch.log_softmax(a.logits, dim=-1)[:, c]
     return Objective.of(Term(f"prob:{c}", fn, target=c, check=_class_check(c)))
 
 
 def channel(tap: str, c: int) -> Objective:
     """Maximise the mean of channel ``c`` of ``tap`` over all positions (Olah et al. 2017)."""
-    fn = lambda a: -a.tap(tap)[:, c].flatten(1).mean(1)  # noqa: E731
+    fn = lambda a: -a.tap(tap)[:, c].flatten(1).mean(1)
     return Objective.of(Term(f"channel:{tap}:{c}", fn, frozenset({tap}), check=_channel_check(tap, c)))
 
 
@@ -181,7 +188,7 @@ def neuron(tap: str, c: int, y: int | None = None, x: int | None = None) -> Obje
 
 def layer_norm(tap: str) -> Objective:
     """Maximise the mean squared activation of a whole layer: DeepDream (Mordvintsev et al. 2015)."""
-    fn = lambda a: -a.tap(tap).flatten(1).pow(2).mean(1)  # noqa: E731
+    fn = lambda a: -a.tap(tap).flatten(1).pow(2).mean(1)
     return Objective.of(Term(f"layer:{tap}", fn, frozenset({tap})))
 
 

@@ -20,8 +20,15 @@ import torch
 from camshaft.engine.actmax.transforms import gaussian_blur
 from camshaft.errors import ConfigError, UnknownNameError
 
-__all__ = ["ImageParam", "pixel_image", "fourier_image", "register_param", "get_param", "param_names",
-           "COLOR_SQRT_COV"]
+__all__ = [
+    "COLOR_SQRT_COV",
+    "ImageParam",
+    "fourier_image",
+    "get_param",
+    "param_names",
+    "pixel_image",
+    "register_param",
+]
 
 _EPS = 1e-3  # given images are clipped to [eps, 1 - eps] before the inverse sigmoid
 

@@ -11,12 +11,12 @@ import torch
 
 from camshaft.engine.actmax.objectives import Activations, Objective, Term
 
-__all__ = ["l2", "total_variation", "frequency_penalty", "diversity"]
+__all__ = ["diversity", "frequency_penalty", "l2", "total_variation"]
 
 
 def l2() -> Objective:
     """Mean squared distance of the pixels to grey (L2 decay; Simonyan et al. 2013)."""
-    fn = lambda a: (a.images - 0.5).pow(2).flatten(1).mean(1)  # noqa: E731
+    fn = lambda a: (a.images - 0.5).pow(2).flatten(1).mean(1)
     return Objective.of(Term("l2", fn))
 
 

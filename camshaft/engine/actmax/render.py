@@ -19,8 +19,13 @@ from torch import nn
 
 from camshaft.engine.actmax.objectives import Activations, Objective
 from camshaft.engine.actmax.param import get_param, param_names
+from camshaft.engine.actmax.regularizers import (
+    diversity,
+    frequency_penalty,
+    l2,
+    total_variation,
+)
 from camshaft.engine.actmax.relu import redirected_relus
-from camshaft.engine.actmax.regularizers import diversity, frequency_penalty, l2, total_variation
 from camshaft.engine.actmax.transforms import Compose, Jitter, Pad, Rotate, Scale
 from camshaft.engine.backends.base import DTYPES, resolve_device, resolve_dtype
 from camshaft.engine.backends.torch_backend import frozen
@@ -28,7 +33,7 @@ from camshaft.errors import ConfigError
 from camshaft.models.taps import TappedModel
 from camshaft.preprocess import Preprocess
 
-__all__ = ["RenderConfig", "Rendering", "render", "forward_fn", "tap_shapes", "batch_invariant"]
+__all__ = ["RenderConfig", "Rendering", "batch_invariant", "forward_fn", "render", "tap_shapes"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,7 @@ class RenderConfig:
         for name in ("steps", "copies", "batch_size"):
             if _bad_int(getattr(self, name), 1):
                 problems.append(f"{name} must be an integer >= 1, received {getattr(self, name)!r}")
-        for name in ("pad", "jitter", "blur_every"):
+        for name in ("pad", "jitter", "blur_every", "seed"):
             if _bad_int(getattr(self, name), 0):
                 problems.append(f"{name} must be an integer >= 0, received {getattr(self, name)!r}")
         for name in ("init_sd", "relu_leak", "l2", "tv", "freq", "diversity", "blur_sigma", "rotate"):

@@ -19,8 +19,14 @@ from camshaft.engine.actmax import regularizers as R
 from camshaft.engine.actmax.objectives import Objective
 from camshaft.errors import ConfigError
 
-__all__ = ["ObjectiveKind", "register_objective_kind", "objective_kinds", "parse_objective",
-           "parse_objectives", "syntax_help"]
+__all__ = [
+    "ObjectiveKind",
+    "objective_kinds",
+    "parse_objective",
+    "parse_objectives",
+    "register_objective_kind",
+    "syntax_help",
+]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from camshaft.errors import ConfigError
 
-__all__ = ["Transform", "Pad", "Jitter", "Scale", "Rotate", "Compose", "warp", "gaussian_blur"]
+__all__ = ["Compose", "Jitter", "Pad", "Rotate", "Scale", "Transform", "gaussian_blur", "warp"]
 
 
 class Transform(Protocol):
