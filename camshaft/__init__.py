@@ -1,11 +1,13 @@
 """camshaft: batch explanation engine for image classifiers.
 
-``camshaft.explain``, ``camshaft.export``, ``camshaft.inspect`` and ``camshaft.load_results``
-mirror the CLI. They are imported lazily so that ``camshaft --help`` stays fast.
+``camshaft.explain``, ``camshaft.export``, ``camshaft.inspect``, ``camshaft.load_results``,
+``camshaft.feature_maps`` and ``camshaft.actmax`` mirror the CLI. They are imported lazily so that
+``camshaft --help`` stays fast; the composable pieces of activation maximization (objectives,
+parameterizations, transforms, ``render``) are in ``camshaft.engine.actmax``.
 """
 
 __version__ = "0.1.0"
-__all__ = ["explain", "export", "inspect", "load_results", "feature_maps"]
+__all__ = ["actmax", "explain", "export", "feature_maps", "inspect", "load_results"]
 
 
 def __getattr__(name: str):

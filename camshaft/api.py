@@ -1,10 +1,12 @@
-"""The Python API, mirroring the CLI: ``explain``, ``export``, ``inspect``, ``load_results``."""
+"""The Python API, mirroring the CLI: ``explain``, ``export``, ``inspect``, ``load_results``,
+``feature_maps`` and ``actmax``."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
+from camshaft.engine.actmax import actmax
 from camshaft.engine.featmaps import FeatureMaps, feature_maps
 from camshaft.engine.job import ExplainJob
 from camshaft.pipeline.run import RunSummary, run_explain
@@ -15,7 +17,17 @@ from camshaft.models.sources import ModelSource, resolve_model
 from camshaft.preprocess import Preprocess
 from camshaft.results import Results, load_results
 
-__all__ = ["explain", "export", "inspect", "load_results", "feature_maps", "FeatureMaps", "Results", "RunSummary"]
+__all__ = [
+    "FeatureMaps",
+    "Results",
+    "RunSummary",
+    "actmax",
+    "explain",
+    "export",
+    "feature_maps",
+    "inspect",
+    "load_results",
+]
 
 
 def explain(

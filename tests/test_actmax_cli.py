@@ -142,3 +142,18 @@ def test_cli_help_lists_the_flags_and_the_registries(capsys):
     from camshaft.engine.actmax import objective_kinds
 
     assert all(f"{kind}" in text for kind in objective_kinds())
+
+
+def test_the_top_level_api_mirrors_the_cli(tmp_path, capsys):
+    import camshaft
+
+    config = RenderConfig(steps=3, batch_size=2, device="cpu")
+    summary = camshaft.actmax("demo", ["class:circle"], out=tmp_path / "api", config=config, input_size=(48, 48),
+                              progress=False)
+    code, _, err = _main(capsys, "actmax", "demo", "--objective", "class:circle", "--out", tmp_path / "cli",
+                         "--steps", "3", "--batch-size", "2", "--input-size", "48", "--no-progress", "--device", "cpu")
+    assert code == 0, err
+    api, cli = (pq.read_table(tmp_path / d / "results.parquet").to_pandas() for d in ("api", "cli"))
+    assert "actmax" in camshaft.__all__ and summary is not None
+    assert api["spec"].tolist() == cli["spec"].tolist() == ["class:0"]
+    assert api["value"].tolist() == pytest.approx(cli["value"].tolist(), rel=1e-5)

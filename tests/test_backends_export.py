@@ -212,3 +212,41 @@ def test_a_large_head_is_not_embedded_unless_asked(tmp_path, monkeypatch):
     forced = export_prepared(prepared, format="onnx", out=tmp_path / "forced.onnx", head=True)
     backend = open_backend("onnxruntime", ModelSource("onnx", str(forced), path=forced), tmp_path)
     assert "tap_gradients" in backend.capabilities
+
+
+def test_memory_format_auto_is_channels_last_for_convnets_only():
+    from camshaft.engine.backends.base import resolve_memory_format
+
+    conv, mlp = TinyCam(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    assert resolve_memory_format("auto", conv) == torch.channels_last
+    assert resolve_memory_format("auto", torch.jit.script(conv)) == torch.channels_last  # scripted modules too
+    assert resolve_memory_format("auto", mlp) == torch.contiguous_format
+    assert resolve_memory_format("contiguous", conv) == torch.contiguous_format
+    with pytest.raises(UnknownNameError, match="channels_last"):
+        resolve_memory_format("nhwc", conv)
+
+
+@pytest.mark.parametrize("name", ["eager", "torchscript"])
+def test_channels_last_changes_no_result_and_hands_back_plain_tensors(name, resnet, tmp_path):
+    from camshaft.engine.backends import backend_factory
+
+    source = source_of(resnet, size=(64, 64))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    opened = {
+        fmt: backend_factory(name)(
+            source, taps=["layer3", "layer4"], preprocess={}, device=torch.device("cpu"), dtype=torch.float32,
+            workdir=tmp_path / fmt, memory_format=fmt,
+        )
+        for fmt in ("channels_last", "contiguous")
+    }
+    assert opened["channels_last"].memory_format == torch.channels_last
+    assert opened["contiguous"].memory_format == torch.contiguous_format
+    out = {fmt: b.tap_gradients(x, fixed([[1, 2], [3, 4]])) for fmt, b in opened.items()}
+    grads = {fmt: b.input_gradients(x, fixed([[1], [3]])) for fmt, b in opened.items()}
+    for o in (out["channels_last"], grads["channels_last"]):
+        tensors = [*o.taps.values(), *(o.grads or {}).values(), *([o.input_grads] if o.input_grads is not None else [])]
+        assert tensors and all(t.is_contiguous() for t in tensors)
+    torch.testing.assert_close(out["channels_last"].logits, out["contiguous"].logits, rtol=1e-4, atol=1e-4)
+    for tap in ("layer3", "layer4"):
+        torch.testing.assert_close(out["channels_last"].grads[tap], out["contiguous"].grads[tap], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads["channels_last"].input_grads, grads["contiguous"].input_grads, rtol=1e-4, atol=1e-6)

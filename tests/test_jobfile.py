@@ -33,6 +33,6 @@ def test_every_problem_is_reported_before_any_work(tmp_path):
     message = str(info.value)
     assert "unknown key 'batchsize'" in message and "missing key 'out'" in message and "input_size needs 2 values" in message
     job.write_text('data = "nowhere"\nout = "o"\nmethod = "nope"\n')
-    with pytest.raises(ConfigError, match="unknown or repeated methods \['nope'\].*data not found"):
+    with pytest.raises(ConfigError, match=r"unknown or repeated methods \['nope'\].*data not found"):
         load_job(job)
     assert not (tmp_path / "o").exists()

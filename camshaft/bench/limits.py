@@ -2,7 +2,8 @@
 
 *The limit* is the best plain batched forward of the model on the device and dtype of the run,
 under inference mode: the best of eager, channels_last, frozen TorchScript (``torch.jit.trace`` +
-``torch.jit.freeze``) and ONNX Runtime (the session options camshaft itself uses). Gradient methods
+``torch.jit.freeze``, fed contiguous and channels-last batches) and ONNX Runtime (the session options
+camshaft itself uses). Gradient methods
 are also compared with *the gradient limit*: that best forward plus the head above the tap run
 forward with a batched backward of the K target scores to the tap (``head_backward``). Methods on
 input gradients are compared with a forward and a batched backward to the pixels (``input_backward``).
@@ -24,7 +25,7 @@ from camshaft.bench.workload import Skipped, Workload
 from camshaft.errors import CamshaftError
 from camshaft.exporters.onnx import quiet
 
-VARIANTS = ("eager", "channels_last", "torchscript", "onnxruntime")
+VARIANTS = ("eager", "channels_last", "torchscript", "torchscript_cl", "onnxruntime")
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -44,6 +45,7 @@ def forward_limits(
         "eager": lambda: _eager(model, x, dtype),
         "channels_last": lambda: _channels_last(model, x, dtype),
         "torchscript": lambda: _torchscript(model, x, dtype),
+        "torchscript_cl": lambda: _torchscript(model, x.contiguous(memory_format=torch.channels_last), dtype),
         "onnxruntime": lambda: _onnxruntime(onnx_path, x, dtype),
     }
     out: list[Workload | Skipped] = []

@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from camshaft.engine.backends.base import DTYPES
 
     d = RenderConfig()
-    add_model(p)
+    add_model(p, files=False)
     p.add_argument("--objective", action="append", required=True, metavar="SPEC",
                    help=f"what to maximise, repeatable: {syntax_help()}. Examples: class:0-9, "
                         "channel:layer3:0-63, neuron:layer4:12:3:3, layer:layer3; write a negated spec with '=': "

@@ -37,8 +37,10 @@ def positive(text: str) -> int:
     return value
 
 
-def add_model(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
-    help_ = "torchvision architecture (resnet50), pkg.module:factory, a TorchScript .pt or an ONNX .onnx file"
+def add_model(p: argparse.ArgumentParser, *, optional: bool = False, files: bool = True) -> None:
+    """The model argument and ``--weights``; ``files``: exported TorchScript / ONNX files are accepted."""
+    help_ = "torchvision architecture (resnet50), pkg.module:factory"
+    help_ += ", a TorchScript .pt or an ONNX .onnx file" if files else " (a live torch model: exported files cannot be optimised through)"
     if optional:
         p.add_argument("model", nargs="?", default=None, help=help_ + " (default: the built-in demo model)")
     else:

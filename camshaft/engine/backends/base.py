@@ -127,6 +127,21 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+
+
+def resolve_memory_format(name: str, module: torch.nn.Module | None) -> torch.memory_format:
+    """The layout image batches enter a torch model in; ``auto``: channels-last for convnets."""
+    if name not in MEMORY_FORMATS:
+        raise UnknownNameError("memory format", name, MEMORY_FORMATS)
+    if name == "auto":
+        convs = module is not None and any(
+            isinstance(m, torch.nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d" for m in module.modules()
+        )
+        name = "channels_last" if convs else "contiguous"
+    return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
 def resolve_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise UnknownNameError("dtype", dtype, DTYPES)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from camshaft.engine.backends.base import ModelInfo, register_backend
+from camshaft.engine.backends.base import ModelInfo, register_backend, resolve_memory_format
 from camshaft.engine.backends.onnx_backend import OnnxBackend, open_session
 from camshaft.engine.backends.torch_backend import TorchBackend
 from camshaft.errors import ConfigError
@@ -65,7 +65,9 @@ def _artifact(source: ModelSource, fmt: str, *, taps, preprocess: dict, workdir:
     return export_prepared(prepared, format=fmt, out=workdir / f"model{suffix}")
 
 
-def open_eager(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, **_) -> TorchBackend:
+def open_eager(
+    source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, memory_format="auto", **_
+) -> TorchBackend:
     if source.kind != "torch":
         raise ConfigError(
             f"the eager backend needs a torch model; {source.spec!r} is a {source.kind} file "
@@ -90,10 +92,13 @@ def open_eager(source: ModelSource, *, taps=None, preprocess: dict, device, dtyp
         split=split,
         leaf_forward=lambda x: tapped(x, leaf_first=True),
         owner=p.module,
+        memory_format=resolve_memory_format(memory_format, p.module),
     )
 
 
-def open_torchscript(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, **_):
+def open_torchscript(
+    source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, memory_format="auto", **_
+):
     path = _artifact(source, "torchscript", taps=taps, preprocess=preprocess, workdir=workdir)
     module, meta, cam = ts_export.load(path, device=device)
     if meta is None:
@@ -119,7 +124,14 @@ def open_torchscript(source: ModelSource, *, taps=None, preprocess: dict, device
         frozen = torch.jit.freeze(module) if device.type == "cpu" else module
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
     return TorchBackend(
-        name="torchscript", info=info, full=frozen, device=device, dtype=dtype, split=split, grad_forward=module
+        name="torchscript",
+        info=info,
+        full=frozen,
+        device=device,
+        dtype=dtype,
+        split=split,
+        grad_forward=module,
+        memory_format=resolve_memory_format(memory_format, module),
     )
 
 

@@ -162,7 +162,10 @@ def run_occlusion(backend: Backend, x: torch.Tensor, select: Selector, tap: str 
     if s.occlusion_mode == "incremental":
         _check_incremental(backend)
     grid = Grid(size=tuple(x.shape[-2:]), window=s.window, stride=s.stride)
-    model = IncrementalModel(backend.module, autocast=_autocast(backend)) if s.occlusion_mode == "incremental" else None
+    model = None
+    if s.occlusion_mode == "incremental":
+        layout = getattr(backend, "memory_format", torch.contiguous_format)
+        model = IncrementalModel(backend.module, autocast=_autocast(backend), memory_format=layout)
     out = backend.forward(x)
     out.targets = select(out.logits)
     targets = out.targets.to(out.logits.device)  # (B, K)

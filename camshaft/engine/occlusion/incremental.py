@@ -140,8 +140,11 @@ def trace(module: nn.Module) -> fx.GraphModule:
 class _Pass:
     """One batch of P occluded variants of one image through the graph."""
 
-    def __init__(self, gm: fx.GraphModule, env: dict, sources: dict, full_fraction: float):
+    def __init__(
+        self, gm: fx.GraphModule, env: dict, sources: dict, full_fraction: float, memory_format: torch.memory_format
+    ):
         self.gm, self.env, self.sources, self.full_fraction = gm, env, sources, full_fraction
+        self.memory_format = memory_format
         self.dyn: dict[fx.Node, Region | Full] = {}
         self.full: dict[fx.Node, torch.Tensor] = {}  # materialised regions
 
@@ -157,7 +160,7 @@ class _Pass:
         if not full:
             return v
         if n not in self.full:
-            self.full[n] = materialize(v, self.source(v.base))
+            self.full[n] = materialize(v, self.source(v.base), self.memory_format)
         return self.full[n]
 
     def source(self, base: torch.Tensor, pad=(0, 0, 0, 0), value: float = 0.0) -> torch.Tensor:
@@ -244,8 +247,10 @@ class IncrementalModel:
         *,
         autocast: Callable[[], Any] = contextlib.nullcontext,
         full_fraction: float = FULL_FRACTION,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ):
         self.gm, self.autocast, self.full_fraction = trace(module), autocast, full_fraction
+        self.memory_format = memory_format  # of the cached image and of regions turned full
         self.placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self.last_regions: tuple[str, ...] = ()  # nodes the last batch computed on boxes only
         if len(self.placeholders) != 1:
@@ -259,7 +264,7 @@ class IncrementalModel:
         with torch.inference_mode(), self.autocast():
             for node in self.gm.graph.nodes:
                 if node.op == "placeholder":
-                    env[node] = x1
+                    env[node] = x1.contiguous(memory_format=self.memory_format)
                 elif node.op != "output":
                     # an in-place op gets copies: the cache must keep every node's own value
                     get = (lambda a: _copy(env[a])) if _inplace(self.gm, node) else env.__getitem__
@@ -271,7 +276,7 @@ class IncrementalModel:
 
         ``env`` is ``cache(image)``; ``sources`` a dict kept with it (padded cached activations).
         """
-        p = _Pass(self.gm, env, sources, self.full_fraction)
+        p = _Pass(self.gm, env, sources, self.full_fraction, self.memory_format)
         with torch.inference_mode(), self.autocast():
             for node in self.gm.graph.nodes:
                 if node.op == "placeholder":

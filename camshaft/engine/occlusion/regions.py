@@ -54,8 +54,9 @@ def boxes_of(src: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tup
 
     The boxes come out channels-last, the layout CPU convolutions on small maps run fastest on.
     """
-    windows = src.unfold(0, size[0], 1).unfold(1, size[1], 1)  # (H - h + 1, W - w + 1, C, h, w), a view
-    return windows[top.to(src.device), left.to(src.device)].contiguous(memory_format=torch.channels_last)
+    rows = (top[:, None] + torch.arange(size[0]))[:, :, None].to(src.device)  # (P, h, 1)
+    cols = (left[:, None] + torch.arange(size[1]))[:, None, :].to(src.device)  # (P, 1, w)
+    return src[rows, cols].permute(0, 3, 1, 2)  # (P, h, w, C) gathered in runs of C, seen as (P, C, h, w)
 
 
 def read(
@@ -73,8 +74,10 @@ def read(
     dy, dx = r.top + pad[0] - top, r.left + pad[2] - left  # (P,) the crop's corner inside each box
     if bool((dy >= 0).all() and (dy <= h - ch).all() and (dx >= 0).all() and (dx <= w - cw).all()):
         index = (dy[:, None, None] + torch.arange(ch)[:, None]) * w + dx[:, None, None] + torch.arange(cw)
-        index = index.to(dev).view(p, 1, ch * cw).expand(p, c, ch * cw)
-        return out.reshape(p, c, h * w).scatter_(2, index, r.crop.reshape(p, c, ch * cw)).view(p, c, h, w)
+        cells = out.permute(0, 2, 3, 1).view(p, h * w, c)  # ``out`` is channels-last: a view
+        crop = r.crop.permute(0, 2, 3, 1).reshape(p, ch * cw, c)
+        cells[torch.arange(p, device=dev)[:, None], index.view(p, ch * cw).to(dev)] = crop.to(cells.dtype)
+        return out
     ri = torch.arange(h) - dy[:, None]  # (P, h): row inside the crop
     ci = torch.arange(w) - dx[:, None]  # (P, w)
     inside = ((ri >= 0) & (ri < ch))[:, :, None] & ((ci >= 0) & (ci < cw))[:, None, :]  # (P, h, w)
@@ -85,13 +88,15 @@ def read(
     return torch.where(inside.to(dev)[:, None], vals.view(p, c, h, w), out)
 
 
-def materialize(r: Region, src: torch.Tensor) -> torch.Tensor:
-    """The full activations (P, C, H, W) of the variants, contiguous as a plain forward's would be.
+def materialize(
+    r: Region, src: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
+    """The full activations (P, C, H, W) of the variants, in the layout a plain forward's would have.
 
     ``src`` is ``source(r.base)``.
     """
     zeros = torch.zeros_like(r.top)
-    return read(r, zeros, zeros, r.map_size, src).contiguous()
+    return read(r, zeros, zeros, r.map_size, src).contiguous(memory_format=memory_format)
 
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
