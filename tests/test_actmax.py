@@ -168,6 +168,18 @@ def test_jitter_is_an_exact_shift_and_affine_runs_resample_once():
     torch.testing.assert_close(merged, x, rtol=1e-6, atol=1e-6)
 
 
+def test_a_sized_compose_shows_the_model_its_input_size_and_the_frame_only_at_the_edges():
+    x = torch.rand(2, 3, 16, 20, generator=torch.Generator().manual_seed(4))
+    still = Compose([Pad(4), Jitter(0)], size=(16, 20))(x, [torch.Generator(), torch.Generator()])
+    torch.testing.assert_close(still, x, rtol=1e-5, atol=1e-5)  # identity affine: the image itself
+    torch.testing.assert_close(Compose([Pad(4)], size=(16, 20))(x, [torch.Generator()] * 2), x)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    moved = Compose([Pad(4), Jitter(3), Rotate(10)], size=(16, 20))(x, gens)
+    unsized = Compose([Pad(4), Jitter(3), Rotate(10)])(x, [torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert moved.shape == x.shape and unsized.shape == (2, 3, 24, 28)
+    torch.testing.assert_close(moved, unsized[..., 4:20, 4:24], rtol=1e-5, atol=1e-5)  # the centre of the frame
+
+
 @pytest.mark.parametrize("make", [pixel_image, fourier_image])
 def test_parameterizations_start_from_given_images_and_blur(make):
     img = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(3)) * 0.9 + 0.05
@@ -267,6 +279,15 @@ def test_dead_relu_channels_leak_only_the_gradient_that_wakes_them():
     # channel 0 passes a gradient (its unit at 2.0): exact ReLU; channel 1 is dead: -3 leaks at 0.5, +5 does not
     torch.testing.assert_close(grad, torch.tensor([[[[0.0, 5.0]], [[-1.5, 0.0]]]]))
     assert relu.inplace and not relu._forward_hooks
+
+
+def test_dead_relu_vectors_and_alive_units_without_gradient():
+    model = torch.nn.Sequential(torch.nn.ReLU())
+    x = torch.tensor([[1.0, -1.0, -2.0], [1.0, -1.0, 3.0]], requires_grad=True)  # (B, N) vectors
+    g = torch.tensor([[0.0, -4.0, 2.0], [0.0, -4.0, 2.0]])  # row 0: its alive unit gets no gradient: stalled
+    with redirected_relus(model, leak=0.25):
+        (grad,) = torch.autograd.grad(model(x), x, g)
+    torch.testing.assert_close(grad, torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, 2.0]]))
 
 
 def test_mixed_precision_forward_runs(demo):

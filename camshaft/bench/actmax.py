@@ -1,5 +1,7 @@
 """Activation maximization: camshaft's batched ``render`` beside a plain batched Adam loop and lucent.
 
+camshaft runs with its defaults (Fourier parameterization, transforms, leaky dead ReLUs; on the CPU
+exact batch-size-invariant kernels, and a second figure with ``exact=False``, the fast kernels).
 N class logits are optimised at once (images = classes, so images/s is classes/s and its inverse
 is seconds per class). *The limit* (``actmax_limit``) is a plain batched Adam ascent on the raw
 logits: pixels, no transforms, no regularizers, the same steps and size. lucent's ``render_vis``
@@ -19,12 +21,14 @@ from camshaft.bench.peers import quietly
 from camshaft.bench.workload import Skipped, Workload
 
 
-def _camshaft(model: nn.Module, *, classes: int, size: int, steps: int, device: torch.device, dtype: str):
+def _camshaft(
+    model: nn.Module, *, classes: int, size: int, steps: int, device: torch.device, dtype: str, exact: bool | None = None
+):
     from camshaft.engine.actmax import RenderConfig, class_logit, render
     from camshaft.preprocess import Preprocess
 
     objectives = [class_logit(c) for c in range(classes)]
-    config = RenderConfig(steps=steps, batch_size=classes, device=str(device), dtype=dtype)
+    config = RenderConfig(steps=steps, batch_size=classes, device=str(device), dtype=dtype, exact=exact)
     pre = Preprocess(input_size=(size, size))
 
     def fn():
@@ -99,6 +103,11 @@ def actmax_workloads(
             {**attrs, "backend": "eager"},
         ),
     ]
+    if device.type == "cpu":  # the default there is exact (batch-size-invariant) kernels; time the fast ones too
+        fast = _camshaft(copy.deepcopy(model), classes=classes, size=size, steps=steps, device=device, dtype=dtype,
+                         exact=False)
+        fast_attrs = {**attrs, "backend": "eager", "variant": "no-exact"}
+        out.append(Workload(f"{key}/actmax[no-exact]/eager", "method", fast, classes, classes, evals, fast_attrs))
     if not peers:
         return out
     if importlib.util.find_spec("lucent") is None:

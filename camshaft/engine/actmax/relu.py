@@ -24,21 +24,29 @@ __all__ = ["redirected_relus"]
 class _LeakyDeadReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, leak: float) -> torch.Tensor:
-        out = x.clamp(min=0)
-        ctx.save_for_backward(out > 0)
+        out = torch.relu(x)
+        ctx.save_for_backward(out)
         ctx.leak = leak
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        (alive,) = ctx.saved_tensors
-        normal = torch.where(alive, g, 0.0)
-        if g.dim() > 2:  # (B, C, 1, 1): channels of an image that pass no gradient at all
-            stalled = ~normal.flatten(2).any(2).view(*g.shape[:2], *([1] * (g.dim() - 2)))
-        else:  # (B, 1): vectors that pass none
+        (out,) = ctx.saved_tensors
+        normal = torch.ops.aten.threshold_backward(g, out, 0)  # ReLU's own gradient: g where out > 0
+        if g.dim() > 2:  # (B, C, ...): the channels of an image that pass no gradient at all
+            stalled = ~normal.flatten(2).any(2)
+        else:  # (B, N): the vectors that pass none
             stalled = ~normal.any(1, keepdim=True)
-        waking = g.clamp(max=0).mul_(stalled.to(g.dtype) * ctx.leak)  # descent raises units with g < 0
-        return torch.where(alive, g, waking), None
+        if g.device.type == "cpu" and not bool(stalled.any()):  # the common case; no sync on a GPU
+            return normal, None
+        # a stalled channel passes nothing, so its alive units all have g == 0: the whole channel
+        # takes the waking gradient (descent raises units with g < 0); only those channels are touched
+        b, c = stalled.nonzero(as_tuple=True)
+        if g.dim() > 2:
+            normal[b, c] = g[b, c].clamp(max=0) * ctx.leak
+        else:
+            normal[b] = g[b].clamp(max=0) * ctx.leak
+        return normal, None
 
 
 @contextlib.contextmanager

@@ -98,10 +98,10 @@ class RenderConfig:
         if problems:
             raise ConfigError("invalid actmax settings: " + "; ".join(problems))
 
-    def transforms(self) -> Compose:
-        """Pad, jitter, scale, rotate: those with a non-zero amount."""
+    def transforms(self, size: tuple[int, int] | None = None) -> Compose:
+        """Pad, jitter, scale, rotate: those with a non-zero amount; cut back to ``size`` when given."""
         ts = [Pad(self.pad), Jitter(self.jitter), Scale(self.scale), Rotate(self.rotate)]
-        return Compose([t for t, on in zip(ts, (self.pad, self.jitter, self.scale, self.rotate)) if on])
+        return Compose([t for t, on in zip(ts, (self.pad, self.jitter, self.scale, self.rotate)) if on], size=size)
 
     def regularizer(self, tap: str | None) -> Objective | None:
         """The weighted sum of the regularizers switched on; ``tap`` is where diversity reads."""
@@ -266,7 +266,7 @@ def _render_chunk(forward, objectives, full, rows: slice, *, init, config: Rende
                                     init=init, device=device)
     optimizer = torch.optim.Adam(param.params, lr=config.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and dtype == torch.float16)
-    transform = config.transforms()
+    transform = config.transforms(preprocess.input_size)  # the model sees its own input size
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (preprocess.mean, preprocess.std))
     history = []
     for step in range(config.steps):

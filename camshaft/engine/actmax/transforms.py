@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from camshaft.errors import ConfigError
 
-__all__ = ["Compose", "Jitter", "Pad", "Rotate", "Scale", "Transform", "gaussian_blur", "warp"]
+__all__ = ["Compose", "Jitter", "Pad", "Rotate", "Scale", "Transform", "center", "gaussian_blur", "warp"]
 
 
 class Transform(Protocol):
@@ -122,10 +122,15 @@ class Rotate(Affine):
 
 
 class Compose:
-    """Transforms applied in order; runs of affine transforms are resampled once."""
+    """Transforms applied in order; runs of affine transforms are resampled once.
 
-    def __init__(self, transforms: Sequence[Transform]):
-        self.transforms = tuple(transforms)
+    With ``size``, the result is the centre ``size`` of the transformed image: a frame added by
+    ``Pad`` then only feeds what jitter, scaling and rotation bring into view, and the model sees
+    images of its own input size (no extra work for the frame; models with a fixed input work).
+    """
+
+    def __init__(self, transforms: Sequence[Transform], size: tuple[int, int] | None = None):
+        self.transforms, self.size = tuple(transforms), None if size is None else tuple(size)
 
     def __call__(self, x, generators):
         _check_count(x, generators)
@@ -139,20 +144,38 @@ class Compose:
             if pending is not None:
                 x, pending = warp(x, pending), None
             x = t(x, generators)
-        return x if pending is None else warp(x, pending)
+        if pending is not None:
+            return warp(x, pending, size=self.size)
+        return x if self.size is None else center(x, self.size)
 
     def __repr__(self) -> str:
-        return f"Compose({list(self.transforms)})"
+        return f"Compose({list(self.transforms)}, size={self.size})"
 
 
-def warp(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
-    """Resample ``x`` (B, C, H, W) at ``matrices`` (B, 3, 3) (output -> input, centred pixels)."""
+def center(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The centre ``size`` of ``x`` (B, C, H, W); ``x`` must be at least that large."""
+    (h, w), (oh, ow) = x.shape[-2:], size
+    if oh > h or ow > w:
+        raise ConfigError(f"cannot cut {oh}x{ow} out of a {h}x{w} image")
+    top, left = (h - oh) // 2, (w - ow) // 2
+    return x[..., top : top + oh, left : left + ow]
+
+
+def warp(x: torch.Tensor, matrices: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Resample ``x`` (B, C, H, W) at ``matrices`` (B, 3, 3) (output -> input, centred pixels).
+
+    The output is ``size`` (default: the input's), centred on the input's centre.
+    """
     b, _, h, w = x.shape
+    oh, ow = (h, w) if size is None else size
+    if (h - oh) % 2 or (w - ow) % 2:  # keep pixel centres on the input's grid, as ``center`` cuts
+        matrices = torch.tensor([[1.0, 0, -((w - ow) % 2) / 2], [0, 1.0, -((h - oh) % 2) / 2], [0, 0, 1.0]],
+                                dtype=torch.float64) @ matrices
     # centred pixels -> grid_sample's normalised coordinates (align_corners=False): u -> 2u / size
     to_norm = torch.diag(torch.tensor([2.0 / w, 2.0 / h, 1.0], dtype=torch.float64))
-    from_norm = torch.diag(torch.tensor([w / 2.0, h / 2.0, 1.0], dtype=torch.float64))
+    from_norm = torch.diag(torch.tensor([ow / 2.0, oh / 2.0, 1.0], dtype=torch.float64))
     theta = (to_norm @ matrices @ from_norm)[:, :2].to(x.device, x.dtype)  # (B, 2, 3)
-    grid = F.affine_grid(theta, [b, x.shape[1], h, w], align_corners=False)
+    grid = F.affine_grid(theta, [b, x.shape[1], oh, ow], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
