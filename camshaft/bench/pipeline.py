@@ -63,6 +63,7 @@ def pipeline_workload(
                 device=device,
                 dtype=dtype,
                 batch_size=case.group.batch,
+                partition_size=4 * case.group.batch,  # several partitions: decoding overlaps compute as at scale
                 input_size=case.group.input_size,
                 options=options,
                 progress=False,

@@ -33,7 +33,7 @@ class BenchSettings:
     dtype: str = "float32"
     peers: bool = True  # time peer libraries that are installed
     pipeline: bool = False  # also time decode + explain + write on generated JPEGs
-    pipeline_batches: int = 4  # images per pipeline run = this × batch size
+    pipeline_batches: int = 16  # images per pipeline run = this × batch size (partitions of 4 batches)
     actmax: bool = False  # also time activation maximization (N classes at once) against its limit
     actmax_classes: int = 8
     actmax_size: int = 128
