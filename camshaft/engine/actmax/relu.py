@@ -33,10 +33,9 @@ class _LeakyDeadReLU(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         (out,) = ctx.saved_tensors
         normal = torch.ops.aten.threshold_backward(g, out, 0)  # ReLU's own gradient: g where out > 0
-        if g.dim() > 2:  # (B, C, ...): the channels of an image that pass no gradient at all
-            stalled = ~normal.flatten(2).any(2)
-        else:  # (B, N): the vectors that pass none
-            stalled = ~normal.any(1, keepdim=True)
+        # the channels of an image (B, C, ...), or the vectors (B, N), that pass no gradient at all
+        # (a max of |g| is several times faster than ``any`` on the CPU)
+        stalled = normal.flatten(2).abs().amax(2) == 0 if g.dim() > 2 else normal.abs().amax(1, keepdim=True) == 0
         if g.device.type == "cpu" and not bool(stalled.any()):  # the common case; no sync on a GPU
             return normal, None
         # a stalled channel passes nothing, so its alive units all have g == 0: the whole channel
