@@ -266,7 +266,17 @@ def test_render_leaves_the_model_as_it_found_it(demo):
         model.fc.weight.requires_grad_(True)
 
 
-def test_dead_relu_channels_leak_only_the_gradient_that_wakes_them():
+@pytest.fixture(params=["cpu path", "sync-free path"])
+def relu_path(request, monkeypatch):
+    """Both backward paths: the CPU's (touches stalled channels only) and the GPUs' (no host sync)."""
+    from camshaft.engine.actmax import relu
+
+    if request.param == "sync-free path":
+        monkeypatch.setattr(relu, "_sync_free", lambda device: True)
+    return request.param
+
+
+def test_dead_relu_channels_leak_only_the_gradient_that_wakes_them(relu_path):
     relu = torch.nn.ReLU(inplace=True)
     model = torch.nn.Sequential(relu)
     x = torch.tensor([[[[-1.0, 2.0]], [[-1.0, -2.0]]]], requires_grad=True)  # (1, 2, 1, 2): channel 1 is dead
@@ -281,7 +291,7 @@ def test_dead_relu_channels_leak_only_the_gradient_that_wakes_them():
     assert relu.inplace and not relu._forward_hooks
 
 
-def test_dead_relu_vectors_and_alive_units_without_gradient():
+def test_dead_relu_vectors_and_alive_units_without_gradient(relu_path):
     model = torch.nn.Sequential(torch.nn.ReLU())
     x = torch.tensor([[1.0, -1.0, -2.0], [1.0, -1.0, 3.0]], requires_grad=True)  # (B, N) vectors
     g = torch.tensor([[0.0, -4.0, 2.0], [0.0, -4.0, 2.0]])  # row 0: its alive unit gets no gradient: stalled

@@ -36,16 +36,24 @@ class _LeakyDeadReLU(torch.autograd.Function):
         # the channels of an image (B, C, ...), or the vectors (B, N), that pass no gradient at all
         # (a max of |g| is several times faster than ``any`` on the CPU)
         stalled = normal.flatten(2).abs().amax(2) == 0 if g.dim() > 2 else normal.abs().amax(1, keepdim=True) == 0
-        if g.device.type == "cpu" and not bool(stalled.any()):  # the common case; no sync on a GPU
-            return normal, None
         # a stalled channel passes nothing, so its alive units all have g == 0: the whole channel
-        # takes the waking gradient (descent raises units with g < 0); only those channels are touched
-        b, c = stalled.nonzero(as_tuple=True)
+        # takes the waking gradient (descent raises units with g < 0)
+        if _sync_free(g.device):  # no host sync: one pass over everything
+            stalled = stalled.view(*stalled.shape, *([1] * (g.dim() - stalled.dim())))
+            return torch.where(stalled, g.clamp(max=0) * ctx.leak, normal), None
+        if not bool(stalled.any()):  # the common case
+            return normal, None
+        b, c = stalled.nonzero(as_tuple=True)  # only the stalled channels are touched
         if g.dim() > 2:
             normal[b, c] = g[b, c].clamp(max=0) * ctx.leak
         else:
             normal[b] = g[b].clamp(max=0) * ctx.leak
         return normal, None
+
+
+def _sync_free(device: torch.device) -> bool:
+    """Whether reading a device value on the host would stall the device queue (not on the CPU)."""
+    return device.type != "cpu"
 
 
 @contextlib.contextmanager
