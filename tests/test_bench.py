@@ -260,3 +260,21 @@ def test_a_tiny_quick_run_prints_a_table_and_saves_json(capsys, tmp_path):
     assert all(f["ratio_to_limit"] > 0 for f in methods.values())
     assert methods["demo/64x64/b2/gradcam/eager/top:1"]["ratio_to_gradient_limit"] > 0
     assert {f["variant"] for f in data["figures"] if f["role"] == "limit"} >= {"eager", "channels_last", "torchscript"}
+
+
+def test_a_peer_that_refuses_a_model_is_skipped_with_its_reason(monkeypatch):
+    """torchcam's CAM refuses models with several linear layers (mobilenet_v3): the run goes on."""
+    from camshaft.bench import peers
+    from camshaft.bench.workload import Skipped
+
+    def refuse(task):
+        raise ValueError("This CAM method does not support multiple fully connected layers.")
+
+    monkeypatch.setattr(peers, "peers_for", lambda method, batch, quick: [("torchcam", "", refuse)])
+    monkeypatch.setattr(peers, "installed", lambda peer: True)
+    items = peers.peer_workloads(
+        "cam", model=torch.nn.Linear(2, 2), tap=None, x=torch.zeros(1, 2), targets={"top:1": 1}, options={},
+        evaluations=1, key="g/cam/peer:{peer}/{targets}", attrs={}, quick=True,
+    )
+    assert len(items) == 1 and isinstance(items[0], Skipped)
+    assert "torchcam cannot run this model: ValueError: This CAM method does not support" in items[0].reason

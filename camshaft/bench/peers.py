@@ -284,6 +284,10 @@ def peer_workloads(
         except PeerUnavailable as e:
             out += [Skipped(k_, str(e), role="peer") for k_ in keys.values()]
             continue
+        except Exception as e:  # noqa: BLE001 - a peer refusing a model is the peer's limit, not a failure
+            why = f"{peer} cannot run this model: {type(e).__name__}: {e}"
+            out += [Skipped(k_, why, role="peer") for k_ in keys.values()]
+            continue
         for t, k in targets.items():
             a = {**attrs, "targets": t, "k": k, "peer": peer, "variant": variant}
             out.append(Workload(keys[t], "peer", quietly(lambda run=run, k=k: run(k)), b, b * k, evaluations, a))
