@@ -24,17 +24,25 @@ def _tune_allocator(argv: list[str]) -> None:
         return  # keep going untuned rather than fail
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; given ``argv``, only the command it names gets its arguments.
+
+    Building a command's arguments may import torch (method options become flags), which takes
+    seconds: ``camshaft --help`` and a mistyped command should not wait for that.
+    """
     from camshaft import __version__
     from camshaft.commands import command_names
 
+    names = command_names()
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="camshaft", description="Batch explanations (CAM, Grad-CAM) for image classifiers.")
     parser.add_argument("--version", action="version", version=f"camshaft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in command_names():
+    for name in names:
         module = importlib.import_module(f"camshaft.commands.{name}")
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(command)
+        if argv is None or name == chosen:
+            module.add_arguments(command)
         command.set_defaults(run=module.run)
     return parser
 
@@ -44,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         _tune_allocator(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     from camshaft.errors import CamshaftError
 
     original = warnings.formatwarning

@@ -237,3 +237,18 @@ def test_cam_without_cam_head_names_gradcam(cam_without_head):
 def test_cam_without_cam_head_writes_nothing(cam_without_head):
     *_, out = cam_without_head
     assert not out.exists()
+
+
+def test_top_level_help_lists_every_command_without_importing_torch():
+    code = (
+        "import sys\n"
+        "from camshaft.cli import build_parser\n"
+        "help_ = build_parser(['--help']).format_help()\n"
+        "print('torch' in sys.modules, help_)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=NO_REEXEC, timeout=300)
+    assert run.returncode == 0, run.stderr
+    imported, text = run.stdout.split(" ", 1)
+    assert imported == "False"  # the command's own arguments (and torch) load only for that command
+    for name in ("demo", "explain", "export", "inspect", "featmaps", "run", "report", "bench", "actmax"):
+        assert name in text
