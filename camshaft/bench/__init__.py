@@ -3,8 +3,8 @@
 Shared by ``camshaft bench`` and the pytest-benchmark suites in ``benchmarks/``:
 
 - ``timing``: warm-up, device synchronization, round-robin repeats;
-- ``limits``: plain forward (eager, channels_last, frozen TorchScript (both layouts), ONNX Runtime), head and
-  input backward, a plain batched Adam loop;
+- ``limits``: plain forward (eager, channels_last, frozen TorchScript in both layouts, ONNX
+  Runtime), head and input backward, a plain batched Adam loop;
 - ``cases``: the model × batch × method × backend × targets matrix and camshaft's timed work;
 - ``peers``: the same work with pytorch-grad-cam, captum and torchcam when installed;
 - ``pipeline``: decode + explain + write on generated JPEGs;

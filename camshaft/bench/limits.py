@@ -2,11 +2,11 @@
 
 *The limit* is the best plain batched forward of the model on the device and dtype of the run,
 under inference mode: the best of eager, channels_last, frozen TorchScript (``torch.jit.trace`` +
-``torch.jit.freeze``, fed contiguous and channels-last batches) and ONNX Runtime (the session options
-camshaft itself uses). Gradient methods
-are also compared with *the gradient limit*: that best forward plus the head above the tap run
-forward with a batched backward of the K target scores to the tap (``head_backward``). Methods on
-input gradients are compared with a forward and a batched backward to the pixels (``input_backward``).
+``torch.jit.freeze``, fed contiguous and channels-last batches) and ONNX Runtime (the session
+options camshaft itself uses). Gradient methods are also compared with *the gradient limit*: that
+best forward plus the head above the tap run forward with a batched backward of the K target scores
+to the tap (``head_backward``). Methods on input gradients are compared with a forward and a
+batched backward to the pixels (``input_backward``).
 
 Limits run on their own frozen copy of the model, so they share no state with backends or peers.
 """

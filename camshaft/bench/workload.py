@@ -2,8 +2,8 @@
 
 Roles say what a figure is compared with:
 
-- ``limit``: plain batched forward of the model (eager, channels_last, frozen TorchScript, ONNX
-  Runtime); the best of them is *the limit* of its group.
+- ``limit``: plain batched forward of the model (eager, channels_last, frozen TorchScript in both
+  layouts, ONNX Runtime); the best of them is *the limit* of its group.
 - ``head_backward``: the head above the tap, forward and a batched backward of K scores to the
   tap; *the gradient limit* is the limit's forward time plus this.
 - ``input_backward``: a plain forward with a batched backward of K scores to the input pixels (the
