@@ -20,7 +20,7 @@ from camshaft.models.sources import ModelSource
 from camshaft.models.split import split_at_first_tap
 from camshaft.models.taps import TappedModel, plan_taps
 
-BACKENDS = ["eager", "torchscript", "onnxruntime"]
+BACKENDS = ["eager", "torchscript", "pt2", "onnxruntime"]
 
 
 def fixed(targets):
@@ -130,8 +130,19 @@ def test_artifact_metadata_and_dynamic_batch(resnet, tmp_path):
     props = {p.key for p in onnx.load(str(onnx_path)).metadata_props}
     assert {"camshaft", "camshaft.cam_head", "camshaft.head"} <= props
 
+    from camshaft.exporters import pt2 as pt2_export
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+    program, head, meta, cam = pt2_export.load(export_prepared(prepared, format="pt2", out=tmp_path / "m.pt2"))
+    assert meta.format == "pt2" and meta.taps == ["layer4"] and meta.class_names == names and meta.has_head
+    assert meta.cam_tap == "layer4" and max(meta.parity.values()) < 1e-3 and meta.exporter.startswith("torch.export")
+    torch.testing.assert_close(cam, resnet.fc.weight)
+    for batch in (1, 5):
+        logits, a = program(torch.randn(batch, 3, 64, 64))
+        assert logits.shape == (batch, 10) and a.shape == (batch, 512, 2, 2)
+        assert head(a)[0].shape == (batch, 10)  # the head travels in the archive: first tap -> logits
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx", "pt2"])
 def test_export_refuses_to_write_when_parity_fails(fmt, tmp_path):
     prepared = prepare_model(source_of(TinyCam()), taps=["features"])
     target = tmp_path / f"model.{fmt}"
@@ -220,6 +231,8 @@ def test_memory_format_auto_is_channels_last_for_convnets_only():
     conv, mlp = TinyCam(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
     assert resolve_memory_format("auto", conv) == torch.channels_last
     assert resolve_memory_format("auto", torch.jit.script(conv)) == torch.channels_last  # scripted modules too
+    exported = torch.export.export(TinyCam().eval(), (torch.zeros(1, 3, 4, 4),)).module()  # aten ops, no modules
+    assert resolve_memory_format("auto", exported) == torch.channels_last
     assert resolve_memory_format("auto", mlp) == torch.contiguous_format
     assert resolve_memory_format("contiguous", conv) == torch.contiguous_format
     with pytest.raises(UnknownNameError, match="channels_last"):

@@ -124,7 +124,7 @@ def test_guided_backprop_needs_a_live_model(tmp_path):
 
 def test_onnxruntime_gives_no_input_gradients(tmp_path):
     backend = open_backend("onnxruntime", source_of(TinyCam()), tmp_path)
-    with pytest.raises(CapabilityError, match="eager and torchscript"):
+    with pytest.raises(CapabilityError, match="eager, torchscript and pt2"):
         check_backend(get_method("saliency"), backend)
 
 

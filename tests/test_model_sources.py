@@ -72,9 +72,12 @@ def test_files_are_recognised(tmp_path):
     ts_path = tmp_path / "m.pt"
     torch.jit.save(torch.jit.script(TinyCam()), str(ts_path))
     assert resolve_model(str(ts_path)).kind == "torchscript"
+    pt2_path = tmp_path / "m.pt2"
+    torch.export.save(torch.export.export(TinyCam().eval(), (torch.zeros(1, 3, 4, 4),)), str(pt2_path))
+    assert resolve_model(str(pt2_path)).kind == "pt2"
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"junk")
-    with pytest.raises(ModelSourceError, match="neither an ONNX"):
+    with pytest.raises(ModelSourceError, match="not an ONNX file"):
         resolve_model(str(junk))
 
 

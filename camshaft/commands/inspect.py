@@ -48,6 +48,10 @@ def _inspect_artifact(source) -> int:
 
         model = onnx.load(str(source.path), load_external_data=False)
         meta, cam, head = onnx_export.read_metadata({p.key: p.value for p in model.metadata_props})
+    elif source.kind == "pt2":
+        from camshaft.exporters import pt2 as pt2_export
+
+        _, _, meta, cam = pt2_export.load(source.path)
     else:
         _, meta, cam = ts_export.load(source.path)
     if meta is None:

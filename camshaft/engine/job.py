@@ -22,7 +22,7 @@ class ExplainJob:
     targets: str = "top:1"  # top:K | label | comma-separated classes
     tap: str | None = None  # default: the CAM tap, else the model's last feature map
     weights: Path | None = None  # local state_dict for architectures and factories
-    backend: str = "eager"  # eager | torchscript | onnxruntime
+    backend: str = "eager"  # eager | torchscript | pt2 | onnxruntime
     device: str | None = None  # cpu | cuda[:N]; None = cuda when available
     dtype: str = "float32"  # float16 / bfloat16 autocast on CUDA
     batch_size: int = 32

@@ -1,4 +1,4 @@
-"""Export a tapped model to TorchScript or ONNX, with metadata and a parity check.
+"""Export a tapped model to TorchScript, ONNX or torch.export (.pt2), with metadata and a parity check.
 
 An artifact is written under a temporary name and renamed only after it matches the eager model
 on logits and every tap; otherwise nothing is written and the error says by how much it failed.
@@ -13,12 +13,13 @@ import torch
 
 from camshaft.errors import ConfigError, ParityError
 from camshaft.exporters import onnx as onnx_export
+from camshaft.exporters import pt2 as pt2_export
 from camshaft.exporters import torchscript as ts_export
 from camshaft.exporters.metadata import ArtifactMeta, version
 from camshaft.models.prepared import PreparedModel
 
-FORMATS = ("torchscript", "onnx")
-SUFFIX = {"torchscript": ".pt", "onnx": ".onnx"}
+FORMATS = ("torchscript", "onnx", "pt2")
+SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}
 
 
 def export_prepared(
@@ -59,6 +60,11 @@ def export_prepared(
             artifact = ts_export.build(prepared, example)
             meta.parity = _parity(module, lambda x: artifact(x), checks, rtol=rtol)
             ts_export.save(artifact, meta, cam, tmp)
+        elif format == "pt2":
+            exported = pt2_export.build(prepared, example)
+            meta.parity = _parity(module, exported, checks, rtol=rtol)
+            meta.exporter = f"torch.export (torch {torch.__version__})"
+            pt2_export.save(exported, meta, cam, tmp)
         else:
             meta.exporter = onnx_export.build(prepared, example, tmp)
             session = _session(tmp)

@@ -18,7 +18,7 @@ SCHEMA = 1
 class ArtifactMeta:
     """What an exported model carries besides its graph."""
 
-    format: str  # torchscript | onnx
+    format: str  # torchscript | onnx | pt2
     source: str
     preprocess: Preprocess
     taps: list[str]  # execution order
@@ -29,7 +29,7 @@ class ArtifactMeta:
     cam_linear: str | None = None  # module path of the CAM head's linear layer
     has_head: bool = False  # a differentiable head (first tap -> logits) travels along
     parity: dict[str, float] = field(default_factory=dict)  # max abs error per output
-    exporter: str = ""  # which torch exporter wrote an ONNX file
+    exporter: str = ""  # which torch exporter wrote an ONNX or .pt2 file
     camshaft_version: str = ""
     schema: int = SCHEMA
 

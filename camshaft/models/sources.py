@@ -26,7 +26,7 @@ DEMO = "demo"
 class ModelSource:
     """A resolved model: a live torch module, or the path of an exported artifact."""
 
-    kind: str  # "torch" | "torchscript" | "onnx"
+    kind: str  # "torch" | "torchscript" | "onnx" | "pt2"
     spec: str
     module: nn.Module | None = None
     path: Path | None = None
@@ -52,8 +52,10 @@ def resolve_model(spec: str | None, *, weights: str | Path | None = None) -> Mod
         if path.suffix.lower() == ".onnx":
             return ModelSource("onnx", spec, path=path)
         if zipfile.is_zipfile(path):
-            return ModelSource("torchscript", spec, path=path)
-        raise ModelSourceError(spec, [f"file {path}: neither an ONNX file (.onnx) nor a TorchScript archive (zip)"])
+            return ModelSource("pt2" if _is_pt2(path) else "torchscript", spec, path=path)
+        raise ModelSourceError(
+            spec, [f"file {path}: not an ONNX file (.onnx), a TorchScript archive or a torch.export archive (.pt2)"]
+        )
     tried.append(f"file: no such file {path}")
     if ":" in spec:
         return _factory(spec, weights)
@@ -63,6 +65,13 @@ def resolve_model(spec: str | None, *, weights: str | Path | None = None) -> Mod
         return _torchvision(spec, weights)
     tried.append(f"torchvision architecture: not one of {', '.join(names[:12])}, ... ({len(names)} in all)")
     raise ModelSourceError(spec, tried)
+
+
+def _is_pt2(path: Path) -> bool:
+    """A torch.export archive (its programs under ``models/``), not a TorchScript one (``code/``)."""
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any("/models/" in n or n.startswith("models/") for n in names) and not any("/code/" in n for n in names)
 
 
 def _no_weights(spec: str, weights) -> None:

@@ -170,8 +170,9 @@ def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> Expla
         return job
     source = explainer.source
     if source.kind == "torch" and job.backend != "eager":
-        suffix = ".onnx" if job.backend == "onnxruntime" else ".torchscript.pt"
-        return replace(job, model=str(state.out / "artifacts" / f"model{suffix}"), weights=None)
+        from camshaft.engine.backends.registry import ARTIFACT_NAMES
+
+        return replace(job, model=str(state.out / "artifacts" / ARTIFACT_NAMES[job.backend]), weights=None)
     if source.kind == "torch" and job.weights is None and source.spec != "demo":
         path = state.dir / "weights.pt"  # e.g. random weights: every worker must get the same ones
         torch.save(source.module.state_dict(), path)

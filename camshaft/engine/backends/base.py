@@ -93,10 +93,10 @@ def backend_factory(name: str) -> BackendFactory:
 
 
 ABLE = {
-    FORWARD: "eager, torchscript, onnxruntime",
-    INPUT_GRADIENTS: "eager and torchscript (ONNX Runtime computes no gradients)",
+    FORWARD: "eager, torchscript, pt2, onnxruntime",
+    INPUT_GRADIENTS: "eager, torchscript and pt2 (ONNX Runtime computes no gradients)",
     MODULE_HOOKS: "eager (the method modifies layers of a live torch model)",
-    TAP_GRADIENTS: "eager (any torch model); torchscript and onnxruntime for files camshaft exported "
+    TAP_GRADIENTS: "eager (any torch model); torchscript, pt2 and onnxruntime for files camshaft exported "
     "from a model whose first tap splits it (re-export with `camshaft export`)",
 }
 
@@ -135,11 +135,20 @@ def resolve_memory_format(name: str, module: torch.nn.Module | None) -> torch.me
     if name not in MEMORY_FORMATS:
         raise UnknownNameError("memory format", name, MEMORY_FORMATS)
     if name == "auto":
-        convs = module is not None and any(
-            isinstance(m, torch.nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d" for m in module.modules()
-        )
-        name = "channels_last" if convs else "contiguous"
+        name = "channels_last" if module is not None and _has_conv2d(module) else "contiguous"
     return torch.channels_last if name == "channels_last" else torch.contiguous_format
+
+
+def _has_conv2d(module: torch.nn.Module) -> bool:
+    """Conv2d modules (eager, TorchScript) or 2-d convolution ops (a torch.export graph module)."""
+    for m in module.modules():
+        if isinstance(m, torch.nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d":
+            return True
+        if isinstance(m, torch.fx.GraphModule) and any(
+            n.op == "call_function" and "conv2d" in str(n.target) for n in m.graph.nodes
+        ):
+            return True
+    return False
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

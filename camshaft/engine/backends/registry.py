@@ -1,4 +1,4 @@
-"""Opening a backend for a model source: eager torch, TorchScript or ONNX Runtime.
+"""Opening a backend for a model source: eager torch, TorchScript, torch.export (.pt2) or ONNX Runtime.
 
 A torch model asked to run on TorchScript or ONNX Runtime is exported first (with the parity
 check) into the run's work folder, so every backend serves the same taps and head.
@@ -18,12 +18,17 @@ from camshaft.engine.backends.onnx_backend import OnnxBackend, open_session
 from camshaft.engine.backends.torch_backend import TorchBackend
 from camshaft.errors import ConfigError
 from camshaft.exporters import onnx as onnx_export
+from camshaft.exporters import pt2 as pt2_export
 from camshaft.exporters import torchscript as ts_export
 from camshaft.exporters.metadata import ArtifactMeta
 from camshaft.models.onnx_graph import open_foreign
 from camshaft.models.prepared import prepare_model
 from camshaft.models.sources import ModelSource
 from camshaft.preprocess import Preprocess
+
+
+FILE_BACKENDS = {"onnx": "onnxruntime", "torchscript": "torchscript", "pt2": "pt2"}  # file kind -> its backend
+ARTIFACT_NAMES = {"onnxruntime": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
 
 
 def _check_taps(meta: ArtifactMeta, taps: Sequence[str] | None, path: Path) -> None:
@@ -61,8 +66,8 @@ def _artifact(source: ModelSource, fmt: str, *, taps, preprocess: dict, workdir:
         raise ConfigError(f"the {fmt} backend needs a work folder to export {source.spec!r} into")
     pre = (source.preprocess or Preprocess()).replace(**preprocess)
     prepared = prepare_model(source, taps=taps, preprocess=pre)
-    suffix = ".onnx" if fmt == "onnx" else ".torchscript.pt"
-    return export_prepared(prepared, format=fmt, out=workdir / f"model{suffix}")
+    backend = {"onnx": "onnxruntime"}.get(fmt, fmt)
+    return export_prepared(prepared, format=fmt, out=workdir / ARTIFACT_NAMES[backend])
 
 
 def open_eager(
@@ -71,7 +76,7 @@ def open_eager(
     if source.kind != "torch":
         raise ConfigError(
             f"the eager backend needs a torch model; {source.spec!r} is a {source.kind} file "
-            f"(use --backend {'onnxruntime' if source.kind == 'onnx' else 'torchscript'})"
+            f"(use --backend {FILE_BACKENDS.get(source.kind, 'torchscript')})"
         )
     pre = (source.preprocess or Preprocess()).replace(**preprocess)
     p = prepare_model(source, taps=taps, preprocess=pre)
@@ -135,6 +140,41 @@ def open_torchscript(
     )
 
 
+def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, memory_format="auto", **_):
+    path = _artifact(source, "pt2", taps=taps, preprocess=preprocess, workdir=workdir)
+    program, head, meta, cam = pt2_export.load(path, device=device)
+    if meta is None:
+        raise ConfigError(
+            f"{path} is a torch.export archive without camshaft metadata, so its taps are unknown. "
+            "Export the original model with `camshaft export --format pt2` (or explain it with the eager backend)"
+        )
+    _check_taps(meta, taps, path)
+    taps_ = tuple(meta.taps)
+    full = lambda x: pt2_export.unflatten(program(x), taps_)  # noqa: E731
+    split = None
+    if head is not None:
+        first, later = taps_[0], taps_[1:]
+
+        def trunk(x):  # the program's first tap (its head part is small, and computed once more)
+            return program(x)[1]
+
+        def run_head(a):
+            outs = head(a)
+            return outs[0], {first: a, **dict(zip(later, outs[1:], strict=True))}
+
+        split = (trunk, run_head)
+    info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
+    return TorchBackend(
+        name="pt2",
+        info=info,
+        full=full,
+        device=device,
+        dtype=dtype,
+        split=split,
+        memory_format=resolve_memory_format(memory_format, program),
+    )
+
+
 def open_onnxruntime(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, **_):
     if dtype != torch.float32:
         raise ConfigError("the onnxruntime backend runs float32 models; export in half precision is not supported yet")
@@ -150,6 +190,7 @@ def open_onnxruntime(source: ModelSource, *, taps=None, preprocess: dict, device
 
 register_backend("eager", open_eager)
 register_backend("torchscript", open_torchscript)
+register_backend("pt2", open_pt2)
 register_backend("onnxruntime", open_onnxruntime)
 
 

@@ -1,0 +1,84 @@
+"""``torch.export`` artifacts (.pt2): the successor of TorchScript, with metadata inside.
+
+The archive's program is ``x -> [logits, taps...]`` with a dynamic batch axis. Where the model
+splits at its first tap, the head (``a -> [logits, later taps...]``) is exported too and travels in
+the archive's extra files (a .pt2 holds one program per ``torch.export.save``), so a backend can
+differentiate just the head, as with ONNX files. Metadata and CAM weights are extra files as well.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from camshaft.exporters.metadata import ArtifactMeta, cam_from_bytes, cam_to_bytes
+from camshaft.exporters.torchscript import FlatHead, FlatTapped
+from camshaft.models.prepared import PreparedModel
+
+META_FILE = "camshaft/meta.json"
+CAM_FILE = "camshaft/cam_head.npz.b64"
+HEAD_FILE = "camshaft/head.pt2.b64"
+MAX_BATCH = 65536
+
+
+@dataclass(frozen=True)
+class Pt2Artifact:
+    program: torch.export.ExportedProgram  # x -> [logits, taps...]
+    head: torch.export.ExportedProgram | None  # first tap -> [logits, later taps...]
+    taps: tuple[str, ...]
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return unflatten(self.program.module()(x), self.taps)
+
+
+def unflatten(outs, taps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return outs[0], dict(zip(taps, outs[1:], strict=True))
+
+
+def _batch_axis() -> tuple[dict[int, torch.export.Dim]]:
+    return ({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},)
+
+
+def build(prepared: PreparedModel, example: torch.Tensor) -> Pt2Artifact:
+    """Export the prepared model (and its head, where it splits) with a dynamic batch axis."""
+    taps = tuple(prepared.tapped.taps)
+    with torch.no_grad():
+        program = torch.export.export(FlatTapped(prepared.tapped).eval(), (example,), dynamic_shapes=_batch_axis())
+        head = None
+        if prepared.split is not None:
+            a = prepared.split.trunk.eval()(example)
+            flat_head = FlatHead(prepared.split.head, list(taps[1:])).eval()
+            head = torch.export.export(flat_head, (a,), dynamic_shapes=_batch_axis())
+    return Pt2Artifact(program, head, taps)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def save(artifact: Pt2Artifact, meta: ArtifactMeta, cam_weight: torch.Tensor | None, path: Path) -> None:
+    extra = {META_FILE: meta.to_json()}
+    if cam_weight is not None:
+        extra[CAM_FILE] = _b64(cam_to_bytes(cam_weight))
+    if artifact.head is not None:
+        buf = io.BytesIO()
+        torch.export.save(artifact.head, buf)
+        extra[HEAD_FILE] = _b64(buf.getvalue())
+    with open(path, "wb") as f:
+        torch.export.save(artifact.program, f, extra_files=extra)
+
+
+def load(path: Path, *, device: torch.device | str = "cpu"):
+    """``(program module, head module or None, meta or None, cam weight or None)`` of a .pt2 file."""
+    extra = {META_FILE: "", CAM_FILE: "", HEAD_FILE: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    head = None
+    if extra[HEAD_FILE]:
+        head = torch.export.load(io.BytesIO(base64.b64decode(extra[HEAD_FILE]))).module().to(device)
+    meta = ArtifactMeta.from_json(extra[META_FILE]) if extra[META_FILE] else None
+    cam = cam_from_bytes(base64.b64decode(extra[CAM_FILE])) if extra[CAM_FILE] else None
+    return program.module().to(device), head, meta, cam
