@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import onnx
@@ -263,3 +264,31 @@ def test_channels_last_changes_no_result_and_hands_back_plain_tensors(name, resn
     for tap in ("layer3", "layer4"):
         torch.testing.assert_close(out["channels_last"].grads[tap], out["contiguous"].grads[tap], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads["channels_last"].input_grads, grads["contiguous"].input_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_pt2_files_load_without_unpickling(tmp_path, monkeypatch):
+    """torch.export.load may fall back to full unpickling; camshaft forces weights-only loads."""
+    from camshaft.exporters import pt2 as pt2_export
+
+    path = export_prepared(prepare_model(source_of(TinyCam()), taps=["features"]), format="pt2", out=tmp_path / "m.pt2")
+    seen = []
+    real = torch.export.load
+
+    def spy(*args, **kwargs):
+        seen.append(os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "load", spy)
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    program, head, meta, _ = pt2_export.load(path)
+    assert seen and all(v == "1" for v in seen) and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    assert meta.taps == ["features"] and program(torch.zeros(2, 3, 8, 8))[0].shape == (2, 3)
+
+    def pickled(*args, **kwargs):
+        import pickle
+
+        raise pickle.UnpicklingError("Weights only load failed")
+
+    monkeypatch.setattr(torch.export, "load", pickled)
+    with pytest.raises(ConfigError, match="does not unpickle model files"):
+        pt2_export.load(path)

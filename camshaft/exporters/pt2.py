@@ -9,12 +9,17 @@ differentiate just the head, as with ONNX files. Metadata and CAM weights are ex
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
+import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from camshaft.errors import ConfigError
 from camshaft.exporters.metadata import ArtifactMeta, cam_from_bytes, cam_to_bytes
 from camshaft.exporters.torchscript import FlatHead, FlatTapped
 from camshaft.models.prepared import PreparedModel
@@ -72,13 +77,43 @@ def save(artifact: Pt2Artifact, meta: ArtifactMeta, cam_weight: torch.Tensor | N
         torch.export.save(artifact.program, f, extra_files=extra)
 
 
+@contextlib.contextmanager
+def weights_only() -> Iterator[None]:
+    """Every ``torch.load`` inside runs with ``weights_only=True``.
+
+    ``torch.export.load`` falls back to full unpickling for some stored objects; a model file must
+    never run code, so inside this block that fallback is refused (torch's own override switch).
+    """
+    key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+def _load_program(f, path: Path, extra: dict | None = None) -> torch.export.ExportedProgram:
+    try:
+        with weights_only():
+            return torch.export.load(f, extra_files=extra)
+    except pickle.UnpicklingError as e:
+        raise ConfigError(
+            f"{path} stores pickled objects that cannot be loaded as plain weights; camshaft does not "
+            f"unpickle model files ({e}). Re-export it with `camshaft export --format pt2`"
+        ) from e
+
+
 def load(path: Path, *, device: torch.device | str = "cpu"):
     """``(program module, head module or None, meta or None, cam weight or None)`` of a .pt2 file."""
     extra = {META_FILE: "", CAM_FILE: "", HEAD_FILE: ""}
-    program = torch.export.load(str(path), extra_files=extra)
+    program = _load_program(str(path), path, extra)
     head = None
     if extra[HEAD_FILE]:
-        head = torch.export.load(io.BytesIO(base64.b64decode(extra[HEAD_FILE]))).module().to(device)
+        head = _load_program(io.BytesIO(base64.b64decode(extra[HEAD_FILE])), path).module().to(device)
     meta = ArtifactMeta.from_json(extra[META_FILE]) if extra[META_FILE] else None
     cam = cam_from_bytes(base64.b64decode(extra[CAM_FILE])) if extra[CAM_FILE] else None
     return program.module().to(device), head, meta, cam
