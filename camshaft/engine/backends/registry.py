@@ -116,14 +116,7 @@ def open_torchscript(
         p.requires_grad_(False)
     split = None
     if hasattr(module, "trunk") and hasattr(module, "head"):
-        trunk, head = module.trunk, module.head
-        first, later = meta.taps[0], meta.taps[1:]
-
-        def run_head(a):
-            outs = head(a)
-            return outs[0], {first: a, **dict(zip(later, outs[1:], strict=True))}
-
-        split = (trunk, run_head)
+        split = (module.trunk, _head_runner(module.head, meta.taps))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # freeze is deprecated upstream but still the fastest CPU path
         frozen = torch.jit.freeze(module) if device.type == "cpu" else module
@@ -140,6 +133,17 @@ def open_torchscript(
     )
 
 
+def _head_runner(head, taps):
+    """``a -> (logits, {tap: activation})`` around a flat head ``a -> [logits, later taps...]``."""
+    first, later = taps[0], tuple(taps[1:])
+
+    def run_head(a):
+        outs = head(a)
+        return outs[0], {first: a, **dict(zip(later, outs[1:], strict=True))}
+
+    return run_head
+
+
 def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, memory_format="auto", **_):
     path = _artifact(source, "pt2", taps=taps, preprocess=preprocess, workdir=workdir)
     program, head, meta, cam = pt2_export.load(path, device=device)
@@ -149,20 +153,18 @@ def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype,
             "Export the original model with `camshaft export --format pt2` (or explain it with the eager backend)"
         )
     _check_taps(meta, taps, path)
+    for m in (program, head):
+        for p in m.parameters() if m is not None else ():
+            p.requires_grad_(False)  # gradients are asked of the taps only, never of weights
     taps_ = tuple(meta.taps)
     full = lambda x: pt2_export.unflatten(program(x), taps_)  # noqa: E731
     split = None
     if head is not None:
-        first, later = taps_[0], taps_[1:]
 
         def trunk(x):  # the program's first tap (its head part is small, and computed once more)
             return program(x)[1]
 
-        def run_head(a):
-            outs = head(a)
-            return outs[0], {first: a, **dict(zip(later, outs[1:], strict=True))}
-
-        split = (trunk, run_head)
+        split = (trunk, _head_runner(head, taps_))
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
     return TorchBackend(
         name="pt2",
