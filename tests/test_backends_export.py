@@ -292,3 +292,10 @@ def test_pt2_files_load_without_unpickling(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.export, "load", pickled)
     with pytest.raises(ConfigError, match="does not unpickle model files"):
         pt2_export.load(path)
+
+
+def test_pt2_export_of_data_dependent_control_flow_fails_clearly(tmp_path):
+    prepared = prepare_model(source_of(Untraceable()), taps=["features"])
+    with pytest.raises(ConfigError, match="torch.export cannot export 'Untraceable'.*use --format torchscript or onnx"):
+        export_prepared(prepared, format="pt2", out=tmp_path / "u.pt2")
+    assert list(tmp_path.iterdir()) == []  # nothing written

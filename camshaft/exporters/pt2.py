@@ -51,13 +51,20 @@ def _batch_axis() -> tuple[dict[int, torch.export.Dim]]:
 def build(prepared: PreparedModel, example: torch.Tensor) -> Pt2Artifact:
     """Export the prepared model (and its head, where it splits) with a dynamic batch axis."""
     taps = tuple(prepared.tapped.taps)
-    with torch.no_grad():
-        program = torch.export.export(FlatTapped(prepared.tapped).eval(), (example,), dynamic_shapes=_batch_axis())
-        head = None
-        if prepared.split is not None:
-            a = prepared.split.trunk.eval()(example)
-            flat_head = FlatHead(prepared.split.head, list(taps[1:])).eval()
-            head = torch.export.export(flat_head, (a,), dynamic_shapes=_batch_axis())
+    try:
+        with torch.no_grad():
+            program = torch.export.export(FlatTapped(prepared.tapped).eval(), (example,), dynamic_shapes=_batch_axis())
+            head = None
+            if prepared.split is not None:
+                a = prepared.split.trunk.eval()(example)
+                flat_head = FlatHead(prepared.split.head, list(taps[1:])).eval()
+                head = torch.export.export(flat_head, (a,), dynamic_shapes=_batch_axis())
+    except Exception as e:  # noqa: BLE001 - torch.export raises many kinds; all mean the same here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(
+            f"torch.export cannot export {prepared.info.source!r} ({type(e).__name__}: {first}); models whose "
+            "control flow depends on the data cannot become .pt2 programs: use --format torchscript or onnx"
+        ) from e
     return Pt2Artifact(program, head, taps)
 
 
