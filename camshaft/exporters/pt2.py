@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import io
 import os
 import pickle
@@ -30,14 +31,18 @@ HEAD_FILE = "camshaft/head.pt2.b64"
 MAX_BATCH = 65536
 
 
-@dataclass(frozen=True)
+@dataclass
 class Pt2Artifact:
     program: torch.export.ExportedProgram  # x -> [logits, taps...]
     head: torch.export.ExportedProgram | None  # first tap -> [logits, later taps...]
     taps: tuple[str, ...]
 
+    @functools.cached_property
+    def _module(self) -> torch.nn.Module:
+        return self.program.module()  # builds a graph module: once
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return unflatten(self.program.module()(x), self.taps)
+        return unflatten(self._module(x), self.taps)
 
 
 def unflatten(outs, taps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
