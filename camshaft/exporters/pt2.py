@@ -14,6 +14,7 @@ import functools
 import io
 import os
 import pickle
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ META_FILE = "camshaft/meta.json"
 CAM_FILE = "camshaft/cam_head.npz.b64"
 HEAD_FILE = "camshaft/head.pt2.b64"
 MAX_BATCH = 65536
+_ENV_LOCK = threading.Lock()
 
 
 @dataclass
@@ -97,15 +99,16 @@ def weights_only() -> Iterator[None]:
     never run code, so inside this block that fallback is refused (torch's own override switch).
     """
     key = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
-    previous = os.environ.get(key)
-    os.environ[key] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = previous
+    with _ENV_LOCK:  # the switch is process-wide: loads in other threads must not unset it early
+        previous = os.environ.get(key)
+        os.environ[key] = "1"
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = previous
 
 
 def _load_program(f, path: Path, extra: dict | None = None) -> torch.export.ExportedProgram:

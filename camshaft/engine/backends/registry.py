@@ -66,8 +66,7 @@ def _artifact(source: ModelSource, fmt: str, *, taps, preprocess: dict, workdir:
         raise ConfigError(f"the {fmt} backend needs a work folder to export {source.spec!r} into")
     pre = (source.preprocess or Preprocess()).replace(**preprocess)
     prepared = prepare_model(source, taps=taps, preprocess=pre)
-    backend = {"onnx": "onnxruntime"}.get(fmt, fmt)
-    return export_prepared(prepared, format=fmt, out=workdir / ARTIFACT_NAMES[backend])
+    return export_prepared(prepared, format=fmt, out=workdir / ARTIFACT_NAMES[FILE_BACKENDS[fmt]])
 
 
 def open_eager(
