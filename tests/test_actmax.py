@@ -247,6 +247,11 @@ def test_fast_kernels_agree_to_rounding_before_the_first_step(demo):
     fast = [render(model, objs, preprocess=pre, config=_cfg(steps=1, batch_size=b, exact=False)) for b in (1, 2)]
     torch.testing.assert_close(fast[0].losses, fast[1].losses, rtol=1e-5, atol=1e-6)
     assert torch.backends.mkldnn.enabled  # restored after every run
+    # the fast kernels run the convnet channels-last, the exact ones contiguous: the same numbers
+    exact = render(model, objs, preprocess=pre, config=_cfg(steps=1, exact=True))
+    torch.testing.assert_close(fast[1].losses, exact.losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[1].values, exact.values, rtol=1e-4, atol=1e-4)
+    assert all(p.is_contiguous() for p in model.parameters())  # the model's layout is restored
 
 
 def test_render_leaves_the_model_as_it_found_it(demo):

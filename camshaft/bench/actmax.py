@@ -4,7 +4,8 @@ camshaft runs with its defaults (Fourier parameterization, transforms, leaky dea
 exact batch-size-invariant kernels, and a second figure with ``exact=False``, the fast kernels).
 N class logits are optimised at once (images = classes, so images/s is classes/s and its inverse
 is seconds per class). *The limit* (``actmax_limit``) is a plain batched Adam ascent on the raw
-logits: pixels, no transforms, no regularizers, the same steps and size. lucent's ``render_vis``
+logits: pixels, no transforms, no regularizers, the same steps and size; the best of contiguous
+and (convnets) channels-last images, as ``render`` uses with fast kernels. lucent's ``render_vis``
 (torch-lucent, when installed) renders one class at a time, as it works.
 """
 
@@ -19,6 +20,7 @@ from torch import nn
 from camshaft.bench.limits import adam_loop, frozen_copy
 from camshaft.bench.peers import quietly
 from camshaft.bench.workload import Skipped, Workload
+from camshaft.engine.backends.base import _has_conv2d
 
 
 def _camshaft(
@@ -84,15 +86,23 @@ def actmax_workloads(
     """The limit, camshaft's ``render`` and (when installed) lucent, on ``classes`` class logits."""
     attrs = {**attrs, "method": "actmax", "targets": f"{classes} classes", "k": 1, "steps": steps}
     evals = classes * steps
-    limit = adam_loop(
-        frozen_copy(model).to(device),
-        classes=torch.arange(classes, device=device),
-        size=size,
-        steps=steps,
-        device=device,
-    )
+    formats = {"contiguous": torch.contiguous_format}
+    if _has_conv2d(model):  # as render lays out convnets when it runs the fast kernels
+        formats["channels_last"] = torch.channels_last
     out: list[Workload | Skipped] = [
-        Workload(f"{key}/actmax_limit", "actmax_limit", limit, classes, classes, evals, attrs),
+        Workload(
+            f"{key}/actmax_limit/{variant}",
+            "actmax_limit",
+            adam_loop(frozen_copy(model).to(device), classes=torch.arange(classes, device=device), size=size,
+                      steps=steps, device=device, memory_format=fmt),
+            classes,
+            classes,
+            evals,
+            {**attrs, "variant": variant},
+        )
+        for variant, fmt in formats.items()
+    ]
+    out += [
         Workload(
             f"{key}/actmax/eager",
             "method",

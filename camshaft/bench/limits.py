@@ -179,9 +179,19 @@ def input_backward(model: nn.Module, x: torch.Tensor, *, k: int, dtype: torch.dt
 
 
 def adam_loop(
-    model: nn.Module, *, classes: torch.Tensor, size: int, steps: int, device: torch.device
+    model: nn.Module,
+    *,
+    classes: torch.Tensor,
+    size: int,
+    steps: int,
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Callable[[], object]:
-    """The activation-maximization limit: a plain batched Adam ascent on N class logits at once."""
+    """The activation-maximization limit: a plain batched Adam ascent on N class logits at once.
+
+    With ``memory_format=torch.channels_last`` the model (converted here) sees channels-last images.
+    """
+    model = model.to(memory_format=memory_format)
 
     def fn():
         gen = torch.Generator(device=device).manual_seed(0)
@@ -190,7 +200,7 @@ def adam_loop(
         rows = torch.arange(len(classes), device=device)
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            loss = -model(img)[rows, classes].sum()
+            loss = -model(img.contiguous(memory_format=memory_format))[rows, classes].sum()
             loss.backward()
             opt.step()
 

@@ -40,18 +40,17 @@ class _LeakyDeadReLU(torch.autograd.Function):
         # the channels of an image (B, C, ...), or the vectors (B, N), that pass no gradient at all;
         # all their alive units have g == 0, so the whole channel takes the waking gradient
         # (descent raises units with g < 0)
-        flat = normal.flatten(2) if g.dim() > 2 else normal
+        space = tuple(range(2, g.dim())) or (1,)  # reduced per channel (any memory layout), or per vector
         if _sync_free(g.device):  # no host sync: one pass over everything
-            stalled = (flat.amax(-1) == 0) & (flat.amin(-1) == 0)
-            stalled = stalled.view(*stalled.shape, *([1] * (g.dim() - stalled.dim())))
+            stalled = (normal.amax(space, keepdim=True) == 0) & (normal.amin(space, keepdim=True) == 0)
             return torch.where(stalled, g.clamp(max=0) * ctx.leak, normal), None, None
         # a stalled channel sums to 0; a sum is the cheapest pass over the data, and the few
         # candidates (a live channel summing to exactly 0 is rare) are then checked unit by unit
-        candidates = (flat.sum(-1) == 0).nonzero(as_tuple=True)
+        candidates = (normal.sum(space) == 0).nonzero(as_tuple=True)
         if not len(candidates[0]):
             return normal, None, None
-        picked = flat[candidates]
-        stalled = (picked.amax(-1) == 0) & (picked.amin(-1) == 0)
+        picked = normal[candidates].flatten(1)
+        stalled = (picked.amax(1) == 0) & (picked.amin(1) == 0)
         index = tuple(i[stalled] for i in candidates)  # (b, c) of a feature map, (b,) of vectors
         normal[index] = g[index].clamp(max=0) * ctx.leak
         return normal, None, None

@@ -27,7 +27,7 @@ from camshaft.engine.actmax.regularizers import (
 )
 from camshaft.engine.actmax.relu import redirected_relus
 from camshaft.engine.actmax.transforms import Compose, Jitter, Pad, Rotate, Scale
-from camshaft.engine.backends.base import DTYPES, resolve_device, resolve_dtype
+from camshaft.engine.backends.base import DTYPES, resolve_device, resolve_dtype, resolve_memory_format
 from camshaft.engine.backends.torch_backend import frozen
 from camshaft.errors import ConfigError
 from camshaft.models.taps import TappedModel
@@ -61,7 +61,8 @@ class RenderConfig:
     device: str | None = None  # cpu | cuda[:N]; None = cuda when available
     dtype: str = "float32"  # float16 / bfloat16: autocast for the model's forward
     exact: bool | None = None  # batch-size-invariant kernels, so results never depend on batch_size;
-    # None: on the CPU only (oneDNN off, ~1.5x slower); on CUDA it turns cuDNN off (much slower)
+    # None: on the CPU only (oneDNN off, ~1.5x slower); on CUDA it turns cuDNN off (much slower).
+    # Without them convnets run channels-last.
     relu_leak: float = 0.03  # dead ReLU channels get this share of the gradient that wakes them (relu.py)
 
     def __post_init__(self):
@@ -154,6 +155,27 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _laid_out(model: nn.Module, layout: torch.memory_format) -> Iterator[None]:
+    """The model's 4-d parameters and buffers in ``layout`` meanwhile; contiguous ones are restored."""
+    if layout == torch.contiguous_format:
+        yield
+        return
+    restore = [t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4 and t.is_contiguous()]
+    try:
+        model.to(memory_format=layout)
+        yield
+    finally:
+        for t in restore:
+            t.data = t.data.contiguous()
+
+
+def _in_layout(forward: Forward, layout: torch.memory_format) -> Forward:
+    if layout == torch.contiguous_format:
+        return forward
+    return lambda x: forward(x.contiguous(memory_format=layout))
+
+
+@contextlib.contextmanager
 def batch_invariant(device: torch.device, enabled: bool = True) -> Iterator[None]:
     """Convolution kernels whose result for an image does not depend on the batch size.
 
@@ -201,9 +223,13 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
     init = _expand_init(init, n_images, preprocess.input_size)
     model.to(device)
     exact = device.type == "cpu" if config.exact is None else config.exact
-    with _frozen_eval(model), redirected_relus(model, leak=config.relu_leak), batch_invariant(device, exact):
+    # the fast kernels run convnets channels-last (faster, as in the backends); torch's own
+    # batch-invariant kernels are written for contiguous tensors
+    layout = torch.contiguous_format if exact else resolve_memory_format("auto", model)
+    with (_frozen_eval(model), _laid_out(model, layout), redirected_relus(model, leak=config.relu_leak),
+          batch_invariant(device, exact)):
         full = _with_regularizers(model, objectives, config, preprocess, device)
-        forward = forward_fn(model, sorted(set().union(*(o.taps for o in full))))
+        forward = _in_layout(forward_fn(model, sorted(set().union(*(o.taps for o in full)))), layout)
         _check(objectives + full, forward, preprocess, device)
         per_chunk = config.batch_size // config.copies  # objectives per chunk
         chunks = [range(i, min(i + per_chunk, len(objectives))) for i in range(0, len(objectives), per_chunk)]
