@@ -67,6 +67,23 @@ def test_split_exists_only_where_the_tap_cuts_the_graph(resnet):
     assert split_at_first_tap(TappedModel(resnet, ["layer4.0.conv1"])) is None
 
 
+def test_a_split_at_a_tap_the_model_overwrites_leaves_the_activation_alone(resnet):
+    """The stem's ``bn1`` feeds an in-place ReLU: the head must not write into the tap it is given."""
+    split = split_at_first_tap(TappedModel(resnet, ["bn1", "layer4"]))
+    assert split is not None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a = split.trunk(x)
+        torch.testing.assert_close(a, resnet.bn1(resnet.conv1(x)))
+        before = a.clone()
+        logits, taps = split.head(a)
+        torch.testing.assert_close(logits, resnet(x))
+    assert torch.equal(a, before) and a.min() < 0 and taps["bn1"] is a
+    leaf = a.clone().requires_grad_(True)  # what tap_gradients hands the head: no in-place error
+    (g,) = torch.autograd.grad(split.head(leaf)[0][:, 3].sum(), leaf)
+    assert g.abs().sum() > 0
+
+
 def test_gradients_at_a_tap_that_does_not_cut_the_graph(resnet, tmp_path):
     """Eager tap gradients need no split: compare with retain_grad on the full model."""
     backend = open_backend("eager", source_of(resnet, size=(64, 64)), tmp_path, taps=["layer4.0.conv1"])
@@ -83,6 +100,52 @@ def test_gradients_at_a_tap_that_does_not_cut_the_graph(resnet, tmp_path):
         handle.remove()
         resnet.zero_grad(set_to_none=True)
     torch.testing.assert_close(out.grads["layer4.0.conv1"][:, 0], store["a"].grad, rtol=1e-4, atol=1e-6)
+
+
+class Wrapped(torch.nn.Module):
+    """``net`` behind data-dependent control flow: FX cannot trace it, taps are read with hooks."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x) * 1.0 if bool(x.sum() > -1e30) else self.net(x)
+
+
+@pytest.mark.parametrize("traced", [True, False], ids=["fx", "hooks"])
+def test_taps_the_model_overwrites_in_place_keep_their_values_and_gradients(resnet, tmp_path, traced):
+    """``bn1`` feeds an in-place ReLU and ``bn2`` an in-place ``+=``: the taps read the BN outputs."""
+    import copy
+
+    model = resnet if traced else Wrapped(resnet)
+    prefix = "" if traced else "net."
+    taps = [prefix + "layer1.0.bn1", prefix + "layer2.1.bn2"]
+    assert TappedModel(model, taps).traceable is traced
+    reference = copy.deepcopy(resnet)  # the same model going on with a copy of each tapped output
+    store = {}
+    hooks = [reference.get_submodule(t.removeprefix(prefix)).register_forward_hook(
+        lambda m, i, o, t=t: store.setdefault(t, o).clone()) for t in taps]
+    x = torch.randn(2, 3, 64, 64)
+    try:
+        with torch.enable_grad():
+            logits = reference(x)
+            for t in taps:
+                store[t].retain_grad()
+            (logits[0, 3] + logits[1, 5]).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert store[taps[0]].min() < 0  # what an in-place ReLU would have clamped
+    with torch.no_grad():
+        out_logits, values = TappedModel(model, taps)(x)
+    torch.testing.assert_close(out_logits, logits.detach())
+    for t in taps:
+        torch.testing.assert_close(values[t], store[t].detach())
+    backend = open_backend("eager", source_of(model, size=(64, 64)), tmp_path, taps=taps)
+    grads = backend.tap_gradients(x, fixed([[3], [5]])).grads
+    for t in taps:
+        torch.testing.assert_close(grads[t][:, 0], store[t].grad, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", ["cam", "gradcam"])

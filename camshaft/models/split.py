@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from camshaft.models.taps import LOGITS, TappedModel, _output_aliases
+from camshaft.models.taps import LOGITS, TappedModel, _output_aliases, tap_source
 
 
 class Trunk(nn.Module):
@@ -58,7 +58,7 @@ def split_at_first_tap(tapped: TappedModel) -> SplitModel | None:
     by_alias = {alias: node for node, alias in _output_aliases(out_node).items()}
     tap_node = by_alias[first]
 
-    trunk = _subgraph(gm, output=tap_node, replace=None)
+    trunk = _subgraph(gm, output=tap_source(tap_node) or tap_node, replace=None)
     head_outputs = {alias: node for alias, node in by_alias.items() if alias != first}
     head = _subgraph(gm, output=head_outputs, replace=tap_node)
     if head is None:
@@ -74,12 +74,18 @@ def _subgraph(gm: fx.GraphModule, *, output, replace: fx.Node | None) -> fx.Grap
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     new_input = graph.placeholder("a") if replace is not None else None
+    # a tap the model overwrites in place is a copy of its source: the head goes on from a copy
+    # of its input, so the activation handed to it stays as it is
+    source = tap_source(replace) if replace is not None else None
     original_inputs = []
     for node in gm.graph.nodes:
         if node.op == "output":
             break
         if node is replace:
             env[node] = new_input
+            continue
+        if node is source:
+            env[node] = graph.call_method("clone", (new_input,))
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
         if node.op == "placeholder":

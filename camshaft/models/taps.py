@@ -8,6 +8,7 @@ FX node names such as densenet's functional ``relu``), and with forward hooks on
 from __future__ import annotations
 
 import contextlib
+import operator
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 from camshaft.errors import ConfigError, UnknownNameError
 
 LOGITS = "__camshaft_logits__"
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv})
+_TAP_COPY = "camshaft_tap_copy"  # meta flag of the copies ``_keep_tap_values`` inserts
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ class TappedModel(nn.Module):
             return_nodes[plan.output] = LOGITS
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.graph_module = create_feature_extractor(model, return_nodes=return_nodes)
+                self.graph_module = _keep_tap_values(create_feature_extractor(model, return_nodes=return_nodes))
             self.leaf_module = _with_leaf(self.graph_module, self.taps[0])
         else:
             self.model = model
@@ -115,6 +118,43 @@ class TappedModel(nn.Module):
         return logits, {t: store[t] for t in self.taps}
 
 
+def modifies_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether FX ``node`` writes into its first argument (in-place module, method or function)."""
+    if node.op == "call_module":
+        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace")) or node.target in _INPLACE_OPERATORS or name.endswith("_")
+    return False
+
+
+def _keep_tap_values(gm: fx.GraphModule) -> fx.GraphModule:
+    """Taps whose value the model overwrites later (``bn1`` before an in-place ReLU, a residual
+    branch before ``+=``) are returned as a copy taken when they are computed; the model's own data
+    flow is unchanged."""
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    changed = False
+    for node, alias in _output_aliases(out_node).items():
+        if alias == LOGITS or not any(u.args and u.args[0] is node and modifies_input(gm, u) for u in node.users):
+            continue
+        with gm.graph.inserting_after(node):
+            copy = gm.graph.call_method("clone", (node,))
+        copy.meta[_TAP_COPY] = True
+        out_node.replace_input_with(node, copy)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+def tap_source(node: fx.Node) -> fx.Node | None:
+    """The node a tap copy (``_keep_tap_values``) was taken from, or None for any other node."""
+    return node.args[0] if node.meta.get(_TAP_COPY) else None
+
+
 def _with_leaf(gm: fx.GraphModule, tap: str) -> fx.GraphModule:
     """A copy of ``gm`` whose output named ``tap`` is cut from the graph below it."""
     graph = fx.Graph()
@@ -126,6 +166,8 @@ def _with_leaf(gm: fx.GraphModule, tap: str) -> fx.GraphModule:
         if node is tap_node:
             detached = graph.call_method("detach", (env[node],))
             env[node] = graph.call_method("requires_grad_", (detached,))
+            if tap_source(node) is not None:  # the model goes on from a copy of the leaf, which it overwrites
+                env[tap_source(node)] = graph.call_method("clone", (env[node],))
     return fx.GraphModule(gm, graph)
 
 
@@ -149,7 +191,9 @@ def _hooked(model: nn.Module, nodes: dict[str, str], *, leaf_first: bool) -> Ite
             if leaf_first and not store:  # the first tap the forward reaches
                 output = output.detach().requires_grad_(True)
             store[tap] = output
-            return output
+            # the model goes on with a copy: an in-place op after the module (a ReLU, +=) would
+            # overwrite the tap's value (hooks cannot see whether one follows)
+            return output.clone()
 
         return hook
 

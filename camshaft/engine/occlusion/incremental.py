@@ -26,6 +26,7 @@ from camshaft.engine.occlusion.regions import Region, boxes_of, materialize, rea
 from camshaft.engine.occlusion.sweep import Evaluator
 from camshaft.engine.occlusion.windows import Grid
 from camshaft.errors import CapabilityError
+from camshaft.models.taps import modifies_input
 
 FULL_FRACTION = 0.8  # a box covering this much of its map: compute full tensors from there on
 _TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -46,7 +47,6 @@ _POINTWISE_MODULES: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]
 }
 _POINTWISE_FUNCTIONS = {F.relu: F.relu, torch.relu: torch.relu, torch.sigmoid: torch.sigmoid, torch.tanh: torch.tanh}
 _BINARY = {operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul}
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
 @dataclass(frozen=True)
@@ -94,17 +94,6 @@ def _pointwise_module(m: nn.Module):
     if isinstance(m, nn.BatchNorm2d) and m.running_mean is None:
         return None
     return fn
-
-
-def _inplace(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return bool(getattr(gm.get_submodule(node.target), "inplace", False))
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.endswith("__")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return bool(node.kwargs.get("inplace")) or node.target in _INPLACE_OPERATORS or name.endswith("_")
-    return False
 
 
 def _copy(value: Any) -> Any:
@@ -190,7 +179,7 @@ class _Pass:
 
     def as_full(self, node: fx.Node) -> Full:
         """The node run as usual on full tensors; an in-place op gets copies of cached values."""
-        if _inplace(self.gm, node):
+        if modifies_input(self.gm, node):
             args, kwargs = fx.node.map_arg(
                 (node.args, node.kwargs), lambda a: self.value(a, full=True) if a in self.dyn else _copy(self.env[a])
             )
@@ -267,7 +256,7 @@ class IncrementalModel:
                     env[node] = x1.contiguous(memory_format=self.memory_format)
                 elif node.op != "output":
                     # an in-place op gets copies: the cache must keep every node's own value
-                    get = (lambda a: _copy(env[a])) if _inplace(self.gm, node) else env.__getitem__
+                    get = (lambda a: _copy(env[a])) if modifies_input(self.gm, node) else env.__getitem__
                     env[node] = _execute(self.gm, node, *fx.node.map_arg((node.args, node.kwargs), get))
         return env
 
