@@ -10,7 +10,7 @@ from camshaft.engine.actmax import actmax
 from camshaft.engine.featmaps import FeatureMaps, feature_maps
 from camshaft.engine.job import ExplainJob
 from camshaft.pipeline.run import RunSummary, run_explain
-from camshaft.exporters import FORMATS, export_prepared
+from camshaft.exporters import FORMATS, check_artifact_path, export_prepared
 from camshaft.models.inspect import ModelReport, describe
 from camshaft.models.prepared import prepare_model
 from camshaft.models.sources import ModelSource, resolve_model
@@ -123,6 +123,7 @@ def export(
         from camshaft.errors import UnknownNameError
 
         raise UnknownNameError("export format", format, FORMATS)
+    check_artifact_path(format, out)
     source = resolve_model(model, weights=weights)
     pre = (source.preprocess or Preprocess()).replace(input_size=input_size, mean=mean, std=std, resize=resize)
     prepared = prepare_model(source, taps=taps, preprocess=pre)

@@ -190,6 +190,12 @@ def onnx_file(tmp_path_factory) -> Path:
     return path
 
 
+def test_an_onnx_artifact_needs_its_suffix_and_nothing_is_written(capsys, tmp_path):
+    code, _, err = _main(capsys, "export", "demo", "--format", "onnx", "--out", tmp_path / "model.bin")
+    assert code == 2 and "must end in .onnx" in err
+    assert not any(tmp_path.iterdir())
+
+
 def test_inspect_onnx_artifact(capsys, onnx_file):
     code, out, _ = _main(capsys, "inspect", onnx_file)
     assert code == 0

@@ -22,6 +22,14 @@ FORMATS = ("torchscript", "onnx", "pt2")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}
 
 
+def check_artifact_path(format: str, out: str | Path) -> None:
+    """ONNX files are known by their ``.onnx`` suffix only (TorchScript and .pt2 archives by their
+    content), so an ONNX artifact written under another name could not be opened again."""
+    if format == "onnx" and Path(out).suffix.lower() != SUFFIX["onnx"]:
+        raise ConfigError(f"an ONNX artifact's name must end in .onnx (camshaft recognises ONNX files by it), "
+                          f"received {str(out)!r}")
+
+
 def export_prepared(
     prepared: PreparedModel, *, format: str, out: str | Path, rtol: float = 1e-3, head: bool | None = None
 ) -> Path:
@@ -31,6 +39,7 @@ def export_prepared(
     """
     if format not in FORMATS:
         raise ConfigError(f"unknown export format {format!r}; valid choices: {', '.join(FORMATS)}")
+    check_artifact_path(format, out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
