@@ -20,7 +20,7 @@ from torch import nn
 from camshaft.bench.limits import adam_loop, frozen_copy
 from camshaft.bench.peers import quietly
 from camshaft.bench.workload import Skipped, Workload
-from camshaft.engine.backends.base import _has_conv2d
+from camshaft.engine.backends.base import resolve_memory_format
 
 
 def _camshaft(
@@ -87,7 +87,7 @@ def actmax_workloads(
     attrs = {**attrs, "method": "actmax", "targets": f"{classes} classes", "k": 1, "steps": steps}
     evals = classes * steps
     formats = {"contiguous": torch.contiguous_format}
-    if _has_conv2d(model):  # as render lays out convnets when it runs the fast kernels
+    if resolve_memory_format("auto", model) == torch.channels_last:  # as render runs convnets (fast kernels)
         formats["channels_last"] = torch.channels_last
     out: list[Workload | Skipped] = [
         Workload(
