@@ -46,13 +46,13 @@ class _LeakyDeadReLU(torch.autograd.Function):
             return torch.where(stalled, g.clamp(max=0) * ctx.leak, normal), None, None
         # a stalled channel sums to 0; a sum is the cheapest pass over the data, and the few
         # candidates (a live channel summing to exactly 0 is rare) are then checked unit by unit
-        candidates = (normal.sum(space) == 0).nonzero(as_tuple=True)
-        if not len(candidates[0]):
+        index = (normal.sum(space) == 0).nonzero(as_tuple=True)  # (b, c) of feature maps, (b,) of vectors
+        if not len(index[0]):
             return normal, None, None
-        picked = normal[candidates].flatten(1)
-        stalled = (picked.amax(1) == 0) & (picked.amin(1) == 0)
-        index = tuple(i[stalled] for i in candidates)  # (b, c) of a feature map, (b,) of vectors
-        normal[index] = g[index].clamp(max=0) * ctx.leak
+        live = normal[index].flatten(1).abs().amax(1) != 0
+        if bool(live.any()):
+            index = tuple(i[~live] for i in index)
+        normal[index] = g[index].clamp_(max=0).mul_(ctx.leak)
         return normal, None, None
 
 
