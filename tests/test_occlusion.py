@@ -14,7 +14,7 @@ import camshaft
 from camshaft.engine.methods import get_method
 from camshaft.engine.methods.occlusion import OcclusionSettings, parse_fill, parse_pair
 from camshaft.engine.occlusion import Grid, fill_values, gaussian_blur, plain_evaluator, sweep_drops
-from camshaft.engine.occlusion.incremental import IncrementalModel, incremental_evaluator
+from camshaft.engine.occlusion.incremental import IncrementalModel, fold_batch_norms, incremental_evaluator, trace
 from camshaft.engine.occlusion.refine import coarse_to_fine
 from camshaft.engine.occlusion.sweep import full_sweep, target_scores
 from camshaft.errors import CapabilityError, ConfigError
@@ -270,6 +270,65 @@ def test_incremental_equals_plain_on_a_chain(full_fraction):
     fast = _sweep(model, x, grid, targets, incremental=incremental, per_forward=13)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
     assert {"stem_0", "stem_3", "body_0", "skip", "add"} <= set(incremental.last_regions)  # boxes, not full maps
+
+
+class ConvBranches(nn.Module):
+    """A conv-bn pair to fold, a conv read by a bn and by a skip (not folded), a bn after a pool."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.pool, self.bn3 = nn.MaxPool2d(2), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 4)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+                m.bias.data.uniform_(-0.2, 0.2)
+        self.eval()
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(self.conv1(x)))
+        c = self.conv2(a)
+        b = torch.relu(self.bn2(c) + c)
+        return self.fc(self.bn3(self.pool(b)).mean(dim=(2, 3)))
+
+
+def _bn_nodes(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.BatchNorm2d)]
+
+
+def test_batch_norms_fold_into_the_convolutions_before_them():
+    model = ConvBranches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = fold_batch_norms(model)
+    assert _bn_nodes(gm) == ["bn2", "bn3"]  # bn2's conv also feeds the sum; bn3 follows a pool
+    assert _bn_nodes(trace(model)) == ["bn1", "bn2", "bn3"]  # the memoised trace is left as it was
+    x = randn(2, 3, 12, 12, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
+    model.train()
+    assert _bn_nodes(fold_batch_norms(model)) == ["bn1", "bn2", "bn3"]  # batch statistics: nothing folds
+
+
+def test_incremental_follows_weights_changed_between_sweeps(tmp_path):
+    """The folded weights are recomputed for each sweep: a model updated in place is never stale."""
+    model = ConvBranches()
+    backend = open_backend("eager", source_of(model, size=(16, 16)), tmp_path)
+    x = randn(1, 3, 16, 16, seed=6)
+    opts = dict(window=(4, 4), stride=(4, 4))
+    first = run(backend, x, [[1]], occlusion_mode="incremental", **opts)
+    with torch.no_grad():  # in place, even behind autograd's back
+        model.bn1.running_var.mul_(4)
+        model.conv1.weight.data.neg_()
+    plain = run(backend, x, [[1]], **opts)
+    fast = run(backend, x, [[1]], occlusion_mode="incremental", **opts)
+    assert not torch.allclose(plain, first, rtol=1e-3, atol=1e-4)  # the change matters
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_incremental_equals_plain_on_resnet18(tmp_path):

@@ -12,6 +12,7 @@ runs as usual. The result equals plain occlusion up to float rounding.
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 import weakref
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from camshaft.engine.occlusion.regions import Region, boxes_of, materialize, read, source, union, window_range
 from camshaft.engine.occlusion.sweep import Evaluator
@@ -114,7 +116,7 @@ def _execute(gm: fx.GraphModule, node: fx.Node, args: tuple, kwargs: dict) -> An
 
 
 def trace(module: nn.Module) -> fx.GraphModule:
-    """The model traced by torch.fx (memoised per module)."""
+    """The model traced by torch.fx (memoised per module; it calls the module's own layers)."""
     if module not in _TRACES:
         try:
             _TRACES[module] = fx.symbolic_trace(module)
@@ -124,6 +126,75 @@ def trace(module: nn.Module) -> fx.GraphModule:
                 f"traced ({type(e).__name__}: {e}). Use --occlusion-mode plain"
             ) from e
     return _TRACES[module]
+
+
+@dataclass
+class Folded:
+    """A traced model with batch norms folded into convolutions, and where each folded one came from."""
+
+    gm: fx.GraphModule
+    pairs: list[tuple[nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]]  # (folded, conv, bn)
+    key: tuple  # the modes, devices and dtypes it was built for
+
+    def refresh(self) -> fx.GraphModule:
+        """The folded weights recomputed from the model's current ones (one pass over them)."""
+        with torch.no_grad():
+            for folded, conv, bn in self.pairs:
+                w, b = fuse_conv_bn_weights(
+                    conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias
+                )
+                folded.weight.copy_(w)
+                folded.bias.copy_(b)
+        return self.gm
+
+
+_FOLDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _fold_key(module: nn.Module) -> tuple:
+    tensors = (*module.parameters(), *module.buffers())
+    return tuple(m.training for m in module.modules()), tuple((t.device, t.dtype) for t in tensors)
+
+
+def fold_batch_norms(module: nn.Module) -> fx.GraphModule:
+    """``module`` traced, each eval-mode ``BatchNorm2d`` that only follows a ``Conv2d`` folded into it.
+
+    One convolution instead of a convolution and a batch norm, on every box and full map: the same
+    values up to float rounding. The folded convolutions are new modules; their weights are
+    recomputed from the model's at every call (a model trained between sweeps is never stale); the
+    other layers are the model's own, and the model is left as it was. The structure is memoised
+    per module, its modes, devices and dtypes.
+    """
+    key = _fold_key(module)
+    memo = _FOLDED.get(module)
+    if memo is not None and memo.key == key:
+        return memo.refresh()
+    gm = trace(module)
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    modules = dict(out.named_modules())
+    pairs = []
+    for node in list(out.graph.nodes):
+        prev = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
+        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
+            continue
+        conv, bn = modules.get(prev.target), modules.get(node.target)
+        if not (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d):
+            continue
+        if conv.training or bn.training or bn.running_mean is None:
+            continue
+        name = f"camshaft_folded_{len(pairs)}"
+        with torch.no_grad():
+            folded = fuse_conv_bn_eval(conv, bn)
+        out.add_submodule(name, folded)
+        pairs.append((folded, conv, bn))
+        prev.target = name
+        node.replace_all_uses_with(prev)
+        out.graph.erase_node(node)
+    if pairs:
+        out.delete_all_unused_submodules()
+        out.recompile()
+    _FOLDED[module] = Folded(out, pairs, key)
+    return out
 
 
 class _Pass:
@@ -238,7 +309,7 @@ class IncrementalModel:
         full_fraction: float = FULL_FRACTION,
         memory_format: torch.memory_format = torch.contiguous_format,
     ):
-        self.gm, self.autocast, self.full_fraction = trace(module), autocast, full_fraction
+        self.gm, self.autocast, self.full_fraction = fold_batch_norms(module), autocast, full_fraction
         self.memory_format = memory_format  # of the cached image and of regions turned full
         self.placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
         self.last_regions: tuple[str, ...] = ()  # nodes the last batch computed on boxes only

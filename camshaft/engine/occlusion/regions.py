@@ -67,11 +67,13 @@ def read(
     ``src`` is ``source(r.base, pad, ...)``: box coordinates are those of the map padded by ``pad``
     (top, bottom, left, right). Cells inside a variant's own box come from ``r.crop``.
     """
-    out = boxes_of(src, top, left, size)
     (h, w), (ch, cw) = size, r.box
+    dy, dx = r.top + pad[0] - top, r.left + pad[2] - left  # (P,) the crop's corner inside each box
+    if (h, w) == (ch, cw) and not bool(dy.any() or dx.any()):
+        return r.crop  # the boxes are the crop's own: nothing of the base shows
+    out = boxes_of(src, top, left, size)
     p, c = out.shape[:2]
     dev = out.device
-    dy, dx = r.top + pad[0] - top, r.left + pad[2] - left  # (P,) the crop's corner inside each box
     if bool((dy >= 0).all() and (dy <= h - ch).all() and (dx >= 0).all() and (dx <= w - cw).all()):
         index = (dy[:, None, None] + torch.arange(ch)[:, None]) * w + dx[:, None, None] + torch.arange(cw)
         cells = out.permute(0, 2, 3, 1).view(p, h * w, c)  # ``out`` is channels-last: a view
@@ -96,7 +98,8 @@ def materialize(
     ``src`` is ``source(r.base)``.
     """
     zeros = torch.zeros_like(r.top)
-    return read(r, zeros, zeros, r.map_size, src).contiguous(memory_format=memory_format)
+    out = read(r, zeros, zeros, r.map_size, src)
+    return out.clone(memory_format=memory_format) if out is r.crop else out.contiguous(memory_format=memory_format)
 
 
 def _ceil_div(a: torch.Tensor, b: int) -> torch.Tensor:
