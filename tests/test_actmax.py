@@ -271,13 +271,13 @@ def test_render_leaves_the_model_as_it_found_it(demo):
         model.fc.weight.requires_grad_(True)
 
 
-@pytest.fixture(params=["cpu path", "sync-free path"])
+@pytest.fixture(params=["index path", "dense path"])
 def relu_path(request, monkeypatch):
-    """Both backward paths: the CPU's (touches stalled channels only) and the GPUs' (no host sync)."""
+    """Both backward paths: large CPU gradients' (touches stalled channels only) and the dense one
+    (no host sync: GPUs, and small gradients on the CPU)."""
     from camshaft.engine.actmax import relu
 
-    if request.param == "sync-free path":
-        monkeypatch.setattr(relu, "_sync_free", lambda device: True)
+    monkeypatch.setattr(relu, "DENSE_MAX", 0 if request.param == "index path" else relu.DENSE_MAX)
     return request.param
 
 

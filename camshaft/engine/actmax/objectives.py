@@ -73,8 +73,12 @@ class Objective:
         return cls([(1.0, term)])
 
     def __call__(self, acts: Activations) -> torch.Tensor:
-        total = sum(w * t.fn(acts) for w, t in self.terms if w != 0.0)
-        if not isinstance(total, torch.Tensor):  # every weight was zero
+        total = None
+        for w, t in self.terms:
+            if w != 0.0:
+                loss = t.fn(acts) if w == 1.0 else w * t.fn(acts)
+                total = loss if total is None else total + loss
+        if total is None:  # every weight was zero
             total = acts.images.new_zeros(acts.images.shape[0])
         return total  # (B,)
 

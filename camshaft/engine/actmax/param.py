@@ -129,7 +129,7 @@ def fourier_image(size: tuple[int, int], *, generators: Sequence[torch.Generator
 
     def image() -> torch.Tensor:
         y = torch.fft.irfft2(torch.view_as_complex(p) * scale, s=(h, w), norm="ortho")  # (B, 3, H, W)
-        return torch.sigmoid(torch.einsum("ij,bjhw->bihw", color, y))
+        return torch.sigmoid((color @ y.flatten(2)).view_as(y))  # colours mixed per pixel
 
     def blur_(sigma: float) -> None:  # a Gaussian's transfer function, exp(-2 pi^2 sigma^2 f^2)
         gain = torch.exp(-2 * math.pi**2 * sigma**2 * freq.pow(2)).to(device)

@@ -21,39 +21,35 @@ from torch import nn
 __all__ = ["redirected_relus"]
 
 
-class _LeakyDeadReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, leak: float, inplace: bool) -> torch.Tensor:
-        if inplace:  # as the module would: its input is used by nothing else
-            out = torch.relu_(x)
-            ctx.mark_dirty(x)
-        else:
-            out = torch.relu(x)
-        ctx.save_for_backward(out)
-        ctx.leak = leak
-        return out
+DENSE_MAX = 1 << 17  # gradients up to this many values take the dense path on the CPU too
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        (out,) = ctx.saved_tensors
-        normal = torch.ops.aten.threshold_backward(g, out, 0)  # ReLU's own gradient: g where out > 0
+
+def _leak_hook(leak: float):
+    """A hook for a ReLU's backward node: (its gradient, the incoming one) -> the leaky gradient."""
+
+    def hook(grad_inputs, grad_outputs):
+        normal, g = grad_inputs[0], grad_outputs[0]  # ReLU's own gradient (g where out > 0), and g
+        if normal is None or g is None:
+            return None
         # the channels of an image (B, C, ...), or the vectors (B, N), that pass no gradient at all;
         # all their alive units have g == 0, so the whole channel takes the waking gradient
         # (descent raises units with g < 0)
         space = tuple(range(2, g.dim())) or (1,)  # reduced per channel (any memory layout), or per vector
-        if _sync_free(g.device):  # no host sync: one pass over everything
+        if _sync_free(g.device) or normal.numel() <= DENSE_MAX:  # few operations, no host sync
             stalled = (normal.amax(space, keepdim=True) == 0) & (normal.amin(space, keepdim=True) == 0)
-            return torch.where(stalled, g.clamp(max=0) * ctx.leak, normal), None, None
+            return (torch.where(stalled, g.clamp(max=0) * leak, normal),)
         # a stalled channel sums to 0; a sum is the cheapest pass over the data, and the few
         # candidates (a live channel summing to exactly 0 is rare) are then checked unit by unit
         index = (normal.sum(space) == 0).nonzero(as_tuple=True)  # (b, c) of feature maps, (b,) of vectors
         if not len(index[0]):
-            return normal, None, None
+            return None
         live = normal[index].flatten(1).abs().amax(1) != 0
         if bool(live.any()):
             index = tuple(i[~live] for i in index)
-        normal[index] = g[index].clamp_(max=0).mul_(ctx.leak)
-        return normal, None, None
+        normal[index] = g[index].clamp_(max=0).mul_(leak)  # ``normal`` is the node's own new tensor
+        return (normal,)
+
+    return hook
 
 
 def _sync_free(device: torch.device) -> bool:
@@ -65,13 +61,21 @@ def _sync_free(device: torch.device) -> bool:
 def redirected_relus(model: nn.Module, *, leak: float) -> Iterator[int]:
     """Every ``nn.ReLU`` of ``model`` leaks waking gradients into dead channels; yields how many.
 
-    ``leak=0`` changes nothing. Meanwhile each ReLU module's forward is replaced (in place where
-    the module is); functional ``F.relu`` calls are not seen.
+    ``leak=0`` changes nothing. Meanwhile each ReLU module's forward is replaced: torch's own ReLU
+    (in place where the module is), whose backward node gets the leak as a hook; functional
+    ``F.relu`` calls are not seen.
     """
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)] if leak > 0 else []
+    hook = _leak_hook(leak)
 
     def leaky(module: nn.ReLU):
-        return lambda x: _LeakyDeadReLU.apply(x, leak, module.inplace)
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            out = torch.relu_(x) if module.inplace else torch.relu(x)
+            if out.grad_fn is not None:
+                out.grad_fn.register_hook(hook)
+            return out
+
+        return forward
 
     saved = [(m, m.__dict__.get("forward")) for m in relus]  # an instance-level forward someone set
     try:

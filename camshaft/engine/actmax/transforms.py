@@ -60,19 +60,30 @@ class Pad:
         return F.pad(x, [self.width] * 4, mode="reflect")
 
 
+Matrix = tuple[tuple[float, float, float], ...]  # 3 x 3, row-major
+
+
+def _matmul(a: Matrix, b: Matrix) -> Matrix:
+    return tuple(tuple(sum(a[i][k] * b[k][j] for k in range(3)) for j in range(3)) for i in range(3))
+
+
 class Affine:
-    """A random affine map per image, as a sampling matrix in centred pixel coordinates."""
+    """A random affine map per image, as a sampling matrix in centred pixel coordinates.
 
-    def matrices(self, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        """(B, 3, 3) float64: output pixel (centred) -> input pixel (centred)."""
-        return torch.stack([self.sample(g) for g in generators])
+    Matrices are Python floats (float64) until a batch's product is done: a handful of numbers per
+    image, not worth a tensor operation each.
+    """
 
-    def sample(self, g: torch.Generator) -> torch.Tensor:
+    def matrices(self, generators: Sequence[torch.Generator]) -> list[Matrix]:
+        """One 3 x 3 matrix per image: output pixel (centred) -> input pixel (centred)."""
+        return [self.sample(g) for g in generators]
+
+    def sample(self, g: torch.Generator) -> Matrix:
         raise NotImplementedError
 
     def __call__(self, x, generators):
         _check_count(x, generators)
-        return warp(x, self.matrices(generators))
+        return warp(x, torch.tensor(self.matrices(generators), dtype=torch.float64))
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,7 @@ class Jitter(Affine):
 
     def sample(self, g):
         dy, dx = torch.randint(-self.pixels, self.pixels + 1, (2,), generator=g).tolist()
-        return torch.tensor([[1.0, 0, dx], [0, 1.0, dy], [0, 0, 1.0]], dtype=torch.float64)
+        return ((1.0, 0.0, float(dx)), (0.0, 1.0, float(dy)), (0.0, 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -102,7 +113,7 @@ class Scale(Affine):
 
     def sample(self, g):
         s = _uniform(g, 1 - self.amount, 1 + self.amount)
-        return torch.diag(torch.tensor([1 / s, 1 / s, 1.0], dtype=torch.float64))
+        return ((1 / s, 0.0, 0.0), (0.0, 1 / s, 0.0), (0.0, 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,7 @@ class Rotate(Affine):
     def sample(self, g):
         a = math.radians(_uniform(g, -self.degrees, self.degrees))
         c, s = math.cos(a), math.sin(a)
-        return torch.tensor([[c, -s, 0], [s, c, 0], [0, 0, 1.0]], dtype=torch.float64)
+        return ((c, -s, 0.0), (s, c, 0.0), (0.0, 0.0, 1.0))
 
 
 class Compose:
@@ -134,18 +145,18 @@ class Compose:
 
     def __call__(self, x, generators):
         _check_count(x, generators)
-        pending: torch.Tensor | None = None  # the product of the affine maps met so far
+        pending: list[Matrix] | None = None  # the product of the affine maps met so far, per image
         for t in self.transforms:
             if isinstance(t, Affine):
                 m = t.matrices(generators)
                 # sampling maps compose in reverse: out = T2(T1(x)) samples x at M1 @ M2 @ p
-                pending = m if pending is None else pending @ m
+                pending = m if pending is None else [_matmul(a, b) for a, b in zip(pending, m, strict=True)]
                 continue
             if pending is not None:
-                x, pending = warp(x, pending), None
+                x, pending = warp(x, torch.tensor(pending, dtype=torch.float64)), None
             x = t(x, generators)
         if pending is not None:
-            return warp(x, pending, size=self.size)
+            return warp(x, torch.tensor(pending, dtype=torch.float64), size=self.size)
         return x if self.size is None else center(x, self.size)
 
     def __repr__(self) -> str:
@@ -168,15 +179,30 @@ def warp(x: torch.Tensor, matrices: torch.Tensor, size: tuple[int, int] | None =
     """
     b, _, h, w = x.shape
     oh, ow = (h, w) if size is None else size
-    if (h - oh) % 2 or (w - ow) % 2:  # keep pixel centres on the input's grid, as ``center`` cuts
-        matrices = torch.tensor([[1.0, 0, -((w - ow) % 2) / 2], [0, 1.0, -((h - oh) % 2) / 2], [0, 0, 1.0]],
-                                dtype=torch.float64) @ matrices
-    # centred pixels -> grid_sample's normalised coordinates (align_corners=False): u -> 2u / size
-    to_norm = torch.diag(torch.tensor([2.0 / w, 2.0 / h, 1.0], dtype=torch.float64))
-    from_norm = torch.diag(torch.tensor([ow / 2.0, oh / 2.0, 1.0], dtype=torch.float64))
-    theta = (to_norm @ matrices @ from_norm)[:, :2].to(x.device, x.dtype)  # (B, 2, 3)
-    grid = F.affine_grid(theta, [b, x.shape[1], oh, ow], align_corners=False)
+    # keep pixel centres on the input's grid, as ``center`` cuts: shift by half a pixel where the
+    # margins are odd, then centred pixels -> grid_sample's normalised coordinates
+    # (align_corners=False): u -> 2u / size on the input, and back (* size / 2) on the output
+    shift = torch.tensor([-((w - ow) % 2) / 2, -((h - oh) % 2) / 2], dtype=torch.float64)
+    to_norm = torch.tensor([2.0 / w, 2.0 / h], dtype=torch.float64)[:, None]
+    from_norm = torch.tensor([ow / 2.0, oh / 2.0, 1.0], dtype=torch.float64)
+    theta = matrices[:, :2].clone()
+    theta[:, :, 2] += shift
+    theta = (theta * to_norm * from_norm).to(x.device, x.dtype)  # (B, 2, 3)
+    grid = _affine_grid(theta, oh, ow)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (B, C, h, w), align_corners=False)`` as a sum of broadcast products.
+
+    The same sampling points; affine_grid multiplies a (h * w, 3) grid of pixel centres by each
+    matrix, which on the CPU costs more than the resampling itself.
+    """
+    xs = (torch.arange(w, device=theta.device, dtype=theta.dtype) * 2 + 1) / w - 1  # pixel centres in [-1, 1]
+    ys = (torch.arange(h, device=theta.device, dtype=theta.dtype) * 2 + 1) / h - 1
+    t = theta[:, :, None, None, :]  # (B, 2, 1, 1, 3): x' = t0 x + t1 y + t2, per output coordinate
+    grid = t[..., 0] * xs[None, :] + (t[..., 1] * ys[:, None] + t[..., 2])  # (B, 2, h, w)
+    return grid.permute(0, 2, 3, 1)  # (B, h, w, 2), as grid_sample reads it
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
