@@ -35,6 +35,7 @@ from camshaft.engine.actmax import (
     render,
 )
 from camshaft.engine.actmax.relu import redirected_relus
+from camshaft.engine.actmax.transforms import _affine_grid
 from camshaft.errors import ConfigError
 from camshaft.models.sources import resolve_model
 from camshaft.preprocess import Preprocess
@@ -154,6 +155,13 @@ def test_transforms_draw_per_image_so_a_batch_equals_its_images():
     singles = torch.cat([t(x[i:i + 1], [torch.Generator().manual_seed(5 + i)]) for i in range(3)])
     torch.testing.assert_close(batch, singles, rtol=1e-6, atol=1e-6)
     assert batch.shape == (3, 3, 24, 28)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (16, 16), (1, 3)])
+def test_sampling_grids_are_torchs_affine_grids(size):
+    theta = torch.randn(3, 2, 3, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    expected = torch.nn.functional.affine_grid(theta, [3, 1, *size], align_corners=False)
+    torch.testing.assert_close(_affine_grid(theta, *size), expected, rtol=0, atol=1e-12)
 
 
 def test_jitter_is_an_exact_shift_and_affine_runs_resample_once():
