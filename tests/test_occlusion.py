@@ -310,7 +310,8 @@ def test_batch_norms_fold_into_the_convolutions_before_them():
     x = randn(2, 3, 12, 12, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the model is untouched
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(v, before[k]) for k, v in after.items())  # untouched
     model.train()
     assert _bn_nodes(fold_batch_norms(model)) == ["bn1", "bn2", "bn3"]  # batch statistics: nothing folds
 
