@@ -315,6 +315,29 @@ def test_dead_relu_vectors_and_alive_units_without_gradient(relu_path):
     torch.testing.assert_close(grad, torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, 2.0], [3.0, -3.0, 0.0]]))
 
 
+class _ReluOnAView(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.relu = torch.nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = x * 1
+        self.relu(h[:, 1:])  # in place on a view: channels 1.. of h change
+        return h
+
+
+def test_dead_relu_on_a_view_changes_the_base_and_leaks_per_channel(relu_path):
+    model = _ReluOnAView()
+    x = torch.tensor([[[[-1.0, 2.0]], [[-1.0, 2.0]], [[-1.0, -2.0]]]], requires_grad=True)  # channel 2 is dead
+    g = torch.tensor([[[[-3.0, 5.0]], [[-3.0, 5.0]], [[-3.0, 5.0]]]])
+    with redirected_relus(model, leak=0.5):
+        y = model(x)
+        (grad,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(y, torch.cat([x[:, :1], x[:, 1:].clamp(min=0)], 1))
+    # channel 0 is no ReLU's: g; channel 1 passes a gradient: exact ReLU; channel 2 is dead: -3 leaks
+    torch.testing.assert_close(grad, torch.tensor([[[[-3.0, 5.0]], [[0.0, 5.0]], [[-1.5, 0.0]]]]))
+
+
 def test_mixed_precision_forward_runs(demo):
     model, pre = demo
     r = render(model, [class_logit(2)], preprocess=pre, config=_cfg(steps=6, dtype="bfloat16", **STILL))

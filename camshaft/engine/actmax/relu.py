@@ -70,10 +70,13 @@ def redirected_relus(model: nn.Module, *, leak: float) -> Iterator[int]:
 
     def leaky(module: nn.ReLU):
         def forward(x: torch.Tensor) -> torch.Tensor:
-            out = torch.relu_(x) if module.inplace else torch.relu(x)
+            # in place where the module is; a view modified in place gets its base's backward node,
+            # so a view takes the ReLU out of place and the result is copied into it
+            view = module.inplace and x._is_view()
+            out = torch.relu_(x) if module.inplace and not view else torch.relu(x)
             if out.grad_fn is not None:
-                out.grad_fn.register_hook(hook)
-            return out
+                out.grad_fn.register_hook(hook)  # ReLU's own backward node
+            return x.copy_(out) if view else out
 
         return forward
 
