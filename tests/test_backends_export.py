@@ -318,6 +318,9 @@ def test_channels_last_changes_no_result_and_hands_back_plain_tensors(name, resn
     }
     assert opened["channels_last"].memory_format == torch.channels_last
     assert opened["contiguous"].memory_format == torch.contiguous_format
+    if name == "eager":  # the weights are laid out as the images (no conversion at every call)
+        weights = [p for p in opened["channels_last"].module.parameters() if p.dim() == 4]
+        assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
     out = {fmt: b.tap_gradients(x, fixed([[1, 2], [3, 4]])) for fmt, b in opened.items()}
     grads = {fmt: b.input_gradients(x, fixed([[1], [3]])) for fmt, b in opened.items()}
     for o in (out["channels_last"], grads["channels_last"]):

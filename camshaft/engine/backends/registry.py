@@ -79,7 +79,13 @@ def open_eager(
         )
     pre = (source.preprocess or Preprocess()).replace(**preprocess)
     p = prepare_model(source, taps=taps, preprocess=pre)
-    p.module.to(device)
+    layout = resolve_memory_format(memory_format, p.module)
+    # the model's 4-d weights in the layout its images come in: a convolution would otherwise
+    # convert its weight at every call (the model's values are unchanged, as with .to(device))
+    if layout == torch.channels_last:
+        p.module.to(device, memory_format=layout)
+    else:
+        p.module.to(device)
     tapped = p.tapped.to(device)
     split = None
     if p.split is not None:
@@ -96,7 +102,7 @@ def open_eager(
         split=split,
         leaf_forward=lambda x: tapped(x, leaf_first=True),
         owner=p.module,
-        memory_format=resolve_memory_format(memory_format, p.module),
+        memory_format=layout,
     )
 
 
