@@ -244,6 +244,15 @@ def test_foreign_onnx_file_serves_cam_from_its_graph(foreign_onnx, tmp_path):
         check_backend(get_method("gradcam"), backend)
 
 
+def test_onnx_runtime_threads_do_not_spin_between_runs(foreign_onnx):
+    """Spinning threads would take the CPU from decoding and torch work between runs."""
+    from camshaft.engine.backends.onnx_backend import open_session
+
+    options = open_session(foreign_onnx.path, torch.device("cpu")).get_session_options()
+    for key in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert options.get_session_config_entry(key) == "0"
+
+
 def test_foreign_onnx_taps_are_graph_tensors(foreign_onnx, tmp_path):
     with pytest.raises(UnknownNameError, match="4-D tensor"), warnings.catch_warnings():
         warnings.simplefilter("ignore")

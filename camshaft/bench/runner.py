@@ -66,8 +66,12 @@ class ModelBench:
             warnings.simplefilter("ignore")  # random weights are fine for throughput
             self.source = resolve_model(model)
         self.preprocess = {"input_size": tuple(settings.input_size)}
+        # the limits' copy in the model's default layout, taken before a backend changes it (the
+        # eager backend lays a convnet's weights out channels-last)
+        self.plain = None
+        if self.source.kind == "torch":
+            self.plain = limits.frozen_copy(self.source.module).to(self.device, memory_format=torch.contiguous_format)
         self.backends = {name: self._open(name) for name in settings.backends}
-        self.plain = limits.frozen_copy(self.source.module).to(self.device) if self.source.kind == "torch" else None
         self.onnx = self._export_onnx()
         self.split = self._split()
 
