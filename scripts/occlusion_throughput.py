@@ -15,6 +15,7 @@ every workload runs under the same allocator.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -37,12 +38,16 @@ def _tuned_allocator() -> None:
 
 
 def _backend(name: str, size: int):
+    """The eager backend of a random-weight model, and a copy of the model as a user has it (the
+    backend lays its weights out channels-last; captum gets the model in its default layout)."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(weights=None).eval()
+    peer = copy.deepcopy(model)
     pre = Preprocess(input_size=(size, size), resize="stretch")
     source = ModelSource("torch", name, module=model, preprocess=pre)
     cpu = torch.device("cpu")
-    return backend_factory("eager")(source, taps=None, preprocess={}, device=cpu, dtype=torch.float32, workdir=None)
+    backend = backend_factory("eager")(source, taps=None, preprocess={}, device=cpu, dtype=torch.float32, workdir=None)
+    return backend, peer
 
 
 def _captum(model, x, targets, *, window, stride, ppe):
@@ -77,7 +82,7 @@ def _rounds(workloads: dict, *, repeats: int, warmup: int) -> tuple[dict, dict]:
 
 
 def measure(name: str, args) -> dict:
-    backend = _backend(name, args.size)
+    backend, peer = _backend(name, args.size)
     grid = Grid(size=(args.size, args.size), window=(args.window,) * 2, stride=(args.stride,) * 2)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(args.images, 3, args.size, args.size, generator=gen)
@@ -96,7 +101,7 @@ def measure(name: str, args) -> dict:
     workloads = {"forward": lambda: backend.forward(batch), "plain": occlusion("plain"), "incremental": occlusion("incremental")}
     targets = backend.forward(x).logits.topk(1).indices
     for ppe in args.captum_ppe:
-        workloads[f"captum_ppe{ppe}"] = lambda ppe=ppe: _captum(backend.module, x, targets, window=grid.window, stride=grid.stride, ppe=ppe)
+        workloads[f"captum_ppe{ppe}"] = lambda ppe=ppe: _captum(peer, x, targets, window=grid.window, stride=grid.stride, ppe=ppe)
     seconds, cpu_seconds = _rounds(workloads, repeats=args.repeats, warmup=args.warmup)
     evaluations = args.images * (grid.count + 1)
     rate = {k: (len(batch) if k == "forward" else evaluations) / min(v) for k, v in seconds.items()}

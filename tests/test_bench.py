@@ -278,3 +278,19 @@ def test_a_peer_that_refuses_a_model_is_skipped_with_its_reason(monkeypatch):
     )
     assert len(items) == 1 and isinstance(items[0], Skipped)
     assert "torchcam cannot run this model: ValueError: This CAM method does not support" in items[0].reason
+
+
+def test_the_eager_backend_lays_out_its_own_copy_and_the_rest_get_the_model_as_handed_over(tmp_path):
+    """Limits, peers and the other backends get the model in its default layout; camshaft's eager
+    backend lays its own copy's weights out channels-last."""
+    from camshaft.bench.runner import ModelBench
+
+    settings = BenchSettings(models=("demo",), backends=("eager",), input_size=(64, 64), peers=False)
+    mb = ModelBench("demo", settings, tmp_path, log=lambda message: None)
+
+    def weights(module):
+        return [p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+
+    assert weights(mb.source.module) and all(p.is_contiguous() for p in weights(mb.source.module))
+    assert all(p.is_contiguous() for p in weights(mb.plain))
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights(mb.backends["eager"].module))

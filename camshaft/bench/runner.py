@@ -7,6 +7,8 @@ compares numbers taken under the same load, allocator and thread settings.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import re
 import warnings
 from collections.abc import Callable
@@ -66,12 +68,8 @@ class ModelBench:
             warnings.simplefilter("ignore")  # random weights are fine for throughput
             self.source = resolve_model(model)
         self.preprocess = {"input_size": tuple(settings.input_size)}
-        # the limits' copy in the model's default layout, taken before a backend changes it (the
-        # eager backend lays a convnet's weights out channels-last)
-        self.plain = None
-        if self.source.kind == "torch":
-            self.plain = limits.frozen_copy(self.source.module).to(self.device, memory_format=torch.contiguous_format)
         self.backends = {name: self._open(name) for name in settings.backends}
+        self.plain = limits.frozen_copy(self.source.module).to(self.device) if self.source.kind == "torch" else None
         self.onnx = self._export_onnx()
         self.split = self._split()
 
@@ -81,7 +79,7 @@ class ModelBench:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return backend_factory(name)(
-                    self.source,
+                    self._own_copy() if name == "eager" else self.source,
                     taps=None,
                     preprocess=self.preprocess,
                     device=self.device,
@@ -92,6 +90,14 @@ class ModelBench:
             return Skipped(
                 f"{slug(self.spec)}/{name}", f"the {name} backend cannot open {self.spec!r}: {e}", role="backend"
             )
+
+    def _own_copy(self) -> ModelSource:
+        """The source with a copy of its model: the eager backend changes the model it opens (device,
+        channels-last weights), and the limits, the other backends and the peers must get the model
+        as a user hands it over."""
+        if self.source.module is None:
+            return self.source
+        return dataclasses.replace(self.source, module=copy.deepcopy(self.source.module))
 
     def _export_onnx(self) -> Path | str:
         if self.plain is None or self.dtype != torch.float32:
