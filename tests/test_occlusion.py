@@ -316,6 +316,15 @@ def test_batch_norms_fold_into_the_convolutions_before_them():
     assert _bn_nodes(fold_batch_norms(model)) == ["bn1", "bn2", "bn3"]  # batch statistics: nothing folds
 
 
+def test_folding_first_under_inference_mode_serves_later_sweeps_outside_it():
+    model = ConvBranches()
+    with torch.inference_mode():
+        fold_batch_norms(model)
+    x = randn(1, 3, 12, 12, seed=7)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_batch_norms(model)(x), model(x), rtol=1e-5, atol=1e-6)
+
+
 def test_incremental_follows_weights_changed_between_sweeps(tmp_path):
     """The folded weights are recomputed for each sweep: a model updated in place is never stale."""
     model = ConvBranches()

@@ -183,7 +183,7 @@ def fold_batch_norms(module: nn.Module) -> fx.GraphModule:
         if conv.training or bn.training or bn.running_mean is None:
             continue
         name = f"camshaft_folded_{len(pairs)}"
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():  # plain tensors: refreshed in any mode later
             folded = fuse_conv_bn_eval(conv, bn)
         out.add_submodule(name, folded)
         pairs.append((folded, conv, bn))

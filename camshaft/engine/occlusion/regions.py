@@ -65,7 +65,8 @@ def read(
     """The variants' activation inside boxes of ``size`` at (``top``, ``left``): (P, C, h, w).
 
     ``src`` is ``source(r.base, pad, ...)``: box coordinates are those of the map padded by ``pad``
-    (top, bottom, left, right). Cells inside a variant's own box come from ``r.crop``.
+    (top, bottom, left, right). Cells inside a variant's own box come from ``r.crop``. Where the
+    boxes are the crop's own, the result is ``r.crop`` itself: never write into it.
     """
     (h, w), (ch, cw) = size, r.box
     dy, dx = r.top + pad[0] - top, r.left + pad[2] - left  # (P,) the crop's corner inside each box
