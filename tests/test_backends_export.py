@@ -9,6 +9,7 @@ import onnx
 import pytest
 import torch
 import torchvision
+from torch import nn
 from conftest import TinyCam, Untraceable, open_backend, source_of
 from test_methods import closed_form_cam
 
@@ -339,6 +340,29 @@ def test_channels_last_changes_no_result_and_hands_back_plain_tensors(name, resn
     for tap in ("layer3", "layer4"):
         torch.testing.assert_close(out["channels_last"].grads[tap], out["contiguous"].grads[tap], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(grads["channels_last"].input_grads, grads["contiguous"].input_grads, rtol=1e-4, atol=1e-6)
+
+
+class _ViewsItsFeatures(nn.Module):
+    """Flattens a 4-d feature map with ``view``, which a channels-last tensor does not allow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        a = torch.relu(self.conv(x))
+        return self.fc(a.view(a.shape[0], -1))
+
+
+def test_a_model_that_cannot_run_channels_last_runs_in_the_default_layout(tmp_path):
+    model = _ViewsItsFeatures().eval()
+    backend = open_backend("eager", source_of(model, size=(8, 8)), tmp_path, taps=["conv"])
+    assert backend.memory_format == torch.contiguous_format
+    assert model.conv.weight.is_contiguous()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(backend.forward(x).logits, model(x))
 
 
 def test_pt2_files_load_without_unpickling(tmp_path, monkeypatch):

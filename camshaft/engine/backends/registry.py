@@ -87,6 +87,9 @@ def open_eager(
     else:
         p.module.to(device)
     tapped = p.tapped.to(device)
+    if layout == torch.channels_last and memory_format == "auto" and not _runs_channels_last(tapped, pre, device):
+        layout = torch.contiguous_format  # e.g. a model that views a 4-d activation as 2-d
+        p.module.to(memory_format=layout)
     split = None
     if p.split is not None:
         split = (p.split.trunk.to(device), p.split.head.to(device))
@@ -104,6 +107,17 @@ def open_eager(
         owner=p.module,
         memory_format=layout,
     )
+
+
+def _runs_channels_last(tapped, pre: Preprocess, device) -> bool:
+    """Whether the tapped model runs on a channels-last image (``view`` needs contiguous tensors)."""
+    x = torch.zeros(1, 3, *pre.input_size, device=device).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            tapped(x)
+    except RuntimeError:
+        return False
+    return True
 
 
 def open_torchscript(
