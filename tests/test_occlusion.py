@@ -16,6 +16,7 @@ from camshaft.engine.methods.occlusion import OcclusionSettings, parse_fill, par
 from camshaft.engine.occlusion import Grid, fill_values, gaussian_blur, plain_evaluator, sweep_drops
 from camshaft.engine.occlusion.incremental import IncrementalModel, fold_batch_norms, incremental_evaluator, trace
 from camshaft.engine.occlusion.refine import coarse_to_fine
+from camshaft.engine.occlusion.regions import Region, boxes_of, read, source
 from camshaft.engine.occlusion.sweep import full_sweep, target_scores
 from camshaft.errors import CapabilityError, ConfigError
 
@@ -270,6 +271,45 @@ def test_incremental_equals_plain_on_a_chain(full_fraction):
     fast = _sweep(model, x, grid, targets, incremental=incremental, per_forward=13)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
     assert {"stem_0", "stem_3", "body_0", "skip", "add"} <= set(incremental.last_regions)  # boxes, not full maps
+
+
+def _read_by_hand(r, top, left, size, pad, value):
+    """``read`` one variant at a time: the full map with the crop pasted, padded, then the box cut out."""
+    out = []
+    for v in range(r.crop.shape[0]):
+        full = r.base[0].clone()
+        t, le = int(r.top[v]), int(r.left[v])
+        full[:, t : t + r.box[0], le : le + r.box[1]] = r.crop[v]
+        padded = torch.nn.functional.pad(full, (pad[2], pad[3], pad[0], pad[1]), value=value)
+        out.append(padded[:, int(top[v]) : int(top[v]) + size[0], int(left[v]) : int(left[v]) + size[1]])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("case", ["inside", "overlapping", "disjoint", "own"])
+def test_read_pastes_each_crop_over_its_base(case):
+    """Boxes read from the cached map with each variant's crop pasted in, wherever the two lie."""
+    c, (mh, mw), (ch, cw), p = 5, (12, 11), (4, 3), 9
+    base = randn(1, c, mh, mw, seed=1)
+    crop = randn(p, c, ch, cw, seed=2).contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(3)
+    r = Region(crop, torch.randint(0, mh - ch + 1, (p,), generator=gen), torch.randint(0, mw - cw + 1, (p,), generator=gen), base)
+    pad, size = (1, 2, 2, 1), (6, 5)
+    if case == "inside":  # every crop within its box (its corner at a different offset per variant)
+        top, left = r.top + pad[0] - torch.randint(0, 3, (p,), generator=gen), r.left + pad[2] - torch.randint(0, 3, (p,), generator=gen)
+    elif case == "overlapping":  # boxes cut through the crops
+        top, left = r.top + pad[0] + 2, r.left + pad[2] - 3
+    elif case == "disjoint":
+        top, left = torch.zeros(p, dtype=torch.long), torch.zeros(p, dtype=torch.long)
+        r = Region(crop, torch.full((p,), mh - ch), torch.full((p,), mw - cw), base)
+    else:
+        pad, size, top, left = (0, 0, 0, 0), (ch, cw), r.top, r.left
+    hp, wp = mh + pad[0] + pad[1], mw + pad[2] + pad[3]
+    top, left = top.clamp(0, hp - size[0]), left.clamp(0, wp - size[1])
+    got = read(r, top, left, size, source(base, pad, -1.5), pad=pad)
+    assert torch.equal(got, _read_by_hand(r, top, left, size, pad, -1.5))
+    assert (got is crop) == (case == "own")
+    if case == "overlapping":
+        assert not torch.equal(got, boxes_of(source(base, pad, -1.5), top, left, size))  # crops show
 
 
 class ConvBranches(nn.Module):

@@ -50,13 +50,18 @@ def source(base: torch.Tensor, pad: tuple[int, int, int, int] = (0, 0, 0, 0), va
 
 
 def boxes_of(src: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Boxes of ``size`` at (``top``, ``left``) (P,) of an (H, W, C) ``source``: (P, C, h, w).
+    """Boxes of ``size`` at (``top``, ``left``) (P,) of an (H, W, C) contiguous ``source``: (P, C, h, w).
 
-    The boxes come out channels-last, the layout CPU convolutions on small maps run fastest on.
+    Every box of ``size`` is a strided view of ``src`` starting at its first cell (a box starting
+    near the right edge would wrap into the next rows, but none is selected), so one
+    ``index_select`` copies the P boxes, in runs of C contiguous values. They come out
+    channels-last, the layout CPU convolutions on small maps run fastest on.
     """
-    rows = (top[:, None] + torch.arange(size[0]))[:, :, None].to(src.device)  # (P, h, 1)
-    cols = (left[:, None] + torch.arange(size[1]))[:, None, :].to(src.device)  # (P, 1, w)
-    return src[rows, cols].permute(0, 3, 1, 2)  # (P, h, w, C) gathered in runs of C, seen as (P, C, h, w)
+    (hp, wp, c), (h, w) = src.shape, size
+    starts = (hp - h) * wp + (wp - w) + 1  # the first cells of boxes that lie inside the map
+    boxes = src.as_strided((starts, h, w, c), (c, wp * c, c, 1))
+    first = (top * wp + left).to(src.device)
+    return boxes.index_select(0, first).permute(0, 3, 1, 2)  # (P, h, w, C) seen as (P, C, h, w)
 
 
 def read(
@@ -76,19 +81,24 @@ def read(
     p, c = out.shape[:2]
     dev = out.device
     if bool((dy >= 0).all() and (dy <= h - ch).all() and (dx >= 0).all() and (dx <= w - cw).all()):
-        index = (dy[:, None, None] + torch.arange(ch)[:, None]) * w + dx[:, None, None] + torch.arange(cw)
-        cells = out.permute(0, 2, 3, 1).view(p, h * w, c)  # ``out`` is channels-last: a view
-        crop = r.crop.permute(0, 2, 3, 1).reshape(p, ch * cw, c)
-        cells[torch.arange(p, device=dev)[:, None], index.view(p, ch * cw).to(dev)] = crop.to(cells.dtype)
+        # each crop row is a run of cw * C values of ``out`` (channels-last, contiguous): copy the
+        # P * ch runs at once through a view whose rows start at every cell
+        runs = (torch.arange(p)[:, None] * h + dy[:, None] + torch.arange(ch)) * w + dx[:, None]  # (P, ch)
+        starts = out.as_strided((p * h * w - cw + 1, cw * c), (c, 1))
+        crop = r.crop.permute(0, 2, 3, 1).reshape(p * ch, cw * c)
+        starts.index_copy_(0, runs.view(-1).to(dev), crop.to(out.dtype))
         return out
     ri = torch.arange(h) - dy[:, None]  # (P, h): row inside the crop
     ci = torch.arange(w) - dx[:, None]  # (P, w)
     inside = ((ri >= 0) & (ri < ch))[:, :, None] & ((ci >= 0) & (ci < cw))[:, None, :]  # (P, h, w)
-    if not bool(inside.any()):
+    v, y, x = inside.nonzero(as_tuple=True)  # the box cells the crop covers
+    if not len(v):
         return out
-    index = (ri.clamp(0, ch - 1)[:, :, None] * cw + ci.clamp(0, cw - 1)[:, None, :]).to(dev)
-    vals = r.crop.reshape(p, c, ch * cw).gather(2, index.view(p, 1, h * w).expand(p, c, h * w))
-    return torch.where(inside.to(dev)[:, None], vals.view(p, c, h, w), out)
+    cells = out.permute(0, 2, 3, 1).view(p * h * w, c)  # ``out`` is channels-last: a view
+    crop = r.crop.permute(0, 2, 3, 1).reshape(p * ch * cw, c)
+    rows = ((v * ch + ri[v, y]) * cw + ci[v, x]).to(dev)
+    cells.index_copy_(0, ((v * h + y) * w + x).to(dev), crop.index_select(0, rows).to(cells.dtype))
+    return out
 
 
 def materialize(
