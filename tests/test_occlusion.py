@@ -312,6 +312,32 @@ def test_read_pastes_each_crop_over_its_base(case):
         assert not torch.equal(got, boxes_of(source(base, pad, -1.5), top, left, size))  # crops show
 
 
+class SharedConv(nn.Module):
+    """A conv output read by a ReLU (through an Identity) and again by an addition after it."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(5)
+        self.conv, self.ident, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.Identity(), nn.ReLU()
+        self.conv2, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = self.relu(self.ident(a))
+        return self.fc((self.conv2(b) + a).relu().mean((2, 3)))
+
+
+def test_incremental_relu_in_place_only_on_crops_nobody_else_reads():
+    model = SharedConv().eval()
+    x = randn(1, 3, 24, 24, seed=8)
+    grid = Grid(size=(24, 24), window=(5, 5), stride=(4, 4))
+    targets = torch.tensor([[0, 2]])
+    incremental = IncrementalModel(model, full_fraction=1.01)
+    fast = _sweep(model, x, grid, targets, incremental=incremental, per_forward=9)
+    torch.testing.assert_close(fast, _sweep(model, x, grid, targets), rtol=1e-4, atol=1e-5)
+    assert {"conv", "relu", "add"} <= set(incremental.last_regions)
+
+
 class ConvBranches(nn.Module):
     """A conv-bn pair to fold, a conv read by a bn and by a skip (not folded), a bn after a pool."""
 

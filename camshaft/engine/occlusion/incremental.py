@@ -207,6 +207,7 @@ class _Pass:
         self.memory_format = memory_format
         self.dyn: dict[fx.Node, Region | Full] = {}
         self.full: dict[fx.Node, torch.Tensor] = {}  # materialised regions
+        self.owned: set[fx.Node] = set()  # nodes whose crop this pass allocated (not a view of another's)
 
     def value(self, n: Any, *, full: bool) -> Any:
         """A node argument: its static value, its Region (or its full tensor when ``full``)."""
@@ -246,7 +247,13 @@ class _Pass:
                 out = Region(_POINTWISE_FUNCTIONS[node.target](r.crop), r.top, r.left, self.env[node])
         elif node.op == "call_function" and node.target in _BINARY and not kwargs:
             out = self.binary(node, args)
-        return self.as_full(node) if out is None else out
+        if out is None:
+            return self.as_full(node)
+        # the crop is this node's own when it is new, or taken over from its one reader's input
+        shared = [a for a in node.all_input_nodes if isinstance(self.dyn.get(a), Region) and self.dyn[a].crop is out.crop]
+        if all(a in self.owned and len(a.users) == 1 for a in shared):
+            self.owned.add(node)
+        return out
 
     def as_full(self, node: fx.Node) -> Full:
         """The node run as usual on full tensors; an in-place op gets copies of cached values."""
@@ -263,6 +270,8 @@ class _Pass:
             return None
         r, base = args[0], self.env[node]
         fn = _pointwise_module(m)
+        if type(m) is nn.ReLU and node.args[0] in self.owned and len(node.args[0].users) == 1:
+            fn = lambda m, t: torch.relu_(t)  # noqa: E731  the crop is ours and read by nobody else
         if fn is not None:
             return Region(fn(m, r.crop), r.top, r.left, base)
         op = window_op(m)
