@@ -14,6 +14,7 @@ import camshaft
 from camshaft.engine.methods import get_method
 from camshaft.engine.methods.occlusion import OcclusionSettings, parse_fill, parse_pair
 from camshaft.engine.occlusion import Grid, fill_values, gaussian_blur, plain_evaluator, sweep_drops
+from camshaft.engine.occlusion.windows import border_batches
 from camshaft.engine.occlusion.incremental import IncrementalModel, fold_batch_norms, incremental_evaluator, trace
 from camshaft.engine.occlusion.refine import coarse_to_fine
 from camshaft.engine.occlusion.regions import Region, boxes_of, read, source
@@ -181,6 +182,27 @@ def test_same_result_for_every_batching(tmp_path):
     for k in range(2):  # K targets at once = one target at a time
         single = run(backend, x, [[t[k]] for t in targets], **opts)
         torch.testing.assert_close(single, ref[:, k : k + 1], rtol=1e-4, atol=1e-5)
+    for ppf in (2, 5, 64):  # incremental: each image in batches of positions near the same edges
+        fast = run(backend, x, targets, positions_per_forward=ppf, occlusion_mode="incremental", **opts)
+        torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(13, 13), (5, 7), (2, 3), (1, 1)])
+def test_border_batches_hold_every_position_once_grouped_by_edge(shape):
+    (rows, cols), ppf = shape, 16
+    grid = Grid(size=(rows * 4 + 4, cols * 4 + 4), window=(8, 8), stride=(4, 4))
+    assert grid.shape == shape
+    batches = border_batches(grid, ppf)
+    assert sorted(torch.cat(batches).tolist()) == list(range(grid.count))
+    assert all(0 < len(b) <= ppf for b in batches)
+
+    def edges(p):
+        r, c, mr, mc = p // cols, p % cols, max(1, rows // 6), max(1, cols // 6)
+        return (r < mr or r >= rows - mr or 2 * mr >= rows, c < mc or c >= cols - mc or 2 * mc >= cols)
+
+    assert all(len({edges(p) for p in b.tolist()}) == 1 for b in batches)  # one kind of window per batch
+    if shape == (13, 13):  # 16 near corners, 36 near the top or bottom, 36 near the sides, 81 inside
+        assert [len(b) for b in batches] == [16, 12, 12, 12, 12, 12, 12, 14, 14, 14, 13, 13, 13]
 
 
 def test_inputs_are_left_unchanged(tmp_path):

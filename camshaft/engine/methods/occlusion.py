@@ -26,7 +26,7 @@ from camshaft.engine.occlusion.fills import FILL_MODES, fill_values
 from camshaft.engine.occlusion.incremental import IncrementalModel, incremental_evaluator
 from camshaft.engine.occlusion.refine import coarse_to_fine
 from camshaft.engine.occlusion.sweep import SCORES, full_sweep, plain_evaluator, target_scores
-from camshaft.engine.occlusion.windows import Grid
+from camshaft.engine.occlusion.windows import Grid, border_batches
 from camshaft.errors import CapabilityError, ConfigError
 
 MODES = ("plain", "incremental", "coarse-to-fine")
@@ -179,6 +179,8 @@ def run_occlusion(backend: Backend, x: torch.Tensor, select: Selector, tap: str 
     kw["per_forward"] = s.positions_per_forward
     if s.occlusion_mode == "coarse-to-fine":
         return coarse_to_fine(evaluate, threshold=s.refine_threshold, **kw), out
+    if model is not None:  # windows near the same edges share a batch: their cones are cut alike
+        kw["batches"] = border_batches(grid, s.positions_per_forward)
     return full_sweep(evaluate, **kw), out
 
 

@@ -47,14 +47,16 @@ def sweep_drops(
     targets: torch.Tensor,
     score: str,
     per_forward: int,
+    sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """Score drops (M, K) of the pairs ``(img, pos)``: ``base[img] - score(occluded)``.
 
-    ``base`` (B, K) holds the unoccluded scores of the targets (B, K).
+    ``base`` (B, K) holds the unoccluded scores of the targets (B, K). The pairs are evaluated
+    ``per_forward`` at a time, or in consecutive chunks of ``sizes`` when given.
     """
     drops = []
-    for s in range(0, img.numel(), per_forward):
-        i, p = img[s : s + per_forward], pos[s : s + per_forward]
+    sizes = [min(per_forward, img.numel() - s) for s in range(0, img.numel(), per_forward)] if sizes is None else sizes
+    for i, p in zip(img.split(sizes), pos.split(sizes), strict=True):
         logits = evaluate(i, p)  # (m, N)
         i = i.to(base.device)
         drops.append(base[i] - target_scores(logits, targets[i], score).to(base.device))
@@ -79,8 +81,20 @@ def full_sweep(
     targets: torch.Tensor,
     score: str,
     per_forward: int,
+    batches: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Maps (B, K, rows, cols) of every window position of every image."""
-    img, pos = all_pairs(batch, grid)
-    drops = sweep_drops(evaluate, img=img, pos=pos, base=base, targets=targets, score=score, per_forward=per_forward)
+    """Maps (B, K, rows, cols) of every window position of every image.
+
+    With ``batches`` (positions, each position in one), each image is evaluated batch by batch;
+    by default the pairs of all images are evaluated in turn, ``per_forward`` at a time.
+    """
+    if batches is None:
+        img, pos = all_pairs(batch, grid)
+        sizes = None
+    else:
+        pos = torch.cat(batches).repeat(batch)
+        img = torch.arange(batch).repeat_interleave(len(pos) // batch)
+        sizes = [len(b) for b in batches] * batch
+    drops = sweep_drops(evaluate, img=img, pos=pos, base=base, targets=targets, score=score, per_forward=per_forward,
+                        sizes=sizes)
     return to_maps(drops, img, pos, batch=batch, grid=grid)

@@ -84,3 +84,28 @@ def all_pairs(batch: int, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
     img = torch.arange(batch).repeat_interleave(grid.count)
     pos = torch.arange(grid.count).repeat(batch)
     return img, pos
+
+
+def border_batches(grid: Grid, per_forward: int) -> list[torch.Tensor]:
+    """Every position once, in batches of at most ``per_forward`` whose windows sit alike near the border.
+
+    For incremental occlusion: a batch computes each layer on boxes of one size, that of its most
+    central window's cone; a window near an edge has its cone cut there, so a batch of such windows
+    works on smaller boxes. The classes, in this order: near a corner, near the top or bottom edge
+    only, near the left or right edge only, inside. "Near" is within a sixth of the grid (at least
+    one row or column) of the edge. Each class is split into near-equal batches.
+    """
+    rows, cols = grid.shape
+    pos = torch.arange(grid.count)
+    r, c = pos // cols, pos % cols
+    near = []
+    for i, n in ((r, rows), (c, cols)):
+        m = max(1, n // 6)
+        near.append(((i < m) | (i >= n - m)) if 2 * m < n else torch.ones_like(i, dtype=torch.bool))
+    near_r, near_c = near
+    out = []
+    for members in (near_r & near_c, near_r & ~near_c, ~near_r & near_c, ~near_r & ~near_c):
+        group = pos[members]
+        if len(group):
+            out += list(group.tensor_split(-(-len(group) // per_forward)))
+    return out
