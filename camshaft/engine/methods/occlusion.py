@@ -9,7 +9,8 @@ like any map. Forward only: occluded variants are built on the device and evalua
 forwards.
 
 Modes: ``plain`` (batched forwards, any backend), ``incremental`` (exact, eager only: recomputes
-only each patch's receptive-field cone, Nakandala et al. 2019) and ``coarse-to-fine``
+only each patch's receptive-field cone, Nakandala et al. 2019; on the CPU each image's positions
+go in batches of windows near the same edges, ``border_batches``) and ``coarse-to-fine``
 (APPROXIMATE: see ``camshaft.engine.occlusion.refine``).
 """
 
@@ -179,7 +180,9 @@ def run_occlusion(backend: Backend, x: torch.Tensor, select: Selector, tap: str 
     kw["per_forward"] = s.positions_per_forward
     if s.occlusion_mode == "coarse-to-fine":
         return coarse_to_fine(evaluate, threshold=s.refine_threshold, **kw), out
-    if model is not None:  # windows near the same edges share a batch: their cones are cut alike
+    if model is not None and backend.device.type == "cpu":
+        # windows near the same edges share a batch: their cones are cut alike, so its boxes are
+        # smaller (CPU convolutions cost by the cell; on a GPU the larger batches are kept)
         kw["batches"] = border_batches(grid, s.positions_per_forward)
     return full_sweep(evaluate, **kw), out
 
