@@ -332,6 +332,9 @@ def test_read_pastes_each_crop_over_its_base(case):
     assert (got is crop) == (case == "own")
     if case == "overlapping":
         assert not torch.equal(got, boxes_of(source(base, pad, -1.5), top, left, size))  # crops show
+    if case == "inside":  # a source that is a view, not contiguous, reads the same
+        view = base[0].permute(1, 2, 0)
+        assert torch.equal(boxes_of(view, r.top, r.left, r.box), boxes_of(source(base), r.top, r.left, r.box))
 
 
 class SharedConv(nn.Module):

@@ -50,7 +50,7 @@ def source(base: torch.Tensor, pad: tuple[int, int, int, int] = (0, 0, 0, 0), va
 
 
 def boxes_of(src: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Boxes of ``size`` at (``top``, ``left``) (P,) of an (H, W, C) contiguous ``source``: (P, C, h, w).
+    """Boxes of ``size`` at (``top``, ``left``) (P,) of an (H, W, C) ``source``: (P, C, h, w).
 
     Every box of ``size`` is a strided view of ``src`` starting at its first cell (a box starting
     near the right edge would wrap into the next rows, but none is selected), so one
@@ -58,6 +58,7 @@ def boxes_of(src: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: tup
     channels-last, the layout CPU convolutions on small maps run fastest on.
     """
     (hp, wp, c), (h, w) = src.shape, size
+    src = src.contiguous()  # the view below assumes it (``source`` makes it so)
     starts = (hp - h) * wp + (wp - w) + 1  # the first cells of boxes that lie inside the map
     boxes = src.as_strided((starts, h, w, c), (c, wp * c, c, 1))
     first = (top * wp + left).to(src.device)

@@ -89,8 +89,8 @@ def all_pairs(batch: int, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
 def border_batches(grid: Grid, per_forward: int) -> list[torch.Tensor]:
     """Every position once, in batches of at most ``per_forward`` whose windows sit alike near the border.
 
-    For incremental occlusion: a batch computes each layer on boxes of one size, that of its most
-    central window's cone; a window near an edge has its cone cut there, so a batch of such windows
+    For incremental occlusion: a batch computes each layer on boxes of one size, that of the
+    largest cone among its windows; a window near an edge has its cone cut there, so a batch of such windows
     works on smaller boxes. The classes, in this order: near a corner, near the top or bottom edge
     only, near the left or right edge only, inside. "Near" is within a sixth of the grid (at least
     one row or column) of the edge. Each class is split into near-equal batches.
