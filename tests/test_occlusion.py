@@ -14,11 +14,11 @@ import camshaft
 from camshaft.engine.methods import get_method
 from camshaft.engine.methods.occlusion import OcclusionSettings, parse_fill, parse_pair
 from camshaft.engine.occlusion import Grid, fill_values, gaussian_blur, plain_evaluator, sweep_drops
-from camshaft.engine.occlusion.windows import border_batches
 from camshaft.engine.occlusion.incremental import IncrementalModel, fold_batch_norms, incremental_evaluator, trace
 from camshaft.engine.occlusion.refine import coarse_to_fine
 from camshaft.engine.occlusion.regions import Region, boxes_of, read, source
 from camshaft.engine.occlusion.sweep import full_sweep, target_scores
+from camshaft.engine.occlusion.windows import border_batches
 from camshaft.errors import CapabilityError, ConfigError
 
 OCCLUSION = get_method("occlusion")
@@ -314,10 +314,11 @@ def test_read_pastes_each_crop_over_its_base(case):
     base = randn(1, c, mh, mw, seed=1)
     crop = randn(p, c, ch, cw, seed=2).contiguous(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(3)
-    r = Region(crop, torch.randint(0, mh - ch + 1, (p,), generator=gen), torch.randint(0, mw - cw + 1, (p,), generator=gen), base)
+    draw = lambda high: torch.randint(0, high, (p,), generator=gen)  # noqa: E731
+    r = Region(crop, draw(mh - ch + 1), draw(mw - cw + 1), base)
     pad, size = (1, 2, 2, 1), (6, 5)
     if case == "inside":  # every crop within its box (its corner at a different offset per variant)
-        top, left = r.top + pad[0] - torch.randint(0, 3, (p,), generator=gen), r.left + pad[2] - torch.randint(0, 3, (p,), generator=gen)
+        top, left = r.top + pad[0] - draw(3), r.left + pad[2] - draw(3)
     elif case == "overlapping":  # boxes cut through the crops
         top, left = r.top + pad[0] + 2, r.left + pad[2] - 3
     elif case == "disjoint":
