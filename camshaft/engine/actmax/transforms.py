@@ -83,7 +83,7 @@ class Affine:
 
     def __call__(self, x, generators):
         _check_count(x, generators)
-        return warp(x, torch.tensor(self.matrices(generators), dtype=torch.float64))
+        return warp(x, self.matrices(generators))
 
 
 @dataclass(frozen=True)
@@ -153,10 +153,10 @@ class Compose:
                 pending = m if pending is None else [_matmul(a, b) for a, b in zip(pending, m, strict=True)]
                 continue
             if pending is not None:
-                x, pending = warp(x, torch.tensor(pending, dtype=torch.float64)), None
+                x, pending = warp(x, pending), None
             x = t(x, generators)
         if pending is not None:
-            return warp(x, torch.tensor(pending, dtype=torch.float64), size=self.size)
+            return warp(x, pending, size=self.size)
         return x if self.size is None else center(x, self.size)
 
     def __repr__(self) -> str:
@@ -172,12 +172,15 @@ def center(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x[..., top : top + oh, left : left + ow]
 
 
-def warp(x: torch.Tensor, matrices: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+def warp(
+    x: torch.Tensor, matrices: torch.Tensor | Sequence[Matrix], size: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Resample ``x`` (B, C, H, W) at ``matrices`` (B, 3, 3) (output -> input, centred pixels).
 
     The output is ``size`` (default: the input's), centred on the input's centre.
     """
-    b, _, h, w = x.shape
+    matrices = torch.as_tensor(matrices, dtype=torch.float64)
+    h, w = x.shape[-2:]
     oh, ow = (h, w) if size is None else size
     # keep pixel centres on the input's grid, as ``center`` cuts: shift by half a pixel where the
     # margins are odd, then centred pixels -> grid_sample's normalised coordinates
