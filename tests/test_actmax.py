@@ -279,13 +279,14 @@ def test_render_leaves_the_model_as_it_found_it(demo):
         model.fc.weight.requires_grad_(True)
 
 
-@pytest.fixture(params=["index path", "dense path"])
+@pytest.fixture(params=["host check", "sync-free"])
 def relu_path(request, monkeypatch):
-    """Both backward paths: large CPU gradients' (touches stalled channels only) and the dense one
-    (no host sync: GPUs, and small gradients on the CPU)."""
+    """Both backward paths: the CPU's (a sum finds candidates, read on the host) and the one
+    without a host sync (GPUs: every channel tested)."""
     from camshaft.engine.actmax import relu
 
-    monkeypatch.setattr(relu, "DENSE_MAX", 0 if request.param == "index path" else relu.DENSE_MAX)
+    if request.param == "sync-free":
+        monkeypatch.setattr(relu, "_sync_free", lambda device: True)
     return request.param
 
 
@@ -313,6 +314,18 @@ def test_dead_relu_vectors_and_alive_units_without_gradient(relu_path):
     with redirected_relus(model, leak=0.25):
         (grad,) = torch.autograd.grad(model(x), x, g)
     torch.testing.assert_close(grad, torch.tensor([[0.0, -1.0, 0.0], [0.0, 0.0, 2.0], [3.0, -3.0, 0.0]]))
+
+
+def test_a_channel_whose_gradient_sums_to_zero_or_is_infinite_keeps_it(relu_path):
+    model = torch.nn.Sequential(torch.nn.ReLU())
+    x = torch.tensor([[[[1.0, -1.0, 2.0]], [[-1.0, -1.0, -1.0]]]], requires_grad=True)  # channel 1 is dead
+    g = torch.tensor([[[[3.0, -math.inf, -3.0]], [[2.0, -4.0, -math.inf]]]])
+    with redirected_relus(model, leak=0.5):
+        (grad,) = torch.autograd.grad(model(x), x, g)
+    # channel 0 passes 3 and -3 (summing to 0): exact ReLU, its dead unit's -inf leaks nothing (no NaN);
+    # channel 1 is dead: -4 leaks, -inf leaks as the lowest finite value
+    lowest = torch.finfo(torch.float32).min
+    torch.testing.assert_close(grad, torch.tensor([[[[3.0, 0.0, -3.0]], [[0.0, -2.0, 0.5 * lowest]]]]))
 
 
 class _ReluOnAView(torch.nn.Module):

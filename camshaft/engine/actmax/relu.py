@@ -21,9 +21,6 @@ from torch import nn
 __all__ = ["redirected_relus"]
 
 
-DENSE_MAX = 1 << 17  # gradients up to this many values take the dense path on the CPU too
-
-
 def _leak_hook(leak: float):
     """A hook for a ReLU's backward node: (its gradient, the incoming one) -> the leaky gradient."""
 
@@ -35,19 +32,21 @@ def _leak_hook(leak: float):
         # all their alive units have g == 0, so the whole channel takes the waking gradient
         # (descent raises units with g < 0)
         space = tuple(range(2, g.dim())) or (1,)  # reduced per channel (any memory layout), or per vector
-        if _sync_free(g.device) or normal.numel() <= DENSE_MAX:  # few operations, no host sync
-            stalled = (normal.amax(space, keepdim=True) == 0) & (normal.amin(space, keepdim=True) == 0)
-            return (torch.where(stalled, g.clamp(max=0) * leak, normal),)
-        # a stalled channel sums to 0; a sum is the cheapest pass over the data, and the few
-        # candidates (a live channel summing to exactly 0 is rare) are then checked unit by unit
-        index = (normal.sum(space) == 0).nonzero(as_tuple=True)  # (b, c) of feature maps, (b,) of vectors
-        if not len(index[0]):
-            return None
-        live = normal[index].flatten(1).abs().amax(1) != 0
-        if bool(live.any()):
-            index = tuple(i[~live] for i in index)
-        normal[index] = g[index].clamp_(max=0).mul_(leak)  # ``normal`` is the node's own new tensor
-        return (normal,)
+        if _sync_free(g.device):  # no host sync: every channel is tested, two reductions
+            stalled = normal.amax(space, keepdim=True).eq_(0).logical_and_(normal.amin(space, keepdim=True).eq_(0))
+        else:
+            # a stalled channel sums to 0, and a sum is the cheapest pass over the data: without
+            # candidates (often so in early layers) nothing else is done. A candidate whose largest
+            # value is 0 too is all zeros (a sum of numbers <= 0 is 0 only when each is)
+            stalled = normal.sum(space, keepdim=True).eq_(0)
+            if not bool(stalled.any()):
+                return None
+            stalled.logical_and_(normal.amax(space, keepdim=True).eq_(0))
+        # a stalled channel holds zeros, so adding the waking gradient there replaces them; other
+        # channels add 0 (-inf is clamped to the lowest finite value, as 0 * inf would be NaN).
+        # ``normal`` is the node's own new tensor, free to change in place
+        waking = g.clamp(min=torch.finfo(g.dtype).min, max=0)
+        return (normal.addcmul_(stalled.to(normal.dtype), waking, value=leak),)
 
     return hook
 

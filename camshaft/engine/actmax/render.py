@@ -230,7 +230,7 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
           batch_invariant(device, exact)):
         full = _with_regularizers(model, objectives, config, preprocess, device)
         forward = _in_layout(forward_fn(model, sorted(set().union(*(o.taps for o in full)))), layout)
-        _check(objectives + full, forward, preprocess, device)
+        check = _fit_check(objectives + full)  # on the first step's forward: no forward of its own
         per_chunk = config.batch_size // config.copies  # objectives per chunk
         chunks = [range(i, min(i + per_chunk, len(objectives))) for i in range(0, len(objectives), per_chunk)]
         parts = []
@@ -239,7 +239,8 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
                 rows = slice(chunk[0] * config.copies, (chunk[-1] + 1) * config.copies)
                 parts.append(_render_chunk(forward, [objectives[i] for i in chunk], [full[i] for i in chunk],
                                            rows, init=None if init is None else init[rows], config=config,
-                                           preprocess=preprocess, device=device, dtype=dtype, bar=bar))
+                                           preprocess=preprocess, device=device, dtype=dtype, bar=bar,
+                                           check=check if not parts else None))
     images, values, probs, losses = (torch.cat(t, dim=1 if k == 3 else 0) for k, t in enumerate(zip(*parts)))
     return Rendering(images, tuple(objectives), values, probs, losses, config.copies)
 
@@ -276,16 +277,24 @@ def _with_regularizers(model, objectives, config, preprocess, device) -> list[Ob
     return out
 
 
-def _check(objectives: Sequence[Objective], forward: Forward, preprocess: Preprocess, device) -> None:
-    shapes, num_classes = tap_shapes(forward, preprocess, device)
-    problems = sorted({p for o in objectives for p in o.check(shapes, num_classes)})
-    if problems:
-        raise ConfigError("objectives do not fit the model: " + "; ".join(problems))
+def _fit_check(objectives: Sequence[Objective]) -> Callable[[torch.Tensor, dict], None]:
+    """``(logits, taps) -> None`` of a forward; raises ConfigError naming every objective that does not fit."""
+
+    def check(logits: torch.Tensor, taps: dict) -> None:
+        shapes = {k: tuple(v.shape[1:]) for k, v in taps.items()}
+        problems = sorted({p for o in objectives for p in o.check(shapes, int(logits.shape[-1]))})
+        if problems:
+            raise ConfigError("objectives do not fit the model: " + "; ".join(problems))
+
+    return check
 
 
 def _render_chunk(forward, objectives, full, rows: slice, *, init, config: RenderConfig,
-                  preprocess: Preprocess, device, dtype, bar):
-    """Optimise one chunk: images ``rows`` of the whole run; returns images, values, probs, losses."""
+                  preprocess: Preprocess, device, dtype, bar, check=None):
+    """Optimise one chunk: images ``rows`` of the whole run; returns images, values, probs, losses.
+
+    ``check(logits, taps)`` runs on the first step's forward, before any loss is read.
+    """
     k = config.copies
     generators = [torch.Generator().manual_seed(config.seed + i) for i in range(rows.start, rows.stop)]
     param = get_param(config.param)(preprocess.input_size, generators=generators, sd=config.init_sd,
@@ -300,6 +309,8 @@ def _render_chunk(forward, objectives, full, rows: slice, *, init, config: Rende
         images = param.image_fn()  # (B, 3, H, W)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits, taps = forward((transform(images, generators) - mean) / std)
+        if check is not None and step == 0:
+            check(logits, taps)
         losses = _losses(full, Activations(logits.float(), {t: a.float() for t, a in taps.items()}, images), k)
         scaler.scale(losses.sum()).backward()
         scaler.step(optimizer)
