@@ -279,13 +279,16 @@ def test_render_leaves_the_model_as_it_found_it(demo):
         model.fc.weight.requires_grad_(True)
 
 
-@pytest.fixture(params=["host check", "sync-free"])
+@pytest.fixture(params=["sum first", "direct", "sync-free"])
 def relu_path(request, monkeypatch):
-    """Both backward paths: the CPU's (a sum finds candidates, read on the host) and the one
-    without a host sync (GPUs: every channel tested)."""
+    """Every backward path: large CPU gradients' (a sum read on the host finds candidates first),
+    small ones' and the one without a host sync (GPUs), which test every channel directly."""
     from camshaft.engine.actmax import relu
 
-    if request.param == "sync-free":
+    if request.param == "sum first":
+        monkeypatch.setattr(relu, "SUM_FIRST", 0)
+    elif request.param == "sync-free":
+        monkeypatch.setattr(relu, "SUM_FIRST", 0)
         monkeypatch.setattr(relu, "_sync_free", lambda device: True)
     return request.param
 

@@ -21,6 +21,9 @@ from torch import nn
 __all__ = ["redirected_relus"]
 
 
+SUM_FIRST = 1 << 18  # gradients larger than this many values are summed first on the CPU (see the hook)
+
+
 def _leak_hook(leak: float):
     """A hook for a ReLU's backward node: (its gradient, the incoming one) -> the leaky gradient."""
 
@@ -32,21 +35,24 @@ def _leak_hook(leak: float):
         # all their alive units have g == 0, so the whole channel takes the waking gradient
         # (descent raises units with g < 0)
         space = tuple(range(2, g.dim())) or (1,)  # reduced per channel (any memory layout), or per vector
-        if _sync_free(g.device):  # no host sync: every channel is tested, two reductions
-            stalled = normal.amax(space, keepdim=True).eq_(0).logical_and_(normal.amin(space, keepdim=True).eq_(0))
-        else:
-            # a stalled channel sums to 0, and a sum is the cheapest pass over the data: without
-            # candidates (often so in early layers) nothing else is done. A candidate whose largest
-            # value is 0 too is all zeros (a sum of numbers <= 0 is 0 only when each is)
-            stalled = normal.sum(space, keepdim=True).eq_(0)
-            if not bool(stalled.any()):
+        if normal.numel() > SUM_FIRST and not _sync_free(g.device):
+            # a stalled channel sums to 0: when no sum is 0 (often so for large maps, whose channels
+            # rarely die everywhere) one pass and a host read settle it. Among the candidates, a
+            # channel whose largest value is 0 too is all zeros (a sum of numbers <= 0 is 0 only
+            # when each is). Small gradients skip this: there the number of operations costs more
+            # than their passes over the data, and stalls are common
+            sums = normal.sum(space, keepdim=True)
+            if bool(sums.all()):
                 return None
-            stalled.logical_and_(normal.amax(space, keepdim=True).eq_(0))
-        # a stalled channel holds zeros, so adding the waking gradient there replaces them; other
-        # channels add 0 (-inf is clamped to the lowest finite value, as 0 * inf would be NaN).
-        # ``normal`` is the node's own new tensor, free to change in place
+            stalled = sums.eq_(0).mul_(normal.amax(space, keepdim=True).eq_(0))
+        else:
+            stalled = normal.abs().amax(space, keepdim=True).eq_(0)
+        # ``stalled`` is 1.0 where a channel is all zeros, else 0.0 (``normal``'s dtype)
+        # adding the waking gradient to a stalled channel's zeros replaces them; other channels add
+        # 0 (-inf is clamped to the lowest finite value: 0 * inf would be NaN). ``normal`` is the
+        # node's own new tensor, free to change in place
         waking = g.clamp(min=torch.finfo(g.dtype).min, max=0)
-        return (normal.addcmul_(stalled.to(normal.dtype), waking, value=leak),)
+        return (normal.addcmul_(stalled, waking, value=leak),)
 
     return hook
 
