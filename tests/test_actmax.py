@@ -133,14 +133,15 @@ def test_bad_specs_name_the_problem_and_the_syntax(spec, message):
     assert "valid syntax" in str(e.value) and "class:I[-J]" in str(e.value)
 
 
-def test_objectives_that_do_not_fit_the_model_are_all_named(demo):
+def test_objectives_that_do_not_fit_the_model_are_all_named(demo, capsys):
     model, pre = demo
-    objs = [channel("features", 999), neuron("features", 0, 40, 0), class_logit(7)]
-    with pytest.raises(ConfigError) as e:
-        render(model, objs, preprocess=pre, config=_cfg(steps=1))
+    objs = [class_logit(1), channel("features", 999), neuron("features", 0, 40, 0), class_logit(7)]
+    with pytest.raises(ConfigError) as e:  # the last chunk's objectives too (checked on the first's step)
+        render(model, objs, preprocess=pre, config=_cfg(steps=1, batch_size=1), progress=True)
     for part in ("channel 999 is out of range 0..79", "position (40, 0) is outside tap 'features'",
                  "class 7 is out of range 0..4"):
         assert part in str(e.value)
+    assert "actmax" not in capsys.readouterr().err  # the error comes alone: no progress bar was opened
     with pytest.raises(ConfigError, match="unknown tap 'nope'; valid choices: features"):
         render(model, [layer_norm("nope")], preprocess=pre, config=_cfg(steps=1))
 

@@ -234,13 +234,23 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
         per_chunk = config.batch_size // config.copies  # objectives per chunk
         chunks = [range(i, min(i + per_chunk, len(objectives))) for i in range(0, len(objectives), per_chunk)]
         parts = []
-        with tqdm(total=len(chunks) * config.steps, desc="actmax", unit="step", disable=not progress) as bar:
+        bar = []  # opened after the first step, once the objectives are known to fit: an error comes alone
+
+        def step_done() -> None:
+            if not bar:
+                bar.append(tqdm(total=len(chunks) * config.steps, desc="actmax", unit="step", disable=not progress))
+            bar[0].update(1)
+
+        try:
             for chunk in chunks:
                 rows = slice(chunk[0] * config.copies, (chunk[-1] + 1) * config.copies)
                 parts.append(_render_chunk(forward, [objectives[i] for i in chunk], [full[i] for i in chunk],
                                            rows, init=None if init is None else init[rows], config=config,
-                                           preprocess=preprocess, device=device, dtype=dtype, bar=bar,
-                                           check=check if not parts else None))
+                                           preprocess=preprocess, device=device, dtype=dtype,
+                                           step_done=step_done, check=check if not parts else None))
+        finally:
+            for b in bar:
+                b.close()
     images, values, probs, losses = (torch.cat(t, dim=1 if k == 3 else 0) for k, t in enumerate(zip(*parts)))
     return Rendering(images, tuple(objectives), values, probs, losses, config.copies)
 
@@ -290,7 +300,7 @@ def _fit_check(objectives: Sequence[Objective]) -> Callable[[torch.Tensor, dict]
 
 
 def _render_chunk(forward, objectives, full, rows: slice, *, init, config: RenderConfig,
-                  preprocess: Preprocess, device, dtype, bar, check=None):
+                  preprocess: Preprocess, device, dtype, step_done, check=None):
     """Optimise one chunk: images ``rows`` of the whole run; returns images, values, probs, losses.
 
     ``check(logits, taps)`` runs on the first step's forward, before any loss is read.
@@ -318,7 +328,7 @@ def _render_chunk(forward, objectives, full, rows: slice, *, init, config: Rende
         history.append(losses.detach())  # stays on the device: no sync per step
         if config.blur_every and (step + 1) % config.blur_every == 0:
             param.blur_(config.blur_sigma)
-        bar.update(1)
+        step_done()
     with torch.no_grad():
         images = param.image_fn()
         logits, taps = forward((images - mean) / std)  # the final image, untransformed, in float32
