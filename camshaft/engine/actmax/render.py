@@ -230,27 +230,16 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
           batch_invariant(device, exact)):
         full = _with_regularizers(model, objectives, config, preprocess, device)
         forward = _in_layout(forward_fn(model, sorted(set().union(*(o.taps for o in full)))), layout)
-        check = _fit_check(objectives + full)  # on the first step's forward: no forward of its own
+        _check(objectives + full, forward, preprocess, device)
         per_chunk = config.batch_size // config.copies  # objectives per chunk
         chunks = [range(i, min(i + per_chunk, len(objectives))) for i in range(0, len(objectives), per_chunk)]
         parts = []
-        bar = []  # opened after the first step, once the objectives are known to fit: an error comes alone
-
-        def step_done() -> None:
-            if not bar:
-                bar.append(tqdm(total=len(chunks) * config.steps, desc="actmax", unit="step", disable=not progress))
-            bar[0].update(1)
-
-        try:
+        with tqdm(total=len(chunks) * config.steps, desc="actmax", unit="step", disable=not progress) as bar:
             for chunk in chunks:
                 rows = slice(chunk[0] * config.copies, (chunk[-1] + 1) * config.copies)
                 parts.append(_render_chunk(forward, [objectives[i] for i in chunk], [full[i] for i in chunk],
                                            rows, init=None if init is None else init[rows], config=config,
-                                           preprocess=preprocess, device=device, dtype=dtype,
-                                           step_done=step_done, check=check if not parts else None))
-        finally:
-            for b in bar:
-                b.close()
+                                           preprocess=preprocess, device=device, dtype=dtype, bar=bar))
     images, values, probs, losses = (torch.cat(t, dim=1 if k == 3 else 0) for k, t in enumerate(zip(*parts)))
     return Rendering(images, tuple(objectives), values, probs, losses, config.copies)
 
@@ -287,24 +276,16 @@ def _with_regularizers(model, objectives, config, preprocess, device) -> list[Ob
     return out
 
 
-def _fit_check(objectives: Sequence[Objective]) -> Callable[[torch.Tensor, dict], None]:
-    """``(logits, taps) -> None`` of a forward; raises ConfigError naming every objective that does not fit."""
-
-    def check(logits: torch.Tensor, taps: dict) -> None:
-        shapes = {k: tuple(v.shape[1:]) for k, v in taps.items()}
-        problems = sorted({p for o in objectives for p in o.check(shapes, int(logits.shape[-1]))})
-        if problems:
-            raise ConfigError("objectives do not fit the model: " + "; ".join(problems))
-
-    return check
+def _check(objectives: Sequence[Objective], forward: Forward, preprocess: Preprocess, device) -> None:
+    shapes, num_classes = tap_shapes(forward, preprocess, device)
+    problems = sorted({p for o in objectives for p in o.check(shapes, num_classes)})
+    if problems:
+        raise ConfigError("objectives do not fit the model: " + "; ".join(problems))
 
 
 def _render_chunk(forward, objectives, full, rows: slice, *, init, config: RenderConfig,
-                  preprocess: Preprocess, device, dtype, step_done, check=None):
-    """Optimise one chunk: images ``rows`` of the whole run; returns images, values, probs, losses.
-
-    ``check(logits, taps)`` runs on the first step's forward, before any loss is read.
-    """
+                  preprocess: Preprocess, device, dtype, bar):
+    """Optimise one chunk: images ``rows`` of the whole run; returns images, values, probs, losses."""
     k = config.copies
     generators = [torch.Generator().manual_seed(config.seed + i) for i in range(rows.start, rows.stop)]
     param = get_param(config.param)(preprocess.input_size, generators=generators, sd=config.init_sd,
@@ -319,8 +300,6 @@ def _render_chunk(forward, objectives, full, rows: slice, *, init, config: Rende
         images = param.image_fn()  # (B, 3, H, W)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits, taps = forward((transform(images, generators) - mean) / std)
-        if check is not None and step == 0:
-            check(logits, taps)
         losses = _losses(full, Activations(logits.float(), {t: a.float() for t, a in taps.items()}, images), k)
         scaler.scale(losses.sum()).backward()
         scaler.step(optimizer)
@@ -328,7 +307,7 @@ def _render_chunk(forward, objectives, full, rows: slice, *, init, config: Rende
         history.append(losses.detach())  # stays on the device: no sync per step
         if config.blur_every and (step + 1) % config.blur_every == 0:
             param.blur_(config.blur_sigma)
-        step_done()
+        bar.update(1)
     with torch.no_grad():
         images = param.image_fn()
         logits, taps = forward((images - mean) / std)  # the final image, untransformed, in float32
