@@ -62,6 +62,24 @@ def test_rerun_resumes_without_recomputing(data, tmp_path):
     assert (over.mode, over.explained) == ("fresh", 14)
 
 
+def test_a_rerun_removes_what_killed_writers_left_half_written(data, reference, tmp_path):
+    out = tmp_path / "run"
+    camshaft.explain(None, data, out=out, partition_size=4, overlays=True, progress=False)
+    (out / "_camshaft" / "done" / "part-000001.json").unlink()  # that partition was cut short
+    stale = [out / "_camshaft" / "rows" / "gradcam" / ".part-000001.parquet.4242.140323071704224.tmp",
+             out / "_camshaft" / "done" / ".part-000001.json.4242.7.tmp",
+             out / "overlays" / ".0004_x.png.4242.8.tmp", out / ".results.parquet.4242.9.tmp"]
+    kept = [out / "overlays" / "notes.tmp", out / "_camshaft" / ".cache.tmp", out / ".results.parquet.4242.tmp"]
+    for p in stale + kept:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half")
+    again = camshaft.explain(None, data, out=out, partition_size=4, overlays=True, progress=False)
+    assert (again.mode, again.explained) == ("resume", 4)
+    assert [p for p in stale if p.exists()] == []  # only the names atomic writes make
+    assert all(p.read_bytes() == b"half" for p in kept)
+    assert_same_results(camshaft.load_results(out), reference)
+
+
 def _cli(*args, **kwargs):
     env = {**os.environ, "CAMSHAFT_NO_REEXEC": "1"}
     return subprocess.Popen([sys.executable, "-m", "camshaft", *map(str, args)], env=env, **kwargs)

@@ -93,6 +93,7 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
 
 def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explainer, n: int) -> str:
     """Decide fresh / resume / update from what ``out`` holds, and set the folder up for it."""
+    state.remove_temporaries()  # a killed run's half-written files: never results, never left behind
     previous = None if job.overwrite else state.load()
     same_job = previous is not None and previous.get("job") == identity["job"]
     if same_job and all(previous.get(k) == v for k, v in identity.items()):

@@ -3,7 +3,8 @@
 ``OUT/_camshaft/run.json`` names the job (fingerprints), ``done/PART.json`` marks a partition whose
 maps chunk, table shard and overlays are complete (written last, atomically), ``rows/PART.parquet``
 holds its table shard. A partition without a marker is recomputed, overwriting whatever a killed
-run left of it; the final table appears only when every partition is done.
+run left of it (a run starts by deleting the half-written temporaries of killed writes); the final
+table appears only when every partition is done.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from camshaft.pipeline.plan import Partition
-from camshaft.writers.atomic import write_json
+from camshaft.writers.atomic import remove_temporaries, write_json
 
 STATE_DIR = "_camshaft"
 MAPS_FILE, TABLE_FILE, OVERLAYS_DIR = "maps.zarr", "results.parquet", "overlays"
@@ -59,6 +60,13 @@ class RunState:
 
     def previous_dir(self, method: str) -> Path:
         return self.previous / method
+
+    def remove_temporaries(self) -> int:
+        """Delete the half-written files a killed run left (its shards, markers, tables, overlays)."""
+        removed = remove_temporaries(self.dir)
+        for folder in self.result_dirs:
+            removed += remove_temporaries(folder, recursive=False) + remove_temporaries(folder / OVERLAYS_DIR)
+        return removed
 
     def reset(self) -> None:
         """Forget everything a run wrote in ``out`` (and nothing else)."""
