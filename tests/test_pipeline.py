@@ -68,7 +68,8 @@ def test_a_rerun_removes_what_killed_writers_left_half_written(data, reference, 
     (out / "_camshaft" / "done" / "part-000001.json").unlink()  # that partition was cut short
     stale = [out / "_camshaft" / "rows" / "gradcam" / ".part-000001.parquet.4242.140323071704224.tmp",
              out / "_camshaft" / "done" / ".part-000001.json.4242.7.tmp",
-             out / "overlays" / ".0004_x.png.4242.8.tmp", out / ".results.parquet.4242.9.tmp"]
+             out / "overlays" / ".0004_x.png.4242.8.tmp", out / ".results.parquet.4242.9.tmp",
+             out / "artifacts" / ".model.onnx.4242.10.tmp"]  # an export killed mid-way
     kept = [out / "overlays" / "notes.tmp", out / "_camshaft" / ".cache.tmp", out / ".results.parquet.4242.tmp"]
     for p in stale + kept:
         p.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,6 @@ on logits and every tap; otherwise nothing is written and the error says by how 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from camshaft.exporters import pt2 as pt2_export
 from camshaft.exporters import torchscript as ts_export
 from camshaft.exporters.metadata import ArtifactMeta, version
 from camshaft.models.prepared import PreparedModel
+from camshaft.writers.atomic import atomic_path
 
 FORMATS = ("torchscript", "onnx", "pt2")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}
@@ -41,8 +41,6 @@ def export_prepared(
         raise ConfigError(f"unknown export format {format!r}; valid choices: {', '.join(FORMATS)}")
     check_artifact_path(format, out)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     pre = prepared.info.preprocess
     gen = torch.Generator().manual_seed(0)
     example = torch.randn(2, 3, *pre.input_size, generator=gen)
@@ -64,7 +62,7 @@ def export_prepared(
     module = prepared.tapped.cpu().eval()
     if prepared.split is not None:
         prepared.split.trunk.cpu(), prepared.split.head.cpu()
-    try:
+    with atomic_path(out) as tmp:  # the artifact appears whole, after its parity check, or not at all
         if format == "torchscript":
             artifact = ts_export.build(prepared, example)
             meta.parity = _parity(module, lambda x: artifact(x), checks, rtol=rtol)
@@ -83,9 +81,6 @@ def export_prepared(
             head_module = onnx_export.head_bytes(prepared, example, embed=head)
             meta.has_head = head_module is not None
             onnx_export.write_metadata(tmp, meta, cam, head_module)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -23,9 +23,10 @@ from camshaft.errors import ConfigError
 from camshaft.exporters.metadata import version
 from camshaft.pipeline import plan as planning
 from camshaft.pipeline.schedule import LOCAL, check_scheduler, run_tasks
-from camshaft.pipeline.state import MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
+from camshaft.pipeline.state import ARTIFACTS_DIR, MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
 from camshaft.pipeline.tasks import TaskContext, load_summary, register
 from camshaft.writers import maps_store
+from camshaft.writers.atomic import remove_temporaries
 from camshaft.writers.table import assemble
 
 
@@ -73,7 +74,7 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
         records = list_images(job.data, labels_from_folders=job.labels_from_folders)
         if job.targets.strip() == "label" and not any(r.label is not None for r in records):
             raise ConfigError(f"--targets label needs labels, and {job.data} has none: use a manifest with a label column")
-        explainer = build_explainer(job, workdir=out / "artifacts")
+        explainer = build_explainer(job, workdir=out / ARTIFACTS_DIR)
         explainer.probe()
     except Exception:
         if not existed:
@@ -93,7 +94,9 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
 
 def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explainer, n: int) -> str:
     """Decide fresh / resume / update from what ``out`` holds, and set the folder up for it."""
-    state.remove_temporaries()  # a killed run's half-written files: never results, never left behind
+    # a killed run's half-written files (shards, tables, overlays, an export): never results, never left behind
+    state.remove_temporaries()
+    remove_temporaries(state.out / ARTIFACTS_DIR, recursive=False)
     previous = None if job.overwrite else state.load()
     same_job = previous is not None and previous.get("job") == identity["job"]
     if same_job and all(previous.get(k) == v for k, v in identity.items()):
@@ -173,7 +176,7 @@ def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> Expla
     if source.kind == "torch" and job.backend != "eager":
         from camshaft.engine.backends.registry import ARTIFACT_NAMES
 
-        return replace(job, model=str(state.out / "artifacts" / ARTIFACT_NAMES[job.backend]), weights=None)
+        return replace(job, model=str(state.out / ARTIFACTS_DIR / ARTIFACT_NAMES[job.backend]), weights=None)
     if source.kind == "torch" and job.weights is None and source.spec != "demo":
         path = state.dir / "weights.pt"  # e.g. random weights: every worker must get the same ones
         torch.save(source.module.state_dict(), path)

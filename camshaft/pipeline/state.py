@@ -18,6 +18,7 @@ from camshaft.writers.atomic import remove_temporaries, write_json
 
 STATE_DIR = "_camshaft"
 MAPS_FILE, TABLE_FILE, OVERLAYS_DIR = "maps.zarr", "results.parquet", "overlays"
+ARTIFACTS_DIR = "artifacts"  # models exported for the job's backend
 
 
 class RunState:

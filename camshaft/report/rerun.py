@@ -21,6 +21,7 @@ from camshaft.engine.backends import backend_factory
 from camshaft.engine.backends.base import resolve_device
 from camshaft.errors import CamshaftError
 from camshaft.models.sources import resolve_model
+from camshaft.pipeline.state import ARTIFACTS_DIR
 from camshaft.preprocess import Preprocess, prepare
 from camshaft.results import Results
 
@@ -39,7 +40,7 @@ def open_run_backend(results: Results, *, taps: Sequence[str] | None = None, dev
         preprocess=overrides,
         device=resolve_device(device),
         dtype=torch.float32,
-        workdir=Path(results.out) / "artifacts",
+        workdir=Path(results.out) / ARTIFACTS_DIR,
     )
 
 

@@ -6,7 +6,6 @@ Every file is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from camshaft.engine.actmax.render import Rendering
+from camshaft.writers.atomic import atomic_path
 from camshaft.writers.overlay import render_grid
 
 __all__ = ["SCHEMA", "image_name", "result_rows", "write_outputs"]
@@ -65,12 +65,8 @@ def result_rows(r: Rendering, class_names: Sequence[str] | None = None) -> list[
 
 
 def _save(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _label(row: dict) -> str:
@@ -93,11 +89,6 @@ def write_outputs(out: Path, r: Rendering, *, class_names: Sequence[str] | None 
     cols = columns or (r.copies if r.copies > 1 else math.ceil(math.sqrt(len(rows))))
     _save(render_grid(pictures, columns=cols, labels=[_label(row) for row in rows]), out / "grid.png")
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    path = out / "results.parquet"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(out / "results.parquet") as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return rows
