@@ -69,8 +69,10 @@ def test_a_rerun_removes_what_killed_writers_left_half_written(data, reference, 
     stale = [out / "_camshaft" / "rows" / "gradcam" / ".part-000001.parquet.4242.140323071704224.tmp",
              out / "_camshaft" / "done" / ".part-000001.json.4242.7.tmp",
              out / "overlays" / ".0004_x.png.4242.8.tmp", out / ".results.parquet.4242.9.tmp",
-             out / "artifacts" / ".model.onnx.4242.10.tmp"]  # an export killed mid-way
-    kept = [out / "overlays" / "notes.tmp", out / "_camshaft" / ".cache.tmp", out / ".results.parquet.4242.tmp"]
+             out / "artifacts" / ".model.onnx.4242.10.tmp",  # an export killed mid-way
+             out / "maps.zarr" / "maps" / "c" / "1" / "0" / "0" / f"0.{'ab12' * 8}.partial"]  # zarr's chunk write
+    kept = [out / "overlays" / "notes.tmp", out / "_camshaft" / ".cache.tmp", out / ".results.parquet.4242.tmp",
+            out / "maps.zarr" / "notes.partial"]
     for p in stale + kept:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"half")
@@ -102,7 +104,7 @@ def test_kill_dash_9_then_rerun_equals_a_clean_run(data, reference, tmp_path):
     assert_same_results(results, reference)
     assert sorted(results.table["index"]) == list(range(14))  # every image exactly once
     assert len(list((out / "overlays").glob("*.png"))) == 14
-    leftovers = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    leftovers = [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))]
     assert leftovers == []  # killed writes never become results; the finished run left none
 
 

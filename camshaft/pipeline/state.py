@@ -15,6 +15,7 @@ from pathlib import Path
 
 from camshaft.pipeline.plan import Partition
 from camshaft.writers.atomic import remove_temporaries, write_json
+from camshaft.writers.maps_store import remove_partial_writes
 
 STATE_DIR = "_camshaft"
 MAPS_FILE, TABLE_FILE, OVERLAYS_DIR = "maps.zarr", "results.parquet", "overlays"
@@ -63,10 +64,11 @@ class RunState:
         return self.previous / method
 
     def remove_temporaries(self) -> int:
-        """Delete the half-written files a killed run left (its shards, markers, tables, overlays)."""
+        """Delete the half-written files a killed run left (shards, markers, tables, overlays, map chunks)."""
         removed = remove_temporaries(self.dir)
         for folder in self.result_dirs:
             removed += remove_temporaries(folder, recursive=False) + remove_temporaries(folder / OVERLAYS_DIR)
+            removed += remove_partial_writes(folder / MAPS_FILE)
         return removed
 
     def reset(self) -> None:

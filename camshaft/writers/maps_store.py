@@ -9,12 +9,14 @@ xarray read it directly (``dask.array.from_zarr(path, component="maps")``).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
 import zarr
 
 MAPS, TARGETS = "maps", "targets"
+_PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # zarr's local store writes a chunk as NAME.UUID.partial first
 
 
 def create_store(path: Path, *, n_images: int, map_shape: tuple[int, int, int], chunk: int, attrs: dict) -> None:
@@ -32,6 +34,15 @@ def write_rows(path: Path, start: int, maps: np.ndarray, targets: np.ndarray) ->
     group = zarr.open_group(str(path), mode="r+")
     group[MAPS][start : start + len(maps)] = maps
     group[TARGETS][start : start + len(targets)] = targets
+
+
+def remove_partial_writes(path: Path) -> int:
+    """Delete the chunk files that writes killed mid-way left in the store; returns how many."""
+    path = Path(path)
+    found = [p for p in path.rglob("*.partial") if _PARTIAL.fullmatch(p.name) and p.is_file()] if path.is_dir() else []
+    for p in found:
+        p.unlink(missing_ok=True)
+    return len(found)
 
 
 def open_maps(path: Path):
