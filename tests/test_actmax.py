@@ -136,7 +136,7 @@ def test_bad_specs_name_the_problem_and_the_syntax(spec, message):
 def test_objectives_that_do_not_fit_the_model_are_all_named(demo, capsys):
     model, pre = demo
     objs = [class_logit(1), channel("features", 999), neuron("features", 0, 40, 0), class_logit(7)]
-    with pytest.raises(ConfigError) as e:  # the last chunk's objectives too (checked on the first's step)
+    with pytest.raises(ConfigError) as e:  # a later chunk's objectives too: all are checked before any step
         render(model, objs, preprocess=pre, config=_cfg(steps=1, batch_size=1), progress=True)
     for part in ("channel 999 is out of range 0..79", "position (40, 0) is outside tap 'features'",
                  "class 7 is out of range 0..4"):
