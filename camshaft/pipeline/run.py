@@ -26,7 +26,6 @@ from camshaft.pipeline.schedule import LOCAL, check_scheduler, run_tasks
 from camshaft.pipeline.state import ARTIFACTS_DIR, MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
 from camshaft.pipeline.tasks import TaskContext, load_summary, register
 from camshaft.writers import maps_store
-from camshaft.writers.atomic import remove_temporaries
 from camshaft.writers.table import assemble
 
 
@@ -94,9 +93,7 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
 
 def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explainer, n: int) -> str:
     """Decide fresh / resume / update from what ``out`` holds, and set the folder up for it."""
-    # a killed run's half-written files (shards, tables, overlays, an export): never results, never left behind
-    state.remove_temporaries()
-    remove_temporaries(state.out / ARTIFACTS_DIR, recursive=False)
+    state.remove_temporaries()  # a killed run's half-written files: never results, never left behind
     previous = None if job.overwrite else state.load()
     same_job = previous is not None and previous.get("job") == identity["job"]
     if same_job and all(previous.get(k) == v for k, v in identity.items()):

@@ -64,8 +64,9 @@ class RunState:
         return self.previous / method
 
     def remove_temporaries(self) -> int:
-        """Delete the half-written files a killed run left (shards, markers, tables, overlays, map chunks)."""
-        removed = remove_temporaries(self.dir)
+        """Delete the half-written files a killed run left (shards, markers, tables, overlays, map
+        chunks, an export)."""
+        removed = remove_temporaries(self.dir) + remove_temporaries(self.out / ARTIFACTS_DIR, recursive=False)
         for folder in self.result_dirs:
             removed += remove_temporaries(folder, recursive=False) + remove_temporaries(folder / OVERLAYS_DIR)
             removed += remove_partial_writes(folder / MAPS_FILE)

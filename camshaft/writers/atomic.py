@@ -32,11 +32,16 @@ def remove_temporaries(folder: str | Path, *, recursive: bool = True) -> int:
     Only names ``atomic_path`` makes are touched; returns how many went. Call it while nothing
     writes into ``folder``: a live writer's temporary would go too.
     """
+    return remove_named(folder, ".*.tmp", _TEMPORARY, recursive=recursive)
+
+
+def remove_named(folder: str | Path, glob: str, name: re.Pattern, *, recursive: bool = True) -> int:
+    """Delete the files under ``folder`` that ``glob`` finds and whose whole name ``name`` matches."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    found = [p for p in (folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp"))
-             if _TEMPORARY.fullmatch(p.name) and p.is_file()]
+    candidates = folder.rglob(glob) if recursive else folder.glob(glob)
+    found = [p for p in candidates if name.fullmatch(p.name) and p.is_file()]
     for p in found:
         p.unlink(missing_ok=True)
     return len(found)

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from camshaft.writers.atomic import remove_named
+
 MAPS, TARGETS = "maps", "targets"
 _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # zarr's local store writes a chunk as NAME.UUID.partial first
 
@@ -38,11 +40,7 @@ def write_rows(path: Path, start: int, maps: np.ndarray, targets: np.ndarray) ->
 
 def remove_partial_writes(path: Path) -> int:
     """Delete the chunk files that writes killed mid-way left in the store; returns how many."""
-    path = Path(path)
-    found = [p for p in path.rglob("*.partial") if _PARTIAL.fullmatch(p.name) and p.is_file()] if path.is_dir() else []
-    for p in found:
-        p.unlink(missing_ok=True)
-    return len(found)
+    return remove_named(path, "*.partial", _PARTIAL)
 
 
 def open_maps(path: Path):
