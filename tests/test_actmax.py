@@ -6,6 +6,7 @@ The demo model at 48 px and a 10-class resnet18 at 32 px keep every test to a fe
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -355,6 +356,44 @@ def test_dead_relu_on_a_view_changes_the_base_and_leaks_per_channel(relu_path):
     torch.testing.assert_close(grad, torch.tensor([[[[-3.0, 5.0]], [[0.0, 5.0]], [[-1.5, 0.0]]]]))
 
 
+class _AlwaysDead(torch.nn.Module):
+    """One ReLU whose input is below -9 for any image in [0, 1]: no true gradient ever reaches the image."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 1, 1)
+        self.relu = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(1, 2)
+        with torch.no_grad():
+            self.conv.weight.fill_(0.1)
+            self.conv.bias.fill_(-10.0)
+            self.fc.weight.fill_(1.0)  # raising the dead channel would raise each logit: the leak wakes it
+            self.fc.bias.zero_()
+
+    def forward(self, x):
+        return self.fc(self.relu(self.conv(x)).mean((2, 3)))
+
+
+def test_dead_relus_leak_only_during_the_first_relu_leak_steps_of_each_chunk(monkeypatch):
+    render_module = importlib.import_module("camshaft.engine.actmax.render")  # the package exports the function
+    model, pre = _AlwaysDead(), Preprocess(input_size=(8, 8), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    start = torch.full((1, 3, 8, 8), 0.5)
+    kw = {"steps": 3, "param": "pixel", **STILL}
+    # without the leak no gradient reaches the image: it stays where it started (Adam moves nothing)
+    still = render(model, [class_logit(0)], preprocess=pre, init=start, config=_cfg(relu_leak_steps=0, **kw))
+    torch.testing.assert_close(still.images, start, rtol=0, atol=1e-6)
+    woken = render(model, [class_logit(0)], preprocess=pre, init=start, config=_cfg(relu_leak_steps=1, **kw))
+    assert (woken.images - start).abs().amax() > 1e-3  # one leaky step moved it
+
+    leaks = []  # the leak each step's forward ran with
+    real = render_module.redirected_relus
+    monkeypatch.setattr(render_module, "redirected_relus",
+                        lambda m, *, leak: leaks.append(leak) or real(m, leak=leak))
+    render(model, [class_logit(0), class_logit(1)], preprocess=pre,
+           config=_cfg(relu_leak=0.25, relu_leak_steps=2, batch_size=1, **kw))
+    assert leaks == [0.25, 0.25, 0.0] * 2  # two chunks of one image, each starting with the leak
+
+
 def test_mixed_precision_forward_runs(demo):
     model, pre = demo
     r = render(model, [class_logit(2)], preprocess=pre, config=_cfg(steps=6, dtype="bfloat16", **STILL))
@@ -380,6 +419,7 @@ def test_a_torchvision_model_with_module_taps():
         ({"lr": -1.0}, "lr must be a positive number"),
         ({"dtype": "int8"}, "unknown dtype 'int8'"),
         ({"exact": "yes"}, "exact must be True, False or None"),
+        ({"relu_leak_steps": -1}, "relu_leak_steps must be an integer >= 0"),
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(kw, message):

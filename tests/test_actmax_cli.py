@@ -137,7 +137,7 @@ def test_cli_help_lists_the_flags_and_the_registries(capsys):
     assert code == 0
     for flag in ("--objective", "--out", "--steps", "--batch-size", "--param", "--seed", "--init", "--lr", "--jitter",
                  "--rotate", "--scale", "--pad", "--l2", "--tv", "--blur-every", "--diversity", "--device", "--dtype",
-                 "--no-progress", "--input-size", "--weights", "pixel", "fourier"):
+                 "--no-progress", "--input-size", "--weights", "--relu-leak", "--relu-leak-steps", "pixel", "fourier"):
         assert flag in text, flag
     from camshaft.engine.actmax import objective_kinds
 
@@ -157,3 +157,15 @@ def test_the_top_level_api_mirrors_the_cli(tmp_path, capsys):
     assert "actmax" in camshaft.__all__ and summary is not None
     assert api["spec"].tolist() == cli["spec"].tolist() == ["class:0"]
     assert api["value"].tolist() == pytest.approx(cli["value"].tolist(), rel=1e-5)
+
+
+def test_every_optimisation_flag_reaches_the_render_settings():
+    from camshaft.cli import build_parser
+    from camshaft.commands.actmax import config
+
+    argv = ["actmax", "demo", "--objective", "class:0", "--out", "x", "--relu-leak", "0.5", "--relu-leak-steps", "3",
+            "--steps", "7", "--lr", "0.1", "--jitter", "2", "--no-exact"]
+    settings = config(build_parser(argv).parse_args(argv))
+    assert (settings.relu_leak, settings.relu_leak_steps, settings.steps, settings.lr) == (0.5, 3, 7, 0.1)
+    assert (settings.jitter, settings.exact) == (2, False)
+    assert config(build_parser(argv[:6]).parse_args(argv[:6])) == RenderConfig()  # the defaults are the API's

@@ -49,6 +49,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", type=Path, help="start from this image, or a folder with one image per objective")
     g.add_argument("--copies", type=positive, default=d.copies, help="images per objective (default 1)")
     g.add_argument("--batch-size", type=positive, default=d.batch_size, help=f"images at once (default {d.batch_size})")
+    g.add_argument("--relu-leak", type=_amount, default=d.relu_leak,
+                   help=f"dead ReLU channels get this share of the gradient that wakes them (default {d.relu_leak}; "
+                        "0: exact ReLU gradients)")
+    g.add_argument("--relu-leak-steps", type=_count, default=d.relu_leak_steps,
+                   help=f"... during the first this many steps (default {d.relu_leak_steps}, as Lucid)")
     g = p.add_argument_group("robustness transforms and regularizers")
     g.add_argument("--pad", type=_count, default=d.pad, help=f"mirrored frame, pixels (default {d.pad})")
     g.add_argument("--jitter", type=_count, default=d.jitter, help=f"random shift, pixels (default {d.jitter})")
@@ -75,8 +80,9 @@ def config(args):
     """The flags as a ``RenderConfig`` (validated there)."""
     from camshaft.engine.actmax import RenderConfig
 
-    fields = ("steps", "lr", "param", "seed", "copies", "batch_size", "pad", "jitter", "scale", "rotate", "l2",
-              "tv", "freq", "blur_every", "blur_sigma", "diversity", "diversity_tap", "exact", "device", "dtype")
+    fields = ("steps", "lr", "param", "seed", "copies", "batch_size", "relu_leak", "relu_leak_steps", "pad", "jitter",
+              "scale", "rotate", "l2", "tv", "freq", "blur_every", "blur_sigma", "diversity", "diversity_tap", "exact",
+              "device", "dtype")
     return RenderConfig(**{f: getattr(args, f) for f in fields})
 
 

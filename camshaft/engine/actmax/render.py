@@ -64,13 +64,14 @@ class RenderConfig:
     # None: on the CPU only (oneDNN off, ~1.5x slower); on CUDA it turns cuDNN off (much slower).
     # Without them convnets run channels-last.
     relu_leak: float = 0.03  # dead ReLU channels get this share of the gradient that wakes them (relu.py)
+    relu_leak_steps: int = 16  # ... during a chunk's first this many steps, then ReLUs are exact (Lucid's 16)
 
     def __post_init__(self):
         problems = []
         for name in ("steps", "copies", "batch_size"):
             if _bad_int(getattr(self, name), 1):
                 problems.append(f"{name} must be an integer >= 1, received {getattr(self, name)!r}")
-        for name in ("pad", "jitter", "blur_every", "seed"):
+        for name in ("pad", "jitter", "blur_every", "seed", "relu_leak_steps"):
             if _bad_int(getattr(self, name), 0):
                 problems.append(f"{name} must be an integer >= 0, received {getattr(self, name)!r}")
         for name in ("init_sd", "relu_leak", "l2", "tv", "freq", "diversity", "blur_sigma", "rotate"):
@@ -226,8 +227,7 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
     # the fast kernels run convnets channels-last (faster, as in the backends); torch's own
     # batch-invariant kernels are written for contiguous tensors
     layout = torch.contiguous_format if exact else resolve_memory_format("auto", model)
-    with (_frozen_eval(model), _laid_out(model, layout), redirected_relus(model, leak=config.relu_leak),
-          batch_invariant(device, exact)):
+    with _frozen_eval(model), _laid_out(model, layout), batch_invariant(device, exact):
         full = _with_regularizers(model, objectives, config, preprocess, device)
         forward = _in_layout(forward_fn(model, sorted(set().union(*(o.taps for o in full)))), layout)
         _check(objectives + full, forward, preprocess, device)
@@ -237,7 +237,7 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
         with tqdm(total=len(chunks) * config.steps, desc="actmax", unit="step", disable=not progress) as bar:
             for chunk in chunks:
                 rows = slice(chunk[0] * config.copies, (chunk[-1] + 1) * config.copies)
-                parts.append(_render_chunk(forward, [objectives[i] for i in chunk], [full[i] for i in chunk],
+                parts.append(_render_chunk(model, forward, [objectives[i] for i in chunk], [full[i] for i in chunk],
                                            rows, init=None if init is None else init[rows], config=config,
                                            preprocess=preprocess, device=device, dtype=dtype, bar=bar))
     images, values, probs, losses = (torch.cat(t, dim=1 if k == 3 else 0) for k, t in enumerate(zip(*parts)))
@@ -283,7 +283,7 @@ def _check(objectives: Sequence[Objective], forward: Forward, preprocess: Prepro
         raise ConfigError("objectives do not fit the model: " + "; ".join(problems))
 
 
-def _render_chunk(forward, objectives, full, rows: slice, *, init, config: RenderConfig,
+def _render_chunk(model, forward, objectives, full, rows: slice, *, init, config: RenderConfig,
                   preprocess: Preprocess, device, dtype, bar):
     """Optimise one chunk: images ``rows`` of the whole run; returns images, values, probs, losses."""
     k = config.copies
@@ -298,7 +298,10 @@ def _render_chunk(forward, objectives, full, rows: slice, *, init, config: Rende
     for step in range(config.steps):
         optimizer.zero_grad(set_to_none=True)
         images = param.image_fn()  # (B, 3, H, W)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        # the leak's hooks are set on the forward's ReLU nodes: the backward runs them after the with
+        leak = config.relu_leak if step < config.relu_leak_steps else 0.0
+        with (redirected_relus(model, leak=leak),
+              torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)):
             logits, taps = forward((transform(images, generators) - mean) / std)
         losses = _losses(full, Activations(logits.float(), {t: a.float() for t, a in taps.items()}, images), k)
         scaler.scale(losses.sum()).backward()
