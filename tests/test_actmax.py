@@ -264,12 +264,19 @@ def test_fast_kernels_agree_to_rounding_before_the_first_step(demo):
     assert all(p.is_contiguous() for p in model.parameters())  # the model's layout is restored
 
 
-def test_render_leaves_the_model_as_it_found_it(demo):
+@pytest.mark.parametrize("exact", [True, False])
+def test_render_leaves_the_model_as_it_found_it(demo, exact):
     model, pre = demo
     model.train()
     model.fc.weight.requires_grad_(False)
+    model.register_buffer("planes", torch.ones(1, 2, 3, 3))  # 4-d, like the weights the fast kernels lay out
+    storage = {name: t.data_ptr() for name, t in (*model.named_parameters(), *model.named_buffers())}
     try:
-        r = render(model, [channel("features", 0), class_logit(1)], preprocess=pre, config=_cfg(steps=2))
+        r = render(model, [channel("features", 0), class_logit(1)], preprocess=pre,
+                   config=_cfg(steps=2, exact=exact))
+        # the same tensors, in their own memory and layout
+        assert {name: t.data_ptr() for name, t in (*model.named_parameters(), *model.named_buffers())} == storage
+        assert all(t.is_contiguous() for t in (*model.parameters(), *model.buffers()))
         assert model.training and all(m.training for m in model.modules())
         assert not model.fc.weight.requires_grad and model.fc.bias.requires_grad
         assert all(p.grad is None for p in model.parameters())
@@ -279,6 +286,7 @@ def test_render_leaves_the_model_as_it_found_it(demo):
     finally:
         model.eval()
         model.fc.weight.requires_grad_(True)
+        del model.planes
 
 
 @pytest.fixture(params=["sum first", "direct", "sync-free"])

@@ -157,17 +157,22 @@ def _frozen_eval(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _laid_out(model: nn.Module, layout: torch.memory_format) -> Iterator[None]:
-    """The model's 4-d parameters and buffers in ``layout`` meanwhile; contiguous ones are restored."""
-    if layout == torch.contiguous_format:
-        yield
-        return
-    restore = [t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4 and t.is_contiguous()]
+    """The model's 4-d parameters and buffers in ``layout`` meanwhile; each gets its own tensor back after.
+
+    The originals are swapped back, not copied back: no second copy, and storage that tensors
+    shared (views, tied weights) is shared again.
+    """
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
-        model.to(memory_format=layout)
+        if layout != torch.contiguous_format:
+            for t in (*model.parameters(), *model.buffers()):
+                if t.dim() == 4 and not t.is_contiguous(memory_format=layout):
+                    swapped.append((t, t.data))
+                    t.data = t.data.contiguous(memory_format=layout)
         yield
     finally:
-        for t in restore:
-            t.data = t.data.contiguous()
+        for t, data in swapped:
+            t.data = data
 
 
 def _in_layout(forward: Forward, layout: torch.memory_format) -> Forward:
