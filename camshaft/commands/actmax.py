@@ -53,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"dead ReLU channels get this share of the gradient that wakes them (default {d.relu_leak}; "
                         "0: exact ReLU gradients)")
     g.add_argument("--relu-leak-steps", type=_count, default=d.relu_leak_steps,
-                   help=f"... during the first this many steps (default {d.relu_leak_steps}, as Lucid)")
+                   help=f"the leak acts in the first this many steps, then gradients are exact (default "
+                        f"{d.relu_leak_steps}, as Lucid)")
     g = p.add_argument_group("robustness transforms and regularizers")
     g.add_argument("--pad", type=_count, default=d.pad, help=f"mirrored frame, pixels (default {d.pad})")
     g.add_argument("--jitter", type=_count, default=d.jitter, help=f"random shift, pixels (default {d.jitter})")

@@ -64,7 +64,7 @@ class RenderConfig:
     # None: on the CPU only (oneDNN off, ~1.5x slower); on CUDA it turns cuDNN off (much slower).
     # Without them convnets run channels-last.
     relu_leak: float = 0.03  # dead ReLU channels get this share of the gradient that wakes them (relu.py)
-    relu_leak_steps: int = 16  # ... during a chunk's first this many steps, then ReLUs are exact (Lucid's 16)
+    relu_leak_steps: int = 16  # it acts in each chunk's first this many steps, then gradients are exact (Lucid: 16)
 
     def __post_init__(self):
         problems = []
