@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Every GPU check in one call on a lent GPU machine: the CUDA tests, then the benchmark table in
+# float32, bfloat16 and float16, then activation maximization; logs and JSON land in $OUT.
+#
+# Before the call, here: bash scripts/gpu_wheels.sh (fills the ignored folder .whl/). Then the
+# device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=560).
+# Each step has its own time limit (about 510 s in all), so a slow one costs its own figures only;
+# steps.txt says how each ended.
+# To try the script without a GPU (here: about 5 minutes, and .whl/ moved aside: its wheels are for
+# the machine's Python 3.12):
+#   CAMSHAFT_CHECK_DEVICE=cpu CAMSHAFT_CHECK_QUICK=1 CAMSHAFT_CHECK_MODEL=demo OUT=/tmp/x bash scripts/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/camshaft-gpu-check}
+mkdir -p "$OUT"
+device=${CAMSHAFT_CHECK_DEVICE:-cuda}
+quick=()
+[ -n "${CAMSHAFT_CHECK_QUICK:-}" ] && quick=(--quick)
+export PYTHONUNBUFFERED=1 CAMSHAFT_TEST_DEVICE=$device
+if [ -d .whl ]; then  # the machine has no network: the missing packages travel as wheels
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "installing .whl/ failed" >"$OUT/info.txt"; exit 1; }
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+
+{
+    date -u
+    nvidia-smi 2>&1 | head -20
+    python3 - <<'PY'
+import torch, torchvision, onnxruntime
+print("torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__)
+print("onnxruntime", onnxruntime.__version__, onnxruntime.get_available_providers())
+print("devices", [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+PY
+} >"$OUT/info.txt" 2>&1
+
+step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log its exit status
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1
+    echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
+}
+
+backends=(eager torchscript)  # ONNX Runtime too where it has a CUDA provider (onnxruntime-gpu)
+python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
+    2>/dev/null && backends+=(onnxruntime)
+[ "$device" = cpu ] && backends+=(onnxruntime)
+model=${CAMSHAFT_CHECK_MODEL:-resnet50}
+
+step tests 120 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
+# float32: the whole table (batch 16 and 64, occlusion, the decode + explain + write pipeline)
+step bench 170 python3 -m camshaft bench --device "$device" "${quick[@]}" --model "$model" --backend "${backends[@]}" \
+    --method cam gradcam occlusion --targets top:1 top:5 --batch-size 16 64 --pipeline --json "$OUT/bench-float32.json"
+for dtype in bfloat16 float16; do  # mixed precision: the targets' batch size
+    step bench 80 python3 -m camshaft bench --device "$device" --dtype "$dtype" "${quick[@]}" --model "$model" \
+        --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 --batch-size 16 \
+        --json "$OUT/bench-$dtype.json"
+done
+step bench 60 python3 -m camshaft bench --device "$device" "${quick[@]}" --model resnet18 --method cam \
+    --backend eager --actmax --json "$OUT/bench-actmax.json"

@@ -1,0 +1,144 @@
+"""The CUDA paths: the same results on the GPU as on the CPU, and mixed precision close to float32.
+
+Marked ``gpu``: the default run skips them, and they skip themselves where no CUDA device is
+present. Run them with ``python -m pytest -m gpu`` on a machine with a GPU (``scripts/gpu_check.sh``
+runs them with the GPU benchmarks). ``CAMSHAFT_TEST_DEVICE=cpu python -m pytest -m gpu`` runs the
+same tests with the CPU in the GPU's place: that checks the tests themselves, not CUDA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import camshaft
+from camshaft.demo.shapes import write_demo_dataset
+from camshaft.engine.actmax import RenderConfig, class_logit, render
+from camshaft.errors import ConfigError
+from camshaft.models.sources import resolve_model
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = os.environ.get("CAMSHAFT_TEST_DEVICE", "cuda")
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    pytest.skip("no CUDA device (CAMSHAFT_TEST_DEVICE=cpu runs these tests on the CPU)", allow_module_level=True)
+
+METHODS = {  # what each backend serves (ONNX Runtime: no input gradients)
+    "eager": ["cam", "gradcam", "occlusion", "saliency"],
+    "torchscript": ["cam", "gradcam", "occlusion", "saliency"],
+    "pt2": ["cam", "gradcam", "occlusion"],
+    "onnxruntime": ["cam", "gradcam", "occlusion"],
+}
+
+
+TARGETS = "0,3"  # fixed classes: a top-k list could reorder near-ties between devices
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("data"), n=12, seed=5).parent / "images"
+
+
+def _explain(data, out, methods, **kw):
+    camshaft.explain(None, data, out=out, method=methods, targets=TARGETS, scheduler="sync", batch_size=8,
+                     progress=False, **kw)
+    return {m: camshaft.load_results(out / m) for m in methods}
+
+
+def _relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest difference between two stacks of maps, relative to each map's largest magnitude."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    scale = np.abs(b).max(axis=(-2, -1), keepdims=True) + 1e-12
+    return float((np.abs(a - b) / scale).max())
+
+
+@pytest.fixture(scope="module")
+def on_cpu(data, tmp_path_factory):
+    """The CPU's float32 results, per backend, for the device runs to match."""
+    cache = {}
+
+    def get(backend):
+        if backend not in cache:
+            cache[backend] = _explain(data, tmp_path_factory.mktemp(f"cpu-{backend}"), METHODS[backend],
+                                      backend=backend, device="cpu")
+        return cache[backend]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", list(METHODS))
+def test_every_backend_on_the_device_gives_the_cpus_maps(backend, data, on_cpu, tmp_path):
+    cuda = DEVICE.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        got = _explain(data, tmp_path / "run", METHODS[backend], backend=backend, device=DEVICE)
+    except ConfigError as e:
+        if backend == "onnxruntime" and "needs onnxruntime-gpu" in str(e):
+            pytest.skip(f"ONNX Runtime has no CUDA provider here: {e}")
+        raise
+    for method, want in on_cpu(backend).items():
+        assert (got[method].table["status"] == "ok").all()
+        top1 = [r.table["top5_classes"].map(lambda c: c[0]).tolist() for r in (got[method], want)]
+        assert top1[0] == top1[1]  # the same predicted classes
+        # TF32 convolutions on the GPU round to about 1e-3
+        assert _relative_error(got[method].maps[:], want.maps[:]) < 2e-2, method
+    assert not cuda or torch.cuda.max_memory_allocated() > 0  # the work ran on the GPU
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_mixed_precision_maps_stay_close_to_float32(dtype, data, tmp_path):
+    methods = ["cam", "gradcam"]
+    full = _explain(data, tmp_path / "fp32", methods, device=DEVICE)
+    half = _explain(data, tmp_path / dtype, methods, device=DEVICE, dtype=dtype)
+    for m in methods:
+        assert (half[m].table["status"] == "ok").all()
+        error = _relative_error(half[m].maps[:], full[m].maps[:])
+        assert error < (0.05 if dtype == "float16" else 0.15), (m, error)  # bfloat16 keeps 8 bits of mantissa
+
+
+@pytest.fixture(scope="module")
+def demo_model():
+    source = resolve_model("demo")
+    return source.module, source.preprocess.replace(input_size=(48, 48))
+
+
+def test_actmax_on_the_device_follows_the_cpu(demo_model):
+    """The same seeds draw the same noise and transforms on every device; the first steps agree
+    to rounding (gradient ascent amplifies rounding later, and Adam's first step is about the sign
+    of each gradient)."""
+    model, pre = demo_model
+    objectives = [class_logit(0), class_logit(3)]
+    runs = [render(model, objectives, preprocess=pre, config=RenderConfig(steps=2, device=d, exact=True))
+            for d in ("cpu", DEVICE)]
+    torch.testing.assert_close(runs[1].losses, runs[0].losses, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(runs[1].images, runs[0].images, rtol=0, atol=1e-2)
+    assert next(model.parameters()).device.type == DEVICE.split(":")[0]  # render moved the model
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_actmax_reaches_its_classes_in_every_precision(demo_model, dtype):
+    model, pre = demo_model
+    objectives = [class_logit(c) for c in range(4)]
+    r = render(model, objectives, preprocess=pre,
+               config=RenderConfig(steps=128, device=DEVICE, dtype=dtype, exact=False, seed=1))
+    assert torch.isfinite(r.losses).all()  # float16's loss scaling kept the gradients finite
+    assert r.target_probs.min() > 0.9, r.target_probs.tolist()
+
+
+def test_bench_runs_on_the_device(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "camshaft", "bench", "--quick", "--device", DEVICE, "--method", "cam", "gradcam",
+           "--backend", "eager", "torchscript", "--no-peers", "--json", str(out), "--workdir", str(tmp_path / "w")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["machine"]["device"].startswith(DEVICE.split(":")[0])
+    methods = [f for f in report["figures"] if f["role"] == "method"]
+    assert methods and all(f["ratio_to_limit"] > 0 for f in methods)
