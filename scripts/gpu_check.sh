@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Every GPU check in one call on a lent GPU machine: the CUDA tests, then the benchmark table in
-# float32, bfloat16 and float16, then activation maximization; logs and JSON land in $OUT.
+# float32, bfloat16 and float16, occlusion, then activation maximization; logs and JSON land in
+# $OUT (8 files: at most that many come back).
 #
 # Before the call, here: bash scripts/gpu_wheels.sh (fills the ignored folder .whl/). Then the
 # device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=560).
-# Each step has its own time limit (about 510 s in all), so a slow one costs its own figures only;
-# steps.txt says how each ended.
+# Each step has its own time limit (520 s in all), so a slow one costs its own figures only;
+# the call's output says how each ended.
 # To try the script without a GPU (here: about 5 minutes, and .whl/ moved aside: its wheels are for
 # the machine's Python 3.12):
 #   CAMSHAFT_CHECK_DEVICE=cpu CAMSHAFT_CHECK_QUICK=1 CAMSHAFT_CHECK_MODEL=demo OUT=/tmp/x bash scripts/gpu_check.sh
@@ -41,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log its exi
     shift 2
     local start=$SECONDS
     timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1
-    echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/steps.txt"
+    echo "$name: exit $? after $((SECONDS - start)) s"  # in the call's output, not a file: 8 files come back
 }
 
 backends=(eager torchscript)  # ONNX Runtime too where it has a CUDA provider (onnxruntime-gpu)
@@ -51,13 +52,16 @@ python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not i
 model=${CAMSHAFT_CHECK_MODEL:-resnet50}
 
 step tests 120 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
-# float32: the whole table (batch 16 and 64, occlusion, the decode + explain + write pipeline)
-step bench 170 python3 -m camshaft bench --device "$device" "${quick[@]}" --model "$model" --backend "${backends[@]}" \
-    --method cam gradcam occlusion --targets top:1 top:5 --batch-size 16 64 --pipeline --json "$OUT/bench-float32.json"
+# float32: Grad-CAM and CAM at batch 16 and 64, and the decode + explain + write pipeline
+step bench 150 python3 -m camshaft bench --device "$device" "${quick[@]}" --model "$model" --backend "${backends[@]}" \
+    --method cam gradcam --targets top:1 top:5 --batch-size 16 64 --pipeline --json "$OUT/bench-float32.json"
+# occlusion, as its target is set: resnet18, batch 16, top-1 (a sweep is 169 forwards per image)
+step bench 60 python3 -m camshaft bench --device "$device" "${quick[@]}" --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" \
+    --backend "${backends[@]}" --method occlusion --batch-size 16 --json "$OUT/bench-occlusion.json"
 for dtype in bfloat16 float16; do  # mixed precision: the targets' batch size
-    step bench 80 python3 -m camshaft bench --device "$device" --dtype "$dtype" "${quick[@]}" --model "$model" \
+    step bench 70 python3 -m camshaft bench --device "$device" --dtype "$dtype" "${quick[@]}" --model "$model" \
         --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 --batch-size 16 \
         --json "$OUT/bench-$dtype.json"
 done
-step bench 60 python3 -m camshaft bench --device "$device" "${quick[@]}" --model resnet18 --method cam \
+step bench 50 python3 -m camshaft bench --device "$device" "${quick[@]}" --model resnet18 --method cam \
     --backend eager --actmax --json "$OUT/bench-actmax.json"
