@@ -45,10 +45,11 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, log its exi
     echo "$name: exit $? after $((SECONDS - start)) s"  # in the call's output, not a file: 8 files come back
 }
 
-backends=(eager torchscript)  # ONNX Runtime too where it has a CUDA provider (onnxruntime-gpu)
-python3 -c "import onnxruntime as o, sys; sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" \
-    2>/dev/null && backends+=(onnxruntime)
-[ "$device" = cpu ] && backends+=(onnxruntime)
+backends=(eager torchscript)  # ONNX Runtime too on the CPU, or where it has a CUDA provider (onnxruntime-gpu)
+if [ "$device" = cpu ] || python3 -c "import onnxruntime as o, sys
+sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/null; then
+    backends+=(onnxruntime)
+fi
 model=${CAMSHAFT_CHECK_MODEL:-resnet50}
 
 step tests 120 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
