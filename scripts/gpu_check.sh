@@ -52,17 +52,21 @@ sys.exit('CUDAExecutionProvider' not in o.get_available_providers())" 2>/dev/nul
 fi
 model=${CAMSHAFT_CHECK_MODEL:-resnet50}
 
+bench() {  # bench SECONDS ARGS...: camshaft bench on the device, as one step
+    local limit=$1
+    shift
+    step bench "$limit" python3 -m camshaft bench --device "$device" "${quick[@]}" "$@"
+}
+
 step tests 120 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
 # float32: Grad-CAM and CAM at batch 16 and 64, and the decode + explain + write pipeline
-step bench 150 python3 -m camshaft bench --device "$device" "${quick[@]}" --model "$model" --backend "${backends[@]}" \
-    --method cam gradcam --targets top:1 top:5 --batch-size 16 64 --pipeline --json "$OUT/bench-float32.json"
+bench 150 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
+    --batch-size 16 64 --pipeline --json "$OUT/bench-float32.json"
 # occlusion, as its target is set: resnet18, batch 16, top-1 (a sweep is 169 forwards per image)
-step bench 60 python3 -m camshaft bench --device "$device" "${quick[@]}" --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" \
-    --backend "${backends[@]}" --method occlusion --batch-size 16 --json "$OUT/bench-occlusion.json"
+bench 60 --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" --backend "${backends[@]}" --method occlusion --batch-size 16 \
+    --json "$OUT/bench-occlusion.json"
 for dtype in bfloat16 float16; do  # mixed precision: the targets' batch size
-    step bench 70 python3 -m camshaft bench --device "$device" --dtype "$dtype" "${quick[@]}" --model "$model" \
-        --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 --batch-size 16 \
-        --json "$OUT/bench-$dtype.json"
+    bench 70 --dtype "$dtype" --model "$model" --backend "${backends[@]}" --method cam gradcam \
+        --targets top:1 top:5 --batch-size 16 --json "$OUT/bench-$dtype.json"
 done
-step bench 50 python3 -m camshaft bench --device "$device" "${quick[@]}" --model resnet18 --method cam \
-    --backend eager --actmax --json "$OUT/bench-actmax.json"
+bench 50 --model resnet18 --method cam --backend eager --actmax --json "$OUT/bench-actmax.json"
