@@ -223,7 +223,7 @@ def test_bad_flags_exit_2_before_any_work(capsys, monkeypatch, argv, message):
 def stubbed_run(monkeypatch):
     """``camshaft bench`` whose measuring is replaced by the made-up figures."""
 
-    def fake(settings, *, workdir, log):
+    def fake(settings, *, workdir, log, progress=None):
         return BenchReport(settings.to_dict(), {"cpu": "test", "device": "cpu", "dtype": "float32"}, made_up())
 
     monkeypatch.setattr("camshaft.bench.runner.run_bench", fake)
@@ -260,6 +260,29 @@ def test_a_tiny_quick_run_prints_a_table_and_saves_json(capsys, tmp_path):
     assert all(f["ratio_to_limit"] > 0 for f in methods.values())
     assert methods["demo/64x64/b2/gradcam/eager/top:1"]["ratio_to_gradient_limit"] > 0
     assert {f["variant"] for f in data["figures"] if f["role"] == "limit"} >= {"eager", "channels_last", "torchscript"}
+    assert data["complete"] is True and "INCOMPLETE" not in out
+
+
+def test_a_run_stopped_part_way_leaves_the_groups_it_measured(capsys, monkeypatch, tmp_path):
+    """--json is written after each group: a run killed by a time limit keeps what it timed."""
+    from camshaft.bench import runner
+
+    real, calls = runner.measure, []
+
+    def measure_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as a time limit's signal would stop it
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure", measure_then_die)
+    path = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        main(["bench", "--quick", "--method", "cam", "--backend", "eager", "--batch-size", "2", "4", "--json", str(path)])
+    data = load_json(path)
+    assert data["complete"] is False
+    assert {f["key"] for f in data["figures"] if f["role"] == "method"} == {"demo/64x64/b2/cam/eager/top:1"}
+    assert "INCOMPLETE" in format_table(data)
 
 
 def test_a_peer_that_refuses_a_model_is_skipped_with_its_reason(monkeypatch):

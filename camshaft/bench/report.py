@@ -25,12 +25,14 @@ class BenchReport:
     figures: list[Figure] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    complete: bool = True  # False while a run is still measuring (what it saves after each group)
 
     def to_dict(self) -> dict:
         derived = derive(self.figures)
         return {
             "schema": SCHEMA,
             "created": self.created,
+            "complete": self.complete,
             "machine": self.machine,
             "settings": self.settings,
             "figures": [{**f.to_dict(), **derived[f.key]} for f in self.figures],
@@ -163,6 +165,8 @@ def _header(data: dict) -> str:
     timing = s.get("timing", {})
     load = ", ".join(f"{x:.1f}" for x in m.get("load_average") or [])
     quick = " (quick mode: sizes too small to mean anything)" if s.get("quick") else ""
+    if data.get("complete") is False:
+        quick += "\nINCOMPLETE: the run stopped before it measured everything it was asked for"
     return (
         f"camshaft bench on {m.get('device_name')} ({m.get('device')}, {m.get('dtype')}), "
         f"{m.get('usable_cores')} cores, torch threads {m.get('torch_threads')}, load average {load or '?'}, "

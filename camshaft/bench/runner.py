@@ -46,11 +46,27 @@ from camshaft.preprocess import Preprocess
 Log = Callable[[str], None]
 
 
-def run_bench(settings: BenchSettings, *, workdir: Path, log: Log = lambda _: None) -> BenchReport:
-    """Measure everything ``settings`` asks for; artifacts and pipeline outputs go under ``workdir``."""
-    report = BenchReport(settings.to_dict(), machine_info(settings.device, settings.dtype))
+def run_bench(
+    settings: BenchSettings,
+    *,
+    workdir: Path,
+    log: Log = lambda _: None,
+    progress: Callable[[BenchReport], None] | None = None,
+) -> BenchReport:
+    """Measure everything ``settings`` asks for; artifacts and pipeline outputs go under ``workdir``.
+
+    ``progress`` is handed the report (marked incomplete) after each group is measured, so a run
+    stopped part-way (a time limit, a crash) can still leave the figures it took.
+    """
+    report = BenchReport(settings.to_dict(), machine_info(settings.device, settings.dtype), complete=False)
+
+    def measured() -> None:
+        if progress is not None:
+            progress(report)
+
     for model in settings.models:
-        bench_model(model, settings, workdir=Path(workdir) / slug(model), report=report, log=log)
+        bench_model(model, settings, workdir=Path(workdir) / slug(model), report=report, log=log, measured=measured)
+    report.complete = True
     return report
 
 
@@ -133,7 +149,15 @@ class ModelBench:
         return (str(found[0]), None) if found else (self.spec, None)
 
 
-def bench_model(model: str, settings: BenchSettings, *, workdir: Path, report: BenchReport, log: Log) -> None:
+def bench_model(
+    model: str,
+    settings: BenchSettings,
+    *,
+    workdir: Path,
+    report: BenchReport,
+    log: Log,
+    measured: Callable[[], None] = lambda: None,
+) -> None:
     mb = ModelBench(model, settings, workdir, log)
     report.skipped += [s for s in mb.backends.values() if isinstance(s, Skipped)]
     if isinstance(mb.onnx, str) and "onnxruntime" in settings.backends:
@@ -148,8 +172,10 @@ def bench_model(model: str, settings: BenchSettings, *, workdir: Path, report: B
         figures, failed = measure(todo, settings.timing, device=mb.device)
         report.figures += figures
         report.skipped += failed
+        measured()
     if settings.actmax and mb.source.kind == "torch":
         bench_actmax(mb, report)
+        measured()
 
 
 def bench_actmax(mb: ModelBench, report: BenchReport) -> None:

@@ -133,7 +133,9 @@ def run(args) -> int:
     log = lambda message: print(f"camshaft bench: {message}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="camshaft-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
-        data = run_bench(settings, workdir=workdir, log=log).to_dict()
+        # with --json, the figures measured so far are saved after each group (marked incomplete)
+        progress = None if args.json is None else (lambda report: save_json(report.to_dict(), args.json))
+        data = run_bench(settings, workdir=workdir, log=log, progress=progress).to_dict()
     print(format_table(data))
     if args.json is not None:
         save_json(data, args.json)
