@@ -58,14 +58,24 @@ def run_bench(
     ``progress`` is handed the report (marked incomplete) after each group is measured, so a run
     stopped part-way (a time limit, a crash) can still leave the figures it took.
     """
-    report = BenchReport(settings.to_dict(), machine_info(settings.device, settings.dtype), complete=False)
+    cudnn = torch.backends.cudnn.benchmark
+    if resolve_device(settings.device).type == "cuda":
+        # shapes are fixed within a group: every workload alike (limits, methods, peers) gets
+        # cuDNN's autotuned kernels, as a long batch job would
+        torch.backends.cudnn.benchmark = True
+    try:
+        report = BenchReport(settings.to_dict(), machine_info(settings.device, settings.dtype), complete=False)
 
-    def measured() -> None:
-        if progress is not None:
-            progress(report)
+        def measured() -> None:
+            if progress is not None:
+                progress(report)
 
-    for model in settings.models:
-        bench_model(model, settings, workdir=Path(workdir) / slug(model), report=report, log=log, measured=measured)
+        for model in settings.models:
+            bench_model(
+                model, settings, workdir=Path(workdir) / slug(model), report=report, log=log, measured=measured
+            )
+    finally:
+        torch.backends.cudnn.benchmark = cudnn
     report.complete = True
     return report
 
