@@ -72,8 +72,18 @@ def on_cpu(data, tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def no_tf32():
+    """Float32 on the GPU as on the CPU: TF32 convolutions and matrix products (on by default for
+    cuDNN) round to about 1e-3, which input gradients amplify (saliency then differs by ~4e-2)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.parametrize("backend", list(METHODS))
-def test_every_backend_on_the_device_gives_the_cpus_maps(backend, data, on_cpu, tmp_path):
+def test_every_backend_on_the_device_gives_the_cpus_maps(backend, data, on_cpu, tmp_path, no_tf32):
     cuda = DEVICE.startswith("cuda")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -87,8 +97,8 @@ def test_every_backend_on_the_device_gives_the_cpus_maps(backend, data, on_cpu, 
         assert (got[method].table["status"] == "ok").all()
         top1 = [r.table["top5_classes"].map(lambda c: c[0]).tolist() for r in (got[method], want)]
         assert top1[0] == top1[1]  # the same predicted classes
-        # TF32 convolutions on the GPU round to about 1e-3
-        assert _relative_error(got[method].maps[:], want.maps[:]) < 2e-2, method
+        error = _relative_error(got[method].maps[:], want.maps[:])
+        assert error < 5e-3, f"{method}: {error:.2e}"
     assert not cuda or torch.cuda.max_memory_allocated() > 0  # the work ran on the GPU
 
 

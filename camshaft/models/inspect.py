@@ -39,10 +39,15 @@ class ModelReport:
     num_classes: int
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (a model may be handed over already on a GPU)."""
+    return next((t.device for t in model.parameters()), torch.device("cpu"))
+
+
 def describe(model: nn.Module, *, input_size: tuple[int, int]) -> ModelReport:
     """List the layers of ``model`` with shapes for ``input_size`` and find tap and CAM head."""
     plan = plan_taps(model)
-    x = torch.zeros(1, 3, *input_size)
+    x = torch.zeros(1, 3, *input_size, device=model_device(model))
     layers, logits, same = _layers(model, plan, x)
     default = _default_tap(layers, plan, same)
     head = find_cam_head(model, default, plan=plan, x=x) if default else None
@@ -137,7 +142,7 @@ def find_cam_head(model: nn.Module, tap: str, *, plan: TapPlan | None = None, x:
         return None
     gen = torch.Generator().manual_seed(0)
     for _ in range(2):
-        probe = torch.randn((2, *a.shape[1:]), generator=gen) * a.abs().mean().clamp_min(1e-3)
+        probe = torch.randn((2, *a.shape[1:]), generator=gen).to(a.device) * a.abs().mean().clamp_min(1e-3)
         with torch.inference_mode():
             got = head(probe)
             want = probe.mean(dim=(2, 3)) @ linear.weight.T
