@@ -48,7 +48,7 @@ def explain(
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
     resize: str | None = None,
-    workers: int = 4,
+    workers: int | None = None,
     options: dict | None = None,
     partition_size: int = 256,
     scheduler: str = "threads",

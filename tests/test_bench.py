@@ -263,6 +263,17 @@ def test_a_tiny_quick_run_prints_a_table_and_saves_json(capsys, tmp_path):
     assert data["complete"] is True and "INCOMPLETE" not in out
 
 
+def test_pipeline_batches_flag_sets_the_images_per_pipeline_run():
+    from camshaft.cli import build_parser
+    from camshaft.commands.bench import settings_from
+
+    def parse(*argv):
+        return settings_from(build_parser(list(argv)).parse_args(list(argv)))
+
+    assert parse("bench", "--quick", "--pipeline", "--pipeline-batches", "5").pipeline_batches == 5
+    assert parse("bench", "--quick", "--pipeline").pipeline_batches == 2  # the quick preset's
+
+
 def test_a_run_stopped_part_way_leaves_the_groups_it_measured(capsys, monkeypatch, tmp_path):
     """--json is written after each group: a run killed by a time limit keeps what it timed."""
     from camshaft.bench import runner

@@ -230,3 +230,13 @@ def test_metrics_and_exemplars_gathered_in_the_pass_equal_the_later_computation(
     np.testing.assert_allclose(in_pass["deletion_auc"], load_metrics(later)[0]["deletion_auc"], rtol=2e-3, atol=1e-5)
     np.testing.assert_allclose(in_pass["insertion_auc"], load_metrics(later)[0]["insertion_auc"], rtol=2e-3, atol=1e-5)
     assert list(exemplars["index"]) == list(load_exemplars(later)["index"])
+
+
+def test_decode_threads_default_to_half_the_usable_cores_at_least_4(monkeypatch):
+    from camshaft.engine.job import decode_threads
+
+    assert decode_threads(3) == 3  # as asked
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert decode_threads(None) == 8  # two partitions run at once: 16 threads on 16 cores
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert decode_threads(None) == 4

@@ -56,6 +56,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pipeline", action="store_true", help="also time decode + explain + write on generated JPEGs")
     p.add_argument(
+        "--pipeline-batches",
+        type=positive,
+        metavar="N",
+        help="images per pipeline run, in batches (default: 16; quick: 2); a fast GPU needs more to amortize the start",
+    )
+    p.add_argument(
         "--actmax", action="store_true", help="also time activation maximization (N classes at once) against its limit"
     )
     p.add_argument("--repeats", type=positive, help="timed rounds (default: 3; quick: 2)")
@@ -93,6 +99,7 @@ def settings_from(args):
         dtype=args.dtype,
         peers=args.peers,
         pipeline=args.pipeline or None,
+        pipeline_batches=args.pipeline_batches,
         actmax=args.actmax or None,
         timing=timing,
     )

@@ -30,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (mixed precision)")
     p.add_argument("--batch-size", type=positive, default=32)
-    p.add_argument("--workers", type=positive, default=4, help="decode threads")
+    p.add_argument(
+        "--workers", type=positive, help="decode threads per partition (default: half the usable cores, at least 4)"
+    )
     p.add_argument("--overlays", action="store_true", help="write one PNG overlay per image and target")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("dataset-scale runs")

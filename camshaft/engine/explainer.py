@@ -20,7 +20,7 @@ from camshaft.data.decode import load_rgb
 from camshaft.data.sources import ImageRecord
 from camshaft.engine.backends import Backend, backend_factory
 from camshaft.engine.backends.base import TAP_GRADIENTS, resolve_device, resolve_dtype
-from camshaft.engine.job import ExplainJob
+from camshaft.engine.job import ExplainJob, decode_threads
 from camshaft.engine.methods import Method, check_backend, get_method
 from camshaft.engine.postprocess import map_stats
 from camshaft.engine.shared import SharedBatch
@@ -89,7 +89,7 @@ class Explainer:
 
         ``indices`` are the records' rows in the run; outputs follow the order of ``records``.
         """
-        with ThreadPoolExecutor(self.job.workers) as pool:
+        with ThreadPoolExecutor(decode_threads(self.job.workers)) as pool:
             decoded = list(pool.map(self._decode, records, indices))
         n, k = len(records), self.targets.k
         maps = {r.name: np.full((n, *r.map_shape), np.nan, dtype=np.float32) for r in self.runs}
@@ -132,6 +132,21 @@ class Explainer:
             for r in self.runs:
                 maps, _ = r.method.run(shared, x, shared._select, tap=r.tap, options=r.options)
                 r.map_shape = tuple(maps.shape[1:])
+        if self.backend.device.type == "cuda":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Run a full batch of black images before the clock starts (on a GPU, where it is cheap):
+        the caching allocator takes its blocks, and a TorchScript module profiles and optimizes
+        itself on its first two calls of a shape, which would otherwise land in the first partition."""
+        b, k = self.job.batch_size, self.targets.k
+        x = torch.zeros(b, 3, *self.preprocess.input_size, device=self.backend.device)
+        zeros = torch.zeros(b, k, dtype=torch.long, device=self.backend.device)
+        with self.lock:
+            for _ in range(2 if self.backend.name == "torchscript" else 1):
+                shared = SharedBatch(self.backend, x, lambda logits: zeros, gradients=self.gradients)
+                for r in self.runs:
+                    r.method.run(shared, x, shared._select, tap=r.tap, options=r.options)
 
     def _decode(self, record: ImageRecord, index: int) -> Decoded:
         if record.error:
