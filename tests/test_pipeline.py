@@ -240,3 +240,35 @@ def test_decode_threads_default_to_half_the_usable_cores_at_least_4(monkeypatch)
     assert decode_threads(None) == 8  # two partitions run at once: 16 threads on 16 cores
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert decode_threads(None) == 4
+
+
+def test_a_partition_reaches_the_device_before_all_of_it_is_decoded(data, tmp_path, monkeypatch):
+    """Decoding runs ahead of the device: the first batch must not wait for the partition's last image."""
+    import threading
+
+    from camshaft.data.sources import list_images
+    from camshaft.engine.explainer import Explainer, build_explainer
+    from camshaft.engine.job import ExplainJob
+
+    explainer = build_explainer(ExplainJob(None, data, tmp_path / "out", method="cam", batch_size=2, workers=2),
+                                workdir=tmp_path / "artifacts")
+    explainer.probe()
+    records = list_images(data)[:6]
+    batch_ran = threading.Event()
+    decode, explain_batch = Explainer._decode, Explainer._explain_batch
+
+    def last_waits_for_a_batch(self, record, index):
+        if index == 5 and not batch_ran.wait(10):
+            raise AssertionError("the device waited for the whole partition to be decoded")
+        return decode(self, record, index)
+
+    def batch_then_signal(self, batch, **kwargs):
+        out = explain_batch(self, batch, **kwargs)
+        batch_ran.set()
+        return out
+
+    monkeypatch.setattr(Explainer, "_decode", last_waits_for_a_batch)
+    monkeypatch.setattr(Explainer, "_explain_batch", batch_then_signal)
+    out = explainer.explain(records, list(range(6)))
+    assert [r["status"] for r in out.rows["cam"]] == ["ok"] * 6
+    assert [r["path"] for r in out.rows["cam"]] == [r.path for r in records]  # in the records' order

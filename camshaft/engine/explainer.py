@@ -8,6 +8,7 @@ partitions can decode in parallel while one computes.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -85,23 +86,28 @@ class Explainer:
         return self.backend.info.preprocess
 
     def explain(self, records: list[ImageRecord], indices: list[int]) -> PartitionOutput:
-        """Decode ``records`` on threads, explain them in batches on the device (one at a time).
+        """Decode ``records`` on threads and explain them in batches on the device as they arrive.
 
-        ``indices`` are the records' rows in the run; outputs follow the order of ``records``.
+        Decoding runs ahead while a batch is on the device: each batch starts as soon as its own
+        images are decoded, not after the whole partition. The device takes one batch at a time
+        (``self.lock``), so concurrent partitions interleave batches. ``indices`` are the records'
+        rows in the run; outputs follow the order of ``records``.
         """
-        with ThreadPoolExecutor(decode_threads(self.job.workers)) as pool:
-            decoded = list(pool.map(self._decode, records, indices))
         n, k = len(records), self.targets.k
         maps = {r.name: np.full((n, *r.map_shape), np.nan, dtype=np.float32) for r in self.runs}
         targets = np.full((n, k), -1, dtype=np.int32)
         position = {index: i for i, index in enumerate(indices)}
         rows: dict[str, dict[int, dict]] = {r.name: {} for r in self.runs}
         metrics: dict[str, list] = {r.name: [] for r in self.runs}
-        with self.lock:
-            collector = self._exemplar_collector()  # per call: partitions may run concurrently
-            backoff = BackOff(functools.partial(self._explain_batch, exemplars=collector))
-            for i in range(0, len(decoded), self.job.batch_size):
-                batch_rows, batch_maps, batch_targets, batch_metrics = backoff(decoded[i : i + self.job.batch_size])
+        collector = self._exemplar_collector()  # per call: partitions may run concurrently
+        backoff = BackOff(functools.partial(self._explain_batch, exemplars=collector))
+        decoded: list[Decoded] = []
+        with ThreadPoolExecutor(decode_threads(self.job.workers)) as pool:
+            arriving = pool.map(self._decode, records, indices)  # all submitted now, yielded in order
+            while batch := list(itertools.islice(arriving, self.job.batch_size)):
+                decoded += batch
+                with self.lock:
+                    batch_rows, batch_maps, batch_targets, batch_metrics = backoff(batch)
                 for name, parts in batch_metrics.items():
                     metrics[name].extend(parts)
                 for name, by_index in batch_rows.items():
