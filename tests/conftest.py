@@ -46,9 +46,9 @@ def source_of(model: nn.Module, *, size=(8, 8), names=None) -> ModelSource:
     return ModelSource("torch", type(model).__name__, module=model.eval(), preprocess=pre, class_names=names)
 
 
-def open_backend(name: str, source: ModelSource, tmp_path, *, taps=None):
+def open_backend(name: str, source: ModelSource, tmp_path, *, taps=None, **options):
     return backend_factory(name)(
-        source, taps=taps, preprocess={}, device=torch.device("cpu"), dtype=torch.float32, workdir=tmp_path
+        source, taps=taps, preprocess={}, device=torch.device("cpu"), dtype=torch.float32, workdir=tmp_path, **options
     )
 
 

@@ -111,6 +111,7 @@ class ModelBench:
                     device=self.device,
                     dtype=self.dtype,
                     workdir=self.workdir / name,
+                    fold=True,  # as `camshaft explain` opens it
                 )
         except CamshaftError as e:
             return Skipped(

@@ -249,6 +249,7 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
         device=device,
         dtype=dtype,
         workdir=workdir,  # only written when a torch model must be exported first
+        fold=True,  # the model was loaded here, and nothing else holds it
     )
     info = backend.info
     runs = []
@@ -269,6 +270,7 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
             device=device,
             dtype=dtype,
             workdir=workdir,
+            fold=True,
         )
         for r in runs:
             check_backend(r.method, backend, tap=r.tap)

@@ -1,0 +1,106 @@
+"""Batch norms folded into convolutions: same values, the user's model untouched, only safe pairs."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torchvision
+from conftest import open_backend, source_of
+from torch import fx, nn
+
+from camshaft.engine.methods import get_method
+from camshaft.models.fold import fold_batchnorms
+
+
+def _norms(gm: fx.GraphModule) -> int:
+    modules = dict(gm.named_modules())
+    return sum(1 for n in gm.graph.nodes if n.op == "call_module" and isinstance(modules[n.target], nn.BatchNorm2d))
+
+
+def _trained_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Running statistics and affine parameters away from their initial values (else folding is trivial)."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_resnet18_folds_every_pair_with_the_same_outputs_and_the_model_untouched():
+    model = _trained_bn(torchvision.models.resnet18(num_classes=10))
+    before = copy.deepcopy(model.state_dict())
+    gm = fx.symbolic_trace(model)
+    assert _norms(gm) == 20
+    assert fold_batchnorms(gm) == 20 and _norms(gm) == 0
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(x), gm(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # values and layers kept
+    assert isinstance(model.bn1, nn.BatchNorm2d) and model.conv1.bias is None
+    assert not any(p.requires_grad for p in gm.conv1.parameters())  # an inference copy
+
+
+class Pairs(nn.Module):
+    """conv->bn pairs that must not fold: one whose conv output is also used, one whose conv is called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen, self.bn_seen = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.shared, self.bn_shared = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.bn_again = nn.BatchNorm2d(4)
+        self.plain, self.bn_plain = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        a = self.seen(x)
+        b = self.bn_seen(a) + a  # the conv output is read twice
+        c = self.bn_shared(self.shared(b)) + self.bn_again(self.shared(b))  # one conv module, two calls
+        return self.bn_plain(self.plain(c))
+
+
+def test_only_pairs_whose_convolution_nothing_else_sees_are_folded():
+    model = _trained_bn(Pairs())
+    gm = fx.symbolic_trace(model)
+    assert fold_batchnorms(gm) == 1  # plain -> bn_plain only
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_in_training_mode_is_not_folded():
+    gm = fx.symbolic_trace(torchvision.models.resnet18(num_classes=10).train())
+    assert fold_batchnorms(gm) == 0
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam"])
+def test_a_folded_eager_backend_gives_the_unfolded_maps(method, tmp_path):
+    model = _trained_bn(torchvision.models.resnet18(num_classes=10))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    select = lambda logits: torch.tensor([[3, 1], [5, 0]])  # noqa: E731
+    plain = open_backend("eager", source_of(model, size=(64, 64)), tmp_path / "a")
+    folded = open_backend("eager", source_of(copy.deepcopy(model), size=(64, 64)), tmp_path / "b", fold=True)
+    assert _norms(folded._full.graph_module) == 0 and _norms(plain._full.graph_module) == 20
+    want, _ = get_method(method).run(plain, x, select, tap="layer4", options={})
+    got, _ = get_method(method).run(folded, x, select, tap="layer4", options={})
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+def test_the_pipeline_explains_with_folded_norms(tmp_path):
+    from camshaft.demo.shapes import write_demo_dataset
+    from camshaft.engine.explainer import build_explainer
+    from camshaft.engine.job import ExplainJob
+
+    data = write_demo_dataset(tmp_path / "data", n=2, seed=0).parent / "images"
+    job = ExplainJob("resnet18", data, tmp_path / "out", method="gradcam", input_size=(64, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random weights
+        backend = build_explainer(job, workdir=tmp_path / "artifacts").backend
+    assert _norms(backend._full.graph_module) == 0
+    assert all(_norms(part.gm) == 0 for part in backend._split)
