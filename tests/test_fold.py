@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -104,3 +105,27 @@ def test_the_pipeline_explains_with_folded_norms(tmp_path):
         backend = build_explainer(job, workdir=tmp_path / "artifacts").backend
     assert _norms(backend._full.graph_module) == 0
     assert all(_norms(part.gm) == 0 for part in backend._split)
+
+
+@pytest.mark.parametrize("objective", ["class_logit", "channel"])
+def test_activation_maximization_renders_through_folded_norms(objective, monkeypatch):
+    """The same images (to float rounding) as through the model's own norms, which are left alone."""
+    from camshaft.engine.actmax import RenderConfig, channel, class_logit, render
+    from camshaft.preprocess import Preprocess
+
+    module = importlib.import_module("camshaft.engine.actmax.render")  # the package's `render` is the function
+
+    model = _trained_bn(torchvision.models.resnet18(num_classes=10))
+    before = copy.deepcopy(model.state_dict())
+    objectives = [class_logit(3), class_logit(7)] if objective == "class_logit" else [channel("layer3", 5)]
+    pre = Preprocess(input_size=(32, 32))
+    config = RenderConfig(steps=3, device="cpu", pad=0, jitter=0, scale=0.0, rotate=0.0)
+    folded = []
+    fold = module.fold_batchnorms
+    monkeypatch.setattr(module, "fold_batchnorms", lambda gm, **kw: folded.append(fold(gm, **kw)) or folded[-1])
+    got = render(model, objectives, preprocess=pre, config=config)
+    assert folded and folded[0] == 20
+    monkeypatch.setattr(module, "fold_batchnorms", lambda gm, **kw: 0)  # the graphs as traced
+    want = render(model, objectives, preprocess=pre, config=config)
+    torch.testing.assert_close(got.images, want.images, rtol=1e-3, atol=1e-3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from camshaft.engine.actmax.objectives import Activations, Objective
 from camshaft.engine.actmax.param import get_param, param_names
@@ -30,6 +30,7 @@ from camshaft.engine.actmax.transforms import Compose, Jitter, Pad, Rotate, Scal
 from camshaft.engine.backends.base import DTYPES, resolve_device, resolve_dtype, resolve_memory_format
 from camshaft.engine.backends.torch_backend import frozen
 from camshaft.errors import ConfigError
+from camshaft.models.fold import fold_batchnorms
 from camshaft.models.taps import TappedModel
 from camshaft.preprocess import Preprocess
 
@@ -135,11 +136,30 @@ class Rendering:
 Forward = Callable[[torch.Tensor], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 
 
-def forward_fn(model: nn.Module, taps: Sequence[str]) -> Forward:
-    """``x -> (logits, {tap: activation})`` through ``TappedModel`` (the bare model without taps)."""
+def forward_fn(
+    model: nn.Module, taps: Sequence[str], *, fold: bool = False, layout: torch.memory_format = torch.contiguous_format
+) -> Forward:
+    """``x -> (logits, {tap: activation})`` through ``TappedModel`` (the bare model without taps).
+
+    With ``fold``, where the model traces, batch norms are folded into the convolutions of the
+    traced graph (``fold_batchnorms``; the model itself is left alone): a render's weights are
+    frozen for its duration, and every step's forward and backward then skip the norms.
+    """
     if not taps:
-        return lambda x: (model(x), {})
-    return TappedModel(model, sorted(taps))
+        if not fold:
+            return lambda x: (model(x), {})
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception:  # noqa: BLE001 - any tracing failure: the model as it is
+            return lambda x: (model(x), {})
+        fold_batchnorms(gm, memory_format=layout)
+        return lambda x: (gm(x), {})
+    tapped = TappedModel(model, sorted(taps))
+    if fold and tapped.traceable:
+        cache: dict = {}
+        for gm in (tapped.graph_module, tapped.leaf_module):
+            fold_batchnorms(gm, memory_format=layout, cache=cache)
+    return tapped
 
 
 @contextlib.contextmanager
@@ -234,7 +254,8 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
     layout = torch.contiguous_format if exact else resolve_memory_format("auto", model)
     with _frozen_eval(model), _laid_out(model, layout), batch_invariant(device, exact):
         full = _with_regularizers(model, objectives, config, preprocess, device)
-        forward = _in_layout(forward_fn(model, sorted(set().union(*(o.taps for o in full)))), layout)
+        taps = sorted(set().union(*(o.taps for o in full)))
+        forward = _in_layout(forward_fn(model, taps, fold=True, layout=layout), layout)
         _check(objectives + full, forward, preprocess, device)
         per_chunk = config.batch_size // config.copies  # objectives per chunk
         chunks = [range(i, min(i + per_chunk, len(objectives))) for i in range(0, len(objectives), per_chunk)]
