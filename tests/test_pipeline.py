@@ -272,3 +272,30 @@ def test_a_partition_reaches_the_device_before_all_of_it_is_decoded(data, tmp_pa
     out = explainer.explain(records, list(range(6)))
     assert [r["status"] for r in out.rows["cam"]] == ["ok"] * 6
     assert [r["path"] for r in out.rows["cam"]] == [r.path for r in records]  # in the records' order
+
+
+def test_the_gpu_warm_up_runs_a_full_batch_and_leaves_out_of_memory_to_the_back_off(data, tmp_path, monkeypatch):
+    """Before a GPU run's clock starts one full batch goes through every method (TorchScript: two);
+    a batch too large for the device is no error there: the run's back-off halves it later."""
+    from camshaft.engine import explainer as module
+    from camshaft.engine.job import ExplainJob
+
+    explainer = module.build_explainer(ExplainJob(None, data, tmp_path / "out", method=("cam", "gradcam"), batch_size=3),
+                                       workdir=tmp_path / "artifacts")
+    explainer.probe()  # on the CPU: no warm-up
+    seen = []
+    real = module.SharedBatch
+
+    def recording(backend, x, *args, **kwargs):
+        seen.append(len(x))
+        return real(backend, x, *args, **kwargs)
+
+    monkeypatch.setattr(module, "SharedBatch", recording)
+    explainer._warm_up()
+    assert seen == [3]  # one full batch, shared by both methods
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(module, "SharedBatch", out_of_memory)
+    explainer._warm_up()  # no error

@@ -148,11 +148,18 @@ class Explainer:
         b, k = self.job.batch_size, self.targets.k
         x = torch.zeros(b, 3, *self.preprocess.input_size, device=self.backend.device)
         zeros = torch.zeros(b, k, dtype=torch.long, device=self.backend.device)
+        out_of_memory, shared = False, None
         with self.lock:
-            for _ in range(2 if self.backend.name == "torchscript" else 1):
-                shared = SharedBatch(self.backend, x, lambda logits: zeros, gradients=self.gradients)
-                for r in self.runs:
-                    r.method.run(shared, x, shared._select, tap=r.tap, options=r.options)
+            try:
+                for _ in range(2 if self.backend.name == "torchscript" else 1):
+                    shared = SharedBatch(self.backend, x, lambda logits: zeros, gradients=self.gradients)
+                    for r in self.runs:
+                        r.method.run(shared, x, shared._select, tap=r.tap, options=r.options)
+            except torch.OutOfMemoryError:  # the run's back-off will find the batch size that fits
+                out_of_memory = True
+            shared = None  # noqa: F841 - its cached forward is freed here
+        if out_of_memory:  # outside the handler: its traceback no longer holds the tensors
+            torch.cuda.empty_cache()
 
     def _decode(self, record: ImageRecord, index: int) -> Decoded:
         if record.error:
