@@ -7,7 +7,9 @@
 # device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=580).
 # Each step has its own time limit (540 s in all), so a slow one costs its own figures only (and
 # a benchmark cut short keeps the groups it measured: --json is saved after each group); the
-# call's output says how each ended.
+# call's output says how each ended. On an H200 (2026-11-30) the steps took 45, over 190 (the
+# float32 table, then without --pipeline-batches), 52, 31, 27 and 26 s, and the machine's start
+# about 30 s.
 # To try the script without a GPU (here: about 5 minutes, and .whl/ moved aside: its wheels are for
 # the machine's Python 3.12):
 #   CAMSHAFT_CHECK_DEVICE=cpu CAMSHAFT_CHECK_QUICK=1 CAMSHAFT_CHECK_MODEL=demo OUT=/tmp/x bash scripts/gpu_check.sh
@@ -59,15 +61,15 @@ bench() {  # bench SECONDS ARGS...: camshaft bench on the device, as one step
     step bench "$limit" python3 -m camshaft bench --device "$device" "${quick[@]}" "$@"
 }
 
-step tests 100 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
+step tests 60 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
 # float32: Grad-CAM and CAM at batch 16 and 64, and the decode + explain + write pipeline
-bench 190 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
-    --batch-size 16 64 --pipeline --json "$OUT/bench-float32.json"
+bench 260 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
+    --batch-size 16 64 --pipeline --pipeline-batches 32 --json "$OUT/bench-float32.json"
 # occlusion, as its target is set: resnet18, batch 16, top-1 (a sweep is 169 forwards per image)
-bench 60 --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" --backend "${backends[@]}" --method occlusion --batch-size 16 \
+bench 70 --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" --backend "${backends[@]}" --method occlusion --batch-size 16 \
     --json "$OUT/bench-occlusion.json"
 for dtype in bfloat16 float16; do  # mixed precision: the targets' batch size
-    bench 70 --dtype "$dtype" --model "$model" --backend "${backends[@]}" --method cam gradcam \
+    bench 50 --dtype "$dtype" --model "$model" --backend "${backends[@]}" --method cam gradcam \
         --targets top:1 top:5 --batch-size 16 --json "$OUT/bench-$dtype.json"
 done
 bench 50 --model resnet18 --method cam --backend eager --actmax --json "$OUT/bench-actmax.json"
