@@ -199,14 +199,16 @@ class Explainer:
         targets_np = out.targets.cpu().numpy().astype(np.int32)
         probs = torch.softmax(out.logits, dim=-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
+        # one copy to the host per batch, not a device sync per image and field
+        top_classes, top_scores = top.indices.cpu().tolist(), top.values.cpu().tolist()
         names = self.backend.info.class_names
         for i, d in enumerate(good):
             t = targets_np[i].tolist()
             rows[d.index].update(
                 status="ok",
-                top5_classes=top.indices[i].tolist(),
-                top5_names=[names[c] for c in top.indices[i].tolist()] if names else None,
-                top5_scores=top.values[i].tolist(),
+                top5_classes=top_classes[i],
+                top5_names=[names[c] for c in top_classes[i]] if names else None,
+                top5_scores=top_scores[i],
                 targets=t,
                 target_names=[names[c] for c in t] if names else None,
             )
