@@ -299,3 +299,16 @@ def test_the_gpu_warm_up_runs_a_full_batch_and_leaves_out_of_memory_to_the_back_
 
     monkeypatch.setattr(module, "SharedBatch", out_of_memory)
     explainer._warm_up()  # no error
+
+
+def test_a_run_says_where_its_time_went(data, tmp_path):
+    from camshaft.engine.explainer import STAGES
+
+    first = camshaft.explain(None, data, out=tmp_path / "run", method="gradcam", batch_size=4, partition_size=5,
+                             progress=False)
+    assert list(first.stages) == list(STAGES)
+    assert first.stages["explaining"] > 0 and first.stages["writing"] > 0
+    assert all(v >= 0 for v in first.stages.values())
+    again = camshaft.explain(None, data, out=tmp_path / "run", method="gradcam", batch_size=4, partition_size=5,
+                             progress=False)  # resumed: nothing was explained, no time in any stage
+    assert again.explained == 0 and not any(again.stages.values())

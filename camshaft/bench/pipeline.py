@@ -69,9 +69,11 @@ def pipeline_workload(
                 progress=False,
             )
         shutil.rmtree(out, ignore_errors=True)
+        attrs["stages"] = summary.stages  # the last run's: where a slow pipeline spends its time
         if summary.failed:
             raise RuntimeError(f"pipeline benchmark: {summary.failed} images failed, e.g. {summary.errors[0]}")
         return float(summary.seconds)
 
     k = target_count(case.targets)
-    return Workload(f"{case.key}/pipeline", "pipeline", fn, n, n * k, n, {**case.attrs(), "k": k, "images_in_run": n})
+    attrs = {**case.attrs(), "k": k, "images_in_run": n}
+    return Workload(f"{case.key}/pipeline", "pipeline", fn, n, n * k, n, attrs)

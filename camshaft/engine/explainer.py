@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import itertools
 import threading
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ class Decoded:
     error: str | None = None
 
 
+# a partition's time, summed over partitions in a run's summary (partitions overlap, so the sums
+# can exceed the run's wall time): the first three are `Explainer.explain`'s, then the shard writes
+STAGES = ("waiting_for_decode", "waiting_for_device", "explaining", "writing")
+
+
 @dataclass
 class PartitionOutput:
     """Per method: rows (one per record, in order) and arrays aligned with them (NaN / -1 where failed)."""
@@ -49,6 +55,7 @@ class PartitionOutput:
     targets: np.ndarray  # (n, K) int32, shared by the methods
     metrics: dict[str, object] = field(default_factory=dict)  # method -> faithfulness rows (DataFrame)
     exemplars: object = None  # the partition's top-k exemplar table (DataFrame), if asked for
+    stages: dict[str, float] = field(default_factory=dict)  # seconds: see `Explainer.explain`
 
 
 @dataclass
@@ -102,12 +109,25 @@ class Explainer:
         collector = self._exemplar_collector()  # per call: partitions may run concurrently
         backoff = BackOff(functools.partial(self._explain_batch, exemplars=collector))
         decoded: list[Decoded] = []
+        # where this partition's time went: a run decode-bound waits for decode, a device-bound one
+        # for the device (the other partition holds it)
+        stages = dict.fromkeys(STAGES[:3], 0.0)
+        clock = time.perf_counter
         with ThreadPoolExecutor(decode_threads(self.job.workers)) as pool:
             arriving = pool.map(self._decode, records, indices)  # all submitted now, yielded in order
-            while batch := list(itertools.islice(arriving, self.job.batch_size)):
+            while True:
+                t0 = clock()
+                batch = list(itertools.islice(arriving, self.job.batch_size))
+                t1 = clock()
+                if not batch:
+                    break
                 decoded += batch
                 with self.lock:
+                    t2 = clock()
                     batch_rows, batch_maps, batch_targets, batch_metrics = backoff(batch)
+                    stages["explaining"] += clock() - t2
+                stages["waiting_for_decode"] += t1 - t0
+                stages["waiting_for_device"] += t2 - t1
                 for name, parts in batch_metrics.items():
                     metrics[name].extend(parts)
                 for name, by_index in batch_rows.items():
@@ -120,7 +140,7 @@ class Explainer:
         ordered = {name: [by_index[d.index] for d in decoded] for name, by_index in rows.items()}
         tables = {name: _concat(parts) for name, parts in metrics.items()} if self.metric_specs else {}
         exemplars = collector.table() if collector is not None else None
-        return PartitionOutput(ordered, maps, targets, tables, exemplars)
+        return PartitionOutput(ordered, maps, targets, tables, exemplars, stages)
 
     def _exemplar_collector(self):
         if not self.exemplar_specs:

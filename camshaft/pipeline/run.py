@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from camshaft.data.sources import list_images
-from camshaft.engine.explainer import Explainer, build_explainer
+from camshaft.engine.explainer import STAGES, Explainer, build_explainer
 from camshaft.engine.job import ExplainJob
 from camshaft.errors import ConfigError
 from camshaft.exporters.metadata import version
@@ -43,6 +43,8 @@ class RunSummary:
     explained: int = 0  # images computed in this run (the others were resumed or reused)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     result_dirs: list[Path] = field(default_factory=list)  # one run directory per method
+    # seconds per stage summed over this run's partitions (they overlap): see explainer.STAGES
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -139,10 +141,11 @@ def _execute(state: RunState, job: ExplainJob, explainer: Explainer, records, mo
     statuses = table.column("status").to_pylist()
     errors = [(p, e) for p, e, s in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), statuses, strict=True) if s != "ok"]
     explained = sum(s["explained"] for s in summaries)
+    stages = {k: sum(s.get("stages", {}).get(k, 0.0) for s in summaries) for k in STAGES}
     first = explainer.runs[0]
     return RunSummary(
         state.out, len(statuses), len(statuses) - len(errors), len(errors), seconds, "+".join(names), first.tap,
-        explainer.backend.name, mode, explained, errors, [state.method_dir(n) for n in names],
+        explainer.backend.name, mode, explained, errors, [state.method_dir(n) for n in names], stages,
     )
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from camshaft.data.sources import ImageRecord
-from camshaft.engine.explainer import Explainer, build_explainer
+from camshaft.engine.explainer import STAGES, Explainer, build_explainer
 from camshaft.engine.job import ExplainJob
 from camshaft.pipeline.plan import Partition, file_key
 from camshaft.pipeline.state import MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
@@ -106,6 +106,7 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
     for name, parts in metrics.items():
         _write_frame(pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame(), state.dir / "metrics" / name / f"{part.name}.parquet")
     info = explainer.backend.info
+    written = time.perf_counter()
     for name in names:
         for r in rows[name]:
             r.pop("_old_index", None)
@@ -114,6 +115,7 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
         write_table(rows[name], state.rows_path(part, name))
         if ctx.job.overlays:
             write_overlays(folder / OVERLAYS_DIR, rows[name], maps[name], preprocess=info.preprocess, class_names=info.class_names)
+    stages = {**dict.fromkeys(STAGES, 0.0), **(out.stages if todo else {}), "writing": time.perf_counter() - written}
     first = rows[names[0]]
     failed = [(r["path"], r["error"]) for r in first if r["status"] != "ok"]
     summary = {
@@ -124,6 +126,7 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
         "failed": len(failed),
         "errors": failed[:20],
         "seconds": time.perf_counter() - start,
+        "stages": stages,
     }
     state.mark_done(part, summary)
     return summary
