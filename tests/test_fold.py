@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
 import warnings
 
 import pytest
@@ -111,9 +110,8 @@ def test_the_pipeline_explains_with_folded_norms(tmp_path):
 def test_activation_maximization_renders_through_folded_norms(objective, monkeypatch):
     """The same images (to float rounding) as through the model's own norms, which are left alone."""
     from camshaft.engine.actmax import RenderConfig, channel, class_logit, render
+    from camshaft.models import fold as module  # render folds through fold_graphs, one graph at a time
     from camshaft.preprocess import Preprocess
-
-    module = importlib.import_module("camshaft.engine.actmax.render")  # the package's `render` is the function
 
     model = _trained_bn(torchvision.models.resnet18(num_classes=10))
     before = copy.deepcopy(model.state_dict())

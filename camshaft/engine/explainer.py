@@ -151,33 +151,30 @@ class Explainer:
 
     def probe(self) -> None:
         """The (K, h, w) of every method's maps, from one black image (before any real work)."""
-        x = torch.zeros(1, 3, *self.preprocess.input_size, device=self.backend.device)
-        zeros = torch.zeros(1, self.targets.k, dtype=torch.long, device=self.backend.device)
         with self.lock:
-            shared = SharedBatch(self.backend, x, lambda logits: zeros, gradients=self.gradients)
-            for r in self.runs:
-                maps, _ = r.method.run(shared, x, shared._select, tap=r.tap, options=r.options)
+            for r, (maps, _) in zip(self.runs, self._black_batch(1), strict=True):
                 r.map_shape = tuple(maps.shape[1:])
         if self.backend.device.type == "cuda":
             self._warm_up()
+
+    def _black_batch(self, n: int) -> list:
+        """Every method's ``(maps, output)`` for ``n`` black images, targets class 0 (caller holds the lock)."""
+        x = torch.zeros(n, 3, *self.preprocess.input_size, device=self.backend.device)
+        zeros = torch.zeros(n, self.targets.k, dtype=torch.long, device=self.backend.device)
+        shared = SharedBatch(self.backend, x, lambda logits: zeros, gradients=self.gradients)
+        return [r.method.run(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs]
 
     def _warm_up(self) -> None:
         """Run a full batch of black images before the clock starts (on a GPU, where it is cheap):
         the caching allocator takes its blocks, and a TorchScript module profiles and optimizes
         itself on its first two calls of a shape, which would otherwise land in the first partition."""
-        b, k = self.job.batch_size, self.targets.k
-        x = torch.zeros(b, 3, *self.preprocess.input_size, device=self.backend.device)
-        zeros = torch.zeros(b, k, dtype=torch.long, device=self.backend.device)
-        out_of_memory, shared = False, None
+        out_of_memory = False
         with self.lock:
             try:
                 for _ in range(2 if self.backend.name == "torchscript" else 1):
-                    shared = SharedBatch(self.backend, x, lambda logits: zeros, gradients=self.gradients)
-                    for r in self.runs:
-                        r.method.run(shared, x, shared._select, tap=r.tap, options=r.options)
+                    self._black_batch(self.job.batch_size)
             except torch.OutOfMemoryError:  # the run's back-off will find the batch size that fits
                 out_of_memory = True
-            shared = None  # noqa: F841 - its cached forward is freed here
         if out_of_memory:  # outside the handler: its traceback no longer holds the tensors
             torch.cuda.empty_cache()
 

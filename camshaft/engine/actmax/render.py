@@ -30,7 +30,7 @@ from camshaft.engine.actmax.transforms import Compose, Jitter, Pad, Rotate, Scal
 from camshaft.engine.backends.base import DTYPES, resolve_device, resolve_dtype, resolve_memory_format
 from camshaft.engine.backends.torch_backend import frozen
 from camshaft.errors import ConfigError
-from camshaft.models.fold import fold_batchnorms
+from camshaft.models.fold import fold_graphs
 from camshaft.models.taps import TappedModel
 from camshaft.preprocess import Preprocess
 
@@ -152,13 +152,11 @@ def forward_fn(
             gm = fx.symbolic_trace(model)
         except Exception:  # noqa: BLE001 - any tracing failure: the model as it is
             return lambda x: (model(x), {})
-        fold_batchnorms(gm, memory_format=layout)
+        fold_graphs([gm], memory_format=layout)
         return lambda x: (gm(x), {})
     tapped = TappedModel(model, sorted(taps))
     if fold and tapped.traceable:
-        cache: dict = {}
-        for gm in (tapped.graph_module, tapped.leaf_module):
-            fold_batchnorms(gm, memory_format=layout, cache=cache)
+        fold_graphs([tapped.graph_module, tapped.leaf_module], memory_format=layout)
     return tapped
 
 

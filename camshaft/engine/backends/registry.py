@@ -21,7 +21,7 @@ from camshaft.exporters import onnx as onnx_export
 from camshaft.exporters import pt2 as pt2_export
 from camshaft.exporters import torchscript as ts_export
 from camshaft.exporters.metadata import ArtifactMeta
-from camshaft.models.fold import fold_batchnorms
+from camshaft.models.fold import fold_graphs
 from camshaft.models.onnx_graph import open_foreign
 from camshaft.models.prepared import prepare_model
 from camshaft.models.sources import ModelSource
@@ -110,11 +110,9 @@ def open_eager(
     if p.split is not None:
         split = (p.split.trunk.to(device), p.split.head.to(device))
     if fold:  # the graphs only: the model handed over keeps its layers
-        cache: dict = {}
         graphs = [tapped.graph_module, tapped.leaf_module] if tapped.traceable else []
         graphs += [part.gm for part in split or ()]  # the trunk and head of gradient methods
-        for gm in graphs:
-            fold_batchnorms(gm, memory_format=layout, cache=cache)
+        fold_graphs(graphs, memory_format=layout)
     info = dataclasses.replace(
         p.info, cam_weight=None if p.info.cam_weight is None else p.info.cam_weight.to(device)
     )
