@@ -1,14 +1,21 @@
-"""Preprocessing: original image -> model input, and the geometry to map explanations back."""
+"""Preprocessing: original image -> model input, and the geometry to map explanations back.
+
+Importing this module does not import torch (decode worker processes resize images with
+:func:`resize_rgb` and stay small); :func:`prepare` and :func:`normalize` import it when called.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from camshaft.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 RESIZE_MODES = ("stretch", "center-crop", "letterbox")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,8 +93,8 @@ def geometry(original_size: tuple[int, int], pre: Preprocess) -> Geometry:
     return Geometry((w0, h0), (ox, oy, ox + nw, oy + nh), (0, 0, w0, h0))
 
 
-def prepare(image: Image.Image, pre: Preprocess) -> tuple[torch.Tensor, Geometry]:
-    """Resize an RGB image for the model: uint8 tensor (3, H, W) and its geometry."""
+def resize_rgb(image: Image.Image, pre: Preprocess) -> tuple[np.ndarray, Geometry]:
+    """Resize an RGB image for the model: a writable uint8 array (H, W, 3) and its geometry."""
     h, w = pre.input_size
     geom = geometry(image.size, pre)
     if pre.resize == "letterbox":
@@ -97,12 +104,21 @@ def prepare(image: Image.Image, pre: Preprocess) -> tuple[torch.Tensor, Geometry
         out.paste(image.resize((cx1 - cx0, cy1 - cy0), Image.BILINEAR), (cx0, cy0))
     else:
         out = image.resize((w, h), Image.BILINEAR, box=geom.region)
-    array = np.asarray(out, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1), geom
+    return np.array(out, dtype=np.uint8), geom
+
+
+def prepare(image: Image.Image, pre: Preprocess) -> tuple[torch.Tensor, Geometry]:
+    """Resize an RGB image for the model: uint8 tensor (3, H, W) and its geometry."""
+    import torch
+
+    pixels, geom = resize_rgb(image, pre)
+    return torch.from_numpy(pixels).permute(2, 0, 1), geom
 
 
 def normalize(batch: torch.Tensor, pre: Preprocess, *, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 normalised input on ``device``."""
+    import torch
+
     x = batch.to(device, non_blocking=True).float().div_(255)
     mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)

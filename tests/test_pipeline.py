@@ -173,20 +173,21 @@ def camshaft_test_factory():
 def test_a_file_that_vanishes_mid_run_is_an_error_row(data, tmp_path, monkeypatch):
     import shutil
 
-    from camshaft.engine import explainer
+    from camshaft.data import workers
 
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
     victim = sorted(copy.rglob("*.*"))[-1]
-    real = explainer.load_rgb
+    real = workers.load_rgb
 
     def load_and_delete(path):
         if victim.exists():
             victim.unlink()  # gone after listing, before its turn
         return real(path)
 
-    monkeypatch.setattr(explainer, "load_rgb", load_and_delete)
-    summary = camshaft.explain(None, copy, out=tmp_path / "run", scheduler="sync", partition_size=5, workers=1, progress=False)
+    monkeypatch.setattr(workers, "load_rgb", load_and_delete)
+    summary = camshaft.explain(None, copy, out=tmp_path / "run", scheduler="sync", partition_size=5, workers=1, decode="threads",
+                               progress=False)
     table = camshaft.load_results(tmp_path / "run").table
     row = table[table["path"] == str(victim)].iloc[0]
     assert (row["status"], row["error"]) == ("error", "file not found")
@@ -232,42 +233,43 @@ def test_metrics_and_exemplars_gathered_in_the_pass_equal_the_later_computation(
     assert list(exemplars["index"]) == list(load_exemplars(later)["index"])
 
 
-def test_decode_threads_default_to_half_the_usable_cores_at_least_4(monkeypatch):
-    from camshaft.engine.job import decode_threads
+def test_decode_workers_default_to_all_usable_cores_but_one_at_least_2(monkeypatch):
+    from camshaft.data.workers import decoder
 
-    assert decode_threads(3) == 3  # as asked
+    assert decoder("threads", 3).workers == 3  # as asked
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    assert decode_threads(None) == 8  # two partitions run at once: 16 threads on 16 cores
+    assert decoder("threads", None).workers == 15  # one pool for all partitions; one core drives the device
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert decode_threads(None) == 4
+    assert decoder("threads", None).workers == 2
 
 
 def test_a_partition_reaches_the_device_before_all_of_it_is_decoded(data, tmp_path, monkeypatch):
     """Decoding runs ahead of the device: the first batch must not wait for the partition's last image."""
     import threading
 
+    from camshaft.data import workers
     from camshaft.data.sources import list_images
     from camshaft.engine.explainer import Explainer, build_explainer
     from camshaft.engine.job import ExplainJob
 
-    explainer = build_explainer(ExplainJob(None, data, tmp_path / "out", method="cam", batch_size=2, workers=2),
-                                workdir=tmp_path / "artifacts")
+    job = ExplainJob(None, data, tmp_path / "out", method="cam", batch_size=2, workers=2, decode="threads")
+    explainer = build_explainer(job, workdir=tmp_path / "artifacts")
     explainer.probe()
     records = list_images(data)[:6]
     batch_ran = threading.Event()
-    decode, explain_batch = Explainer._decode, Explainer._explain_batch
+    decode, explain_batch = workers.decode_resized, Explainer._explain_batch
 
-    def last_waits_for_a_batch(self, record, index):
-        if index == 5 and not batch_ran.wait(10):
+    def last_waits_for_a_batch(path, pre):
+        if path == records[5].path and not batch_ran.wait(10):
             raise AssertionError("the device waited for the whole partition to be decoded")
-        return decode(self, record, index)
+        return decode(path, pre)
 
     def batch_then_signal(self, batch, **kwargs):
         out = explain_batch(self, batch, **kwargs)
         batch_ran.set()
         return out
 
-    monkeypatch.setattr(Explainer, "_decode", last_waits_for_a_batch)
+    monkeypatch.setattr(workers, "decode_resized", last_waits_for_a_batch)
     monkeypatch.setattr(Explainer, "_explain_batch", batch_then_signal)
     out = explainer.explain(records, list(range(6)))
     assert [r["status"] for r in out.rows["cam"]] == ["ok"] * 6

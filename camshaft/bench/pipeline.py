@@ -70,6 +70,7 @@ def pipeline_workload(
             )
         shutil.rmtree(out, ignore_errors=True)
         attrs["stages"] = summary.stages  # the last run's: where a slow pipeline spends its time
+        attrs["decoding"] = summary.decoding
         if summary.failed:
             raise RuntimeError(f"pipeline benchmark: {summary.failed} images failed, e.g. {summary.errors[0]}")
         return float(summary.seconds)

@@ -70,7 +70,10 @@ def print_summary(s) -> None:
         + (f", the rest {'resumed' if s.mode == 'resume' else 'reused'} from earlier work" if s.explained < s.images else "")
     )
     if s.explained and any(s.stages.values()):  # where the time went, summed over the partitions
-        print("time in stages: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in s.stages.items()))
+        print(
+            f"time in stages (decoding in {s.decoding}): "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in s.stages.items())
+        )
     for path, reason in s.errors[:10]:
         print(f"  failed: {path}: {reason}")
     if len(s.errors) > 10:

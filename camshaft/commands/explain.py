@@ -11,6 +11,7 @@ HELP = "explain every image of a folder or manifest"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from camshaft.data.workers import DECODERS
     from camshaft.engine.backends import backend_names
     from camshaft.engine.backends.base import DTYPES
     from camshaft.engine.methods import method_names
@@ -31,7 +32,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (mixed precision)")
     p.add_argument("--batch-size", type=positive, default=32)
     p.add_argument(
-        "--workers", type=positive, help="decode threads per partition (default: half the usable cores, at least 4)"
+        "--workers", type=positive, help="decode workers, shared by the partitions (default: usable cores - 1, at least 2)"
+    )
+    p.add_argument(
+        "--decode",
+        choices=list(DECODERS),
+        default="auto",
+        help="decode in worker processes (the GPU's default: its driving thread keeps the GIL) or threads (CPU's)",
     )
     p.add_argument("--overlays", action="store_true", help="write one PNG overlay per image and target")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -127,6 +134,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         overlays=args.overlays,
         workers=args.workers,
+        decode=args.decode,
         progress=not args.no_progress,
         options=method_options(args, args.method),
         partition_size=args.partition_size,

@@ -2,7 +2,7 @@
 
 Knows nothing of Dask or files on disk beyond reading images: the pipeline hands it partitions.
 One ``Explainer`` per process holds the backend; a lock serialises device work so that several
-partitions can decode in parallel while one computes.
+partitions can decode (in a pool of worker processes they share) while one computes.
 """
 
 from __future__ import annotations
@@ -12,24 +12,23 @@ import itertools
 import threading
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from camshaft.data.decode import load_rgb
 from camshaft.data.sources import ImageRecord
+from camshaft.data.workers import Decoder, Resized, decoder
 from camshaft.engine.backends import Backend, backend_factory
 from camshaft.engine.backends.base import TAP_GRADIENTS, resolve_device, resolve_dtype
-from camshaft.engine.job import ExplainJob, decode_threads
+from camshaft.engine.job import ExplainJob
 from camshaft.engine.methods import Method, check_backend, get_method
 from camshaft.engine.postprocess import map_stats
 from camshaft.engine.shared import SharedBatch
 from camshaft.engine.targets import Targets, class_index
-from camshaft.errors import CamshaftError
 from camshaft.models.sources import ModelSource, resolve_model
-from camshaft.preprocess import Geometry, Preprocess, normalize, prepare
+from camshaft.preprocess import Geometry, Preprocess, normalize
 
 
 @dataclass
@@ -79,6 +78,7 @@ class Explainer:
     backend: Backend
     runs: list[MethodRun]
     targets: Targets
+    decoder: Decoder
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     metric_specs: tuple = ()  # faithfulness curves to compute in the same pass
     exemplar_specs: tuple = ()  # taps (and channels) whose top images to gather in the same pass
@@ -93,7 +93,7 @@ class Explainer:
         return self.backend.info.preprocess
 
     def explain(self, records: list[ImageRecord], indices: list[int]) -> PartitionOutput:
-        """Decode ``records`` on threads and explain them in batches on the device as they arrive.
+        """Decode ``records`` in the decode pool and explain them in batches on the device as they arrive.
 
         Decoding runs ahead while a batch is on the device: each batch starts as soon as its own
         images are decoded, not after the whole partition. The device takes one batch at a time
@@ -113,8 +113,10 @@ class Explainer:
         # for the device (the other partition holds it)
         stages = dict.fromkeys(STAGES[:3], 0.0)
         clock = time.perf_counter
-        with ThreadPoolExecutor(decode_threads(self.job.workers)) as pool:
-            arriving = pool.map(self._decode, records, indices)  # all submitted now, yielded in order
+        readable = [r.path for r in records if not r.error]  # all queued now, yielded in order
+        resized = self.decoder.map(readable, self.preprocess)
+        arriving = (self._decoded(r, i, resized) for r, i in zip(records, indices, strict=True))
+        try:
             while True:
                 t0 = clock()
                 batch = list(itertools.islice(arriving, self.job.batch_size))
@@ -137,6 +139,8 @@ class Explainer:
                         maps[name][position[index]] = m
                 for index, t in batch_targets.items():
                     targets[position[index]] = t
+        finally:
+            resized.close()  # on an error, the partition's images still queued are dropped
         ordered = {name: [by_index[d.index] for d in decoded] for name, by_index in rows.items()}
         tables = {name: _concat(parts) for name, parts in metrics.items()} if self.metric_specs else {}
         exemplars = collector.table() if collector is not None else None
@@ -156,6 +160,7 @@ class Explainer:
                 r.map_shape = tuple(maps.shape[1:])
         if self.backend.device.type == "cuda":
             self._warm_up()
+        self.decoder.start()
 
     def _black_batch(self, n: int) -> list:
         """Every method's ``(maps, output)`` for ``n`` black images, targets class 0 (caller holds the lock)."""
@@ -178,15 +183,15 @@ class Explainer:
         if out_of_memory:  # outside the handler: its traceback no longer holds the tensors
             torch.cuda.empty_cache()
 
-    def _decode(self, record: ImageRecord, index: int) -> Decoded:
+    @staticmethod
+    def _decoded(record: ImageRecord, index: int, resized: Iterator[Resized]) -> Decoded:
+        """The record's image from the decode pool (whose results follow the readable records)."""
         if record.error:
             return Decoded(record, index, error=record.error)
-        try:
-            image = load_rgb(record.path)
-        except CamshaftError as e:
-            return Decoded(record, index, error=str(e))
-        tensor, geom = prepare(image, self.preprocess)
-        return Decoded(record, index, tensor, geom)
+        r = next(resized)
+        if r.error:
+            return Decoded(record, index, error=r.error)
+        return Decoded(record, index, torch.from_numpy(r.pixels).permute(2, 0, 1), r.geometry)
 
     def _label(self, d: Decoded) -> int | None:
         info = self.backend.info
@@ -301,7 +306,10 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
         for r in runs:
             check_backend(r.method, backend, tap=r.tap)
     targets = Targets.parse(job.targets, class_names=info.class_names, num_classes=info.num_classes)
-    return Explainer(job, source, backend, runs, targets, metric_specs=job.metric_specs(), exemplar_specs=exemplar_specs)
+    return Explainer(
+        job, source, backend, runs, targets, decoder(job.decode, job.workers, device=str(device)),
+        metric_specs=job.metric_specs(), exemplar_specs=exemplar_specs,
+    )
 
 
 class BackOff:

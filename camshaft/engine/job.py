@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from camshaft.data.workers import DECODERS
 from camshaft.engine.backends.base import DTYPES, backend_names
 from camshaft.engine.methods import get_method, method_names
 from camshaft.errors import ConfigError
@@ -32,7 +32,8 @@ class ExplainJob:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     resize: str | None = None
-    workers: int | None = None  # decode threads per partition (None: see `decode_threads`)
+    workers: int | None = None  # decode workers, shared by the partitions (None: see `default_workers`)
+    decode: str = "auto"  # processes | threads | auto (processes for a GPU): see camshaft.data.workers
     options: dict = field(default_factory=dict)  # the method's options (see `Method.options`)
     partition_size: int = 256  # images per Dask task and per shard
     scheduler: str = "threads"  # threads | sync | a dask.distributed scheduler address
@@ -61,6 +62,8 @@ class ExplainJob:
             problems.append(f"batch size must be at least 1, received {self.batch_size}")
         if self.workers is not None and self.workers < 1:
             problems.append(f"workers must be at least 1, received {self.workers}")
+        if self.decode not in DECODERS:
+            problems.append(f"unknown decode {self.decode!r} (choose from {', '.join(DECODERS)})")
         if self.partition_size < 1:
             problems.append(f"partition size must be at least 1, received {self.partition_size}")
         problems += self._check_extras()
@@ -108,15 +111,3 @@ class ExplainJob:
 
     def preprocess_overrides(self) -> dict:
         return {"input_size": self.input_size, "mean": self.mean, "std": self.std, "resize": self.resize}
-
-
-def decode_threads(workers: int | None) -> int:
-    """Decode threads per partition: as asked, else half the usable cores (two partitions run at
-    once, one decoding while the other holds the device), at least 4."""
-    if workers is not None:
-        return workers
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(4, cores // 2)

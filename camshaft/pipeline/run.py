@@ -45,6 +45,7 @@ class RunSummary:
     result_dirs: list[Path] = field(default_factory=list)  # one run directory per method
     # seconds per stage summed over this run's partitions (they overlap): see explainer.STAGES
     stages: dict[str, float] = field(default_factory=dict)
+    decoding: str = ""  # who decoded the images, e.g. "15 processes"
 
     @property
     def images_per_second(self) -> float:
@@ -146,6 +147,7 @@ def _execute(state: RunState, job: ExplainJob, explainer: Explainer, records, mo
     return RunSummary(
         state.out, len(statuses), len(statuses) - len(errors), len(errors), seconds, "+".join(names), first.tap,
         explainer.backend.name, mode, explained, errors, [state.method_dir(n) for n in names], stages,
+        f"{explainer.decoder.workers} {explainer.decoder.kind}",
     )
 
 

@@ -1,0 +1,162 @@
+"""Decode and resize images off the device thread: in worker processes (the default) or threads.
+
+Threads of one process share the GIL. Pillow parses a JPEG's markers in Python, so decode threads
+hold the GIL for part of every image, and the thread that drives the device gives the GIL up on
+every operator it launches and must win it back after. On this project's 2-core test machine, 16
+decode threads slowed a loop of small torch operators 77-fold and 4 threads 10-fold, where 4
+decode *processes* (which add only CPU contention) slowed it 2.8-fold. That is the regime of a
+GPU run, whose device thread launches hundreds of small operators per batch, so a GPU run decodes
+in processes (``auto``). The processes import neither torch nor the model: they return uint8
+arrays. A CPU run decodes in threads: its device thread spends its time inside long operators,
+which give the GIL up, and threads skip the copies between processes (3-5% faster there).
+
+The pools are shared by every partition of a process (and by later runs in it: a bench or a
+notebook starts them once), so the worker count is a total, not per partition. Inside a daemonic
+process, such as a dask.distributed worker, which may not start children, decoding uses threads.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from itertools import repeat
+
+import numpy as np
+
+from camshaft.data.decode import load_rgb
+from camshaft.errors import CamshaftError, ImageDecodeError
+from camshaft.preprocess import Geometry, Preprocess, resize_rgb
+
+__all__ = ["DECODERS", "Decoder", "Resized", "decode_resized", "decoder", "default_workers", "usable_cores"]
+
+DECODERS = ("auto", "processes", "threads")
+CHUNK = 4  # images per message to a worker process: fewer round trips, still several workers per batch
+
+
+@dataclass(frozen=True)
+class Resized:
+    """One image ready for the model, or the reason it is not."""
+
+    pixels: np.ndarray | None = None  # (H, W, 3) uint8
+    geometry: Geometry | None = None
+    error: str | None = None
+
+
+def decode_resized(path: str, pre: Preprocess) -> Resized:
+    """Decode one file and resize it for the model; a bad file gives its reason, never raises."""
+    try:
+        image = load_rgb(path)
+    except ImageDecodeError as e:
+        return Resized(error=str(e))
+    pixels, geom = resize_rgb(image, pre)
+    return Resized(pixels, geom)
+
+
+def _ready() -> int:
+    """A worker's first task: importing this module (to unpickle it) readies the worker for images."""
+    return os.getpid()
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """All usable cores but one (the device thread's), at least 2."""
+    return max(2, usable_cores() - 1)
+
+
+class Decoder:
+    """An ordered, streaming ``map`` of :func:`decode_resized` over a shared pool."""
+
+    def __init__(self, kind: str, workers: int, *, device: str = "cpu"):
+        if kind not in DECODERS:
+            raise CamshaftError(f"unknown decoder {kind!r} (choose from {', '.join(DECODERS)})")
+        if kind == "auto":
+            kind = "processes" if str(device).startswith("cuda") else "threads"
+        if kind == "processes" and multiprocessing.current_process().daemon:
+            kind = "threads"  # a daemonic process (a dask.distributed worker) may not have children
+        self.kind, self.workers = kind, workers
+
+    def start(self) -> None:
+        """Start the pool and its workers now (before a run's clock), not on the first image."""
+        pool = _pool(self.kind, self.workers)
+        if self.kind == "processes":  # a process pool starts one worker per task submitted while none is idle
+            try:
+                for future in [pool.submit(_ready) for _ in range(self.workers)]:
+                    future.result()
+            except BrokenProcessPool as e:
+                _drop(self.kind, self.workers)
+                raise CamshaftError(
+                    "the decode worker processes could not start. Worker processes import the main module: "
+                    "a script that calls camshaft must do so under `if __name__ == \"__main__\":`. Or decode "
+                    "in threads (decode=\"threads\", --decode threads)"
+                ) from e
+
+    def map(self, paths: Sequence[str], pre: Preprocess) -> Iterator[Resized]:
+        """Every path decoded and resized, in order, each yielded as soon as it and those before it are.
+
+        Every image is queued now, so a pool shared by partitions decodes them first come, first served.
+        """
+        pool = _pool(self.kind, self.workers)
+        chunk = {"chunksize": CHUNK} if self.kind == "processes" else {}
+        try:
+            results = pool.map(decode_resized, paths, repeat(pre), **chunk)
+        except BrokenProcessPool as e:
+            raise self._died() from e
+        return self._guarded(results)
+
+    def _guarded(self, results: Iterator[Resized]) -> Iterator[Resized]:
+        try:
+            yield from results
+        except BrokenProcessPool as e:
+            raise self._died() from e
+
+    def _died(self) -> CamshaftError:
+        _drop(self.kind, self.workers)  # the next run starts a fresh pool
+        return CamshaftError(
+            "a decode worker process died (killed, out of memory, or crashed in an image decoder); finished "
+            "partitions are kept: rerun the same command to resume, or decode in threads (--decode threads)"
+        )
+
+
+_POOLS: dict[tuple[str, int], Executor] = {}
+_LOCK = threading.Lock()
+
+
+def decoder(kind: str, workers: int | None, *, device: str = "cpu") -> Decoder:
+    """The decoder of ``kind`` for ``device`` with ``workers`` workers (None: :func:`default_workers`)."""
+    return Decoder(kind, workers or default_workers(), device=device)
+
+
+def _pool(kind: str, workers: int) -> Executor:
+    with _LOCK:
+        pool = _POOLS.get((kind, workers))
+        if pool is None:
+            if kind == "processes":
+                pool = ProcessPoolExecutor(workers, mp_context=_context())
+            else:
+                pool = ThreadPoolExecutor(workers, thread_name_prefix="camshaft-decode")
+            _POOLS[(kind, workers)] = pool
+        return pool
+
+
+def _drop(kind: str, workers: int) -> None:
+    with _LOCK:
+        pool = _POOLS.pop((kind, workers), None)
+    if pool is not None:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _context():
+    """forkserver where there is one: forking a process that runs threads (Dask's, CUDA's) is unsafe."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
