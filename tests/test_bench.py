@@ -129,8 +129,9 @@ def test_a_backend_that_cannot_serve_a_method_is_skipped_with_the_reason():
 
 def test_settings_collect_every_problem():
     with pytest.raises(ConfigError) as e:
-        BenchSettings(models=("nonsense",), methods=("nope",), batch_sizes=(0,), targets=("label",))
+        BenchSettings(models=("nonsense",), methods=("nope",), batch_sizes=(0,), targets=("label",), decode="gpu")
     for part in (
+        "unknown decode 'gpu'; valid: auto, processes, threads",
         "unknown model 'nonsense'",
         "unknown methods ['nope']",
         "batch sizes must be positive",
@@ -263,7 +264,7 @@ def test_a_tiny_quick_run_prints_a_table_and_saves_json(capsys, tmp_path):
     assert data["complete"] is True and "INCOMPLETE" not in out
 
 
-def test_pipeline_batches_flag_sets_the_images_per_pipeline_run():
+def test_pipeline_flags_set_the_images_per_pipeline_run_and_the_decoders():
     from camshaft.cli import build_parser
     from camshaft.commands.bench import settings_from
 
@@ -272,6 +273,8 @@ def test_pipeline_batches_flag_sets_the_images_per_pipeline_run():
 
     assert parse("bench", "--quick", "--pipeline", "--pipeline-batches", "5").pipeline_batches == 5
     assert parse("bench", "--quick", "--pipeline").pipeline_batches == 2  # the quick preset's
+    assert parse("bench", "--quick", "--pipeline", "--decode", "processes").decode == "processes"
+    assert parse("bench", "--quick").decode == "auto"
 
 
 def test_a_run_stopped_part_way_leaves_the_groups_it_measured(capsys, monkeypatch, tmp_path):

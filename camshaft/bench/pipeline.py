@@ -39,7 +39,16 @@ def jpeg_size(input_size: tuple[int, int]) -> int:
 
 
 def pipeline_workload(
-    case: Case, *, model: str, weights: Path | None, data: Path, n: int, workdir: Path, device: str, dtype: str
+    case: Case,
+    *,
+    model: str,
+    weights: Path | None,
+    data: Path,
+    n: int,
+    workdir: Path,
+    device: str,
+    dtype: str,
+    decode: str = "auto",
 ) -> Workload:
     """``camshaft.explain`` of the ``n`` images in ``data`` for ``case``; each call writes a fresh folder."""
     method = get_method(case.method)
@@ -66,6 +75,7 @@ def pipeline_workload(
                 partition_size=4 * case.group.batch,  # several partitions: decoding overlaps compute as at scale
                 input_size=case.group.input_size,
                 options=options,
+                decode=decode,
                 progress=False,
             )
         shutil.rmtree(out, ignore_errors=True)

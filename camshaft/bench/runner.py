@@ -313,6 +313,7 @@ def pipeline_workloads(mb: ModelBench, group: Group, ready: list[Case]) -> list[
                 workdir=mb.workdir / "runs",
                 device=mb.settings.device,
                 dtype=mb.settings.dtype,
+                decode=mb.settings.decode,
             )
         )
     return out

@@ -34,6 +34,7 @@ class BenchSettings:
     peers: bool = True  # time peer libraries that are installed
     pipeline: bool = False  # also time decode + explain + write on generated JPEGs
     pipeline_batches: int = 16  # images per pipeline run = this × batch size (partitions of 4 batches)
+    decode: str = "auto"  # the pipeline's decoders: auto (explain's default) | processes | threads
     actmax: bool = False  # also time activation maximization (N classes at once) against its limit
     actmax_classes: int = 8
     actmax_size: int = 128
@@ -80,6 +81,7 @@ class BenchSettings:
 
 def _problems(s: BenchSettings) -> list[str]:
     """Every invalid field, each saying what was received and the valid choices."""
+    from camshaft.data.workers import DECODERS
     from camshaft.engine.backends import backend_names
     from camshaft.engine.backends.base import DTYPES, resolve_device
     from camshaft.engine.methods import method_names
@@ -105,6 +107,8 @@ def _problems(s: BenchSettings) -> list[str]:
     for name in ("pipeline_batches", "actmax_classes", "actmax_steps"):
         if getattr(s, name) < 1:
             problems.append(f"{name.replace('_', ' ')} must be at least 1, received {getattr(s, name)}")
+    if s.decode not in DECODERS:
+        problems.append(f"unknown decode {s.decode!r}; valid: {', '.join(DECODERS)}")
     if s.actmax_size < 16:
         problems.append(f"actmax size must be at least 16 pixels, received {s.actmax_size}")
     try:

@@ -62,6 +62,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="images per pipeline run, in batches (default: 16; quick: 2); a fast GPU needs more to amortize the start",
     )
     p.add_argument(
+        "--decode",
+        choices=["auto", "processes", "threads"],
+        help="the pipeline's decoders (default: auto, as camshaft explain: processes on a GPU, threads on a CPU)",
+    )
+    p.add_argument(
         "--actmax", action="store_true", help="also time activation maximization (N classes at once) against its limit"
     )
     p.add_argument("--repeats", type=positive, help="timed rounds (default: 3; quick: 2)")
@@ -100,6 +105,7 @@ def settings_from(args):
         peers=args.peers,
         pipeline=args.pipeline or None,
         pipeline_batches=args.pipeline_batches,
+        decode=args.decode,
         actmax=args.actmax or None,
         timing=timing,
     )
