@@ -115,11 +115,17 @@ def prepare(image: Image.Image, pre: Preprocess) -> tuple[torch.Tensor, Geometry
     return torch.from_numpy(pixels).permute(2, 0, 1), geom
 
 
-def normalize(batch: torch.Tensor, pre: Preprocess, *, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float32 normalised input on ``device``."""
+def normalize(
+    batch: torch.Tensor, pre: Preprocess, *, device: torch.device | str = "cpu", memory_format: torch.memory_format | None = None
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 normalised input on ``device``, in ``memory_format`` (default: contiguous).
+
+    The batch goes to the device in its own layout (a (B, H, W, 3) buffer viewed as NCHW is copied
+    as one block) and changes layout there, where that is cheap.
+    """
     import torch
 
     x = batch.to(device, non_blocking=True).float().div_(255)
     mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    return x.sub_(mean).div_(std).contiguous(memory_format=memory_format or torch.contiguous_format)

@@ -88,3 +88,17 @@ def test_back_off_gives_up_at_one_image():
 
     with pytest.raises(torch.OutOfMemoryError), pytest.warns(UserWarning):
         BackOff(fn)([1, 2])
+
+
+def test_normalize_takes_a_channels_last_view_and_returns_the_layout_asked_for():
+    """The explainer uploads decoded (B, H, W, 3) pixels as one block and changes layout after."""
+    pre = Preprocess((5, 7), mean=(0.1, 0.5, 0.9), std=(0.2, 0.3, 0.4))
+    nhwc = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    view = nhwc.permute(0, 3, 1, 2)  # NCHW indices over NHWC memory
+    expected = (view.contiguous().float() / 255 - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
+    plain = normalize(view, pre)
+    assert plain.is_contiguous()
+    torch.testing.assert_close(plain, expected, rtol=1e-6, atol=1e-6)
+    cl = normalize(view, pre, memory_format=torch.channels_last)
+    assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
+    torch.testing.assert_close(cl, expected, rtol=1e-6, atol=1e-6)

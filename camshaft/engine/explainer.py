@@ -35,7 +35,7 @@ from camshaft.preprocess import Geometry, Preprocess, normalize
 class Decoded:
     record: ImageRecord
     index: int
-    tensor: torch.Tensor | None = None  # uint8 (3, H, W)
+    pixels: np.ndarray | None = None  # uint8 (H, W, 3)
     geometry: Geometry | None = None
     error: str | None = None
 
@@ -191,7 +191,7 @@ class Explainer:
         r = next(resized)
         if r.error:
             return Decoded(record, index, error=r.error)
-        return Decoded(record, index, torch.from_numpy(r.pixels).permute(2, 0, 1), r.geometry)
+        return Decoded(record, index, r.pixels, r.geometry)
 
     def _label(self, d: Decoded) -> int | None:
         info = self.backend.info
@@ -214,7 +214,9 @@ class Explainer:
             labels = torch.tensor([self._label(d) for d in good], dtype=torch.long)
         if not good:
             return {r.name: dict(rows) for r in self.runs}, {}, {}, {}
-        x = normalize(torch.stack([d.tensor for d in good]), self.preprocess, device=self.backend.device)
+        # stacked as stored (one copy, no gather), uploaded as is; NCHW is a view with channels-last strides
+        pixels = torch.from_numpy(np.stack([d.pixels for d in good])).permute(0, 3, 1, 2)
+        x = normalize(pixels, self.preprocess, device=self.backend.device, memory_format=self.backend.memory_format)
         shared = SharedBatch(self.backend, x, self.targets.selector(labels), gradients=self.gradients)
         results = {r.name: r.method.run(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs}
         out = next(iter(results.values()))[1]

@@ -51,6 +51,7 @@ class Backend(Protocol):
     info: ModelInfo
     device: torch.device
     capabilities: frozenset[str]
+    memory_format: torch.memory_format  # the input layout the backend runs on (channels-last or contiguous)
 
     def forward(self, x: torch.Tensor) -> Output:
         """Logits and taps of a normalised float batch (B, 3, H, W)."""

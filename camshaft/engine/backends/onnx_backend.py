@@ -80,6 +80,7 @@ def open_session(model, device: torch.device, *, threads: int | None = None):
 
 class OnnxBackend:
     name = "onnxruntime"
+    memory_format = torch.contiguous_format  # sessions take C-contiguous arrays
 
     def __init__(
         self, session, info: ModelInfo, *, head: torch.nn.Module | None, device: torch.device, tap_outputs: dict[str, str]
