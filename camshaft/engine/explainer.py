@@ -130,6 +130,7 @@ class Explainer:
                     stages["explaining"] += clock() - t2
                 stages["waiting_for_decode"] += t1 - t0
                 stages["waiting_for_device"] += t2 - t1
+                self._add_map_stats(batch, batch_rows, batch_maps)  # host work: the device is free for others
                 for name, parts in batch_metrics.items():
                     metrics[name].extend(parts)
                 for name, by_index in batch_rows.items():
@@ -241,9 +242,7 @@ class Explainer:
         for name, (maps, _) in results.items():
             maps_np = maps.detach().float().cpu().numpy()
             all_maps[name] = {d.index: maps_np[i] for i, d in enumerate(good)}
-            all_rows[name] = {d.index: dict(rows[d.index]) for d in batch}
-            for i, d in enumerate(good):
-                all_rows[name][d.index].update(map_stats(maps_np[i], d.geometry, self.preprocess.input_size))
+            all_rows[name] = {d.index: dict(rows[d.index]) for d in batch}  # map statistics: `_add_map_stats`
             if self.metric_specs:
                 from camshaft.report.metrics import metric_rows
 
@@ -251,6 +250,14 @@ class Explainer:
         if exemplars is not None:  # last: a batch retried after out-of-memory is never counted twice
             exemplars.update(shared.forward(x).taps, ids)
         return all_rows, all_maps, {d.index: targets_np[i] for i, d in enumerate(good)}, all_metrics
+
+
+    def _add_map_stats(self, batch: list[Decoded], rows: dict, maps: dict) -> None:
+        """Each explained image's map statistics into its row (after the batch gave the device back)."""
+        geometries = {d.index: d.geometry for d in batch}
+        for name, by_index in maps.items():
+            for index, m in by_index.items():
+                rows[name][index].update(map_stats(m, geometries[index], self.preprocess.input_size))
 
 
 def base_row(d: Decoded) -> dict:
