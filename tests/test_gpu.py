@@ -104,6 +104,20 @@ def test_every_backend_on_the_device_gives_the_cpus_maps(backend, data, on_cpu, 
     assert not cuda or torch.cuda.max_memory_allocated() > 0  # the work ran on the GPU
 
 
+def test_partitions_sharing_the_device_give_what_one_partition_at_a_time_gives(data, tmp_path, no_tf32):
+    """Concurrent partitions queue batches while earlier results are still on their way to the host
+    (pinned copies, collected a batch later), and images come from worker processes on a GPU."""
+    methods = ["cam", "gradcam"]
+    one = _explain(data, tmp_path / "sync", methods, device=DEVICE)
+    kw = dict(method=methods, targets=TARGETS, batch_size=2, partition_size=3, progress=False, device=DEVICE)
+    summary = camshaft.explain(None, data, out=tmp_path / "threads", decode="processes", **kw)
+    assert summary.decoding.endswith("processes") and summary.ok == 12
+    for m in methods:
+        got = camshaft.load_results(tmp_path / "threads" / m)
+        assert [list(c) for c in got.table["top5_classes"]] == [list(c) for c in one[m].table["top5_classes"]]
+        np.testing.assert_allclose(got.maps[:], one[m].maps[:], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_mixed_precision_maps_stay_close_to_float32(dtype, data, tmp_path):
     methods = ["cam", "gradcam"]

@@ -257,7 +257,7 @@ def test_a_partition_reaches_the_device_before_all_of_it_is_decoded(data, tmp_pa
     explainer.probe()
     records = list_images(data)[:6]
     batch_ran = threading.Event()
-    decode, explain_batch = workers.decode_resized, Explainer._explain_batch
+    decode, launch = workers.decode_resized, Explainer._launch
 
     def last_waits_for_a_batch(path, pre):
         if path == records[5].path and not batch_ran.wait(10):
@@ -265,12 +265,12 @@ def test_a_partition_reaches_the_device_before_all_of_it_is_decoded(data, tmp_pa
         return decode(path, pre)
 
     def batch_then_signal(self, batch, **kwargs):
-        out = explain_batch(self, batch, **kwargs)
+        out = launch(self, batch, **kwargs)
         batch_ran.set()
         return out
 
     monkeypatch.setattr(workers, "decode_resized", last_waits_for_a_batch)
-    monkeypatch.setattr(Explainer, "_explain_batch", batch_then_signal)
+    monkeypatch.setattr(Explainer, "_launch", batch_then_signal)
     out = explainer.explain(records, list(range(6)))
     assert [r["status"] for r in out.rows["cam"]] == ["ok"] * 6
     assert [r["path"] for r in out.rows["cam"]] == [r.path for r in records]  # in the records' order

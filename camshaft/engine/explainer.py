@@ -58,6 +58,21 @@ class PartitionOutput:
 
 
 @dataclass
+class Launched:
+    """A batch whose device work is queued and whose results are on their way to the host."""
+
+    batch: list[Decoded]
+    good: list[Decoded]  # the ones explained (decoded, and with a label where the targets need one)
+    rows: dict[int, dict]  # base rows by index
+    targets: torch.Tensor | None = None  # (n, K); these four are host tensors, valid once `ready` is reached
+    top_classes: torch.Tensor | None = None  # (n, 5)
+    top_scores: torch.Tensor | None = None
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # method -> (n, K, h, w) float32
+    metrics: dict[str, list] = field(default_factory=dict)  # method -> faithfulness frames (computed)
+    ready: torch.cuda.Event | None = None  # recorded after the copies on a GPU; None: already on the host
+
+
+@dataclass
 class MethodRun:
     """One method of a job: where it reads (tap), its options, the shape of its maps."""
 
@@ -97,7 +112,8 @@ class Explainer:
 
         Decoding runs ahead while a batch is on the device: each batch starts as soon as its own
         images are decoded, not after the whole partition. The device takes one batch at a time
-        (``self.lock``), so concurrent partitions interleave batches. ``indices`` are the records'
+        (``self.lock``), so concurrent partitions interleave batches; a batch's results are
+        collected after the next batch is queued, so that on a GPU the device never waits for the host. ``indices`` are the records'
         rows in the run; outputs follow the order of ``records``.
         """
         n, k = len(records), self.targets.k
@@ -107,7 +123,7 @@ class Explainer:
         rows: dict[str, dict[int, dict]] = {r.name: {} for r in self.runs}
         metrics: dict[str, list] = {r.name: [] for r in self.runs}
         collector = self._exemplar_collector()  # per call: partitions may run concurrently
-        backoff = BackOff(functools.partial(self._explain_batch, exemplars=collector))
+        backoff = BackOff(functools.partial(self._launch, exemplars=collector))
         decoded: list[Decoded] = []
         # where this partition's time went: a run decode-bound waits for decode, a device-bound one
         # for the device (the other partition holds it)
@@ -116,6 +132,14 @@ class Explainer:
         readable = [r.path for r in records if not r.error]  # all queued now, yielded in order
         resized = self.decoder.map(readable, self.preprocess)
         arriving = (self._decoded(r, i, resized) for r, i in zip(records, indices, strict=True))
+        pending: list[Launched] = []  # the previous batch: collected once the next one is queued behind it
+
+        def collect() -> None:
+            t = clock()
+            for part in pending:
+                self._absorb(self._collect(part), rows, maps, targets, metrics, position)
+            stages["explaining"] += clock() - t  # the device's work, up to its results on the host
+
         try:
             while True:
                 t0 = clock()
@@ -126,26 +150,33 @@ class Explainer:
                 decoded += batch
                 with self.lock:
                     t2 = clock()
-                    batch_rows, batch_maps, batch_targets, batch_metrics = backoff(batch)
+                    launched = backoff(batch)  # one part per out-of-memory split
                     stages["explaining"] += clock() - t2
                 stages["waiting_for_decode"] += t1 - t0
                 stages["waiting_for_device"] += t2 - t1
-                self._add_map_stats(batch, batch_rows, batch_maps)  # host work: the device is free for others
-                for name, parts in batch_metrics.items():
-                    metrics[name].extend(parts)
-                for name, by_index in batch_rows.items():
-                    rows[name].update(by_index)
-                for name, by_index in batch_maps.items():
-                    for index, m in by_index.items():
-                        maps[name][position[index]] = m
-                for index, t in batch_targets.items():
-                    targets[position[index]] = t
+                collect()
+                pending = launched
+            collect()
         finally:
             resized.close()  # on an error, the partition's images still queued are dropped
         ordered = {name: [by_index[d.index] for d in decoded] for name, by_index in rows.items()}
         tables = {name: _concat(parts) for name, parts in metrics.items()} if self.metric_specs else {}
         exemplars = collector.table() if collector is not None else None
         return PartitionOutput(ordered, maps, targets, tables, exemplars, stages)
+
+    @staticmethod
+    def _absorb(collected, rows: dict, maps: dict, targets: np.ndarray, metrics: dict, position: dict) -> None:
+        """One collected batch into the partition's rows, maps, targets and metrics."""
+        batch_rows, batch_maps, batch_targets, batch_metrics = collected
+        for name, parts in batch_metrics.items():
+            metrics[name].extend(parts)
+        for name, by_index in batch_rows.items():
+            rows[name].update(by_index)
+        for name, by_index in batch_maps.items():
+            for index, m in by_index.items():
+                maps[name][position[index]] = m
+        for index, t in batch_targets.items():
+            targets[position[index]] = t
 
     def _exemplar_collector(self):
         if not self.exemplar_specs:
@@ -198,10 +229,11 @@ class Explainer:
         info = self.backend.info
         return None if d.record.label is None else class_index(d.record.label, class_names=info.class_names, num_classes=info.num_classes)
 
-    def _explain_batch(self, batch: list[Decoded], *, exemplars=None):
-        """One device batch, every method on one shared forward.
+    def _launch(self, batch: list[Decoded], *, exemplars=None) -> list[Launched]:
+        """Queue one batch's device work, every method on one shared forward (the caller holds the lock).
 
-        Returns rows {method: {index: row}}, maps {method: {index: (K, h, w)}}, targets {index: (K,)}.
+        On a GPU the input goes up from pinned memory and the results come down into it without
+        waiting, so the next batch can be queued while this one computes: ``_collect`` waits.
         """
         rows = {d.index: base_row(d) for d in batch}
         good = [d for d in batch if d.error is None]
@@ -214,18 +246,52 @@ class Explainer:
             good = [d for d in good if self._label(d) is not None]
             labels = torch.tensor([self._label(d) for d in good], dtype=torch.long)
         if not good:
-            return {r.name: dict(rows) for r in self.runs}, {}, {}, {}
-        # stacked as stored (one copy, no gather), uploaded as is; NCHW is a view with channels-last strides
-        pixels = torch.from_numpy(np.stack([d.pixels for d in good])).permute(0, 3, 1, 2)
-        x = normalize(pixels, self.preprocess, device=self.backend.device, memory_format=self.backend.memory_format)
+            return [Launched(batch, good, rows)]
+        device = self.backend.device
+        cuda = device.type == "cuda"
+        # stacked as stored (one copy, no gather) and uploaded as one block; NCHW is a channels-last view of it
+        pixels = torch.empty((len(good), *good[0].pixels.shape), dtype=torch.uint8, pin_memory=cuda)
+        np.stack([d.pixels for d in good], out=pixels.numpy())
+        x = normalize(pixels.permute(0, 3, 1, 2), self.preprocess, device=device, memory_format=self.backend.memory_format)
         shared = SharedBatch(self.backend, x, self.targets.selector(labels), gradients=self.gradients)
         results = {r.name: r.method.run(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs}
         out = next(iter(results.values()))[1]
-        targets_np = out.targets.cpu().numpy().astype(np.int32)
         probs = torch.softmax(out.logits, dim=-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)
-        # one copy to the host per batch, not a device sync per image and field
-        top_classes, top_scores = top.indices.cpu().tolist(), top.values.cpu().tolist()
+
+        def host(t: torch.Tensor) -> torch.Tensor:  # one copy per batch and field, not a sync per image
+            return t.detach().to("cpu", non_blocking=True)  # into pinned memory from a GPU
+
+        launched = Launched(
+            batch, good, rows, host(out.targets), host(top.indices), host(top.values),
+            {name: host(maps.float()) for name, (maps, _) in results.items()},
+        )
+        ids = [d.index for d in good]
+        if self.metric_specs:
+            from camshaft.report.metrics import metric_rows
+
+            for name, (maps, _) in results.items():
+                launched.metrics[name] = [metric_rows(self.backend, x, maps, out.targets, ids, specs=self.metric_specs)]
+        if exemplars is not None:  # last: a batch retried after out-of-memory is never counted twice
+            exemplars.update(shared.forward(x).taps, ids)
+        if cuda:
+            launched.ready = torch.cuda.Event()
+            launched.ready.record()
+        return [launched]
+
+    def _collect(self, launched: Launched):
+        """Wait for a launched batch's results (the device is free for others meanwhile) and tabulate them.
+
+        Returns rows {method: {index: row}}, maps {method: {index: (K, h, w)}}, targets {index: (K,)}
+        and metrics {method: [frames]}.
+        """
+        batch, good, rows = launched.batch, launched.good, launched.rows
+        if not good:
+            return {r.name: dict(rows) for r in self.runs}, {}, {}, {}
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        targets_np = launched.targets.numpy().astype(np.int32)
+        top_classes, top_scores = launched.top_classes.tolist(), launched.top_scores.tolist()
         names = self.backend.info.class_names
         for i, d in enumerate(good):
             t = targets_np[i].tolist()
@@ -237,28 +303,15 @@ class Explainer:
                 targets=t,
                 target_names=[names[c] for c in t] if names else None,
             )
-        all_rows, all_maps, all_metrics = {}, {}, {}
-        ids = [d.index for d in good]
-        for name, (maps, _) in results.items():
-            maps_np = maps.detach().float().cpu().numpy()
-            all_maps[name] = {d.index: maps_np[i] for i, d in enumerate(good)}
-            all_rows[name] = {d.index: dict(rows[d.index]) for d in batch}  # map statistics: `_add_map_stats`
-            if self.metric_specs:
-                from camshaft.report.metrics import metric_rows
-
-                all_metrics[name] = [metric_rows(self.backend, x, maps, out.targets, ids, specs=self.metric_specs)]
-        if exemplars is not None:  # last: a batch retried after out-of-memory is never counted twice
-            exemplars.update(shared.forward(x).taps, ids)
-        return all_rows, all_maps, {d.index: targets_np[i] for i, d in enumerate(good)}, all_metrics
-
-
-    def _add_map_stats(self, batch: list[Decoded], rows: dict, maps: dict) -> None:
-        """Each explained image's map statistics into its row (after the batch gave the device back)."""
+        all_rows, all_maps = {}, {}
         geometries = {d.index: d.geometry for d in batch}
-        for name, by_index in maps.items():
-            for index, m in by_index.items():
-                rows[name][index].update(map_stats(m, geometries[index], self.preprocess.input_size))
-
+        for name, maps in launched.maps.items():
+            maps_np = maps.numpy()
+            all_maps[name] = {d.index: maps_np[i] for i, d in enumerate(good)}
+            all_rows[name] = {d.index: dict(rows[d.index]) for d in batch}
+            for index, m in all_maps[name].items():
+                all_rows[name][index].update(map_stats(m, geometries[index], self.preprocess.input_size))
+        return all_rows, all_maps, {d.index: targets_np[i] for i, d in enumerate(good)}, launched.metrics
 
 def base_row(d: Decoded) -> dict:
     size = d.geometry.original_size if d.geometry else (None, None)
