@@ -116,7 +116,11 @@ def prepare(image: Image.Image, pre: Preprocess) -> tuple[torch.Tensor, Geometry
 
 
 def normalize(
-    batch: torch.Tensor, pre: Preprocess, *, device: torch.device | str = "cpu", memory_format: torch.memory_format | None = None
+    batch: torch.Tensor,
+    pre: Preprocess,
+    *,
+    device: torch.device | str = "cpu",
+    memory_format: torch.memory_format | None = None,
 ) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32 normalised input on ``device``, in ``memory_format`` (default: contiguous).
 

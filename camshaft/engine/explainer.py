@@ -112,9 +112,9 @@ class Explainer:
 
         Decoding runs ahead while a batch is on the device: each batch starts as soon as its own
         images are decoded, not after the whole partition. The device takes one batch at a time
-        (``self.lock``), so concurrent partitions interleave batches; a batch's results are
-        collected after the next batch is queued, so that on a GPU the device never waits for the host. ``indices`` are the records'
-        rows in the run; outputs follow the order of ``records``.
+        (``self.lock``), so concurrent partitions interleave batches. A batch's results are collected
+        after the next batch is queued, so that a GPU need not wait for the host in between.
+        ``indices`` are the records' rows in the run; outputs follow the order of ``records``.
         """
         n, k = len(records), self.targets.k
         maps = {r.name: np.full((n, *r.map_shape), np.nan, dtype=np.float32) for r in self.runs}
@@ -252,7 +252,8 @@ class Explainer:
         # stacked as stored (one copy, no gather) and uploaded as one block; NCHW is a channels-last view of it
         pixels = torch.empty((len(good), *good[0].pixels.shape), dtype=torch.uint8, pin_memory=cuda)
         np.stack([d.pixels for d in good], out=pixels.numpy())
-        x = normalize(pixels.permute(0, 3, 1, 2), self.preprocess, device=device, memory_format=self.backend.memory_format)
+        layout = self.backend.memory_format
+        x = normalize(pixels.permute(0, 3, 1, 2), self.preprocess, device=device, memory_format=layout)
         shared = SharedBatch(self.backend, x, self.targets.selector(labels), gradients=self.gradients)
         results = {r.name: r.method.run(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs}
         out = next(iter(results.values()))[1]
@@ -312,6 +313,7 @@ class Explainer:
             for index, m in all_maps[name].items():
                 all_rows[name][index].update(map_stats(m, geometries[index], self.preprocess.input_size))
         return all_rows, all_maps, {d.index: targets_np[i] for i, d in enumerate(good)}, launched.metrics
+
 
 def base_row(d: Decoded) -> dict:
     size = d.geometry.original_size if d.geometry else (None, None)
