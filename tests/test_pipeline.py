@@ -276,6 +276,34 @@ def test_a_partition_reaches_the_device_before_all_of_it_is_decoded(data, tmp_pa
     assert [r["path"] for r in out.rows["cam"]] == [r.path for r in records]  # in the records' order
 
 
+def test_a_batch_is_collected_after_the_next_is_queued_and_outside_the_device_lock(data, tmp_path, monkeypatch):
+    """On a GPU the device computes one batch while the host tabulates the one before: the order of
+    calls is launch 1, launch 2, collect 1, ... and no collect holds the device."""
+    from camshaft.data.sources import list_images
+    from camshaft.engine.explainer import Explainer, build_explainer
+    from camshaft.engine.job import ExplainJob
+
+    explainer = build_explainer(ExplainJob(None, data, tmp_path / "out", method="cam", batch_size=2), workdir=tmp_path / "a")
+    explainer.probe()
+    calls = []
+    launch, collect = Explainer._launch, Explainer._collect
+
+    def launching(self, batch, **kwargs):
+        calls.append(("launch", batch[0].index))
+        return launch(self, batch, **kwargs)
+
+    def collecting(self, launched):
+        assert not self.lock.locked(), "results collected while holding the device"
+        calls.append(("collect", launched.batch[0].index))
+        return collect(self, launched)
+
+    monkeypatch.setattr(Explainer, "_launch", launching)
+    monkeypatch.setattr(Explainer, "_collect", collecting)
+    out = explainer.explain(list_images(data)[:6], [10, 11, 12, 13, 14, 15])
+    assert calls == [("launch", 10), ("launch", 12), ("collect", 10), ("launch", 14), ("collect", 12), ("collect", 14)]
+    assert [r["index"] for r in out.rows["cam"]] == list(range(10, 16)) and not np.isnan(out.maps["cam"]).any()
+
+
 def test_the_gpu_warm_up_runs_a_full_batch_and_leaves_out_of_memory_to_the_back_off(data, tmp_path, monkeypatch):
     """Before a GPU run's clock starts one full batch goes through every method (TorchScript: two);
     a batch too large for the device is no error there: the run's back-off halves it later."""
