@@ -1,14 +1,15 @@
-"""Decode and resize images off the device thread: in worker processes (the default) or threads.
+"""Decode and resize images off the device thread: in worker processes or threads.
 
 Threads of one process share the GIL. Pillow parses a JPEG's markers in Python, so decode threads
 hold the GIL for part of every image, and the thread that drives the device gives the GIL up on
-every operator it launches and must win it back after. On this project's 2-core test machine, 16
-decode threads slowed a loop of small torch operators 77-fold and 4 threads 10-fold, where 4
-decode *processes* (which add only CPU contention) slowed it 2.8-fold. That is the regime of a
-GPU run, whose device thread launches hundreds of small operators per batch, so a GPU run decodes
-in processes (``auto``). The processes import neither torch nor the model: they return uint8
-arrays. A CPU run decodes in threads: its device thread spends its time inside long operators,
-which give the GIL up, and threads skip the copies between processes (3-5% faster there).
+every operator it launches and must win it back after. On this project's 2-core test machine
+(``scripts/gil_contention.py``), 16 decode threads slowed a loop of small torch operators 100-fold
+and 4 threads 11-fold, where 16 decode *processes* (which add only CPU contention) slowed it
+2.8-fold and 4 processes 1.8-fold. That is the regime of a GPU run, whose device thread launches
+hundreds of small operators per batch, so a GPU run decodes in processes (``auto``). The
+processes import neither torch nor the model: they return uint8 arrays. A CPU run decodes in
+threads: its device thread spends its time inside long operators, which give the GIL up, and
+threads skip the copies between processes (3-5% faster there).
 
 The pools are shared by every partition of a process (and by later runs in it: a bench or a
 notebook starts them once), so the worker count is a total, not per partition. Inside a daemonic
