@@ -132,3 +132,15 @@ def test_a_script_without_a_main_guard_is_told_how_to_fix_it(tmp_path):
     assert 'CamshaftError: the decode worker processes could not start' in done.stderr
     assert 'if __name__ == "__main__":' in done.stderr
 
+
+
+def test_the_gil_contention_script_runs(tmp_path):
+    """The measurement behind ``--decode auto`` stays runnable (what it prints is not asserted: no timing in tests)."""
+    script = os.path.join(os.path.dirname(os.path.dirname(camshaft.__file__)), "scripts", "gil_contention.py")
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(camshaft.__file__))}
+    done = subprocess.run([sys.executable, script, "--workers", "1", "--seconds", "0.1"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("alone: ") and [line.split(":")[0].split() for line in lines[1:]] == [
+        ["1", "decode", "threads"], ["1", "decode", "processes"]]
