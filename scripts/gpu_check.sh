@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every GPU check in one call on a lent GPU machine: the CUDA tests, then the benchmark table in
-# float32, bfloat16 and float16, occlusion, then activation maximization; logs and JSON land in
-# $OUT (8 files: at most that many come back).
+# float32, bfloat16 and float16, occlusion, activation maximization, then the pipeline with decode
+# threads instead of processes; logs and JSON land in $OUT (8 files: at most that many come back).
 #
 # Before the call, here: bash scripts/gpu_wheels.sh (fills the ignored folder .whl/). Then the
-# device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=580).
-# Each step has its own time limit (540 s in all), so a slow one costs its own figures only (and
+# device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600).
+# Each step has its own time limit (575 s in all), so a slow one costs its own figures only (and
 # a benchmark cut short keeps the groups it measured: --json is saved after each group); the
 # call's output says how each ended. On an H200 (2026-11-30) the steps took 45, over 190 (the
 # float32 table, then without --pipeline-batches), 52, 31, 27 and 26 s, and the machine's start
@@ -62,8 +62,9 @@ bench() {  # bench SECONDS ARGS...: camshaft bench on the device, as one step
 }
 
 step tests 60 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
-# float32: Grad-CAM and CAM at batch 16 and 64, and the decode + explain + write pipeline
-bench 260 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
+# float32: Grad-CAM and CAM at batch 16 and 64, and the decode + explain + write pipeline (decoding
+# in worker processes, explain's default on a GPU)
+bench 250 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
     --batch-size 16 64 --pipeline --pipeline-batches 32 --json "$OUT/bench-float32.json"
 # occlusion, as its target is set: resnet18, batch 16, top-1 (a sweep is 169 forwards per image)
 bench 70 --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" --backend "${backends[@]}" --method occlusion --batch-size 16 \
@@ -73,3 +74,6 @@ for dtype in bfloat16 float16; do  # mixed precision: the targets' batch size
         --targets top:1 top:5 --batch-size 16 --json "$OUT/bench-$dtype.json"
 done
 bench 50 --model resnet18 --method cam --backend eager --actmax --json "$OUT/bench-actmax.json"
+# the same pipeline decoding in threads, for comparison (the table lands in bench.log: 8 files come back)
+bench 45 --model "$model" --backend torchscript --method cam --batch-size 16 --pipeline --pipeline-batches 32 \
+    --decode threads --no-peers

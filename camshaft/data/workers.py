@@ -95,7 +95,7 @@ class Decoder:
                 for future in [pool.submit(_ready) for _ in range(self.workers)]:
                     future.result()
             except BrokenProcessPool as e:
-                _drop(self.kind, self.workers)
+                _drop(self.kind, self.workers, pool)
                 raise CamshaftError(
                     "the decode worker processes could not start. Worker processes import the main module: "
                     "a script that calls camshaft must do so under `if __name__ == \"__main__\":`. Or decode "
@@ -112,17 +112,17 @@ class Decoder:
         try:
             results = pool.map(decode_resized, paths, repeat(pre), **chunk)
         except BrokenProcessPool as e:
-            raise self._died() from e
-        return self._guarded(results)
+            raise self._died(pool) from e
+        return self._guarded(results, pool)
 
-    def _guarded(self, results: Iterator[Resized]) -> Iterator[Resized]:
+    def _guarded(self, results: Iterator[Resized], pool: Executor) -> Iterator[Resized]:
         try:
             yield from results
         except BrokenProcessPool as e:
-            raise self._died() from e
+            raise self._died(pool) from e
 
-    def _died(self) -> CamshaftError:
-        _drop(self.kind, self.workers)  # the next run starts a fresh pool
+    def _died(self, pool: Executor) -> CamshaftError:
+        _drop(self.kind, self.workers, pool)  # the next run starts a fresh pool
         return CamshaftError(
             "a decode worker process died (killed, out of memory, or crashed in an image decoder); finished "
             "partitions are kept: rerun the same command to resume, or decode in threads (--decode threads)"
@@ -150,11 +150,12 @@ def _pool(kind: str, workers: int) -> Executor:
         return pool
 
 
-def _drop(kind: str, workers: int) -> None:
+def _drop(kind: str, workers: int, pool: Executor) -> None:
+    """Forget a broken pool (not a fresh one that another partition already put in its place)."""
     with _LOCK:
-        pool = _POOLS.pop((kind, workers), None)
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
+        if _POOLS.get((kind, workers)) is pool:
+            del _POOLS[(kind, workers)]
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _context():
