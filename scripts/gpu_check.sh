@@ -61,10 +61,10 @@ bench() {  # bench SECONDS ARGS...: camshaft bench on the device, as one step
     step bench "$limit" python3 -m camshaft bench --device "$device" "${quick[@]}" "$@"
 }
 
-step tests 60 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
+step tests 75 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
 # float32: Grad-CAM and CAM at batch 16 and 64, and the decode + explain + write pipeline (decoding
 # in worker processes, explain's default on a GPU)
-bench 250 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
+bench 240 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
     --batch-size 16 64 --pipeline --pipeline-batches 32 --json "$OUT/bench-float32.json"
 # occlusion, as its target is set: resnet18, batch 16, top-1 (a sweep is 169 forwards per image)
 bench 70 --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" --backend "${backends[@]}" --method occlusion --batch-size 16 \
@@ -73,7 +73,7 @@ for dtype in bfloat16 float16; do  # mixed precision: the targets' batch size
     bench 50 --dtype "$dtype" --model "$model" --backend "${backends[@]}" --method cam gradcam \
         --targets top:1 top:5 --batch-size 16 --json "$OUT/bench-$dtype.json"
 done
-bench 50 --model resnet18 --method cam --backend eager --actmax --json "$OUT/bench-actmax.json"
+bench 45 --model resnet18 --method cam --backend eager --actmax --json "$OUT/bench-actmax.json"
 # the same pipeline decoding in threads, for comparison (the table lands in bench.log: 8 files come back)
 bench 45 --model "$model" --backend torchscript --method cam --batch-size 16 --pipeline --pipeline-batches 32 \
     --decode threads --no-peers
