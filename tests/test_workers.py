@@ -94,12 +94,14 @@ def test_a_pipeline_decoding_in_processes_matches_one_decoding_in_threads(tmp_pa
     from camshaft.demo.shapes import write_demo_dataset
 
     data = write_demo_dataset(tmp_path / "data", n=10, seed=5).parent / "images"
+    (data / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")  # an error row among the partitions
     runs = {}
     for kind in ("processes", "threads"):
         summary = camshaft.explain(None, data, out=tmp_path / kind, decode=kind, workers=2, batch_size=3, partition_size=4,
                                    method="cam", progress=False)
         runs[kind] = camshaft.load_results(summary.out)
-        assert summary.ok == 10
+        assert (summary.ok, summary.failed) == (10, 1) and summary.decoding == f"2 {kind}"
+        assert summary.errors[0][1].startswith("truncated or corrupt image data")
     np.testing.assert_array_equal(runs["processes"].maps[:], runs["threads"].maps[:])
     assert runs["processes"].table.drop(columns="mtime_ns").equals(runs["threads"].table.drop(columns="mtime_ns"))
 
