@@ -17,6 +17,7 @@ HELP = "benchmark methods × backends against the limit and peer libraries"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from camshaft.data.workers import DECODERS
     from camshaft.engine.backends import backend_names
     from camshaft.engine.backends.base import DTYPES
     from camshaft.engine.methods import method_names
@@ -63,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--decode",
-        choices=["auto", "processes", "threads"],
+        choices=list(DECODERS),
         help="the pipeline's decoders (default: auto, as camshaft explain: processes on a GPU, threads on a CPU)",
     )
     p.add_argument(

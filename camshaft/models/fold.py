@@ -35,17 +35,10 @@ def fold_batchnorms(
     full graph, its trunk and head), so their weights are held once.
     """
     cache = {} if cache is None else cache
-    modules = dict(gm.named_modules())
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     folded = 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        bn, src = modules.get(node.target), node.args[0]
-        if type(bn) not in _PAIRS.values() or not isinstance(src, fx.Node) or src.op != "call_module":
-            continue
-        conv = modules.get(src.target)
-        if not _foldable(conv, bn) or len(src.users) != 1 or calls[src.target] != 1:
+    for node, src, conv, bn in foldable_pairs(gm):
+        if calls[src.target] != 1:  # the module is replaced, and with it every call of it
             continue
         key = (id(conv), id(bn))
         if key not in cache:
@@ -58,6 +51,23 @@ def fold_batchnorms(
         gm.graph.lint()
         gm.recompile()
     return folded
+
+
+def foldable_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, nn.Module, nn.Module]]:
+    """Every ``(norm node, conv node, conv, norm)`` of ``gm`` whose norm can fold into the conv: an
+    eval-mode norm applied to the output of a convolution that nothing else reads."""
+    modules = dict(gm.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        bn, src = modules.get(node.target), node.args[0]
+        if type(bn) not in _PAIRS.values() or not isinstance(src, fx.Node) or src.op != "call_module":
+            continue
+        conv = modules.get(src.target)
+        if _foldable(conv, bn) and len(src.users) == 1:
+            pairs.append((node, src, conv, bn))
+    return pairs
 
 
 def fold_graphs(graphs, *, memory_format: torch.memory_format = torch.contiguous_format) -> int:

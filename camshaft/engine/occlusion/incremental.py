@@ -28,6 +28,7 @@ from camshaft.engine.occlusion.regions import Region, boxes_of, materialize, rea
 from camshaft.engine.occlusion.sweep import Evaluator
 from camshaft.engine.occlusion.windows import Grid
 from camshaft.errors import CapabilityError
+from camshaft.models.fold import foldable_pairs
 from camshaft.models.taps import modifies_input
 
 FULL_FRACTION = 0.8  # a box covering this much of its map: compute full tensors from there on
@@ -171,16 +172,9 @@ def fold_batch_norms(module: nn.Module) -> fx.GraphModule:
         return memo.refresh()
     gm = trace(module)
     out = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    modules = dict(out.named_modules())
     pairs = []
-    for node in list(out.graph.nodes):
-        prev = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
-        if not isinstance(prev, fx.Node) or prev.op != "call_module" or len(prev.users) != 1:
-            continue
-        conv, bn = modules.get(prev.target), modules.get(node.target)
-        if not (type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d):
-            continue
-        if conv.training or bn.training or bn.running_mean is None:
+    for node, prev, conv, bn in foldable_pairs(out):
+        if type(conv) is not nn.Conv2d:  # the boxes are 2-d
             continue
         name = f"camshaft_folded_{len(pairs)}"
         with torch.inference_mode(False), torch.no_grad():  # plain tensors: refreshed in any mode later
