@@ -46,7 +46,7 @@ def test_pipelines_and_peers_are_timed_in_the_same_run(quick_run):
     pipelines = [f for f in figures if f["role"] == "pipeline"]
     assert pipelines and all(f["ratio_to_method"] > 0 for f in pipelines)
     for f in pipelines:  # where the time went, and who decoded (threads: a CPU run's default)
-        assert set(f["stages"]) == {"waiting_for_decode", "waiting_for_device", "explaining", "writing"}
+        assert set(f["stages"]) == {"waiting_for_decode", "waiting_for_device", "decoding_on_device", "explaining", "writing"}
         assert f["decoding"].endswith(" threads"), f["decoding"]
     assert any(f["role"] == "peer" for f in figures)  # captum and torchcam come with the dev extra
     assert quick_run["settings"]["quick"] is True and quick_run["machine"]

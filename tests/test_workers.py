@@ -72,7 +72,8 @@ def test_auto_decodes_in_processes_for_a_gpu_and_threads_for_a_cpu_and_daemons_u
 
     monkeypatch.setattr(multiprocessing, "current_process", lambda: Daemon())
     assert Decoder("processes", 2).kind == "threads"  # a dask.distributed worker may not start children
-    with pytest.raises(CamshaftError, match=r"unknown decoder 'gpu' \(choose from auto, processes, threads\)"):
+    assert Decoder("device", 2, device="cuda:0").kind == "device"  # threads only read there
+    with pytest.raises(CamshaftError, match=r"unknown decoder 'gpu' \(choose from auto, processes, threads, device\)"):
         Decoder("gpu", 2)
     with pytest.raises(ConfigError, match=r"unknown decode 'gpu'"):
         camshaft.explain(None, ".", out="never-written", decode="gpu")

@@ -72,7 +72,9 @@ def print_summary(s) -> None:
     if s.explained and any(s.stages.values()):  # where the time went, summed over the partitions
         print(
             f"time in stages (decoding in {s.decoding}): "
-            + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s" for k, v in s.stages.items())
+            + ", ".join(
+                f"{k.replace('_', ' ')} {v:.2f} s" for k, v in s.stages.items() if v or k != "decoding_on_device"
+            )
         )
     for path, reason in s.errors[:10]:
         print(f"  failed: {path}: {reason}")

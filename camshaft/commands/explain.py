@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--decode",
         choices=list(DECODERS),
         default="auto",
-        help="decode in worker processes (the GPU's default: its driving thread keeps the GIL) or threads (CPU's)",
+        help="decode in worker processes (the GPU's default: its driving thread keeps the GIL) or threads (CPU's); "
+        "device: plain JPEGs decoded and resized on the device (nvJPEG on a GPU), other files in threads",
     )
     p.add_argument("--overlays", action="store_true", help="write one PNG overlay per image and target")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -11,6 +11,11 @@ processes import neither torch nor the model: they return uint8 arrays. A CPU ru
 threads: its device thread spends its time inside long operators, which give the GIL up, and
 threads skip the copies between processes (3-5% faster there).
 
+``device`` decoding reads each file in a thread and, for the plain JPEGs
+:mod:`camshaft.data.jpeg` recognises, leaves the decoding and resizing to the device
+(:mod:`camshaft.data.device_decode`, called by the device thread through :meth:`Decoder.finish`);
+the other files are decoded in the threads as usual.
+
 The pools are shared by every partition of a process (and by later runs in it: a bench or a
 notebook starts them once), so the worker count is a total, not per partition. Inside a daemonic
 process, such as a dask.distributed worker, which may not start children, decoding uses threads.
@@ -26,26 +31,43 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from itertools import repeat
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from camshaft.data.decode import load_rgb
+from camshaft.data.jpeg import JpegInfo, read_encoded
 from camshaft.errors import CamshaftError, ImageDecodeError
 from camshaft.preprocess import Geometry, Preprocess, resize_rgb
 
-__all__ = ["DECODERS", "Decoder", "Resized", "decode_resized", "decoder", "default_workers", "usable_cores"]
+if TYPE_CHECKING:
+    import torch
 
-DECODERS = ("auto", "processes", "threads")
+__all__ = [
+    "DECODERS", "Decoder", "Resized", "decode_resized", "decoder", "default_workers", "read_for_device", "usable_cores",
+]
+
+DECODERS = ("auto", "processes", "threads", "device")
 CHUNK = 4  # images per message to a worker process: fewer round trips, still several workers per batch
 
 
 @dataclass(frozen=True)
 class Resized:
-    """One image ready for the model, or the reason it is not."""
+    """One image ready for the model, or the reason it is not, or a JPEG for the device to decode."""
 
-    pixels: np.ndarray | None = None  # (H, W, 3) uint8
+    pixels: np.ndarray | torch.Tensor | None = None  # (H, W, 3) uint8; a tensor on the device when decoded there
     geometry: Geometry | None = None
     error: str | None = None
+    encoded: np.ndarray | None = None  # the file's bytes, for `Decoder.finish`
+    header: JpegInfo | None = None
+
+
+def read_for_device(path: str, pre: Preprocess) -> Resized:
+    """A plain JPEG's bytes, for the device to decode; any other file decoded and resized here."""
+    found = read_encoded(path)
+    if found is None:
+        return decode_resized(path, pre)
+    return Resized(encoded=found[0], header=found[1])
 
 
 def decode_resized(path: str, pre: Preprocess) -> Resized:
@@ -76,7 +98,7 @@ def default_workers() -> int:
 
 
 class Decoder:
-    """An ordered, streaming ``map`` of :func:`decode_resized` over a shared pool."""
+    """An ordered, streaming ``map`` of :func:`decode_resized` (or :func:`read_for_device`) over a shared pool."""
 
     def __init__(self, kind: str, workers: int, *, device: str = "cpu"):
         if kind not in DECODERS:
@@ -85,17 +107,28 @@ class Decoder:
             kind = "processes" if str(device).startswith("cuda") else "threads"
         if kind == "processes" and multiprocessing.current_process().daemon:
             kind = "threads"  # a daemonic process (a dask.distributed worker) may not have children
-        self.kind, self.workers = kind, workers
+        self.kind, self.workers, self.device = kind, workers, str(device)
+
+    @property
+    def description(self) -> str:
+        """Who decodes, for a run's summary: "15 processes", "2 threads", "cuda:0 (JPEG) + 15 threads"."""
+        if self.kind == "device":
+            return f"{self.device} (JPEG) + {self.workers} threads"
+        return f"{self.workers} {self.kind}"
+
+    @property
+    def pool_kind(self) -> str:
+        return "threads" if self.kind == "device" else self.kind
 
     def start(self) -> None:
         """Start the pool and its workers now (before a run's clock), not on the first image."""
-        pool = _pool(self.kind, self.workers)
+        pool = _pool(self.pool_kind, self.workers)
         if self.kind == "processes":  # a process pool starts one worker per task submitted while none is idle
             try:
                 for future in [pool.submit(_ready) for _ in range(self.workers)]:
                     future.result()
             except BrokenProcessPool as e:
-                _drop(self.kind, self.workers, pool)
+                _drop(self.pool_kind, self.workers, pool)
                 raise CamshaftError(
                     "the decode worker processes could not start. Worker processes import the main module: "
                     "a script that calls camshaft must do so under `if __name__ == \"__main__\":`. Or decode "
@@ -107,13 +140,34 @@ class Decoder:
 
         Every image is queued now, so a pool shared by partitions decodes them first come, first served.
         """
-        pool = _pool(self.kind, self.workers)
+        pool = _pool(self.pool_kind, self.workers)
         chunk = {"chunksize": CHUNK} if self.kind == "processes" else {}
+        fn = read_for_device if self.kind == "device" else decode_resized
         try:
-            results = pool.map(decode_resized, paths, repeat(pre), **chunk)
+            results = pool.map(fn, paths, repeat(pre), **chunk)
         except BrokenProcessPool as e:
             raise self._died(pool) from e
         return self._guarded(results, pool)
+
+    def finish(self, paths: Sequence[str], resized: Sequence[Resized], pre: Preprocess) -> list[Resized]:
+        """The JPEGs left to the device (``device`` decoding) decoded and resized there; others as they are.
+
+        Called by the thread that drives the device, with ``paths`` those of ``resized``.
+        """
+        todo = [i for i, r in enumerate(resized) if r.encoded is not None]
+        if not todo:
+            return list(resized)
+        import torch
+
+        from camshaft.data.device_decode import decode_on_device
+
+        done = decode_on_device(
+            [(paths[i], resized[i].encoded, resized[i].header) for i in todo], pre, torch.device(self.device)
+        )
+        out = list(resized)
+        for i, r in zip(todo, done, strict=True):
+            out[i] = r
+        return out
 
     def _guarded(self, results: Iterator[Resized], pool: Executor) -> Iterator[Resized]:
         try:
@@ -122,7 +176,7 @@ class Decoder:
             raise self._died(pool) from e
 
     def _died(self, pool: Executor) -> CamshaftError:
-        _drop(self.kind, self.workers, pool)  # the next run starts a fresh pool
+        _drop(self.pool_kind, self.workers, pool)  # the next run starts a fresh pool
         return CamshaftError(
             "a decode worker process died (killed, out of memory, or crashed in an image decoder); finished "
             "partitions are kept: rerun the same command to resume, or decode in threads (--decode threads)"

@@ -35,14 +35,15 @@ from camshaft.preprocess import Geometry, Preprocess, normalize
 class Decoded:
     record: ImageRecord
     index: int
-    pixels: np.ndarray | None = None  # uint8 (H, W, 3)
+    pixels: np.ndarray | torch.Tensor | None = None  # uint8 (H, W, 3); on the device when decoded there
     geometry: Geometry | None = None
     error: str | None = None
+    resized: Resized | None = None  # a JPEG the device is to decode (`Decoder.finish`)
 
 
 # a partition's time, summed over partitions in a run's summary (partitions overlap, so the sums
-# can exceed the run's wall time): the first three are `Explainer.explain`'s, then the shard writes
-STAGES = ("waiting_for_decode", "waiting_for_device", "explaining", "writing")
+# can exceed the run's wall time): the first four are `Explainer.explain`'s, then the shard writes
+STAGES = ("waiting_for_decode", "waiting_for_device", "decoding_on_device", "explaining", "writing")
 
 
 @dataclass
@@ -124,10 +125,10 @@ class Explainer:
         metrics: dict[str, list] = {r.name: [] for r in self.runs}
         collector = self._exemplar_collector()  # per call: partitions may run concurrently
         backoff = BackOff(functools.partial(self._launch, exemplars=collector))
-        decoded: list[Decoded] = []
+        order: list[int] = []  # the indices of the records taken so far (not their images: memory stays flat)
         # where this partition's time went: a run decode-bound waits for decode, a device-bound one
         # for the device (the other partition holds it)
-        stages = dict.fromkeys(STAGES[:3], 0.0)
+        stages = dict.fromkeys(STAGES[:4], 0.0)
         clock = time.perf_counter
         readable = [r.path for r in records if not r.error]  # all queued now, yielded in order
         resized = self.decoder.map(readable, self.preprocess)
@@ -147,11 +148,15 @@ class Explainer:
                 t1 = clock()
                 if not batch:
                     break
-                decoded += batch
+                order += [d.index for d in batch]
                 with self.lock:
-                    t2 = clock()
+                    t2 = t3 = clock()
+                    if self.decoder.kind == "device":  # the JPEGs left to the device
+                        batch = self._finish(batch)
+                        t3 = clock()
                     launched = backoff(batch)  # one part per out-of-memory split
-                    stages["explaining"] += clock() - t2
+                    stages["explaining"] += clock() - t3
+                stages["decoding_on_device"] += t3 - t2
                 stages["waiting_for_decode"] += t1 - t0
                 stages["waiting_for_device"] += t2 - t1
                 collect()
@@ -159,7 +164,7 @@ class Explainer:
             collect()
         finally:
             resized.close()  # on an error, the partition's images still queued are dropped
-        ordered = {name: [by_index[d.index] for d in decoded] for name, by_index in rows.items()}
+        ordered = {name: [by_index[i] for i in order] for name, by_index in rows.items()}
         tables = {name: _concat(parts) for name, parts in metrics.items()} if self.metric_specs else {}
         exemplars = collector.table() if collector is not None else None
         return PartitionOutput(ordered, maps, targets, tables, exemplars, stages)
@@ -223,7 +228,23 @@ class Explainer:
         r = next(resized)
         if r.error:
             return Decoded(record, index, error=r.error)
+        if r.encoded is not None:
+            return Decoded(record, index, resized=r)
         return Decoded(record, index, r.pixels, r.geometry)
+
+    def _finish(self, batch: list[Decoded]) -> list[Decoded]:
+        """The batch with the JPEGs left to the device decoded there (the caller holds the lock)."""
+        todo = [d for d in batch if d.resized is not None]
+        if not todo:
+            return batch
+        done = iter(self.decoder.finish([d.record.path for d in todo], [d.resized for d in todo], self.preprocess))
+        out = []
+        for d in batch:
+            if d.resized is not None:
+                r = next(done)
+                d = Decoded(d.record, d.index, r.pixels, r.geometry, r.error)
+            out.append(d)
+        return out
 
     def _label(self, d: Decoded) -> int | None:
         info = self.backend.info
@@ -249,9 +270,12 @@ class Explainer:
             return [Launched(batch, good, rows)]
         device = self.backend.device
         cuda = device.type == "cuda"
-        # stacked as stored (one copy, no gather) and uploaded as one block; NCHW is a channels-last view of it
-        pixels = torch.empty((len(good), *good[0].pixels.shape), dtype=torch.uint8, pin_memory=cuda)
-        np.stack([d.pixels for d in good], out=pixels.numpy())
+        if all(isinstance(d.pixels, np.ndarray) for d in good):
+            # stacked as stored (one copy, no gather) and uploaded as one block; NCHW is a channels-last view of it
+            pixels = torch.empty((len(good), *good[0].pixels.shape), dtype=torch.uint8, pin_memory=cuda)
+            np.stack([d.pixels for d in good], out=pixels.numpy())
+        else:  # decoded on the device (a file its decoder refused comes from Pillow, on the host)
+            pixels = torch.stack([torch.as_tensor(d.pixels).to(device) for d in good])
         layout = self.backend.memory_format
         x = normalize(pixels.permute(0, 3, 1, 2), self.preprocess, device=device, memory_format=layout)
         shared = SharedBatch(self.backend, x, self.targets.selector(labels), gradients=self.gradients)

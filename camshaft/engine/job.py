@@ -33,7 +33,7 @@ class ExplainJob:
     std: tuple[float, float, float] | None = None
     resize: str | None = None
     workers: int | None = None  # decode workers, shared by the partitions (None: see `default_workers`)
-    decode: str = "auto"  # processes | threads | auto (processes for a GPU): see camshaft.data.workers
+    decode: str = "auto"  # processes | threads | device | auto (processes for a GPU): see camshaft.data.workers
     options: dict = field(default_factory=dict)  # the method's options (see `Method.options`)
     partition_size: int = 256  # images per Dask task and per shard
     scheduler: str = "threads"  # threads | sync | a dask.distributed scheduler address

@@ -147,7 +147,7 @@ def _execute(state: RunState, job: ExplainJob, explainer: Explainer, records, mo
     return RunSummary(
         state.out, len(statuses), len(statuses) - len(errors), len(errors), seconds, "+".join(names), first.tap,
         explainer.backend.name, mode, explained, errors, [state.method_dir(n) for n in names], stages,
-        f"{explainer.decoder.workers} {explainer.decoder.kind}",
+        explainer.decoder.description,
     )
 
 

@@ -1,0 +1,112 @@
+"""Which files the device may decode: plain 8-bit JPEGs, recognised from their headers alone.
+
+``--decode device`` reads each file in a thread and hands its bytes to the device's JPEG decoder
+(torchvision, nvJPEG on a GPU). Only the JPEGs whose decoding is certain to agree with Pillow's
+take that path; every other file goes through :func:`camshaft.data.workers.decode_resized`
+(Pillow), which also gives every failure its reason. So the device gets:
+
+- a complete file: it starts with SOI and ends with EOI. A truncated file, or one with bytes after
+  its image, is Pillow's to read or to refuse;
+- a baseline, extended or progressive frame with Huffman coding at 8 bits per sample (SOF0-2):
+  lossless, hierarchical, arithmetic-coded and 12-bit frames are Pillow's;
+- one component (grey) or three (YCbCr). Four-component (CMYK / YCCK) files need the colour
+  conversions of :mod:`camshaft.data.decode`, and a three-component file whose Adobe marker says
+  its channels are stored as RGB, not YCbCr, is left to Pillow;
+- no more pixels than Pillow's decompression-bomb limit allows without a warning;
+- one picture: a multi-picture file (MPO, an APP2 ``MPF`` segment) is Pillow's.
+
+The EXIF orientation is read here (IFD0's tag 274 in the first APP1 ``Exif`` segment, as Pillow
+reads it) and applied on the device as ``ImageOps.exif_transpose`` applies it: torchvision's GPU
+decoder ignores it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["JpegInfo", "device_decodable", "exif_orientation", "read_encoded"]
+
+_SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+_FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive; Huffman coded
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RSTn: no length field
+
+
+@dataclass(frozen=True)
+class JpegInfo:
+    height: int  # as stored, before the orientation
+    width: int
+    orientation: int = 1  # EXIF orientation, 1..8 (1: as stored)
+
+
+def device_decodable(data: bytes | np.ndarray) -> JpegInfo | None:
+    """The size and orientation of a JPEG the device may decode (see the module's rules), else None."""
+    data = memoryview(data).cast("B")
+    n = len(data)
+    if n < 8 or bytes(data[:2]) != _SOI or bytes(data[-2:]) != _EOI:
+        return None
+    i, adobe_rgb, orientation = 2, False, None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            i += 1
+            continue
+        if marker in _STANDALONE:
+            i += 2
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        segment = data[i + 4 : i + 2 + length]
+        if length < 2 or len(segment) != length - 2:
+            return None
+        if marker == 0xE1 and orientation is None and bytes(segment[:6]) == b"Exif\0\0":
+            orientation = exif_orientation(bytes(segment[6:]))
+        elif marker == 0xE2 and bytes(segment[:4]) == b"MPF\0":
+            return None
+        elif marker == 0xEE and bytes(segment[:5]) == b"Adobe" and len(segment) >= 12:
+            adobe_rgb = segment[11] == 0  # colour transform 0: three channels stored as RGB
+        elif marker in _FRAMES:
+            if len(segment) < 6:
+                return None
+            precision, components = segment[0], segment[5]
+            height, width = (segment[1] << 8) | segment[2], (segment[3] << 8) | segment[4]
+            if precision != 8 or components not in (1, 3) or (components == 3 and adobe_rgb):
+                return None
+            if not height or not width or (Image.MAX_IMAGE_PIXELS and height * width > Image.MAX_IMAGE_PIXELS):
+                return None
+            return JpegInfo(height, width, orientation or 1)
+        elif (0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker in (0xDA, 0xD9):
+            return None  # another kind of frame, or a scan or the end before any frame
+        i += 2 + length
+    return None
+
+
+def exif_orientation(tiff: bytes) -> int:
+    """IFD0's orientation (tag 274) in an EXIF block (a TIFF header and IFDs); 1 when absent or invalid."""
+    try:
+        order = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        (ifd,) = struct.unpack_from(order + "I", tiff, 4)
+        (count,) = struct.unpack_from(order + "H", tiff, ifd)
+        for k in range(count):
+            tag, kind, _, value = struct.unpack_from(order + "HHI4s", tiff, ifd + 2 + 12 * k)
+            if tag == 0x0112:
+                (o,) = struct.unpack_from(order + ("H" if kind == 3 else "I" if kind == 4 else "B"), value)
+                return o if 1 <= o <= 8 else 1
+    except (KeyError, struct.error):
+        pass  # malformed EXIF: the image as stored, as camshaft.data.decode does
+    return 1
+
+
+def read_encoded(path: str | os.PathLike) -> tuple[np.ndarray, JpegInfo] | None:
+    """The file's bytes and header when the device may decode it, else None (unreadable, or not such a JPEG)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except (OSError, ValueError):
+        return None  # Pillow will say why
+    info = device_decodable(data)
+    return None if info is None else (data, info)
