@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one call on a lent GPU machine: the CUDA tests, then the benchmark table in
-# float32, bfloat16 and float16, occlusion, activation maximization, then the pipeline with decode
-# threads instead of processes; logs and JSON land in $OUT (8 files: at most that many come back).
+# float32, bfloat16 and float16, occlusion, activation maximization, then the pipeline with the
+# JPEGs decoded on the GPU instead of in processes; logs and JSON land in $OUT (8 files: at most
+# that many come back).
 #
 # Before the call, here: bash scripts/gpu_wheels.sh (fills the ignored folder .whl/). Then the
 # device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600).
@@ -74,6 +75,7 @@ for dtype in bfloat16 float16; do  # mixed precision: the targets' batch size
         --targets top:1 top:5 --batch-size 16 --json "$OUT/bench-$dtype.json"
 done
 bench 45 --model resnet18 --method cam --backend eager --actmax --json "$OUT/bench-actmax.json"
-# the same pipeline decoding in threads, for comparison (the table lands in bench.log: 8 files come back)
+# the same pipeline with the JPEGs decoded on the GPU (nvJPEG), for comparison with the processes of
+# the float32 table (this one lands in bench.log: 8 files come back)
 bench 45 --model "$model" --backend torchscript --method cam --batch-size 16 --pipeline --pipeline-batches 32 \
-    --decode threads --no-peers
+    --decode device --no-peers

@@ -118,6 +118,30 @@ def test_partitions_sharing_the_device_give_what_one_partition_at_a_time_gives(d
         np.testing.assert_allclose(got.maps[:], one[m].maps[:], rtol=1e-4, atol=1e-5)
 
 
+def test_jpegs_decoded_on_the_device_match_pillows_and_give_the_same_explanations(data, tmp_path, no_tf32):
+    """--decode device: nvJPEG (on a GPU) and the resize there, against Pillow on the CPU."""
+    from camshaft.data.workers import Decoder, decode_resized
+    from camshaft.preprocess import Preprocess
+
+    paths = sorted(str(p) for p in data.rglob("*.jpg"))
+    pre = Preprocess((64, 64))
+    decoder = Decoder("device", 2, device=DEVICE)
+    read = list(decoder.map(paths, pre))
+    assert paths and all(r.encoded is not None for r in read)
+    for path, r in zip(paths, decoder.finish(paths, read, pre), strict=True):
+        assert r.pixels.device.type == torch.device(DEVICE).type
+        diff = np.abs(r.pixels.cpu().numpy().astype(int) - decode_resized(path, pre).pixels)
+        # nvJPEG's IDCT and colour conversion differ from libjpeg-turbo's by a few levels
+        assert diff.mean() < 1.5 and np.percentile(diff, 99) <= 8, (path, diff.mean(), diff.max())
+    kw = dict(method="gradcam", targets=TARGETS, batch_size=4, partition_size=6, progress=False, device=DEVICE)
+    summary = camshaft.explain(None, data, out=tmp_path / "device", decode="device", **kw)
+    assert summary.ok == 12 and summary.stages["decoding_on_device"] > 0
+    camshaft.explain(None, data, out=tmp_path / "threads", decode="threads", **kw)
+    got, want = (camshaft.load_results(tmp_path / d) for d in ("device", "threads"))
+    assert [c[0] for c in got.table["top5_classes"]] == [c[0] for c in want.table["top5_classes"]]
+    assert _relative_error(got.maps[:], want.maps[:]) < 0.1  # inputs a few levels apart
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_mixed_precision_maps_stay_close_to_float32(dtype, data, tmp_path):
     methods = ["cam", "gradcam"]
