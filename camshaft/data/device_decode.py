@@ -120,7 +120,9 @@ def _decode(encoded: list[np.ndarray], device: torch.device) -> list[torch.Tenso
     # The decoder's outputs are allocated on a stream of their own, never from blocks that the
     # compute stream's queued kernels may still read (torchvision's nvJPEG path writes them from a
     # private stream without waiting on the caller's). The compute stream then waits for them.
-    stream = _STREAMS.setdefault(device, torch.cuda.Stream(device))
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device)
+    stream = _STREAMS[device]
     compute = torch.cuda.current_stream(device)
     with torch.cuda.stream(stream):
         try:
