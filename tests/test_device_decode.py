@@ -204,6 +204,12 @@ def test_images_of_one_size_are_resized_together_and_kept_in_order(files, monkey
     assert sorted(calls) == sorted([2, 3, 1, 1, 1])
     for path, r in zip(files, out):
         assert_close_to_pillow(r.pixels.numpy(), decode_resized(path, pre).pixels, path)
+    calls.clear()
+    monkeypatch.setattr(dd, "CHUNK_PIXELS", 2 * 60 * 80)  # two 80x60 images at a time, at most
+    again = decode_on_device([(p, r.encoded, r.header) for p, r in zip(files, read)], pre, CPU)
+    assert sorted(calls) == sorted([2, 2, 1, 1, 1, 1])
+    for r, s in zip(out, again):
+        assert torch.equal(r.pixels, s.pixels)
 
 
 def test_a_run_with_device_decoding_matches_one_with_threads(files, tmp_path, capsys):

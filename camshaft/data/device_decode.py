@@ -110,6 +110,7 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
 
 
 _STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+CHUNK_PIXELS = 1 << 25  # images resized at once: at most this many pixels (384 MiB as RGB floats)
 
 
 def _decode(encoded: list[np.ndarray], device: torch.device) -> list[torch.Tensor | None]:
@@ -161,7 +162,10 @@ def decode_on_device(
             sizes[tuple(images[i].shape[-2:])].append(i)
     for (h, w), members in sizes.items():
         geom = geometry((w, h), pre)
-        pixels = resize(torch.stack([images[i] for i in members]), geom, pre)
-        for j, i in enumerate(members):
-            out[i] = Resized(pixels[j], geom)
+        step = max(1, CHUNK_PIXELS // (h * w))  # the resize holds its images as floats: bound that memory
+        for start in range(0, len(members), step):
+            chunk = members[start : start + step]
+            pixels = resize(torch.stack([images[i] for i in chunk]), geom, pre)
+            for j, i in enumerate(chunk):
+                out[i] = Resized(pixels[j], geom)
     return out
