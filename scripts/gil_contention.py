@@ -1,15 +1,22 @@
-"""How much decoding slows the thread that drives the device: decode threads against decode processes.
+"""How much decoding slows the thread that drives the device: decode threads, processes, device readers.
 
 The thread that drives a GPU launches many small operators; each gives the GIL up and must win it
 back. This script runs such a loop (small in-place torch ops, one thread) alone, then while a
-pool of camshaft's decoders decodes and resizes JPEGs without pause, and prints the loop's rate
-in each case. It is the measurement behind ``explain --decode auto`` (processes on a GPU).
+pool of camshaft's decoders works without pause, and prints the loop's rate in each case, with
+the images the decoders handled meanwhile and the loop's loss per image (a pipeline handles only
+as many images as the device takes, so that figure is the one to compare). ``device`` is
+``--decode device``'s pool: threads that only read the files and their headers. It is the
+measurement behind ``explain --decode auto`` (processes on a GPU) and the threads of ``device``.
 
-    python scripts/gil_contention.py [--workers 1 4 16] [--seconds 2]
+    python scripts/gil_contention.py [--workers 1 4 16] [--seconds 2] [--kinds threads processes device]
 
-On the 2-core CI machine (2026-12-01): alone 540k ops/s; 1 / 4 / 16 decode threads 339k / 50k /
-5.3k; 1 / 4 / 16 decode processes 444k / 303k / 194k (on 2 cores the processes also take CPU time
-from the loop; threads take that and the GIL).
+On the 2-core CI machine (2026-12-01), alone 570k ops/s; with 1 / 4 / 16 workers:
+
+- decode threads: 395k / 50k / 6.6k ops/s, 123 / 217 / 286 ops lost per image;
+- decode processes: 492k / 310k / 163k ops/s, 78 / 245 / 1097 ops lost per image (on 2 cores the
+  processes also take CPU time from the loop; on a 16-core GPU host they would not);
+- device readers: 107k / 52k / 27k ops/s while handling 18-29k images/s, 16 / 22 / 31 ops lost
+  per image.
 """
 
 from __future__ import annotations
@@ -49,39 +56,52 @@ def jpegs(folder: Path, n: int = 64, size: int = 256) -> list[str]:
     return paths
 
 
-def with_decoding(kind: str, workers: int, paths: list[str], seconds: float) -> float:
+def with_decoding(kind: str, workers: int, paths: list[str], seconds: float) -> tuple[float, float]:
+    """The loop's rate while the decoders run flat out, and how many images per second they handle."""
     decoder, pre, stop = Decoder(kind, workers), Preprocess((224, 224)), threading.Event()
     decoder.start()
+    done = [0, 0.0, 0.0]  # images handled while the loop ran, the loop's start and end
 
     def feed():  # keep the pool busy: always a few rounds queued
         while not stop.is_set():
             for _ in decoder.map(paths * 4, pre):
-                pass
+                if done[1] and not done[2]:
+                    done[0] += 1
 
     feeders = [threading.Thread(target=feed, daemon=True) for _ in range(2)]
     for t in feeders:
         t.start()
     time.sleep(0.3)
+    done[1] = time.perf_counter()
     rate = small_ops_per_second(seconds)
+    done[2] = time.perf_counter()
     stop.set()
     for t in feeders:
         t.join()
-    return rate
+    return rate, done[0] / (done[2] - done[1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument(
+        "--kinds", nargs="+", default=["threads", "processes", "device"],
+        help="device: threads that only read the files (the device decodes them)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         paths = jpegs(Path(tmp))
-        print(f"alone: {small_ops_per_second(args.seconds):,.0f} small ops/s")
-        for kind in ("threads", "processes"):
+        alone = small_ops_per_second(args.seconds)
+        print(f"alone: {alone:,.0f} small ops/s")
+        for kind in args.kinds:
             for n in args.workers:
-                rate = with_decoding(kind, n, paths, args.seconds)
-                print(f"{n:3d} decode {kind:9s}: {rate:,.0f} small ops/s")
+                rate, images = with_decoding(kind, n, paths, args.seconds)
+                print(
+                    f"{n:3d} decode {kind:9s}: {rate:9,.0f} small ops/s while handling {images:7,.0f} images/s: "
+                    f"{(alone - rate) / images:5.1f} ops lost per image"
+                )
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ def test_unreadable_and_non_jpeg_files_are_decoded_by_pillow_in_the_threads(tmp_
 @pytest.mark.parametrize("mode", ["stretch", "center-crop", "letterbox"])
 def test_the_resize_gives_pillows_pixels_within_one_level(mode):
     rng = np.random.default_rng(5)
-    for h, w, out in [(300, 410, (224, 224)), (410, 300, (100, 160)), (37, 23, (64, 48)), (64, 64, (64, 64)), (90, 200, (31, 17))]:
+    shapes = [(300, 410, (224, 224)), (410, 300, (100, 160)), (37, 23, (64, 48)), (64, 64, (64, 64)), (90, 200, (31, 17))]
+    for h, w, out in shapes:
         a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
         pre = Preprocess(out, resize=mode)
         expected, geom = decode_resized_array(a, pre)

@@ -239,8 +239,10 @@ def test_decode_workers_default_to_all_usable_cores_but_one_at_least_2(monkeypat
     assert decoder("threads", 3).workers == 3  # as asked
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     assert decoder("threads", None).workers == 15  # one pool for all partitions; one core drives the device
+    assert decoder("device", None).workers == 4  # threads that only read: a few suffice, and each takes the GIL
+    assert decoder("device", 8).workers == 8
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    assert decoder("threads", None).workers == 2
+    assert decoder("threads", None).workers == 2 and decoder("device", None).workers == 2
 
 
 def test_a_partition_reaches_the_device_before_all_of_it_is_decoded(data, tmp_path, monkeypatch):

@@ -146,4 +146,5 @@ def test_the_gil_contention_script_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("alone: ") and [line.split(":")[0].split() for line in lines[1:]] == [
-        ["1", "decode", "threads"], ["1", "decode", "processes"]]
+        ["1", "decode", "threads"], ["1", "decode", "processes"], ["1", "decode", "device"]]
+    assert all("ops lost per image" in line for line in lines[1:])

@@ -32,7 +32,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (mixed precision)")
     p.add_argument("--batch-size", type=positive, default=32)
     p.add_argument(
-        "--workers", type=positive, help="decode workers, shared by the partitions (default: usable cores - 1, at least 2)"
+        "--workers",
+        type=positive,
+        help="decode workers, shared by the partitions "
+        "(default: usable cores - 1, at least 2; --decode device: at most 4)",
     )
     p.add_argument(
         "--decode",

@@ -37,7 +37,9 @@ from camshaft.preprocess import Geometry, Preprocess, geometry
 __all__ = ["decode_on_device", "orient", "resample_weights", "resize"]
 
 warnings.filterwarnings(
-    "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated", category=DeprecationWarning
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
 )
 
 
@@ -61,7 +63,9 @@ def resample_weights(size_in: int, size_out: int, lo: float, hi: float) -> np.nd
 
 
 @functools.lru_cache(maxsize=512)
-def _weights(size_in: int, size_out: int, lo: float, hi: float, device: torch.device) -> tuple[torch.Tensor, int, int]:
+def _weights(
+    size_in: int, size_out: int, lo: float, hi: float, device: torch.device
+) -> tuple[torch.Tensor, int, int]:
     """The weights on ``device``, cut to the input cells they reach: (weights, first cell, end cell)."""
     w = resample_weights(size_in, size_out, lo, hi)
     used = np.flatnonzero(w.any(0))

@@ -14,7 +14,10 @@ threads skip the copies between processes (3-5% faster there).
 ``device`` decoding reads each file in a thread and, for the plain JPEGs
 :mod:`camshaft.data.jpeg` recognises, leaves the decoding and resizing to the device
 (:mod:`camshaft.data.device_decode`, called by the device thread through :meth:`Decoder.finish`);
-the other files are decoded in the threads as usual.
+the other files are decoded in the threads as usual. Reading a file and its header costs the
+device thread about a tenth of what a decode thread costs it per image (``gil_contention.py``:
+16-31 small operators lost per image against 123-286), so threads suffice there, in tasks of
+``READ_CHUNK`` files, and ``READERS`` of them by default.
 
 The pools are shared by every partition of a process (and by later runs in it: a bench or a
 notebook starts them once), so the worker count is a total, not per partition. Inside a daemonic
@@ -23,6 +26,7 @@ process, such as a dask.distributed worker, which may not start children, decodi
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import threading
@@ -49,6 +53,7 @@ __all__ = [
 
 DECODERS = ("auto", "processes", "threads", "device")
 CHUNK = 4  # images per message to a worker process: fewer round trips, still several workers per batch
+READ_CHUNK = 8  # files per task of a thread that only reads them (--decode device)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,10 @@ def decode_resized(path: str, pre: Preprocess) -> Resized:
         return Resized(error=str(e))
     pixels, geom = resize_rgb(image, pre)
     return Resized(pixels, geom)
+
+
+def _read_for_device_many(paths: Sequence[str], pre: Preprocess) -> list[Resized]:
+    return [read_for_device(p, pre) for p in paths]
 
 
 def _ready() -> int:
@@ -141,10 +150,13 @@ class Decoder:
         Every image is queued now, so a pool shared by partitions decodes them first come, first served.
         """
         pool = _pool(self.pool_kind, self.workers)
-        chunk = {"chunksize": CHUNK} if self.kind == "processes" else {}
-        fn = read_for_device if self.kind == "device" else decode_resized
         try:
-            results = pool.map(fn, paths, repeat(pre), **chunk)
+            if self.kind == "device":  # reading is quick: a task per file would cost more than the read
+                chunks = [paths[i : i + READ_CHUNK] for i in range(0, len(paths), READ_CHUNK)]
+                results = itertools.chain.from_iterable(pool.map(_read_for_device_many, chunks, repeat(pre)))
+            else:
+                chunk = {"chunksize": CHUNK} if self.kind == "processes" else {}
+                results = pool.map(decode_resized, paths, repeat(pre), **chunk)
         except BrokenProcessPool as e:
             raise self._died(pool) from e
         return self._guarded(results, pool)
@@ -187,9 +199,17 @@ _POOLS: dict[tuple[str, int], Executor] = {}
 _LOCK = threading.Lock()
 
 
+READERS = 4  # default threads of device decoding: they only read files, and every one takes the GIL
+
+
 def decoder(kind: str, workers: int | None, *, device: str = "cpu") -> Decoder:
-    """The decoder of ``kind`` for ``device`` with ``workers`` workers (None: :func:`default_workers`)."""
-    return Decoder(kind, workers or default_workers(), device=device)
+    """The decoder of ``kind`` for ``device`` with ``workers`` workers.
+
+    None: :func:`default_workers`, or for ``device`` decoding at most ``READERS`` threads.
+    """
+    if workers is None:
+        workers = min(READERS, default_workers()) if kind == "device" else default_workers()
+    return Decoder(kind, workers, device=device)
 
 
 def _pool(kind: str, workers: int) -> Executor:
