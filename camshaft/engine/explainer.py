@@ -114,7 +114,8 @@ class Explainer:
         Decoding runs ahead while a batch is on the device: each batch starts as soon as its own
         images are decoded, not after the whole partition. The device takes one batch at a time
         (``self.lock``), so concurrent partitions interleave batches. A batch's results are collected
-        after the next batch is queued, so that a GPU need not wait for the host in between.
+        after the next batch is queued, so that a GPU need not wait for the host in between. With
+        ``--decode device`` a batch's JPEGs are decoded on the device first, under the same lock.
         ``indices`` are the records' rows in the run; outputs follow the order of ``records``.
         """
         n, k = len(records), self.targets.k
