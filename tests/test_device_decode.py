@@ -67,6 +67,10 @@ def test_every_other_file_is_left_to_pillow():
         assert device_decodable(refused) is None
     adobe_rgb = data[:2] + b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00" + data[2:]  # transform 0: RGB
     assert device_decodable(adobe_rgb) is None
+    xmp = b"http://ns.adobe.com/xap/1.0/\0<x:xmpmeta><rdf:Description tiff:Orientation=\"6\"/></x:xmpmeta>"
+    with_xmp = data[:2] + b"\xff\xe1" + struct.pack(">H", len(xmp) + 2) + xmp + data[2:]
+    assert Image.open(io.BytesIO(with_xmp)).getexif().get(0x0112) == 6  # Pillow turns it: so Pillow reads it
+    assert device_decodable(with_xmp) is None
     adobe_ycc = data[:2] + b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x01" + data[2:]
     assert device_decodable(adobe_ycc) is not None
 

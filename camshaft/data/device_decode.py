@@ -50,6 +50,7 @@ def resample_weights(size_in: int, size_out: int, lo: float, hi: float) -> np.nd
     is widened by ``scale`` when shrinking (``support``); the cells it reaches are those of the
     centre's support rounded to whole cells, cut at the edges, and the weights are normalised.
     """
+    lo, hi = float(np.float32(lo)), float(np.float32(hi))  # Pillow takes the box as C floats
     scale = (hi - lo) / size_out
     support = max(scale, 1.0)
     centre = lo + (np.arange(size_out) + 0.5) * scale

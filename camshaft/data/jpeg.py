@@ -13,7 +13,8 @@ take that path; every other file goes through :func:`camshaft.data.workers.decod
   conversions of :mod:`camshaft.data.decode`, and a three-component file whose Adobe marker says
   its channels are stored as RGB, not YCbCr, is left to Pillow;
 - no more pixels than Pillow's decompression-bomb limit allows without a warning;
-- one picture: a multi-picture file (MPO, an APP2 ``MPF`` segment) is Pillow's.
+- one picture: a multi-picture file (MPO, an APP2 ``MPF`` segment) is Pillow's;
+- no orientation in XMP metadata (Pillow reads one there when EXIF has none): such a file is Pillow's.
 
 The EXIF orientation is read here (IFD0's tag 274 in the first APP1 ``Exif`` segment, as Pillow
 reads it) and applied on the device as ``ImageOps.exif_transpose`` applies it: torchvision's GPU
@@ -32,6 +33,7 @@ from PIL import Image
 __all__ = ["JpegInfo", "device_decodable", "exif_orientation", "read_encoded"]
 
 _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
+_XMP = b"http://ns.adobe.com/xap/1.0/\0"
 _FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive; Huffman coded
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RSTn: no length field
 
@@ -66,6 +68,8 @@ def device_decodable(data: bytes | np.ndarray) -> JpegInfo | None:
             return None
         if marker == 0xE1 and orientation is None and bytes(segment[:6]) == b"Exif\0\0":
             orientation = exif_orientation(bytes(segment[6:]))
+        elif marker == 0xE1 and bytes(segment[:29]) == _XMP and b"Orientation" in bytes(segment):
+            return None  # Pillow also takes an orientation from XMP metadata: its reading, not ours
         elif marker == 0xE2 and bytes(segment[:4]) == b"MPF\0":
             return None
         elif marker == 0xEE and bytes(segment[:5]) == b"Adobe" and len(segment) >= 12:
