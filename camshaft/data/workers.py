@@ -120,7 +120,7 @@ class Decoder:
 
     @property
     def description(self) -> str:
-        """Who decodes, for a run's summary: "15 processes", "2 threads", "cuda:0 (JPEG) + 15 threads"."""
+        """Who decodes, for a run's summary: "15 processes", "2 threads", "cuda:0 (JPEG) + 4 threads"."""
         if self.kind == "device":
             return f"{self.device} (JPEG) + {self.workers} threads"
         return f"{self.workers} {self.kind}"
