@@ -98,9 +98,10 @@ def main() -> None:
         for kind in args.kinds:
             for n in args.workers:
                 rate, images = with_decoding(kind, n, paths, args.seconds)
+                lost = f"{(alone - rate) / images:5.1f}" if images else "  n/a"  # none: the pool was still starting
                 print(
                     f"{n:3d} decode {kind:9s}: {rate:9,.0f} small ops/s while handling {images:7,.0f} images/s: "
-                    f"{(alone - rate) / images:5.1f} ops lost per image"
+                    f"{lost} ops lost per image"
                 )
 
 
