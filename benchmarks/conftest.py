@@ -4,8 +4,9 @@ Quick mode (``--quick`` or ``CAMSHAFT_BENCH_QUICK=1``): the tiny preset of ``cam
 --quick``, to prove the suites work (CI's limits). Full mode: the issue's matrix — six torchvision
 architectures × every registered method × eager / TorchScript / ONNX Runtime × batch 1, 16, 64 ×
 top:1, top:5, plus the pipeline. Narrow it with ``--bench-model``, ``--bench-method``,
-``--bench-backend``, ``--bench-batch`` or ``-k``. ``--bench-json PATH`` saves the run in the format
-of ``camshaft bench --json`` (so ``--compare`` works on it).
+``--bench-backend``, ``--bench-batch`` or ``-k``; ``--bench-decode`` chooses the pipeline's
+decoders. ``--bench-json PATH`` saves the run in the format of ``camshaft bench --json`` (so
+``--compare`` works on it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from camshaft.bench.settings import FULL_BATCH_SIZES, FULL_MODELS, FULL_TARGETS,
 from camshaft.bench.timing import synchronize
 from camshaft.bench.workload import Skipped, Workload
 from camshaft.cli import GLIBC_TUNING
+from camshaft.data.workers import DECODERS
 
 
 def pytest_addoption(parser):
@@ -30,6 +32,7 @@ def pytest_addoption(parser):
     g.addoption("--bench-method", action="append", help="only these methods (repeatable)")
     g.addoption("--bench-backend", action="append", help="only these backends (repeatable)")
     g.addoption("--bench-batch", action="append", type=int, help="only these batch sizes (repeatable)")
+    g.addoption("--bench-decode", choices=DECODERS, help="the pipeline's decoders (default: auto, as camshaft explain)")
     g.addoption("--bench-json", help="save the run as camshaft bench JSON")
 
 
@@ -44,6 +47,7 @@ def _settings(config) -> BenchSettings:
         methods=pick("--bench-method"),
         backends=pick("--bench-backend"),
         batch_sizes=pick("--bench-batch"),
+        decode=config.getoption("--bench-decode"),
     )
 
 

@@ -34,7 +34,7 @@ class BenchSettings:
     peers: bool = True  # time peer libraries that are installed
     pipeline: bool = False  # also time decode + explain + write on generated JPEGs
     pipeline_batches: int = 16  # images per pipeline run = this × batch size (partitions of 4 batches)
-    decode: str = "auto"  # the pipeline's decoders: auto (explain's default) | processes | threads
+    decode: str = "auto"  # the pipeline's decoders: auto (explain's default) | processes | threads | device
     actmax: bool = False  # also time activation maximization (N classes at once) against its limit
     actmax_classes: int = 8
     actmax_size: int = 128
