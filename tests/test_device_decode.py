@@ -217,7 +217,7 @@ def test_images_of_one_size_are_resized_together_and_kept_in_order(files, monkey
         assert torch.equal(r.pixels, s.pixels)
 
 
-def test_a_run_with_device_decoding_matches_one_with_threads(files, tmp_path, capsys):
+def test_a_run_with_device_decoding_matches_one_with_threads(files, tmp_path):
     from camshaft.engine.explainer import STAGES
 
     folder = os.path.dirname(files[0])
