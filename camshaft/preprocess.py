@@ -49,6 +49,11 @@ class Preprocess:
         fields = {k: v for k, v in changes.items() if v is not None}
         return Preprocess(**{**self.__dict__, **fields})
 
+    @property
+    def letterbox_fill(self) -> tuple[int, int, int]:
+        """The 8-bit colour around a letterboxed image: the mean, which normalises to zero."""
+        return tuple(int(round(255 * m)) for m in self.mean)
+
     def to_dict(self) -> dict:
         return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
 
@@ -98,8 +103,7 @@ def resize_rgb(image: Image.Image, pre: Preprocess) -> tuple[np.ndarray, Geometr
     h, w = pre.input_size
     geom = geometry(image.size, pre)
     if pre.resize == "letterbox":
-        fill = tuple(int(round(255 * m)) for m in pre.mean)  # normalises to zero
-        out = Image.new("RGB", (w, h), fill)
+        out = Image.new("RGB", (w, h), pre.letterbox_fill)
         cx0, cy0, cx1, cy1 = (int(v) for v in geom.content)
         out.paste(image.resize((cx1 - cx0, cy1 - cy0), Image.BILINEAR), (cx0, cy0))
     else:

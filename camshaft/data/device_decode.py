@@ -93,7 +93,7 @@ def resize(images: torch.Tensor, geom: Geometry, pre: Preprocess) -> torch.Tenso
     if pre.resize != "letterbox":
         out = _resample(images, (h, w), geom.region)
     else:
-        fill = torch.tensor([round(255 * m) for m in pre.mean], dtype=torch.float32, device=images.device)
+        fill = torch.tensor(pre.letterbox_fill, dtype=torch.float32, device=images.device)
         out = fill.view(1, 3, 1, 1).repeat(images.shape[0], 1, h, w)
         cx0, cy0, cx1, cy1 = (int(v) for v in geom.content)
         full = (0.0, 0.0, float(images.shape[-1]), float(images.shape[-2]))

@@ -109,7 +109,11 @@ def exif_orientation(tiff: bytes) -> int:
 def read_encoded(path: str | os.PathLike) -> tuple[np.ndarray, JpegInfo] | None:
     """The file's bytes and header when the device may decode it, else None (unreadable, or not such a JPEG)."""
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        with open(path, "rb") as f:
+            if f.read(2) != _SOI:
+                return None  # not a JPEG: not read any further here
+            f.seek(0)
+            data = np.fromfile(f, dtype=np.uint8)
     except (OSError, ValueError):
         return None  # Pillow will say why
     info = device_decodable(data)
