@@ -17,16 +17,20 @@ from camshaft.engine.actmax import (
     Activations,
     Compose,
     Jitter,
+    LossPlan,
+    Objective,
     Pad,
     RenderConfig,
     Rotate,
     Scale,
+    Term,
     channel,
     class_logit,
     class_prob,
     direction,
     diversity,
     fourier_image,
+    frequency_penalty,
     l2,
     layer_norm,
     neuron,
@@ -34,6 +38,7 @@ from camshaft.engine.actmax import (
     parse_objectives,
     pixel_image,
     render,
+    total_variation,
 )
 from camshaft.engine.actmax.relu import redirected_relus
 from camshaft.engine.actmax.transforms import _affine_grid
@@ -112,6 +117,80 @@ def test_closed_form_values_of_each_objective():
     torch.testing.assert_close(layer_norm("t")(a), -t.pow(2).mean((1, 2, 3)))
     torch.testing.assert_close(direction("t", [0, 3.0, 0, 4.0])(a), -(0.6 * t[:, 1] + 0.8 * t[:, 3]).mean((1, 2)))
     torch.testing.assert_close(l2()(a), (a.images - 0.5).pow(2).mean((1, 2, 3)))
+
+
+def test_channel_and_direction_read_vector_taps():
+    a = Activations(torch.randn(2, 5), {"fc": torch.randn(2, 4)}, torch.rand(2, 3, 8, 8))
+    torch.testing.assert_close(channel("fc", 3)(a), -a.taps["fc"][:, 3])
+    torch.testing.assert_close(direction("fc", [0, 3.0, 0, 4.0])(a), -(0.6 * a.taps["fc"][:, 1] + 0.8 * a.taps["fc"][:, 3]))
+
+
+def _per_objective(objectives, acts, group):
+    """The reference: each objective on its own images, as Objective.__call__ computes it."""
+    return torch.cat([o(acts.rows(j * group, (j + 1) * group)) for j, o in enumerate(objectives)])
+
+
+def _mixed():
+    """Every kind, weighted, negated, summed, repeated in one objective, and terms of no family."""
+    custom = Objective.of(Term("custom", lambda a: a.images.mean((1, 2, 3)) * a.logits[:, 0]))
+    return [
+        class_logit(3), 2 * class_logit(0), class_prob(1) - 0.5 * l2(), channel("t", 2), -channel("t", 0),
+        neuron("t", 1), neuron("t", 3, 0, 2) + class_logit(3) + class_logit(4), layer_norm("t"),
+        direction("t", [1.0, 0, 2, 0]) + 0.1 * total_variation(), 0.01 * frequency_penalty() + custom,
+        0 * class_logit(2), class_logit(1) + 0.5 * diversity("t"), diversity("t"), custom - class_logit(2),
+    ]
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("choose", ["mixed", "classes", "classes+regularizers", "channels"])
+def test_a_loss_plan_equals_each_objective_on_its_own_images_with_the_same_gradients(group, choose):
+    objectives = {
+        "mixed": _mixed(),
+        "classes": [class_logit(c) for c in (4, 0, 2, 2)],
+        "classes+regularizers": [class_logit(c) + 0.1 * l2() + 0.5 * diversity("t") for c in (4, 0, 2)],
+        "channels": [channel("t", c) for c in range(4)],
+    }[choose]
+    b = len(objectives) * group
+    g = torch.Generator().manual_seed(1)
+    leaves = [torch.randn(b, 5, generator=g), torch.randn(b, 4, 3, 3, generator=g), torch.rand(b, 3, 8, 8, generator=g)]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    acts = Activations(leaves[0], {"t": leaves[1]}, leaves[2])
+    expected = _per_objective(objectives, acts, group)
+    got = LossPlan(objectives, group, torch.device("cpu"))(acts)
+    torch.testing.assert_close(got, expected)
+    weights = torch.randn(b, generator=g)  # a different weight per image: every row's gradient is checked
+    grad = lambda y: torch.autograd.grad((y * weights).sum(), leaves, allow_unused=True, materialize_grads=True)
+    for have, ref in zip(grad(got), grad(expected), strict=True):
+        torch.testing.assert_close(have, ref)
+
+
+def _dispatched(fn) -> int:
+    """How many tensor operations ``fn`` runs (views excluded): kernel launches on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += not func.is_view
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_a_loss_plan_runs_as_many_operations_for_eight_objectives_as_for_two_hundred():
+    def step(n):
+        objectives = [class_logit(c % 5) + 0.1 * l2() for c in range(n)] + [channel("t", c % 4) for c in range(n)]
+        g = torch.Generator().manual_seed(0)
+        b = 2 * n
+        acts = Activations(torch.randn(b, 5, generator=g).requires_grad_(True), {"t": torch.randn(b, 4, 3, 3)},
+                           torch.rand(b, 3, 8, 8).requires_grad_(True))
+        plan = LossPlan(objectives, 1, torch.device("cpu"))
+        return _dispatched(lambda: plan(acts).sum().backward())
+
+    assert step(8) == step(200) < 40
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import torch
 
 import camshaft
 from camshaft.demo.shapes import write_demo_dataset
-from camshaft.engine.actmax import RenderConfig, class_logit, render
+from camshaft.engine.actmax import RenderConfig, channel, class_logit, class_prob, direction, render
 from camshaft.errors import ConfigError
 from camshaft.models.sources import resolve_model
 
@@ -181,6 +181,42 @@ def test_actmax_reaches_its_classes_in_every_precision(demo_model, dtype):
                config=RenderConfig(steps=128, device=DEVICE, dtype=dtype, exact=False, seed=1))
     assert torch.isfinite(r.losses).all()  # float16's loss scaling kept the gradients finite
     assert r.target_probs.min() > 0.9, r.target_probs.tolist()
+
+
+def test_an_actmax_step_never_waits_for_the_device(demo_model, monkeypatch):
+    """From the second step to the last, nothing in the loop reads the GPU or copies to it from
+    pageable memory (CUDA's sync debug mode raises): the host queues steps while the GPU runs."""
+
+    class Strict:  # the loop's progress bar, switching the mode on after the first step
+        steps = 0
+
+        def __init__(self, total, **_):
+            self.total, self.n = total, 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            _set_sync_debug_mode(0)
+            Strict.steps = self.n
+
+        def update(self, k):
+            self.n += k
+            _set_sync_debug_mode("error" if self.n < self.total else 0)
+
+    monkeypatch.setattr("tqdm.auto.tqdm", Strict)
+    model, pre = demo_model
+    objectives = [class_logit(0), channel("features", 3), direction("features", [1.0] * 80), class_prob(2)]
+    config = RenderConfig(steps=4, device=DEVICE, exact=False, blur_every=2, l2=1e-3, tv=1e-3, freq=1e-3,
+                          copies=2, diversity=0.1, diversity_tap="features", relu_leak_steps=3)
+    r = render(model, objectives, preprocess=pre, config=config, progress=True)
+    assert Strict.steps == 4  # the loop ran under the bar
+    assert torch.isfinite(r.losses).all() and r.losses.shape == (4, 8)
+
+
+def _set_sync_debug_mode(mode):
+    if DEVICE.startswith("cuda"):  # with the CPU in the GPU's place nothing waits: the test runs the loop only
+        torch.cuda.set_sync_debug_mode(mode)
 
 
 def test_bench_runs_on_the_device(tmp_path):

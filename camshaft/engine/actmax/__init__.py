@@ -14,6 +14,8 @@ from camshaft.engine.actmax.job import (
 )
 from camshaft.engine.actmax.objectives import (
     Activations,
+    Family,
+    LossPlan,
     Objective,
     Term,
     channel,
@@ -62,8 +64,10 @@ __all__ = [
     "ActmaxJob",
     "ActmaxSummary",
     "Compose",
+    "Family",
     "ImageParam",
     "Jitter",
+    "LossPlan",
     "Objective",
     "ObjectiveKind",
     "Pad",

@@ -125,14 +125,14 @@ def fourier_image(size: tuple[int, int], *, generators: Sequence[torch.Generator
         y = torch.einsum("ij,bjhw->bihw", torch.linalg.inv(color), y)  # undo the colour mixing
         start = torch.view_as_real(torch.fft.rfft2(y, norm="ortho") / scale)
     p = start.to(device).contiguous().requires_grad_(True)
-    scale, color = scale.to(device), color.to(device)
+    scale, color, freq = scale.to(device), color.to(device), freq.to(device)
 
     def image() -> torch.Tensor:
         y = torch.fft.irfft2(torch.view_as_complex(p) * scale, s=(h, w), norm="ortho")  # (B, 3, H, W)
         return torch.sigmoid((color @ y.flatten(2)).view_as(y))  # colours mixed per pixel
 
     def blur_(sigma: float) -> None:  # a Gaussian's transfer function, exp(-2 pi^2 sigma^2 f^2)
-        gain = torch.exp(-2 * math.pi**2 * sigma**2 * freq.pow(2)).to(device)
+        gain = torch.exp(-2 * math.pi**2 * sigma**2 * freq.pow(2))  # on the device: no copy to wait for
         with torch.no_grad():
             p.mul_(gain[..., None])
 

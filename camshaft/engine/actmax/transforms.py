@@ -190,9 +190,17 @@ def warp(
     from_norm = torch.tensor([ow / 2.0, oh / 2.0, 1.0], dtype=torch.float64)
     theta = matrices[:, :2].clone()
     theta[:, :, 2] += shift
-    theta = (theta * to_norm * from_norm).to(x.device, x.dtype)  # (B, 2, 3)
+    theta = upload((theta * to_norm * from_norm).to(x.dtype), x.device)  # (B, 2, 3)
     grid = _affine_grid(theta, oh, ow)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``. To a GPU through pinned memory, asynchronously: a plain copy
+    from pageable memory waits until the GPU has run everything queued, once per step here."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until the copy ran
 
 
 def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:
