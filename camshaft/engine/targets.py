@@ -53,8 +53,15 @@ class Targets:
             if labels is None:
                 raise ConfigError("--targets label needs labels: use a manifest with a label column")
             return lambda logits: labels.to(logits.device).view(-1, 1)
-        fixed = torch.tensor(self.classes, dtype=torch.long)
-        return lambda logits: fixed.to(logits.device).expand(logits.shape[0], -1)
+        host = torch.device("cpu")
+        on: dict[torch.device, torch.Tensor] = {host: torch.tensor(self.classes, dtype=torch.long)}
+
+        def fixed(logits: torch.Tensor) -> torch.Tensor:  # copied to a device once, not at every batch
+            if logits.device not in on:
+                on[logits.device] = on[host].to(logits.device)
+            return on[logits.device].expand(logits.shape[0], -1)
+
+        return fixed
 
     def __str__(self) -> str:
         if self.kind == "top":
