@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU check in one call on a lent GPU machine: the CUDA tests, then the benchmark table in
-# float32, bfloat16 and float16, occlusion, activation maximization, then the pipeline with the
-# JPEGs decoded on the GPU instead of in processes; logs and JSON land in $OUT (8 files: at most
-# that many come back).
+# float32, the same at batch 16 with CUDA graphs, bfloat16, occlusion, activation maximization,
+# then the pipeline with the JPEGs decoded on the GPU instead of in processes; logs and JSON land
+# in $OUT (8 files: at most that many come back). float16 was measured on the H200 (2026-11-30)
+# and gave way to the CUDA graphs step.
 #
 # Before the call, here: bash scripts/gpu_wheels.sh (fills the ignored folder .whl/). Then the
 # device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=600).
-# Each step has its own time limit (575 s in all), so a slow one costs its own figures only (and
+# Each step has its own time limit (585 s in all), so a slow one costs its own figures only (and
 # a benchmark cut short keeps the groups it measured: --json is saved after each group); the
 # call's output says how each ended. On an H200 (2026-11-30) the steps took 45, over 190 (the
 # float32 table, then without --pipeline-batches), 52, 31, 27 and 26 s, and the machine's start
@@ -62,18 +63,20 @@ bench() {  # bench SECONDS ARGS...: camshaft bench on the device, as one step
     step bench "$limit" python3 -m camshaft bench --device "$device" "${quick[@]}" "$@"
 }
 
-step tests 75 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
+step tests 90 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
 # float32: Grad-CAM and CAM at batch 16 and 64, and the decode + explain + write pipeline (decoding
 # in worker processes, explain's default on a GPU)
-bench 240 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
+bench 225 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
     --batch-size 16 64 --pipeline --pipeline-batches 32 --json "$OUT/bench-float32.json"
+# batch 16 with CUDA graphs (launch-bound without them), against graphed limits too (CUDA only)
+[ "$device" = cpu ] || bench 60 --model "$model" --backend eager torchscript --method cam gradcam --targets top:1 top:5 --batch-size 16 \
+    --cuda-graphs --no-peers --json "$OUT/bench-graphs.json"
 # occlusion, as its target is set: resnet18, batch 16, top-1 (a sweep is 169 forwards per image)
 bench 70 --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" --backend "${backends[@]}" --method occlusion --batch-size 16 \
     --json "$OUT/bench-occlusion.json"
-for dtype in bfloat16 float16; do  # mixed precision: the targets' batch size
-    bench 50 --dtype "$dtype" --model "$model" --backend "${backends[@]}" --method cam gradcam \
-        --targets top:1 top:5 --batch-size 16 --json "$OUT/bench-$dtype.json"
-done
+# mixed precision at the targets' batch size
+bench 50 --dtype bfloat16 --model "$model" --backend "${backends[@]}" --method cam gradcam \
+    --targets top:1 top:5 --batch-size 16 --json "$OUT/bench-bfloat16.json"
 bench 45 --model resnet18 --method cam --backend eager --actmax --json "$OUT/bench-actmax.json"
 # the same pipeline with the JPEGs decoded on the GPU (nvJPEG), for comparison with the processes of
 # the float32 table (this one lands in bench.log: 8 files come back)

@@ -398,3 +398,18 @@ def test_pt2_export_of_data_dependent_control_flow_fails_clearly(tmp_path):
     with pytest.raises(ConfigError, match="torch.export cannot export 'Untraceable'.*use --format torchscript or onnx"):
         export_prepared(prepared, format="pt2", out=tmp_path / "u.pt2")
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+@pytest.mark.parametrize("name", ["eager", "torchscript"])
+def test_cuda_graphs_are_refused_on_the_cpu_with_the_reason(name, tmp_path):
+    with pytest.raises(ConfigError, match=f"CUDA graphs need a CUDA device; the {name} backend runs on cpu"):
+        open_backend(name, source_of(TinyCam().eval()), tmp_path, cuda_graphs=True)
+
+
+def test_a_graphed_forward_needs_a_cuda_input_and_no_autograd():
+    from camshaft.engine.backends.graphs import Graphed
+
+    graphed = Graphed(lambda x: x + 1)
+    with pytest.raises(ConfigError, match="need a CUDA device; the input is on cpu"), torch.no_grad():
+        graphed(torch.ones(2))
+    assert graphed.captures == 0

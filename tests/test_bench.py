@@ -167,6 +167,21 @@ def test_json_round_trip_has_the_fields_and_ratios(tmp_path):
     assert "limit" in format_table(loaded) and "pytorch-grad-cam 4.00x" in format_table(loaded)
 
 
+def test_graphed_limits_are_columns_only_in_runs_that_have_them():
+    settings = BenchSettings.preset(quick=True).to_dict()
+    plain = format_table(BenchReport(settings, {"device": "cuda"}, made_up()).to_dict())
+    assert "graph" not in plain and "CUDA graphs" not in plain
+    graphed = made_up() + [fig("l/cl-graph", "limit", 0.5, variant="channels_last_graph")]  # 32 images/s
+    data = BenchReport({**settings, "cuda_graphs": True}, {"device": "cuda"}, graphed).to_dict()
+    table = format_table(data)
+    assert "CUDA graphs" in table.splitlines()[0]
+    header = next(line for line in table.splitlines() if line.startswith("model") and "limit" in line)
+    assert header.split()[-2:] == ["channels_last_graph", "limit"]  # torchscript_cl_graph was not measured
+    assert "32.0 (channels_last_graph)" in table
+    method = next(f for f in data["figures"] if f["key"] == "m/gradcam/top1")
+    assert method["ratio_to_limit"] == pytest.approx(0.25)  # held to the graphed forward
+
+
 def test_load_json_refuses_other_files(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps({"hello": 1}))
     with pytest.raises(ConfigError, match="not a camshaft benchmark result"):
@@ -212,6 +227,7 @@ def _main(capsys, *argv) -> tuple[int, str, str]:
         (["--compare", "missing.json"], "cannot read benchmark results"),
         (["--json", "no/such/folder/run.json"], "does not exist"),
         (["--device", "tpu"], "device 'tpu'"),
+        (["--cuda-graphs"], "CUDA graphs need a CUDA device; this benchmark runs on cpu"),
     ],
 )
 def test_bad_flags_exit_2_before_any_work(capsys, monkeypatch, argv, message):

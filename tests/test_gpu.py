@@ -20,6 +20,9 @@ import torch
 import camshaft
 from camshaft.demo.shapes import write_demo_dataset
 from camshaft.engine.actmax import RenderConfig, channel, class_logit, class_prob, direction, render
+from camshaft.engine.backends.base import TAP_GRADIENTS, backend_factory
+from camshaft.engine.methods import get_method, method_names
+from camshaft.engine.targets import Targets
 from camshaft.errors import ConfigError
 from camshaft.models.sources import resolve_model
 
@@ -154,6 +157,67 @@ def test_mixed_precision_maps_stay_close_to_float32(dtype, data, tmp_path):
         assert 0 < error < (0.05 if dtype == "float16" else 0.15), (m, error)
 
 
+@pytest.mark.parametrize("method", method_names())
+def test_a_batchs_explanation_never_waits_for_the_device(method, tmp_path):
+    """Nothing in a method reads the GPU back or copies to it from pageable memory (CUDA's sync
+    debug mode raises): the host queues a batch's work while the GPU runs the one before."""
+    source = resolve_model("demo")
+    backend = backend_factory("eager")(source, taps=None, preprocess={}, device=torch.device(DEVICE),
+                                       dtype=torch.float32, workdir=tmp_path, fold=True)
+    m = get_method(method)
+    tap = (backend.info.cam_tap if method == "cam" else backend.info.taps[-1]) if m.uses_tap else None
+    x = torch.randn(4, 3, *source.preprocess.input_size, device=DEVICE)
+    for select in (Targets.parse("top:2").selector(), Targets.parse("0,3").selector()):
+        m.run(backend, x, select, tap=tap)  # first calls: cuDNN, allocator, the classes' copy to the device
+        _set_sync_debug_mode("error")
+        try:
+            maps, _ = m.run(backend, x, select, tap=tap)
+        finally:
+            _set_sync_debug_mode(0)
+        assert maps.shape[:2] == (4, 2)
+
+
+needs_cuda = pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["eager", "torchscript", "pt2"])
+def test_cuda_graphs_replay_the_same_forward_and_tap_gradients(backend, tmp_path, no_tf32):
+    """Per input shape one graph, kept; outputs a caller holds survive later replays."""
+    source = resolve_model("demo")
+    kw = dict(taps=None, preprocess={}, device=torch.device(DEVICE), dtype=torch.float32, fold=True)
+    plain = backend_factory(backend)(source, workdir=tmp_path / "plain", **kw)
+    graphed = backend_factory(backend)(source, workdir=tmp_path / "graphed", cuda_graphs=True, **kw)
+    assert set(graphed.graphs) == ({"full", "trunk"} if TAP_GRADIENTS in graphed.capabilities else {"full"})
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(n, 3, *source.preprocess.input_size, generator=g).to(DEVICE) for n in (8, 3, 8)]
+    select = Targets.parse("0,2").selector()
+    held = []
+    for x in batches:
+        want, got = plain.forward(x), graphed.forward(x)
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4)
+        for tap in want.taps:
+            torch.testing.assert_close(got.taps[tap], want.taps[tap], rtol=1e-4, atol=1e-4)
+        held.append((got.logits, want.logits))
+        if "trunk" in graphed.graphs:
+            want, got = plain.tap_gradients(x, select), graphed.tap_gradients(x, select)
+            for tap in want.grads:
+                torch.testing.assert_close(got.grads[tap], want.grads[tap], rtol=1e-4, atol=1e-5)
+    for got, want in held:  # the first batch's logits were not overwritten by the later replays
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert graphed.graphs["full"].captures == 2  # batch 8 replayed its graph the second time
+
+
+@needs_cuda
+def test_explain_with_cuda_graphs_gives_the_same_maps(data, tmp_path, no_tf32):
+    methods = ["cam", "gradcam", "occlusion"]
+    want = _explain(data, tmp_path / "plain", methods, device=DEVICE)
+    got = _explain(data, tmp_path / "graphed", methods, device=DEVICE, cuda_graphs=True)
+    for m in methods:
+        assert (got[m].table["status"] == "ok").all()
+        assert _relative_error(got[m].maps[:], want[m].maps[:]) < 1e-4, m
+
+
 @pytest.fixture(scope="module")
 def demo_model():
     source = resolve_model("demo")
@@ -229,3 +293,15 @@ def test_bench_runs_on_the_device(tmp_path):
     assert report["machine"]["device"].startswith(DEVICE.split(":")[0])
     methods = [f for f in report["figures"] if f["role"] == "method"]
     assert methods and all(f["ratio_to_limit"] > 0 for f in methods)
+
+
+@needs_cuda
+def test_a_forward_that_reads_the_device_is_refused_with_the_reason():
+    """Last in the file: a failed capture is ended cleanly, but nothing should depend on it."""
+    from camshaft.engine.backends.graphs import GraphCaptureError, Graphed
+
+    def reads(x):
+        return x * float(x.sum())  # a host read: nothing a graph can record
+
+    with pytest.raises(GraphCaptureError, match="cannot be recorded as a CUDA graph"), torch.inference_mode():
+        Graphed(reads)(torch.ones(4, device=DEVICE))

@@ -6,7 +6,9 @@ under inference mode: the best of eager, channels_last, frozen TorchScript (``to
 options camshaft itself uses). Gradient methods are also compared with *the gradient limit*: that
 best forward plus the head above the tap run forward with a batched backward of the K target scores
 to the tap (``head_backward``). Methods on input gradients are compared with a forward and a
-batched backward to the pixels (``input_backward``).
+batched backward to the pixels (``input_backward``). With ``cuda_graphs`` (a run whose backends replay
+CUDA graphs) the two fastest variants are also replayed from CUDA graphs (``GRAPH_VARIANTS``), so
+graphed methods are held to a graphed forward.
 
 Limits run on their own frozen copy of the model, so they share no state with backends or peers.
 """
@@ -26,6 +28,7 @@ from camshaft.errors import CamshaftError
 from camshaft.exporters.onnx import quiet
 
 VARIANTS = ("eager", "channels_last", "torchscript", "torchscript_cl", "onnxruntime")
+GRAPH_VARIANTS = ("channels_last_graph", "torchscript_cl_graph")  # only in runs with CUDA graphs
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -38,9 +41,17 @@ def autocast(device: torch.device, dtype: torch.dtype):
 
 
 def forward_limits(
-    model: nn.Module, x: torch.Tensor, *, dtype: torch.dtype, onnx_path: Path | None, key: str, attrs: dict
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    dtype: torch.dtype,
+    onnx_path: Path | None,
+    key: str,
+    attrs: dict,
+    cuda_graphs: bool = False,
 ) -> list[Workload | Skipped]:
     """One ``limit`` workload per variant for the batch ``x`` (or why a variant cannot run)."""
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     builders: dict[str, Callable[[], Callable[[], object]]] = {
         "eager": lambda: _eager(model, x, dtype),
         "channels_last": lambda: _channels_last(model, x, dtype),
@@ -48,6 +59,9 @@ def forward_limits(
         "torchscript_cl": lambda: _torchscript(model, x.contiguous(memory_format=torch.channels_last), dtype),
         "onnxruntime": lambda: _onnxruntime(onnx_path, x, dtype),
     }
+    if cuda_graphs:
+        builders["channels_last_graph"] = lambda: _graphed(_cl_copy(model), x_cl, dtype)
+        builders["torchscript_cl_graph"] = lambda: _graphed(_traced(model, x_cl, dtype), x_cl, dtype)
     out: list[Workload | Skipped] = []
     b = x.shape[0]
     for variant, build in builders.items():
@@ -73,17 +87,40 @@ def _eager(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[]
     return fn
 
 
+def _cl_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+
 def _channels_last(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
-    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    return _eager(model, x.contiguous(memory_format=torch.channels_last), dtype)
+    return _eager(_cl_copy(model), x.contiguous(memory_format=torch.channels_last), dtype)
 
 
-def _torchscript(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+def _traced(model: nn.Module, x: torch.Tensor, dtype: torch.dtype):
     if dtype != torch.float32:
         raise _Unavailable("frozen TorchScript limit is measured in float32 only")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        traced = torch.jit.freeze(torch.jit.trace(model, x).eval())
+        return torch.jit.freeze(torch.jit.trace(model, x).eval())
+
+
+def _graphed(model, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+    """The forward replayed from a CUDA graph, recorded here (a model it cannot hold is skipped)."""
+    from camshaft.engine.backends.graphs import Graphed
+
+    if x.device.type != "cuda":
+        raise _Unavailable("CUDA graphs need a CUDA device")
+    graphed = Graphed(model, autocast=None if dtype == torch.float32 else dtype)
+
+    def fn():
+        with torch.inference_mode():
+            graphed(x)
+
+    fn()  # records the graph (a GraphCaptureError is a CamshaftError: the variant is skipped)
+    return fn
+
+
+def _torchscript(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+    traced = _traced(model, x, dtype)
 
     def fn():
         with torch.inference_mode():

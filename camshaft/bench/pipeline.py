@@ -49,6 +49,7 @@ def pipeline_workload(
     device: str,
     dtype: str,
     decode: str = "auto",
+    cuda_graphs: bool = False,
 ) -> Workload:
     """``camshaft.explain`` of the ``n`` images in ``data`` for ``case``; each call writes a fresh folder."""
     method = get_method(case.method)
@@ -76,6 +77,7 @@ def pipeline_workload(
                 input_size=case.group.input_size,
                 options=options,
                 decode=decode,
+                cuda_graphs=cuda_graphs,
                 progress=False,
             )
         shutil.rmtree(out, ignore_errors=True)

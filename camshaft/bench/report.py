@@ -91,9 +91,16 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def _limit_rows(figures: list[dict]) -> list[list[str]]:
-    from camshaft.bench.limits import VARIANTS
+def _limit_variants(figures: list[dict]) -> list[str]:
+    """The limit table's columns: every variant, and the graphed ones of a run that has them."""
+    from camshaft.bench.limits import GRAPH_VARIANTS, VARIANTS
 
+    seen = {f.get("variant") for f in figures if f["role"] == "limit"}
+    return [*VARIANTS, *(v for v in GRAPH_VARIANTS if v in seen)]
+
+
+def _limit_rows(figures: list[dict]) -> list[list[str]]:
+    columns = _limit_variants(figures)
     by_group: dict[str, dict] = {}
     for f in figures:
         if f["role"] == "limit":
@@ -101,7 +108,7 @@ def _limit_rows(figures: list[dict]) -> list[list[str]]:
     rows = []
     for g, variants in by_group.items():
         best = max(variants, key=variants.get)
-        rows.append([g, *(_num(variants.get(v)) for v in VARIANTS), f"{variants[best]:.1f} ({best})"])
+        rows.append([g, *(_num(variants.get(v)) for v in columns), f"{variants[best]:.1f} ({best})"])
     return rows
 
 
@@ -168,7 +175,8 @@ def _header(data: dict) -> str:
     if data.get("complete") is False:
         quick += "\nINCOMPLETE: the run stopped before it measured everything it was asked for"
     return (
-        f"camshaft bench on {m.get('device_name')} ({m.get('device')}, {m.get('dtype')}), "
+        f"camshaft bench on {m.get('device_name')} ({m.get('device')}, {m.get('dtype')}"
+        f"{', CUDA graphs' if s.get('cuda_graphs') else ''}), "
         f"{m.get('usable_cores')} cores, torch threads {m.get('torch_threads')}, load average {load or '?'}, "
         f"GLIBC_TUNABLES={'set' if m.get('glibc_tunables') else 'unset'}; best of {timing.get('repeats')} rounds "
         f"after {timing.get('warmup')} warm-up calls{quick}"
@@ -177,15 +185,13 @@ def _header(data: dict) -> str:
 
 def format_table(data: dict, *, skipped: bool = True) -> str:
     """The printed report of a run (from its JSON form)."""
-    from camshaft.bench.limits import VARIANTS
-
     figures = data["figures"]
     parts = [_header(data)]
     if any(f["role"] == "limit" for f in figures):
         parts += [
             "",
             "limit: plain batched forward, inference mode (images/s)",
-            _table(["model", *VARIANTS, "limit"], _limit_rows(figures)),
+            _table(["model", *_limit_variants(figures), "limit"], _limit_rows(figures)),
         ]
     if any(f["role"] == "method" for f in figures):
         headers = [

@@ -112,6 +112,7 @@ class ModelBench:
                     dtype=self.dtype,
                     workdir=self.workdir / name,
                     fold=True,  # as `camshaft explain` opens it
+                    cuda_graphs=self.settings.cuda_graphs,
                 )
         except CamshaftError as e:
             return Skipped(
@@ -219,7 +220,9 @@ def group_workloads(mb: ModelBench, group: Group) -> list[Workload | Skipped]:
     out: list[Workload | Skipped] = []
     if mb.plain is not None:
         onnx = mb.onnx if isinstance(mb.onnx, Path) else None
-        out += limits.forward_limits(mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=group.key, attrs=attrs)
+        out += limits.forward_limits(
+            mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=group.key, attrs=attrs, cuda_graphs=mb.settings.cuda_graphs
+        )
         out += gradient_limits(mb, group, x)
     else:
         out.append(
@@ -314,6 +317,7 @@ def pipeline_workloads(mb: ModelBench, group: Group, ready: list[Case]) -> list[
                 device=mb.settings.device,
                 dtype=mb.settings.dtype,
                 decode=mb.settings.decode,
+                cuda_graphs=mb.settings.cuda_graphs,
             )
         )
     return out

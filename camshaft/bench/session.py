@@ -60,7 +60,8 @@ class BenchSession:
         x = self.x(group)
         onnx = mb.onnx if isinstance(mb.onnx, Path) else None
         return limit_work.forward_limits(
-            mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=group.key, attrs=group.attrs()
+            mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=group.key, attrs=group.attrs(),
+            cuda_graphs=mb.settings.cuda_graphs,
         ) + gradient_limits(mb, group, x)
 
     def method_workload(self, case: Case) -> Workload | Skipped:

@@ -31,6 +31,7 @@ class BenchSettings:
     input_size: tuple[int, int] = (224, 224)
     device: str = "cpu"
     dtype: str = "float32"
+    cuda_graphs: bool = False  # camshaft's torch backends replay CUDA graphs; the limit gets graphed variants
     peers: bool = True  # time peer libraries that are installed
     pipeline: bool = False  # also time decode + explain + write on generated JPEGs
     pipeline_batches: int = 16  # images per pipeline run = this × batch size (partitions of 4 batches)
@@ -112,9 +113,12 @@ def _problems(s: BenchSettings) -> list[str]:
     if s.actmax_size < 16:
         problems.append(f"actmax size must be at least 16 pixels, received {s.actmax_size}")
     try:
-        resolve_device(s.device)
+        device = resolve_device(s.device)
     except ConfigError as e:
         problems.append(str(e))
+    else:
+        if s.cuda_graphs and device.type != "cuda":
+            problems.append(f"CUDA graphs need a CUDA device; this benchmark runs on {device}")
     return problems
 
 

@@ -50,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=list(DTYPES), default="float32", help="autocast dtype for camshaft and the limits"
     )
     p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="camshaft's torch backends replay their forwards from CUDA graphs, and the limit gets graphed "
+        "variants (GPU)",
+    )
+    p.add_argument(
         "--quick", action="store_true", help="tiny sizes and 2 rounds: proves the machinery works, measures nothing"
     )
     p.add_argument(
@@ -103,6 +109,7 @@ def settings_from(args):
         input_size=args.input_size,
         device=args.device,
         dtype=args.dtype,
+        cuda_graphs=args.cuda_graphs or None,
         peers=args.peers,
         pipeline=args.pipeline or None,
         pipeline_batches=args.pipeline_batches,

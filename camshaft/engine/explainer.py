@@ -370,6 +370,7 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
         dtype=dtype,
         workdir=workdir,  # only written when a torch model must be exported first
         fold=True,  # the model was loaded here, and nothing else holds it
+        cuda_graphs=job.cuda_graphs,
     )
     info = backend.info
     runs = []
@@ -391,6 +392,7 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
             dtype=dtype,
             workdir=workdir,
             fold=True,
+            cuda_graphs=job.cuda_graphs,
         )
         for r in runs:
             check_backend(r.method, backend, tap=r.tap)

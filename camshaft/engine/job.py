@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camshaft.data.workers import DECODERS
-from camshaft.engine.backends.base import DTYPES, backend_names
+from camshaft.engine.backends.base import DTYPES, backend_names, resolve_device
 from camshaft.engine.methods import get_method, method_names
 from camshaft.errors import ConfigError
 from camshaft.preprocess import RESIZE_MODES
@@ -26,6 +26,7 @@ class ExplainJob:
     backend: str = "eager"  # eager | torchscript | pt2 | onnxruntime
     device: str | None = None  # cpu | cuda[:N]; None = cuda when available
     dtype: str = "float32"  # float16 / bfloat16 autocast on CUDA
+    cuda_graphs: bool = False  # forward-only parts replayed from CUDA graphs (eager, torchscript, pt2 on CUDA)
     batch_size: int = 32
     overlays: bool = False
     input_size: tuple[int, int] | None = None  # preprocessing overrides (None = the model's)
@@ -60,6 +61,8 @@ class ExplainJob:
             problems.append(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
         if self.batch_size < 1:
             problems.append(f"batch size must be at least 1, received {self.batch_size}")
+        if self.cuda_graphs:
+            problems += self._check_cuda_graphs()
         if self.workers is not None and self.workers < 1:
             problems.append(f"workers must be at least 1, received {self.workers}")
         if self.decode not in DECODERS:
@@ -77,6 +80,17 @@ class ExplainJob:
             problems.append(f"weights file not found: {self.weights}")
         if problems:
             raise ConfigError("invalid explain job: " + "; ".join(problems))
+
+    def _check_cuda_graphs(self) -> list[str]:
+        from camshaft.engine.backends.registry import CUDA_GRAPHS_BACKENDS
+
+        if self.backend == "onnxruntime":
+            return [CUDA_GRAPHS_BACKENDS]
+        try:
+            device = resolve_device(self.device)
+        except ConfigError as e:
+            return [str(e)]
+        return [] if device.type == "cuda" else [f"CUDA graphs need a CUDA device; this run is on {device}"]
 
     def _check_extras(self) -> list[str]:
         """Problems with the metrics and exemplars requested (parsed by the report package)."""

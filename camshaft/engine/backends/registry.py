@@ -80,6 +80,7 @@ def open_eager(
     workdir=None,
     memory_format="auto",
     fold: bool = False,
+    cuda_graphs: bool = False,
     **_,
 ) -> TorchBackend:
     """The model itself, tapped.
@@ -126,6 +127,7 @@ def open_eager(
         leaf_forward=lambda x: tapped(x, leaf_first=True),
         owner=p.module,
         memory_format=layout,
+        cuda_graphs=cuda_graphs,
     )
 
 
@@ -141,7 +143,16 @@ def _runs_channels_last(tapped, pre: Preprocess, device) -> bool:
 
 
 def open_torchscript(
-    source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, memory_format="auto", **_
+    source: ModelSource,
+    *,
+    taps=None,
+    preprocess: dict,
+    device,
+    dtype,
+    workdir=None,
+    memory_format="auto",
+    cuda_graphs: bool = False,
+    **_,
 ):
     path = _artifact(source, "torchscript", taps=taps, preprocess=preprocess, workdir=workdir)
     module, meta, cam = ts_export.load(path, device=device)
@@ -169,6 +180,7 @@ def open_torchscript(
         split=split,
         grad_forward=module,
         memory_format=resolve_memory_format(memory_format, module),
+        cuda_graphs=cuda_graphs,
     )
 
 
@@ -183,7 +195,18 @@ def _head_runner(head, taps):
     return run_head
 
 
-def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, memory_format="auto", **_):
+def open_pt2(
+    source: ModelSource,
+    *,
+    taps=None,
+    preprocess: dict,
+    device,
+    dtype,
+    workdir=None,
+    memory_format="auto",
+    cuda_graphs: bool = False,
+    **_,
+):
     path = _artifact(source, "pt2", taps=taps, preprocess=preprocess, workdir=workdir)
     program, head, meta, cam = pt2_export.load(path, device=device)
     if meta is None:
@@ -213,10 +236,15 @@ def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype,
         dtype=dtype,
         split=split,
         memory_format=resolve_memory_format(memory_format, program),
+        cuda_graphs=cuda_graphs,
     )
 
 
-def open_onnxruntime(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, **_):
+def open_onnxruntime(
+    source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None, cuda_graphs: bool = False, **_
+):
+    if cuda_graphs:
+        raise ConfigError(CUDA_GRAPHS_BACKENDS)
     if dtype != torch.float32:
         raise ConfigError("the onnxruntime backend runs float32 models; export in half precision is not supported yet")
     path = _artifact(source, "onnx", taps=taps, preprocess=preprocess, workdir=workdir)
@@ -228,6 +256,8 @@ def open_onnxruntime(source: ModelSource, *, taps=None, preprocess: dict, device
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
     return OnnxBackend(session, info, head=head, device=device, tap_outputs={t: onnx_export.tap_output(t) for t in info.taps})
 
+
+CUDA_GRAPHS_BACKENDS = "CUDA graphs run on the eager, torchscript and pt2 backends (not onnxruntime)"
 
 register_backend("eager", open_eager)
 register_backend("torchscript", open_torchscript)

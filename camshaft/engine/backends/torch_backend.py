@@ -8,6 +8,9 @@ Image batches enter in channels-last layout (``memory_format``): oneDNN's convol
 cuDNN's tensor-core kernels (CUDA, half precision) run fastest on it; measured on 2 CPU cores,
 resnet18 1.43x, resnet50 1.27x, mobilenet_v3_large 1.5x the contiguous-layout forward. Taps and
 gradients are handed back contiguous, so methods never see the layout.
+
+With ``cuda_graphs`` the forward-only parts (the full forward, and the trunk below the tap) replay
+from CUDA graphs (``graphs.py``): at small batches a GPU otherwise waits on the host's launches.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from camshaft.engine.backends.base import (
     batched_grads,
     batched_tap_grads,
 )
+from camshaft.engine.backends.graphs import Graphed
+from camshaft.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -60,6 +65,7 @@ class TorchBackend:
         grad_forward: Callable | None = None,
         owner: nn.Module | None = None,
         memory_format: torch.memory_format = torch.contiguous_format,
+        cuda_graphs: bool = False,
     ):
         self.name, self.info, self.device, self.dtype = name, info, device, dtype
         self.memory_format = memory_format
@@ -72,6 +78,14 @@ class TorchBackend:
             caps.add(MODULE_HOOKS)
         self.capabilities = frozenset(caps)
         self.module = owner  # the live model (eager only): methods that hook layers use it
+        self.graphs: dict[str, Graphed] = {}  # "full" and "trunk", replayed from CUDA graphs
+        if cuda_graphs:
+            if device.type != "cuda":
+                raise ConfigError(f"CUDA graphs need a CUDA device; the {name} backend runs on {device}")
+            mixed = None if dtype == torch.float32 else dtype
+            self.graphs["full"] = Graphed(full, autocast=mixed)
+            if split is not None:
+                self.graphs["trunk"] = Graphed(split[0], autocast=mixed)
 
     def _autocast(self):
         """Mixed precision for float16 / bfloat16 (CUDA, and CPU where torch supports it)."""
@@ -81,8 +95,12 @@ class TorchBackend:
         return x.contiguous(memory_format=self.memory_format) if x.dim() == 4 else x
 
     def forward(self, x: torch.Tensor) -> Output:
-        with torch.inference_mode(), self._autocast():
-            logits, taps = self._full(self._layout(x))
+        if "full" in self.graphs:  # autocast is recorded in the graph
+            with torch.inference_mode():
+                logits, taps = self.graphs["full"](self._layout(x))
+        else:
+            with torch.inference_mode(), self._autocast():
+                logits, taps = self._full(self._layout(x))
         return Output(logits.float(), {k: _plain(v) for k, v in taps.items()})
 
     def tap_gradients(self, x: torch.Tensor, select: Selector) -> Output:
@@ -94,7 +112,7 @@ class TorchBackend:
             if self._split is not None:
                 trunk, head = self._split
                 with torch.no_grad():
-                    a = trunk(x)
+                    a = self.graphs["trunk"](x) if "trunk" in self.graphs else trunk(x)
                 a = a.detach().requires_grad_(True)
                 with torch.enable_grad():
                     logits, taps = head(a)
