@@ -6,6 +6,7 @@ Importing this module does not import torch (decode worker processes resize imag
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -134,6 +135,14 @@ def normalize(
     import torch
 
     x = batch.to(device, non_blocking=True).float().div_(255)
-    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    mean, std = _statistics(tuple(pre.mean), tuple(pre.std), x.device)
     return x.sub_(mean).div_(std).contiguous(memory_format=memory_format or torch.contiguous_format)
+
+
+@functools.lru_cache(maxsize=16)
+def _statistics(mean: tuple, std: tuple, device):
+    """(1, 3, 1, 1) mean and std on ``device``, made once: a tensor made from numbers on a GPU is a
+    copy from pageable memory, which waits until the GPU has run everything queued before it."""
+    import torch
+
+    return tuple(torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (mean, std))

@@ -177,6 +177,30 @@ def test_a_batchs_explanation_never_waits_for_the_device(method, tmp_path):
         assert maps.shape[:2] == (4, 2)
 
 
+@pytest.mark.parametrize("targets", ["top:2", "0,3", "label"])
+def test_a_pipeline_queues_its_batches_without_waiting_for_the_device(targets, data, tmp_path, monkeypatch):
+    """Queuing a batch (its upload, normalisation, methods and copies back) never waits for the GPU,
+    so a batch is queued while the one before still runs; only collecting a batch waits for it."""
+    from camshaft.engine.explainer import Explainer
+
+    launch, calls = Explainer._launch, []
+
+    def strict(self, batch, **kw):
+        calls.append(len(batch))
+        _set_sync_debug_mode("error" if len(calls) > 1 else 0)  # the first batch: allocator, cuDNN, copies made once
+        try:
+            return launch(self, batch, **kw)
+        finally:
+            _set_sync_debug_mode(0)
+
+    monkeypatch.setattr(Explainer, "_launch", strict)
+    camshaft.explain(None, data, out=tmp_path / "run", method=["cam", "gradcam"], targets=targets, scheduler="sync",
+                     batch_size=4, device=DEVICE, labels_from_folders=True, progress=False)
+    assert len(calls) >= 3
+    results = camshaft.load_results(tmp_path / "run" / "gradcam")
+    assert (results.table["status"] == "ok").all()
+
+
 needs_cuda = pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need a CUDA device")
 
 

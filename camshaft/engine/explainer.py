@@ -266,7 +266,9 @@ class Explainer:
                     reason = "no label for this image" if d.record.label is None else f"label {d.record.label!r} is not a class of the model"
                     rows[d.index].update(status="error", error=f"{reason} (--targets label)")
             good = [d for d in good if self._label(d) is not None]
-            labels = torch.tensor([self._label(d) for d in good], dtype=torch.long)
+            # pinned on a GPU: the selector's copy to the device then does not wait for the GPU
+            labels = torch.tensor([self._label(d) for d in good], dtype=torch.long,
+                                  pin_memory=self.backend.device.type == "cuda")
         if not good:
             return [Launched(batch, good, rows)]
         device = self.backend.device

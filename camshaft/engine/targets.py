@@ -52,7 +52,7 @@ class Targets:
         if self.kind == "label":
             if labels is None:
                 raise ConfigError("--targets label needs labels: use a manifest with a label column")
-            return lambda logits: labels.to(logits.device).view(-1, 1)
+            return lambda logits: labels.to(logits.device, non_blocking=True).view(-1, 1)  # labels: pinned on a GPU
         host = torch.device("cpu")
         on: dict[torch.device, torch.Tensor] = {host: torch.tensor(self.classes, dtype=torch.long)}
 
