@@ -93,8 +93,9 @@ def resize(images: torch.Tensor, geom: Geometry, pre: Preprocess) -> torch.Tenso
     if pre.resize != "letterbox":
         out = _resample(images, (h, w), geom.region)
     else:
-        fill = torch.tensor(pre.letterbox_fill, dtype=torch.float32, device=images.device)
-        out = fill.view(1, 3, 1, 1).repeat(images.shape[0], 1, h, w)
+        out = torch.empty(images.shape[0], 3, h, w, device=images.device)
+        for c, value in enumerate(pre.letterbox_fill):  # filled there: a tensor of numbers would be a blocking copy
+            out[:, c].fill_(value)
         cx0, cy0, cx1, cy1 = (int(v) for v in geom.content)
         full = (0.0, 0.0, float(images.shape[-1]), float(images.shape[-2]))
         out[..., cy0:cy1, cx0:cx1] = _resample(images, (cy1 - cy0, cx1 - cx0), full)
