@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from camshaft.engine.backends.base import upload
 from camshaft.errors import ConfigError
 
 __all__ = ["Compose", "Jitter", "Pad", "Rotate", "Scale", "Transform", "center", "gaussian_blur", "warp"]
@@ -193,14 +194,6 @@ def warp(
     theta = upload((theta * to_norm * from_norm).to(x.dtype), x.device)  # (B, 2, 3)
     grid = _affine_grid(theta, oh, ow)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
-def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``. To a GPU through pinned memory, asynchronously: a plain copy
-    from pageable memory waits until the GPU has run everything queued, once per step here."""
-    if device.type != "cuda":
-        return t.to(device)
-    return t.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until the copy ran
 
 
 def _affine_grid(theta: torch.Tensor, h: int, w: int) -> torch.Tensor:

@@ -113,6 +113,15 @@ def require(backend: Backend, needs: frozenset[str], *, method: str) -> None:
         )
 
 
+def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A small host tensor (indices, parameters) on ``device``. To a GPU through pinned memory and
+    asynchronously: a plain copy from pageable memory waits until the GPU has run everything queued."""
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until the copy ran
+
+
 def resolve_device(device: str | None) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``; None picks cuda when available."""
     if device is None:

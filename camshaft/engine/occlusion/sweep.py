@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import torch
 
+from camshaft.engine.backends.base import upload
 from camshaft.engine.occlusion.windows import Grid, all_pairs, occlude
 
 SCORES = ("logit", "prob")
@@ -58,7 +59,7 @@ def sweep_drops(
     sizes = [min(per_forward, img.numel() - s) for s in range(0, img.numel(), per_forward)] if sizes is None else sizes
     for i, p in zip(img.split(sizes), pos.split(sizes), strict=True):
         logits = evaluate(i, p)  # (m, N)
-        i = i.to(base.device)
+        i = upload(i, base.device)
         drops.append(base[i] - target_scores(logits, targets[i], score).to(base.device))
     return torch.cat(drops) if drops else base.new_zeros(0, targets.shape[1])
 
@@ -68,7 +69,7 @@ def to_maps(drops: torch.Tensor, img: torch.Tensor, pos: torch.Tensor, *, batch:
     rows, cols = grid.shape
     k = drops.shape[1]
     maps = drops.new_full((batch, rows * cols, k), float("nan"))
-    maps[img.to(drops.device), pos.to(drops.device)] = drops
+    maps[upload(img, drops.device), upload(pos, drops.device)] = drops
     return maps.permute(0, 2, 1).reshape(batch, k, rows, cols)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from camshaft.engine.backends.base import upload
 from camshaft.errors import ConfigError
 
 
@@ -61,7 +62,7 @@ class Grid:
 
     def masks(self, pos: torch.Tensor, *, device: torch.device | str = "cpu") -> torch.Tensor:
         """(M, 1, H, W) boolean masks, True inside the windows of positions ``pos`` (M,)."""
-        top, left, bottom, right = (t.to(device) for t in self.boxes(pos))
+        top, left, bottom, right = self.boxes(upload(pos, device))  # computed there
         ys = torch.arange(self.size[0], device=device)
         xs = torch.arange(self.size[1], device=device)
         rows = (ys >= top[:, None]) & (ys < bottom[:, None])  # (M, H)
@@ -75,7 +76,7 @@ def occlude(x: torch.Tensor, fill: torch.Tensor, grid: Grid, img: torch.Tensor, 
     ``x`` is (B, C, H, W); ``fill`` is broadcastable to it with a batch dimension of B (a constant
     (B, 1, 1, 1), a per-image colour (B, C, 1, 1) or a per-image picture (B, C, H, W)).
     """
-    img = img.to(x.device)
+    img = upload(img, x.device)
     return torch.where(grid.masks(pos, device=x.device), fill[img], x[img])
 
 
