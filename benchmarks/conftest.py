@@ -5,7 +5,8 @@ Quick mode (``--quick`` or ``CAMSHAFT_BENCH_QUICK=1``): the tiny preset of ``cam
 architectures × every registered method × eager / TorchScript / ONNX Runtime × batch 1, 16, 64 ×
 top:1, top:5, plus the pipeline. Narrow it with ``--bench-model``, ``--bench-method``,
 ``--bench-backend``, ``--bench-batch`` or ``-k``; ``--bench-decode`` chooses the pipeline's
-decoders. ``--bench-json PATH`` saves the run in the format of ``camshaft bench --json`` (so
+decoders. ``--bench-device cuda`` runs them on a GPU, with ``--bench-dtype`` (mixed precision) and
+``--bench-cuda-graphs`` as ``camshaft bench`` takes them. ``--bench-json PATH`` saves the run in the format of ``camshaft bench --json`` (so
 ``--compare`` works on it).
 """
 
@@ -23,6 +24,7 @@ from camshaft.bench.timing import synchronize
 from camshaft.bench.workload import Skipped, Workload
 from camshaft.cli import GLIBC_TUNING
 from camshaft.data.workers import DECODERS
+from camshaft.engine.backends.base import DTYPES
 
 
 def pytest_addoption(parser):
@@ -33,6 +35,9 @@ def pytest_addoption(parser):
     g.addoption("--bench-backend", action="append", help="only these backends (repeatable)")
     g.addoption("--bench-batch", action="append", type=int, help="only these batch sizes (repeatable)")
     g.addoption("--bench-decode", choices=DECODERS, help="the pipeline's decoders (default: auto, as camshaft explain)")
+    g.addoption("--bench-device", help="cpu (default), cuda or cuda:N")
+    g.addoption("--bench-dtype", choices=list(DTYPES), help="autocast dtype (default: float32)")
+    g.addoption("--bench-cuda-graphs", action="store_true", help="torch backends and limits replay CUDA graphs")
     g.addoption("--bench-json", help="save the run as camshaft bench JSON")
 
 
@@ -48,6 +53,9 @@ def _settings(config) -> BenchSettings:
         backends=pick("--bench-backend"),
         batch_sizes=pick("--bench-batch"),
         decode=config.getoption("--bench-decode"),
+        device=config.getoption("--bench-device"),
+        dtype=config.getoption("--bench-dtype"),
+        cuda_graphs=config.getoption("--bench-cuda-graphs") or None,
     )
 
 

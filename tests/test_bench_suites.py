@@ -50,3 +50,15 @@ def test_pipelines_and_peers_are_timed_in_the_same_run(quick_run):
         assert f["decoding"].endswith(" threads"), f["decoding"]
     assert any(f["role"] == "peer" for f in figures)  # captum and torchcam come with the dev extra
     assert quick_run["settings"]["quick"] is True and quick_run["machine"]
+
+
+def test_the_suites_take_camshaft_benchs_device_settings_and_refuse_bad_ones():
+    env = {k: v for k, v in os.environ.items() if k != "CAMSHAFT_BENCH_QUICK"}
+    base = [sys.executable, "-m", "pytest", "benchmarks/", "--quick", "--collect-only", "-q", "-p", "no:cacheprovider"]
+    ok = subprocess.run([*base, "--bench-device", "cpu", "--bench-dtype", "bfloat16"], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr[-2000:]
+    bad = subprocess.run([*base, "--bench-device", "cpu", "--bench-cuda-graphs"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    assert "CUDA graphs need a CUDA device; this benchmark runs on cpu" in bad.stdout + bad.stderr
