@@ -90,6 +90,7 @@ class Graphed:
                 with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     static_out = self._run(static_x)
             except torch.OutOfMemoryError:
+                self.clear()  # the graphs of larger batches hold memory the back-off needs
                 raise  # the caller's back-off halves the batch
             except RuntimeError as e:
                 raise GraphCaptureError(
