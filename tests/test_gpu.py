@@ -208,9 +208,9 @@ needs_cuda = pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA grap
 @pytest.mark.parametrize("backend", ["eager", "torchscript", "pt2"])
 def test_cuda_graphs_replay_the_same_forward_and_tap_gradients(backend, tmp_path, no_tf32):
     """Per input shape one graph, kept; outputs a caller holds survive later replays."""
-    source = resolve_model("demo")
     kw = dict(taps=None, preprocess={}, device=torch.device(DEVICE), dtype=torch.float32, fold=True)
-    plain = backend_factory(backend)(source, workdir=tmp_path / "plain", **kw)
+    plain = backend_factory(backend)(resolve_model("demo"), workdir=tmp_path / "plain", **kw)
+    source = resolve_model("demo")  # a model of its own: the eager backend moves and lays out the one it opens
     graphed = backend_factory(backend)(source, workdir=tmp_path / "graphed", cuda_graphs=True, **kw)
     assert set(graphed.graphs) == ({"full", "trunk"} if TAP_GRADIENTS in graphed.capabilities else {"full"})
     g = torch.Generator().manual_seed(0)
