@@ -142,18 +142,8 @@ def _runs_channels_last(tapped, pre: Preprocess, device) -> bool:
     return True
 
 
-def open_torchscript(
-    source: ModelSource,
-    *,
-    taps=None,
-    preprocess: dict,
-    device,
-    dtype,
-    workdir=None,
-    memory_format="auto",
-    cuda_graphs: bool = False,
-    **_,
-):
+def open_torchscript(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None,
+                     memory_format="auto", cuda_graphs: bool = False, **_):
     path = _artifact(source, "torchscript", taps=taps, preprocess=preprocess, workdir=workdir)
     module, meta, cam = ts_export.load(path, device=device)
     if meta is None:
@@ -195,18 +185,8 @@ def _head_runner(head, taps):
     return run_head
 
 
-def open_pt2(
-    source: ModelSource,
-    *,
-    taps=None,
-    preprocess: dict,
-    device,
-    dtype,
-    workdir=None,
-    memory_format="auto",
-    cuda_graphs: bool = False,
-    **_,
-):
+def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None,
+             memory_format="auto", cuda_graphs: bool = False, **_):
     path = _artifact(source, "pt2", taps=taps, preprocess=preprocess, workdir=workdir)
     program, head, meta, cam = pt2_export.load(path, device=device)
     if meta is None:
