@@ -7,7 +7,7 @@ launch (PyTorch's "CUDA Graphs" notes; ``torch.cuda.graph``).
 
 :class:`Graphed` wraps a forward-only callable ``x -> outputs`` (no autograd: the backends graph
 the trunk below the tap, and the full forward for forward-only methods). One graph per input shape,
-layout, dtype and grad mode, the few most recent kept. The first call of a shape warms the callable
+layout, dtype and inference mode, the few most recent kept. The first call of a shape warms the callable
 up on a side stream (cuDNN picks its kernels, TorchScript profiles and optimises) and records it;
 every call then copies its input into the graph's own input and replays. Outputs are copied out of
 the graph's memory, so a later replay never overwrites what a caller still holds.
@@ -47,7 +47,7 @@ class Graphed:
             raise ConfigError(f"CUDA graphs need a CUDA device; the input is on {x.device}")
         if torch.is_grad_enabled():
             raise RuntimeError("a graphed forward runs without autograd: call it under no_grad or inference_mode")
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device, torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled())
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._record(x)
