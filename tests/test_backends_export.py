@@ -413,3 +413,24 @@ def test_a_graphed_forward_needs_a_cuda_input_and_no_autograd():
     with pytest.raises(ConfigError, match="need a CUDA device; the input is on cpu"), torch.no_grad():
         graphed(torch.ones(2))
     assert graphed.captures == 0
+
+
+def test_torchscript_folds_batch_norms_of_the_trunk_gradient_methods_run_too(tmp_path):
+    """On the CPU both the forward and the trunk below the tap run frozen (norms folded into the
+    convolutions): Grad-CAM then costs what CAM costs, and the gradients are unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    source = source_of(model)
+    ts = open_backend("torchscript", source, tmp_path / "ts", taps=["2"])
+    eager = open_backend("eager", source_of(model), tmp_path / "eager", taps=["2"])
+    trunk, _ = ts._split
+    assert "batch_norm" not in str(trunk.inlined_graph) and "batch_norm" not in str(ts._full.inlined_graph)
+    x = torch.randn(2, 3, 8, 8)
+    select = lambda logits: torch.tensor([[0, 2], [1, 0]])  # noqa: E731
+    got, want = ts.tap_gradients(x, select), eager.tap_gradients(x, select)
+    torch.testing.assert_close(got.grads["2"], want.grads["2"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.taps["2"], want.taps["2"], rtol=1e-4, atol=1e-5)

