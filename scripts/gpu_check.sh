@@ -63,21 +63,21 @@ bench() {  # bench SECONDS ARGS...: camshaft bench on the device, as one step
     step bench "$limit" python3 -m camshaft bench --device "$device" "${quick[@]}" "$@"
 }
 
-step tests 90 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
+step tests 120 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
 # float32: Grad-CAM and CAM at batch 16 and 64, and the decode + explain + write pipeline (decoding
 # in worker processes, explain's default on a GPU)
-bench 225 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
+bench 210 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
     --batch-size 16 64 --pipeline --pipeline-batches 32 --json "$OUT/bench-float32.json"
 # batch 16 with CUDA graphs (launch-bound without them), against graphed limits too (CUDA only)
 [ "$device" = cpu ] || bench 60 --model "$model" --backend eager torchscript --method cam gradcam --targets top:1 top:5 --batch-size 16 \
     --cuda-graphs --no-peers --json "$OUT/bench-graphs.json"
 # occlusion, as its target is set: resnet18, batch 16, top-1 (a sweep is 169 forwards per image)
-bench 70 --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" --backend "${backends[@]}" --method occlusion --batch-size 16 \
+bench 65 --model "${CAMSHAFT_CHECK_MODEL:-resnet18}" --backend "${backends[@]}" --method occlusion --batch-size 16 \
     --json "$OUT/bench-occlusion.json"
 # mixed precision at the targets' batch size
-bench 50 --dtype bfloat16 --model "$model" --backend "${backends[@]}" --method cam gradcam \
+bench 45 --dtype bfloat16 --model "$model" --backend "${backends[@]}" --method cam gradcam \
     --targets top:1 top:5 --batch-size 16 --json "$OUT/bench-bfloat16.json"
-bench 45 --model resnet18 --method cam --backend eager --actmax --json "$OUT/bench-actmax.json"
+bench 40 --model resnet18 --method cam --backend eager --actmax --json "$OUT/bench-actmax.json"
 # the same pipeline with the JPEGs decoded on the GPU (nvJPEG), for comparison with the processes of
 # the float32 table (this one lands in bench.log: 8 files come back)
 bench 45 --model "$model" --backend torchscript --method cam --batch-size 16 --pipeline --pipeline-batches 32 \

@@ -21,9 +21,9 @@ import camshaft
 from camshaft.demo.shapes import write_demo_dataset
 from camshaft.engine.actmax import RenderConfig, channel, class_logit, class_prob, direction, render
 from camshaft.engine.backends.base import TAP_GRADIENTS, backend_factory
-from camshaft.engine.methods import get_method, method_names
+from camshaft.engine.methods import check_backend, get_method, method_names
 from camshaft.engine.targets import Targets
-from camshaft.errors import ConfigError
+from camshaft.errors import CapabilityError, ConfigError
 from camshaft.models.sources import resolve_model
 
 pytestmark = pytest.mark.gpu
@@ -157,15 +157,20 @@ def test_mixed_precision_maps_stay_close_to_float32(dtype, data, tmp_path):
         assert 0 < error < (0.05 if dtype == "float16" else 0.15), (m, error)
 
 
+@pytest.mark.parametrize("backend_name", ["eager", "torchscript"])
 @pytest.mark.parametrize("method", method_names())
-def test_a_batchs_explanation_never_waits_for_the_device(method, tmp_path):
+def test_a_batchs_explanation_never_waits_for_the_device(method, backend_name, tmp_path):
     """Nothing in a method reads the GPU back or copies to it from pageable memory (CUDA's sync
     debug mode raises): the host queues a batch's work while the GPU runs the one before."""
     source = resolve_model("demo")
-    backend = backend_factory("eager")(source, taps=None, preprocess={}, device=torch.device(DEVICE),
-                                       dtype=torch.float32, workdir=tmp_path, fold=True)
+    backend = backend_factory(backend_name)(source, taps=None, preprocess={}, device=torch.device(DEVICE),
+                                            dtype=torch.float32, workdir=tmp_path, fold=True)
     m = get_method(method)
     tap = (backend.info.cam_tap if method == "cam" else backend.info.taps[-1]) if m.uses_tap else None
+    try:
+        check_backend(m, backend, tap=tap)
+    except CapabilityError as e:
+        pytest.skip(str(e))
     x = torch.randn(4, 3, *source.preprocess.input_size, device=DEVICE)
     for select in (Targets.parse("top:2").selector(), Targets.parse("0,3").selector()):
         m.run(backend, x, select, tap=tap)  # first calls: cuDNN, allocator, the classes' copy to the device
