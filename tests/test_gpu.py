@@ -199,8 +199,9 @@ def test_a_pipeline_queues_its_batches_without_waiting_for_the_device(targets, d
             _set_sync_debug_mode(0)
 
     monkeypatch.setattr(Explainer, "_launch", strict)
+    exemplars = ("features",) if targets == "top:2" else ()  # the dataset's top images per channel, same pass
     camshaft.explain(None, data, out=tmp_path / "run", method=["cam", "gradcam"], targets=targets, scheduler="sync",
-                     batch_size=4, device=DEVICE, labels_from_folders=True, progress=False)
+                     batch_size=4, device=DEVICE, labels_from_folders=True, exemplars=exemplars, progress=False)
     assert len(calls) >= 3
     results = camshaft.load_results(tmp_path / "run" / "gradcam")
     assert (results.table["status"] == "ok").all()

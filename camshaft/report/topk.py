@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from camshaft.engine.backends.base import upload
 from camshaft.errors import ConfigError
 
 REDUCTIONS = ("max", "mean")
@@ -48,7 +49,7 @@ class TopK:
         a = activations.detach().float()
         if a.dim() != 4:
             raise ConfigError(f"activations must be (B, C, h, w), received shape {tuple(a.shape)}")
-        idx = torch.as_tensor(indices, dtype=torch.int64, device=a.device)
+        idx = upload(torch.as_tensor(indices, dtype=torch.int64), a.device)  # without waiting for a GPU
         if idx.shape != (a.shape[0],):
             raise ConfigError(f"got {idx.numel()} indices for a batch of {a.shape[0]} images")
         a = self._select(a).transpose(0, 1)  # (C, B, h, w)
