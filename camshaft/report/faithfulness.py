@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from camshaft.engine.backends.base import upload
 from camshaft.errors import ConfigError
 
 KINDS = ("deletion", "insertion")
@@ -119,10 +120,10 @@ def curves(backend, x: torch.Tensor, maps: torch.Tensor, targets: torch.Tensor, 
     b, k = targets.shape
     H, W = x.shape[-2:]
     ranks = pixel_ranks(maps.to(x.device), (H, W))  # (B, K, P)
-    counts = step_counts(H * W, spec.steps).to(x.device)  # (n + 1,)
+    counts = upload(step_counts(H * W, spec.steps), x.device)  # (n + 1,), without waiting for a GPU
     base = baseline_of(x, spec)
     first, second = (base, x) if spec.kind == "deletion" else (x, base)  # moved pixels come from `first`
-    jobs = torch.cartesian_prod(torch.arange(b), torch.arange(k), torch.arange(spec.steps + 1)).to(x.device)
+    jobs = torch.cartesian_prod(*(torch.arange(n, device=x.device) for n in (b, k, spec.steps + 1)))
     scores = torch.empty(len(jobs), dtype=torch.float32, device=x.device)
     for s in range(0, len(jobs), spec.batch_size):
         bb, kk, ii = jobs[s : s + spec.batch_size].unbind(1)
