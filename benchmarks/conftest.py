@@ -6,8 +6,8 @@ architectures × every registered method × eager / TorchScript / ONNX Runtime �
 top:1, top:5, plus the pipeline. Narrow it with ``--bench-model``, ``--bench-method``,
 ``--bench-backend``, ``--bench-batch`` or ``-k``; ``--bench-decode`` chooses the pipeline's
 decoders. ``--bench-device cuda`` runs them on a GPU, with ``--bench-dtype`` (mixed precision) and
-``--bench-cuda-graphs`` as ``camshaft bench`` takes them. ``--bench-json PATH`` saves the run in the format of ``camshaft bench --json`` (so
-``--compare`` works on it).
+``--bench-cuda-graphs`` as ``camshaft bench`` takes them. ``--bench-json PATH`` saves the run in
+the format of ``camshaft bench --json`` (so ``--compare`` works on it).
 """
 
 from __future__ import annotations

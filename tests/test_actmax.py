@@ -121,8 +121,9 @@ def test_closed_form_values_of_each_objective():
 
 def test_channel_and_direction_read_vector_taps():
     a = Activations(torch.randn(2, 5), {"fc": torch.randn(2, 4)}, torch.rand(2, 3, 8, 8))
-    torch.testing.assert_close(channel("fc", 3)(a), -a.taps["fc"][:, 3])
-    torch.testing.assert_close(direction("fc", [0, 3.0, 0, 4.0])(a), -(0.6 * a.taps["fc"][:, 1] + 0.8 * a.taps["fc"][:, 3]))
+    fc = a.taps["fc"]
+    torch.testing.assert_close(channel("fc", 3)(a), -fc[:, 3])
+    torch.testing.assert_close(direction("fc", [0, 3.0, 0, 4.0])(a), -(0.6 * fc[:, 1] + 0.8 * fc[:, 3]))
 
 
 def _per_objective(objectives, acts, group):
