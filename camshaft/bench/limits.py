@@ -54,9 +54,9 @@ def forward_limits(
     x_cl = x.contiguous(memory_format=torch.channels_last)
     builders: dict[str, Callable[[], Callable[[], object]]] = {
         "eager": lambda: _eager(model, x, dtype),
-        "channels_last": lambda: _channels_last(model, x, dtype),
+        "channels_last": lambda: _eager(_cl_copy(model), x_cl, dtype),
         "torchscript": lambda: _torchscript(model, x, dtype),
-        "torchscript_cl": lambda: _torchscript(model, x.contiguous(memory_format=torch.channels_last), dtype),
+        "torchscript_cl": lambda: _torchscript(model, x_cl, dtype),
         "onnxruntime": lambda: _onnxruntime(onnx_path, x, dtype),
     }
     if cuda_graphs:
@@ -89,10 +89,6 @@ def _eager(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[]
 
 def _cl_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(memory_format=torch.channels_last)
-
-
-def _channels_last(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
-    return _eager(_cl_copy(model), x.contiguous(memory_format=torch.channels_last), dtype)
 
 
 def _traced(model: nn.Module, x: torch.Tensor, dtype: torch.dtype):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camshaft.data.workers import DECODERS
-from camshaft.engine.backends.base import DTYPES, backend_names, resolve_device
+from camshaft.engine.backends.base import CUDA_GRAPHS_BACKENDS, DTYPES, backend_names, resolve_device
 from camshaft.engine.methods import get_method, method_names
 from camshaft.errors import ConfigError
 from camshaft.preprocess import RESIZE_MODES
@@ -82,8 +82,6 @@ class ExplainJob:
             raise ConfigError("invalid explain job: " + "; ".join(problems))
 
     def _check_cuda_graphs(self) -> list[str]:
-        from camshaft.engine.backends.registry import CUDA_GRAPHS_BACKENDS
-
         if self.backend == "onnxruntime":
             return [CUDA_GRAPHS_BACKENDS]
         try:

@@ -179,7 +179,7 @@ class LossPlan:
     def __init__(self, objectives: Sequence[Objective], group: int, device: torch.device):
         self.group, self.size = group, len(objectives) * group
         families: dict[Hashable, tuple[Family, list[int], list, list[float]]] = {}
-        self._loose: list[list[tuple[float, Term]]] = []  # per objective: terms of no family
+        self._loose: list[Objective | None] = []  # per objective: its terms of no family
         for j, o in enumerate(objectives):
             own = []
             for w, t in o.terms:
@@ -192,7 +192,7 @@ class LossPlan:
                 rows.extend(range(j * group, (j + 1) * group))
                 params.extend([t.param] * group)
                 weights.extend([w] * group)
-            self._loose.append(own)
+            self._loose.append(Objective(own) if own else None)
         self._families = []
         for family, rows, params, weights in families.values():
             index = None if rows == list(range(self.size)) else torch.tensor(rows, device=device)
@@ -214,9 +214,8 @@ class LossPlan:
                 total = (acts.logits.new_zeros(self.size) if total is None else total).index_add(0, rows, loss)
         if any(self._loose):
             g, pieces = self.group, []
-            for j, terms in enumerate(self._loose):
-                piece = Objective(terms)(acts.rows(j * g, (j + 1) * g)) if terms else acts.logits.new_zeros(g)
-                pieces.append(piece)
+            for j, rest in enumerate(self._loose):
+                pieces.append(rest(acts.rows(j * g, (j + 1) * g)) if rest else acts.logits.new_zeros(g))
             rest = torch.cat(pieces)
             total = rest if total is None else total + rest
         return acts.logits.new_zeros(self.size) if total is None else total  # (B,)

@@ -102,6 +102,9 @@ ABLE = {
 }
 
 
+CUDA_GRAPHS_BACKENDS = "CUDA graphs run on the eager, torchscript and pt2 backends (not onnxruntime)"
+
+
 def require(backend: Backend, needs: frozenset[str], *, method: str) -> None:
     """Fail before any work when ``backend`` cannot serve what ``method`` needs."""
     missing = sorted(needs - backend.capabilities)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from camshaft.engine.backends.base import ModelInfo, register_backend, resolve_memory_format
+from camshaft.engine.backends.base import CUDA_GRAPHS_BACKENDS, ModelInfo, register_backend, resolve_memory_format
 from camshaft.engine.backends.onnx_backend import OnnxBackend, open_session
 from camshaft.engine.backends.torch_backend import TorchBackend
 from camshaft.errors import ConfigError
@@ -242,8 +242,6 @@ def open_onnxruntime(
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
     return OnnxBackend(session, info, head=head, device=device, tap_outputs={t: onnx_export.tap_output(t) for t in info.taps})
 
-
-CUDA_GRAPHS_BACKENDS = "CUDA graphs run on the eager, torchscript and pt2 backends (not onnxruntime)"
 
 register_backend("eager", open_eager)
 register_backend("torchscript", open_torchscript)
