@@ -285,7 +285,7 @@ def test_tap_names_never_collide_with_onnx_value_names(tmp_path):
     assert maps.shape == (2, 1, 8, 8)
 
 
-def test_a_large_head_is_not_embedded_unless_asked(tmp_path, monkeypatch):
+def test_a_large_head_is_embedded_only_when_asked_or_for_a_run(tmp_path, monkeypatch):
     monkeypatch.setattr("camshaft.exporters.onnx.HEAD_LIMIT_BYTES", 0)  # no MB-sized models in tests
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten(), torch.nn.Linear(2 * 8 * 8, 10))
@@ -297,6 +297,15 @@ def test_a_large_head_is_not_embedded_unless_asked(tmp_path, monkeypatch):
     forced = export_prepared(prepared, format="onnx", out=tmp_path / "forced.onnx", head=True)
     backend = open_backend("onnxruntime", ModelSource("onnx", str(forced), path=forced), tmp_path)
     assert "tap_gradients" in backend.capabilities
+    # a run that opens the torch model on onnxruntime exports into its work folder: the head goes along
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no warning about its size
+        backend = open_backend("onnxruntime", source_of(model), tmp_path / "run", taps=["0"])
+    assert "tap_gradients" in backend.capabilities
+    x = torch.randn(2, 3, 8, 8)
+    maps, _ = get_method("gradcam").run(backend, x, fixed([[3], [7]]), tap="0")
+    eager, _ = get_method("gradcam").run(open_backend("eager", source_of(model), tmp_path), x, fixed([[3], [7]]), tap="0")
+    torch.testing.assert_close(maps, eager, rtol=1e-4, atol=1e-5)
 
 
 def test_memory_format_auto_is_channels_last_for_convnets_only():

@@ -98,7 +98,8 @@ ABLE = {
     INPUT_GRADIENTS: "eager, torchscript and pt2 (ONNX Runtime computes no gradients)",
     MODULE_HOOKS: "eager (the method modifies layers of a live torch model)",
     TAP_GRADIENTS: "eager (any torch model); torchscript, pt2 and onnxruntime for files camshaft exported "
-    "from a model whose first tap splits it (re-export with `camshaft export`)",
+    "from a model whose first tap splits it (re-export with `camshaft export`; an ONNX file whose head is "
+    "large carries it only with `--head`)",
 }
 
 

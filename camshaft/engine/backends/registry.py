@@ -67,7 +67,8 @@ def _artifact(source: ModelSource, fmt: str, *, taps, preprocess: dict, workdir:
         raise ConfigError(f"the {fmt} backend needs a work folder to export {source.spec!r} into")
     pre = (source.preprocess or Preprocess()).replace(**preprocess)
     prepared = prepare_model(source, taps=taps, preprocess=pre)
-    return export_prepared(prepared, format=fmt, out=workdir / ARTIFACT_NAMES[FILE_BACKENDS[fmt]])
+    # the run's own file: an ONNX one carries the head whatever its size (VGG's classifier), for gradient methods
+    return export_prepared(prepared, format=fmt, out=workdir / ARTIFACT_NAMES[FILE_BACKENDS[fmt]], head=True)
 
 
 def open_eager(
