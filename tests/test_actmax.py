@@ -330,6 +330,17 @@ def test_a_batch_equals_its_singles_and_chunking_changes_nothing(demo):
         torch.testing.assert_close(chunked.losses, whole.losses, rtol=1e-5, atol=1e-6)
 
 
+def test_a_batch_of_16_or_more_equals_its_chunks(demo):
+    """Without oneDNN torch hands convolutions of 16 or more images to NNPACK, whose rounding differs."""
+    model, pre = demo
+    objs = parse_objective("class:0-1") * 8
+    whole = render(model, objs, preprocess=pre, config=_cfg(steps=4))
+    chunked = render(model, objs, preprocess=pre, config=_cfg(steps=4, batch_size=8))
+    torch.testing.assert_close(whole.losses, chunked.losses, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole.images, chunked.images, rtol=1e-5, atol=1e-6)
+    assert torch.backends.mkldnn.enabled and torch._C._get_nnpack_enabled()  # restored
+
+
 def test_fast_kernels_agree_to_rounding_before_the_first_step(demo):
     """oneDNN's batch-size-specific kernels round differently; only the first step is comparable."""
     model, pre = demo

@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "0: exact ReLU gradients)")
     g.add_argument("--relu-leak-steps", type=_count, default=d.relu_leak_steps,
                    help=f"the leak acts in the first this many steps, then gradients are exact (default "
-                        f"{d.relu_leak_steps}, as Lucid)")
+                        f"{d.relu_leak_steps}; Lucid: 16)")
     g = p.add_argument_group("robustness transforms and regularizers")
     g.add_argument("--pad", type=_count, default=d.pad, help=f"mirrored frame, pixels (default {d.pad})")
     g.add_argument("--jitter", type=_count, default=d.jitter, help=f"random shift, pixels (default {d.jitter})")

@@ -7,8 +7,8 @@ no gradient at all to a channel of an image, that channel's dead units receive `
 part of the gradient that would wake them (descent raises a unit whose gradient is negative). The
 forward pass is unchanged, and with a small leak the true gradient dominates wherever there is one.
 Adapted from Lucid's redirected ReLU gradient (Olah et al. 2017), which redirects whole layers
-during the first 16 steps only, as ``render`` leaks by default (``relu_leak_steps``): the stall
-happens at the start, and later steps get the exact gradient. The decision is per image and
+during the first 16 steps only; ``render`` leaks during the first 32 by default (``relu_leak_steps``):
+the stall happens at the start, and later steps get the exact gradient. The decision is per image and
 channel, so a batch still equals its single runs.
 """
 
