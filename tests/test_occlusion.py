@@ -15,8 +15,9 @@ from camshaft.engine.methods import get_method
 from camshaft.engine.methods.occlusion import OcclusionSettings, parse_fill, parse_pair
 from camshaft.engine.occlusion import Grid, fill_values, gaussian_blur, plain_evaluator, sweep_drops
 from camshaft.engine.occlusion.incremental import IncrementalModel, fold_batch_norms, incremental_evaluator, trace
+from camshaft.engine.occlusion import incremental
 from camshaft.engine.occlusion.refine import coarse_to_fine
-from camshaft.engine.occlusion.regions import Region, boxes_of, read, source
+from camshaft.engine.occlusion.regions import Region, boxes_of, plan_read, read, source
 from camshaft.engine.occlusion.sweep import full_sweep, target_scores
 from camshaft.engine.occlusion.windows import border_batches
 from camshaft.errors import CapabilityError, ConfigError
@@ -433,16 +434,22 @@ def test_incremental_follows_weights_changed_between_sweeps(tmp_path):
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
 
 
-def test_incremental_equals_plain_on_resnet18(tmp_path):
+def test_incremental_equals_plain_on_resnet18(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     backend = open_backend("eager", source_of(model, size=(64, 64)), tmp_path)
-    x = randn(1, 3, 64, 64, seed=8)
+    x = randn(2, 3, 64, 64, seed=8)
     opts = dict(window=(16, 16), stride=(12, 12), fill="blur", positions_per_forward=32)
-    plain = run(backend, x, [[1, 4]], **opts)
-    fast = run(backend, x, [[1, 4]], occlusion_mode="incremental", **opts)
-    assert plain.shape == (1, 2, 5, 5)
+    plain = run(backend, x, [[1, 4], [2, 7]], **opts)
+    plans = []
+    monkeypatch.setattr(incremental, "plan_read", lambda *a, **k: plans.append(1) or plan_read(*a, **k))
+    first = run(backend, x[:1], [[1, 4]], occlusion_mode="incremental", **opts)
+    per_image = len(plans)
+    fast = run(backend, x, [[1, 4], [2, 7]], occlusion_mode="incremental", **opts)
+    assert plain.shape == (2, 2, 5, 5)
     torch.testing.assert_close(fast, plain, rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(fast[:1], first, rtol=1e-4, atol=2e-5)
+    assert per_image > 0 and len(plans) == 2 * per_image  # the second image reused the first's boxes and plans
 
 
 def test_coarse_to_fine_is_exact_where_it_evaluates():

@@ -6,11 +6,14 @@ caches every node's output. A batch of occluded variants then flows through the 
 ``Region``s (see ``regions.py``): convolutions, pools, batch norms, pointwise activations and
 additions are computed on the boxes only, reading the cached activation around them. Any other op,
 or a box covering most of its map, turns the variants into full tensors and the rest of the graph
-runs as usual. The result equals plain occlusion up to float rounding.
+runs as usual. The result equals plain occlusion up to float rounding. Boxes and the index plans
+that read them depend on the positions only: a sweep makes them once per batch of positions and
+uses them for every image.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import operator
@@ -24,7 +27,18 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
-from camshaft.engine.occlusion.regions import Region, boxes_of, materialize, read, source, union, window_range
+from camshaft.engine.occlusion.regions import (
+    Region,
+    apply_read,
+    box_starts,
+    gather_boxes,
+    materialize,
+    plan_full,
+    plan_read,
+    source,
+    union,
+    window_range,
+)
 from camshaft.engine.occlusion.sweep import Evaluator
 from camshaft.engine.occlusion.windows import Grid
 from camshaft.errors import CapabilityError
@@ -32,6 +46,7 @@ from camshaft.models.fold import foldable_pairs
 from camshaft.models.taps import modifies_input
 
 FULL_FRACTION = 0.8  # a box covering this much of its map: compute full tensors from there on
+GEOMETRIES_KEPT = 16  # batches of positions whose boxes and read plans a sweep keeps (a few per image)
 _TRACES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 _POINTWISE_MODULES: dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
@@ -195,10 +210,19 @@ class _Pass:
     """One batch of P occluded variants of one image through the graph."""
 
     def __init__(
-        self, gm: fx.GraphModule, env: dict, sources: dict, full_fraction: float, memory_format: torch.memory_format
+        self,
+        gm: fx.GraphModule,
+        env: dict,
+        sources: dict,
+        full_fraction: float,
+        memory_format: torch.memory_format,
+        geometry: dict | None = None,
     ):
         self.gm, self.env, self.sources, self.full_fraction = gm, env, sources, full_fraction
         self.memory_format = memory_format
+        # (node, use) -> its boxes and read plans: they depend on the positions only, so a sweep keeps
+        # them for every image of a batch of positions
+        self.geometry = {} if geometry is None else geometry
         self.dyn: dict[fx.Node, Region | Full] = {}
         self.full: dict[fx.Node, torch.Tensor] = {}  # materialised regions
         self.owned: set[fx.Node] = set()  # nodes whose crop this pass allocated (not a view of another's)
@@ -215,7 +239,10 @@ class _Pass:
         if not full:
             return v
         if n not in self.full:
-            self.full[n] = materialize(v, self.source(v.base), self.memory_format)
+            key = (n, "full")
+            if key not in self.geometry:
+                self.geometry[key] = plan_full(v)
+            self.full[n] = materialize(self.geometry[key], v.crop, self.source(v.base), self.memory_format)
         return self.full[n]
 
     def source(self, base: torch.Tensor, pad=(0, 0, 0, 0), value: float = 0.0) -> torch.Tensor:
@@ -271,6 +298,17 @@ class _Pass:
         op = window_op(m)
         if op is None or base.dim() != 4:
             return None
+        key = (node, "window")
+        if key not in self.geometry:
+            self.geometry[key] = self.window_geometry(op, r, base)
+        if self.geometry[key] is None:
+            return None
+        top, left, pad, plan = self.geometry[key]
+        win = apply_read(plan, r.crop, self.source(r.base, pad, op.pad_value))
+        return Region(op.run(win), top, left, base)
+
+    def window_geometry(self, op: WindowOp, r: Region, base: torch.Tensor):
+        """(top, left, pad, read plan) of a window op's output boxes, or None where it goes full."""
         axes = [
             window_range(
                 start, length, kernel=op.kernel[a], stride=op.stride[a], padding=op.padding[a],
@@ -284,9 +322,7 @@ class _Pass:
         pad = (op.padding[0], bottom_pad, op.padding[1], right_pad)
         spans = zip((rows, cols), op.stride, op.kernel, op.dilation, strict=True)
         size = tuple((n - 1) * s + (k - 1) * d + 1 for n, s, k, d in spans)  # the input window per box
-        src = self.source(r.base, pad, op.pad_value)
-        win = read(r, top * op.stride[0], left * op.stride[1], size, src, pad=pad)
-        return Region(op.run(win), top, left, base)
+        return top, left, pad, plan_read(r, top * op.stride[0], left * op.stride[1], size, pad=pad)
 
     def binary(self, node: fx.Node, args: tuple) -> Region | None:
         regions = [a for a in args if isinstance(a, Region)]
@@ -294,10 +330,16 @@ class _Pass:
             return None
         if any(isinstance(a, torch.Tensor) and a.numel() > 1 and (a.dim() < 2 or a.shape[-2:] != (1, 1)) for a in args):
             return None  # a static operand that varies over space
-        top, left, size = union(regions)
-        if size[0] * size[1] >= self.full_fraction * regions[0].map_size[0] * regions[0].map_size[1]:
+        key = (node, "union")
+        if key not in self.geometry:
+            top, left, size = union(regions)
+            full = size[0] * size[1] >= self.full_fraction * regions[0].map_size[0] * regions[0].map_size[1]
+            plans = [plan_read(a, top, left, size) if isinstance(a, Region) else None for a in args]
+            self.geometry[key] = None if full else (top, left, plans)
+        if self.geometry[key] is None:
             return None
-        crops = [read(a, top, left, size, self.source(a.base)) if isinstance(a, Region) else a for a in args]
+        top, left, plans = self.geometry[key]
+        crops = [a if plan is None else apply_read(plan, a.crop, self.source(a.base)) for a, plan in zip(args, plans)]
         return Region(node.target(*crops), top, left, self.env[node])
 
 
@@ -334,12 +376,13 @@ class IncrementalModel:
                     env[node] = _execute(self.gm, node, *fx.node.map_arg((node.args, node.kwargs), get))
         return env
 
-    def logits(self, env: dict, sources: dict, x_in: Region) -> torch.Tensor:
+    def logits(self, env: dict, sources: dict, x_in: Region, geometry: dict | None = None) -> torch.Tensor:
         """Logits (P, N) of the variants whose input is the region ``x_in``.
 
-        ``env`` is ``cache(image)``; ``sources`` a dict kept with it (padded cached activations).
+        ``env`` is ``cache(image)``; ``sources`` a dict kept with it (padded cached activations);
+        ``geometry`` a dict kept with the positions of ``x_in``, for any image (boxes, read plans).
         """
-        p = _Pass(self.gm, env, sources, self.full_fraction, self.memory_format)
+        p = _Pass(self.gm, env, sources, self.full_fraction, self.memory_format, geometry)
         with torch.inference_mode(), self.autocast():
             for node in self.gm.graph.nodes:
                 if node.op == "placeholder":
@@ -354,25 +397,45 @@ class IncrementalModel:
         return out
 
 
-def input_region(x1: torch.Tensor, fill1: torch.Tensor, grid: Grid, pos: torch.Tensor) -> Region:
-    """The occluded inputs of one image as a Region: one window-sized box per position."""
-    top, left, bottom, right = grid.boxes(pos)
-    (h, w), (wh, ww) = grid.size, grid.window
-    btop, bleft = top.clamp(max=h - wh), left.clamp(max=w - ww)  # cut border windows: shift the box in
-    rows = btop[:, None] + torch.arange(wh)  # (P, wh)
-    cols = bleft[:, None] + torch.arange(ww)
-    inside = ((rows >= top[:, None]) & (rows < bottom[:, None]))[:, :, None] & (
-        (cols >= left[:, None]) & (cols < right[:, None])
-    )[:, None, :]
-    pixels = boxes_of(source(x1), btop, bleft, grid.window)
-    fills = boxes_of(source(fill1.expand_as(x1)), btop, bleft, grid.window)
-    crop = torch.where(inside.to(x1.device)[:, None], fills, pixels)
-    return Region(crop, btop, bleft, x1)
+def input_region(
+    x1: torch.Tensor, fill1: torch.Tensor, grid: Grid, pos: torch.Tensor, geometry: dict | None = None
+) -> Region:
+    """The occluded inputs of one image as a Region: one window-sized box per position.
+
+    ``geometry``: a dict kept with ``pos`` (as for ``IncrementalModel.logits``).
+    """
+    geometry = {} if geometry is None else geometry
+    if "input" not in geometry:
+        top, left, bottom, right = grid.boxes(pos)
+        (h, w), (wh, ww) = grid.size, grid.window
+        btop, bleft = top.clamp(max=h - wh), left.clamp(max=w - ww)  # cut border windows: shift the box in
+        rows = btop[:, None] + torch.arange(wh)  # (P, wh)
+        cols = bleft[:, None] + torch.arange(ww)
+        inside = ((rows >= top[:, None]) & (rows < bottom[:, None]))[:, :, None] & (
+            (cols >= left[:, None]) & (cols < right[:, None])
+        )[:, None, :]
+        first = box_starts(btop, bleft, w, x1.device)
+        geometry["input"] = (btop, bleft, first, inside.to(x1.device, non_blocking=True)[:, None])
+    btop, bleft, first, inside = geometry["input"]
+    pixels = gather_boxes(source(x1), first, grid.window)
+    fills = gather_boxes(source(fill1.expand_as(x1)), first, grid.window)
+    return Region(torch.where(inside, fills, pixels), btop, bleft, x1)
 
 
 def incremental_evaluator(model: IncrementalModel, x: torch.Tensor, fill: torch.Tensor, grid: Grid) -> Evaluator:
     """An evaluator over (image, position) pairs; one image's cache is kept at a time."""
     state: dict[str, Any] = {"image": None}
+    geometries: collections.OrderedDict[bytes, dict] = collections.OrderedDict()  # per batch of positions
+
+    def geometry(pos: torch.Tensor) -> dict:
+        key = pos.cpu().numpy().tobytes()
+        if key in geometries:
+            geometries.move_to_end(key)
+        else:
+            geometries[key] = {}
+            if len(geometries) > GEOMETRIES_KEPT:
+                geometries.popitem(last=False)
+        return geometries[key]
 
     def evaluate(img: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = []
@@ -381,8 +444,9 @@ def incremental_evaluator(model: IncrementalModel, x: torch.Tensor, fill: torch.
             if state["image"] != b:
                 state.update(image=None, env=None, sources=None)  # free the previous image first
                 state.update(image=b, env=model.cache(x[b : b + 1]), sources={})
-            region = input_region(x[b : b + 1], fill[b : b + 1], grid, p)
-            out.append(model.logits(state["env"], state["sources"], region))
+            g = geometry(p)
+            region = input_region(x[b : b + 1], fill[b : b + 1], grid, p, g)
+            out.append(model.logits(state["env"], state["sources"], region, g))
         return torch.cat(out)
 
     return evaluate
