@@ -239,11 +239,15 @@ class _Pass:
         if not full:
             return v
         if n not in self.full:
-            key = (n, "full")
-            if key not in self.geometry:
-                self.geometry[key] = plan_full(v)
-            self.full[n] = materialize(self.geometry[key], v.crop, self.source(v.base), self.memory_format)
+            plan = self.planned((n, "full"), lambda: plan_full(v))
+            self.full[n] = materialize(plan, v.crop, self.source(v.base), self.memory_format)
         return self.full[n]
+
+    def planned(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``geometry[key]``, made by ``make()`` the first time (for the first image of the positions)."""
+        if key not in self.geometry:
+            self.geometry[key] = make()
+        return self.geometry[key]
 
     def source(self, base: torch.Tensor, pad=(0, 0, 0, 0), value: float = 0.0) -> torch.Tensor:
         """``source(base, pad, value)``, kept for the image's whole sweep (bases live as long)."""
@@ -298,12 +302,10 @@ class _Pass:
         op = window_op(m)
         if op is None or base.dim() != 4:
             return None
-        key = (node, "window")
-        if key not in self.geometry:
-            self.geometry[key] = self.window_geometry(op, r, base)
-        if self.geometry[key] is None:
+        geometry = self.planned((node, "window"), lambda: self.window_geometry(op, r, base))
+        if geometry is None:
             return None
-        top, left, pad, plan = self.geometry[key]
+        top, left, pad, plan = geometry
         win = apply_read(plan, r.crop, self.source(r.base, pad, op.pad_value))
         return Region(op.run(win), top, left, base)
 
@@ -330,17 +332,19 @@ class _Pass:
             return None
         if any(isinstance(a, torch.Tensor) and a.numel() > 1 and (a.dim() < 2 or a.shape[-2:] != (1, 1)) for a in args):
             return None  # a static operand that varies over space
-        key = (node, "union")
-        if key not in self.geometry:
-            top, left, size = union(regions)
-            full = size[0] * size[1] >= self.full_fraction * regions[0].map_size[0] * regions[0].map_size[1]
-            plans = [plan_read(a, top, left, size) if isinstance(a, Region) else None for a in args]
-            self.geometry[key] = None if full else (top, left, plans)
-        if self.geometry[key] is None:
+        geometry = self.planned((node, "union"), lambda: self.union_geometry(args, regions))
+        if geometry is None:
             return None
-        top, left, plans = self.geometry[key]
+        top, left, plans = geometry
         crops = [a if plan is None else apply_read(plan, a.crop, self.source(a.base)) for a, plan in zip(args, plans)]
         return Region(node.target(*crops), top, left, self.env[node])
+
+    def union_geometry(self, args: tuple, regions: list[Region]):
+        """(top, left, a read plan per Region argument) of a binary op's boxes, or None where it goes full."""
+        top, left, size = union(regions)
+        if size[0] * size[1] >= self.full_fraction * regions[0].map_size[0] * regions[0].map_size[1]:
+            return None
+        return top, left, [plan_read(a, top, left, size) if isinstance(a, Region) else None for a in args]
 
 
 class IncrementalModel:

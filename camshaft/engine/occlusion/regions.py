@@ -41,7 +41,7 @@ class Region:
 def source(base: torch.Tensor, pad: tuple[int, int, int, int] = (0, 0, 0, 0), value: float = 0.0) -> torch.Tensor:
     """``base`` (1, C, H, W) padded by (top, bottom, left, right) cells of ``value``, as (Hp, Wp, C).
 
-    In the (H, W, C) layout ``boxes_of`` gathers every box's pixels in runs of C contiguous values.
+    In the (H, W, C) layout ``gather_boxes`` gathers every box's pixels in runs of C contiguous values.
     """
     top, bottom, left, right = pad
     if any(pad):
