@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
-                   help="batch-size-invariant kernels (default: camshaft's, on the CPU only)")
+                   help="batch-size-invariant runs (default: camshaft's, on the CPU only)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--json", help="also write the figures to this file")
     args = p.parse_args(argv)

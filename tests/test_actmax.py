@@ -40,6 +40,7 @@ from camshaft.engine.actmax import (
     render,
     total_variation,
 )
+from camshaft.engine.actmax.render import EXACT_GROUP, grouped
 from camshaft.engine.actmax.relu import redirected_relus
 from camshaft.engine.actmax.transforms import _affine_grid
 from camshaft.errors import ConfigError
@@ -341,6 +342,41 @@ def test_a_batch_of_16_or_more_equals_its_chunks(demo):
     assert torch.backends.mkldnn.enabled and torch._C._get_nnpack_enabled()  # restored
 
 
+@pytest.mark.parametrize("first, n", [(0, 8), (0, 3), (5, 6), (13, 11)])
+def test_grouped_calls_the_model_on_whole_groups_with_each_image_at_its_slot(first, n):
+    calls = []
+
+    def forward(x):
+        calls.append(x.detach().clone())
+        return x.sum((2, 3)) * 2, {"t": x[:, :1] + 1}
+
+    x = torch.randn(n, 3, 2, 2, requires_grad=True)
+    logits, taps = grouped(forward, group=4, first=first)(x)
+    assert all(len(c) == 4 for c in calls)  # one shape for every call
+    slots = torch.cat(calls)[first % 4:first % 4 + n]  # image first + i at slot (first + i) % 4
+    assert torch.equal(slots, x.detach())
+    assert torch.equal(logits, x.sum((2, 3)) * 2) and torch.equal(taps["t"], x[:, :1] + 1)
+    (logits.sum() + taps["t"].sum()).backward()  # the fillers are detached: each image gets its own gradient
+    assert torch.equal(x.grad, torch.full_like(x, 2.0) + torch.cat([torch.ones(n, 1, 2, 2), torch.zeros(n, 2, 2, 2)], 1))
+
+
+def test_exact_convnet_renders_are_bitwise_the_same_whatever_the_batch():
+    """oneDNN's kernels, blocking and thread splits follow the batch size (resnet18's logits differ for
+    1, 2, 3, 5 and 4+ images on 2 cores); exact runs call it on fixed groups, so no chunking shows."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=12).eval()
+    pre = Preprocess(input_size=(40, 40))
+    objs = [class_logit(c) for c in range(EXACT_GROUP + 3)]
+    cfg = {"steps": 3, "device": "cpu", "seed": 5}
+    whole = render(model, objs, preprocess=pre, config=RenderConfig(**cfg))
+    for size in (3, 1):
+        chunked = render(model, objs, preprocess=pre, config=RenderConfig(batch_size=size, **cfg))
+        assert torch.equal(chunked.images, whole.images), (chunked.images - whole.images).abs().max()
+        assert torch.equal(chunked.values, whole.values)
+    last = render(model, objs[-1:], preprocess=pre, config=RenderConfig(**{**cfg, "seed": 5 + len(objs) - 1}))
+    assert torch.equal(last.images, whole.images[-1:])
+
+
 def test_fast_kernels_agree_to_rounding_before_the_first_step(demo):
     """oneDNN's batch-size-specific kernels round differently; only the first step is comparable."""
     model, pre = demo
@@ -348,7 +384,7 @@ def test_fast_kernels_agree_to_rounding_before_the_first_step(demo):
     fast = [render(model, objs, preprocess=pre, config=_cfg(steps=1, batch_size=b, exact=False)) for b in (1, 2)]
     torch.testing.assert_close(fast[0].losses, fast[1].losses, rtol=1e-5, atol=1e-6)
     assert torch.backends.mkldnn.enabled  # restored after every run
-    # the fast kernels run the convnet channels-last, the exact ones contiguous: the same numbers
+    # the exact kernels call the model on groups of 8 images: the same numbers
     exact = render(model, objs, preprocess=pre, config=_cfg(steps=1, exact=True))
     torch.testing.assert_close(fast[1].losses, exact.losses, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast[1].values, exact.values, rtol=1e-4, atol=1e-4)

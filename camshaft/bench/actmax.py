@@ -1,7 +1,7 @@
 """Activation maximization: camshaft's batched ``render`` beside a plain batched Adam loop and lucent.
 
 camshaft runs with its defaults (Fourier parameterization, transforms, leaky dead ReLUs; on the CPU
-exact batch-size-invariant kernels, and a second figure with ``exact=False``, the fast kernels).
+exact runs, batch-size-invariant, and a second figure with ``exact=False``).
 N class logits are optimised at once (images = classes, so images/s is classes/s and its inverse
 is seconds per class). *The limit* (``actmax_limit``) is a plain batched Adam ascent on the raw
 logits: pixels, no transforms, no regularizers, the same steps and size; the best of contiguous
@@ -113,7 +113,7 @@ def actmax_workloads(
             {**attrs, "backend": "eager"},
         ),
     ]
-    if device.type == "cpu":  # the default there is exact (batch-size-invariant) kernels; time the fast ones too
+    if device.type == "cpu":  # the default there is exact (batch-size-invariant) runs; time exact=False too
         fast = _camshaft(copy.deepcopy(model), classes=classes, size=size, steps=steps, device=device, dtype=dtype,
                          exact=False)
         fast_attrs = {**attrs, "backend": "eager", "variant": "no-exact"}

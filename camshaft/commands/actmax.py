@@ -68,8 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--diversity", type=_amount, default=d.diversity, help="diversity weight among copies (needs --copies >= 2)")
     g.add_argument("--diversity-tap", help="tap whose Gram matrices diversity compares (default: the objective's)")
     p.add_argument("--exact", action=argparse.BooleanOptionalAction, default=None,
-                   help="batch-size-invariant kernels: results never depend on --batch-size (default: on the CPU "
-                        "only; slower, much slower on CUDA)")
+                   help="results never depend on --batch-size (default: on the CPU only, where the model runs on "
+                        "fixed groups of 8 images; on CUDA it turns cuDNN off: much slower)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default=d.dtype, help="autocast dtype of the forward (mixed precision)")
     p.add_argument("--columns", type=positive, help="grid columns")
