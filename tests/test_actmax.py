@@ -357,7 +357,8 @@ def test_grouped_calls_the_model_on_whole_groups_with_each_image_at_its_slot(fir
     assert torch.equal(slots, x.detach())
     assert torch.equal(logits, x.sum((2, 3)) * 2) and torch.equal(taps["t"], x[:, :1] + 1)
     (logits.sum() + taps["t"].sum()).backward()  # the fillers are detached: each image gets its own gradient
-    assert torch.equal(x.grad, torch.full_like(x, 2.0) + torch.cat([torch.ones(n, 1, 2, 2), torch.zeros(n, 2, 2, 2)], 1))
+    from_tap = torch.cat([torch.ones(n, 1, 2, 2), torch.zeros(n, 2, 2, 2)], 1)
+    assert torch.equal(x.grad, torch.full_like(x, 2.0) + from_tap)
 
 
 def test_exact_convnet_renders_are_bitwise_the_same_whatever_the_batch():

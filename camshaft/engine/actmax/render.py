@@ -34,7 +34,9 @@ from camshaft.models.fold import fold_graphs
 from camshaft.models.taps import TappedModel
 from camshaft.preprocess import Preprocess
 
-__all__ = ["EXACT_GROUP", "RenderConfig", "Rendering", "batch_invariant", "forward_fn", "grouped", "render", "tap_shapes"]
+__all__ = [
+    "EXACT_GROUP", "RenderConfig", "Rendering", "batch_invariant", "forward_fn", "grouped", "render", "tap_shapes",
+]
 
 
 @dataclass(frozen=True)
