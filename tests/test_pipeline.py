@@ -233,6 +233,27 @@ def test_metrics_and_exemplars_gathered_in_the_pass_equal_the_later_computation(
     assert list(exemplars["index"]) == list(load_exemplars(later)["index"])
 
 
+def test_a_partition_of_unreadable_files_does_not_stop_the_exemplars(tmp_path):
+    from camshaft.report import load_exemplars
+
+    data = tmp_path / "data"
+    write_demo_dataset(data, n=3, seed=1)
+    for name in ("zz_bad_1.jpg", "zz_bad_2.jpg"):  # sorted last: the last partition holds only these
+        (data / name).write_bytes(b"not an image")
+    out = camshaft.explain(None, data, out=tmp_path / "run", exemplars=("features:0,1",), exemplar_k=2,
+                           partition_size=2, progress=False)
+    assert (out.images, out.failed) == (5, 2)
+    exemplars = load_exemplars(tmp_path / "run")
+    assert set(exemplars["channel"]) == {0, 1} and len(exemplars) == 4 and exemplars["index"].max() < 3
+
+    # no readable image at all: no exemplar rows, and the run still ends
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "a.jpg").write_bytes(b"not an image")
+    out = camshaft.explain(None, only_bad, out=tmp_path / "run_bad", exemplars=("features",), progress=False)
+    assert out.failed == 1 and load_exemplars(tmp_path / "run_bad").empty
+
+
 def test_decode_workers_default_to_all_usable_cores_but_one_at_least_2(monkeypatch):
     from camshaft.data.workers import decoder
 

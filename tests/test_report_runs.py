@@ -176,6 +176,18 @@ def test_cli_errors_are_clear(tmp_path, demo_run, capsys):
     assert "border must lie in (0, 1), received 1.5" in capsys.readouterr().err
 
 
+def test_a_run_where_no_image_was_readable_gets_a_report(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(b"not an image")
+    (data / "b.png").write_bytes(b"")
+    camshaft.explain(None, data, out=tmp_path / "run", progress=False)
+    assert audit(tmp_path / "run").flagged_classes.empty
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), "--no-progress"]) == 0
+    assert "audited 0 images" in capsys.readouterr().out
+    assert (tmp_path / "report" / "index.html").is_file()
+
+
 def test_faithfulness_from_a_run_folder(demo_run):
     table = compute_metrics(demo_run, specs=parse_metrics("deletion,insertion", steps=6), batch_size=8)
     assert (demo_run / "metrics.parquet").exists() and len(table) == 15

@@ -55,6 +55,8 @@ class Audit:
     @property
     def flagged_classes(self) -> pd.DataFrame:
         c = self.classes
+        if c.empty:  # no image was explained
+            return c
         return c[c["flags"] != ""].sort_values(["severity", "class"], ascending=[False, True])
 
 

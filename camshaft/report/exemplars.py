@@ -26,6 +26,7 @@ from camshaft.results import load_results
 from camshaft.writers.atomic import atomic_path
 
 EXEMPLARS_FILE = "exemplars.parquet"
+COLUMNS = ["tap", "channel", "rank", "index", "score", "map", "map_h", "map_w", "reduce"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,11 @@ class ExemplarCollector:
             acc.update(taps[tap], indices)
 
     def table(self) -> pd.DataFrame:
+        """One row per tap, channel and rank; no rows where no image was added (a partition of bad files)."""
         rows = []
         for tap, acc in self.accumulators.items():
+            if acc.empty:
+                continue
             r = acc.result()
             h, w = r.maps.shape[2:]
             for c, channel in enumerate(r.channels):
@@ -84,7 +88,7 @@ class ExemplarCollector:
                             "reduce": acc.reduce,
                         }
                     )
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows, columns=COLUMNS)
 
     def write(self, run_dir: str | Path) -> Path:
         """Write ``exemplars.parquet`` into ``run_dir`` atomically."""
@@ -98,7 +102,7 @@ def merge_tables(tables: Sequence[pd.DataFrame], *, k: int) -> pd.DataFrame:
     """
     rows = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) else pd.DataFrame()
     if rows.empty:
-        return rows
+        return pd.DataFrame(columns=COLUMNS)
     rows = rows.sort_values(["tap", "channel", "score", "index"], ascending=[True, True, False, True], kind="stable")
     rows = rows.groupby(["tap", "channel"], sort=False).head(k).copy()
     rows["rank"] = rows.groupby(["tap", "channel"], sort=False).cumcount()

@@ -44,6 +44,11 @@ class TopK:
         self.channels = None if channels is None else tuple(int(c) for c in channels)
         self._scores = self._indices = self._maps = None  # (C, k), (C, k), (C, k, h, w)
 
+    @property
+    def empty(self) -> bool:
+        """Whether no image has been added yet."""
+        return self._scores is None
+
     def update(self, activations: torch.Tensor, indices: Sequence[int] | torch.Tensor) -> None:
         """Add a batch: ``activations`` (B, C, h, w) of the images ``indices`` (B,)."""
         a = activations.detach().float()
