@@ -39,6 +39,17 @@ def assert_same_results(a, b):
     np.testing.assert_allclose(np.stack(left["map_max"]), np.stack(right["map_max"]), rtol=1e-5)
 
 
+def test_the_maps_store_names_its_axes(reference):
+    import zarr
+
+    group = zarr.open_group(str(reference.out / "maps.zarr"), mode="r")
+    assert group["maps"].metadata.dimension_names == ("image", "k", "y", "x")
+    assert group["targets"].metadata.dimension_names == ("image", "k")
+    xarray = pytest.importorskip("xarray")  # not a dependency; where it is installed, it reads the store as it is
+    ds = xarray.open_zarr(reference.out / "maps.zarr")
+    assert ds["maps"].dims == ("image", "k", "y", "x") and ds.sizes["image"] == 14
+
+
 @pytest.mark.parametrize(("scheduler", "partition_size"), [("threads", 1), ("threads", 4), ("sync", 5), ("threads", 14)])
 def test_results_do_not_depend_on_scheduler_or_partition_size(scheduler, partition_size, data, reference, tmp_path):
     summary = camshaft.explain(None, data, out=tmp_path / "run", scheduler=scheduler, partition_size=partition_size, batch_size=3, progress=False)

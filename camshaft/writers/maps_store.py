@@ -3,8 +3,9 @@
 Maps stay at their native resolution (one cell per feature-map position, or per occlusion window,
 or per pixel for input-gradient methods); the group's attributes record the method, tap, targets
 and preprocessing so readers can place them on the images. One chunk per partition: each Dask task
-writes exactly its own chunk. Rows of images that failed hold NaN maps and target -1. dask and
-xarray read it directly (``dask.array.from_zarr(path, component="maps")``).
+writes exactly its own chunk. Rows of images that failed hold NaN maps and target -1. The axes are
+named (``image, k, y, x``), so dask (``dask.array.from_zarr(path, component="maps")``) and xarray
+(``xarray.open_zarr(path)``) read it directly.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import zarr
 from camshaft.writers.atomic import remove_named
 
 MAPS, TARGETS = "maps", "targets"
+# named axes (Zarr v3 dimension_names): xarray.open_zarr reads the store as labelled arrays
+MAPS_DIMS, TARGETS_DIMS = ("image", "k", "y", "x"), ("image", "k")
 _PARTIAL = re.compile(r".+\.[0-9a-f]{32}\.partial")  # zarr's local store writes a chunk as NAME.UUID.partial first
 
 
@@ -26,8 +29,10 @@ def create_store(path: Path, *, n_images: int, map_shape: tuple[int, int, int], 
     k, h, w = map_shape
     group = zarr.open_group(str(path), mode="w")
     rows = max(1, min(chunk, n_images))
-    group.create_array(MAPS, shape=(n_images, k, h, w), chunks=(rows, k, h, w), dtype="float32", fill_value=np.nan)
-    group.create_array(TARGETS, shape=(n_images, k), chunks=(rows, k), dtype="int32", fill_value=-1)
+    group.create_array(MAPS, shape=(n_images, k, h, w), chunks=(rows, k, h, w), dtype="float32", fill_value=np.nan,
+                       dimension_names=MAPS_DIMS)
+    group.create_array(TARGETS, shape=(n_images, k), chunks=(rows, k), dtype="int32", fill_value=-1,
+                       dimension_names=TARGETS_DIMS)
     group.attrs.update({**attrs, "map_shape": [h, w], "k": k})
 
 
