@@ -48,6 +48,14 @@ def test_bad_channel_selection_is_explained(image):
         camshaft.feature_maps(None, image, channels=[1], top=2)
 
 
+def test_the_grid_keeps_the_input_aspect(image):
+    square = camshaft.feature_maps(None, image, channels=[0])
+    wide = camshaft.feature_maps(None, image, channels=[0], preprocess={"input_size": (96, 176), "resize": "stretch"})
+    assert wide.maps.shape[1:] == (12, 22)
+    a, b = square.grid(tile=100, columns=1), wide.grid(tile=100, columns=1)
+    assert a.width == b.width and a.height - b.height == 100 - round(100 * 96 / 176)
+
+
 def test_cli_writes_grid_overlays_and_arrays(image, tmp_path, monkeypatch, capsys):
     out = tmp_path / "fm"
     assert main(["featmaps", "demo", str(image), "--channels", "1,2,3", "--out", str(out)]) == 0

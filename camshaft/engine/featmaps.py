@@ -36,8 +36,11 @@ class FeatureMaps:
         return [overlay(self.image, to_original(m, self.geometry, self.preprocess.input_size), alpha=alpha) for m in self.maps]
 
     def grid(self, *, tile: int = 128, columns: int | None = None) -> Image.Image:
-        """The channels side by side, each coloured alone, labelled with its index."""
-        tiles = [Image.fromarray(colorize(upsample_map(normalize_map(m), (tile, tile)))) for m in self.maps]
+        """The channels side by side, each coloured alone, labelled with its index; tiles are ``tile`` px
+        wide and keep the model input's aspect."""
+        H, W = self.preprocess.input_size
+        size = (tile, max(1, round(tile * H / W)))
+        tiles = [Image.fromarray(colorize(upsample_map(normalize_map(m), size))) for m in self.maps]
         columns = columns or int(np.ceil(np.sqrt(len(tiles))))
         return render_grid(tiles, columns=columns, labels=[f"{self.tap} #{c}" for c in self.channels])
 
