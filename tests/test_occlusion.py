@@ -492,7 +492,52 @@ def test_options_parse_and_fail_clearly(tmp_path):
         run(backend, torch.zeros(1, 3, 16, 16), [[0]], window=(20, 8))
 
 
-def test_explain_writes_one_cell_per_window_position(tmp_path):
+@pytest.mark.parametrize(
+    ("size", "window", "stride", "tiles"),
+    [((16, 16), (4, 4), (4, 4), (4, 4)), ((16, 16), (6, 5), (4, 3), (8, 16)), ((96, 96), (40, 40), (40, 40), (12, 12)),
+     ((224, 224), (32, 32), (16, 16), (14, 14)), ((10, 16), (4, 4), (3, 4), (10, 4))],
+)
+def test_tiles_are_each_pixels_mean_over_the_windows_covering_it(size, window, stride, tiles):
+    grid = Grid(size=size, window=window, stride=stride)
+    maps = randn(2, 3, *grid.shape, seed=8)
+    got = grid.to_tiles(maps)
+    assert grid.tile_shape == tiles and got.shape == (2, 3, *tiles)
+    pixels = got.repeat_interleave(size[0] // tiles[0], 2).repeat_interleave(size[1] // tiles[1], 3)
+    torch.testing.assert_close(pixels, _per_pixel(maps, grid), rtol=1e-5, atol=1e-6)
+
+
+class Centre(nn.Module):
+    """Reads only input pixels [40, 80) x [40, 80): the middle window of a 40-pixel grid over 96."""
+
+    def forward(self, x):
+        return x[:, :, 40:80, 40:80].sum(dim=(1, 2, 3))[:, None] * torch.tensor([1.0, -1.0])
+
+
+def test_written_maps_sit_where_their_windows_are(tmp_path):
+    """Windows of 40 at stride 40 over 96 px: [0, 40), [40, 80), [80, 96). The map a run writes puts
+    the evidence on [40, 80); the window grid read as even tiles would put it on [32, 64)."""
+    from camshaft.engine.postprocess import map_stats, to_original
+    from camshaft.preprocess import Preprocess, geometry
+
+    backend = open_backend("eager", source_of(Centre(), size=(96, 96)), tmp_path)
+    x = torch.rand(1, 3, 96, 96) + 0.5
+    options = {"window": (40, 40), "stride": (40, 40)}
+    windows = OCCLUSION.run(backend, x, fixed([[0]]), tap=None, options=options)[0]
+    maps = OCCLUSION.explain(backend, x, fixed([[0]]), tap=None, options=options)[0]
+    assert windows.shape[-2:] == (3, 3) and maps.shape[-2:] == (12, 12)
+    geom, pre = geometry((96, 96), Preprocess((96, 96), resize="stretch")), (96, 96)
+
+    def centroid(m):
+        heat = to_original(m[0, 0].numpy(), geom, pre)
+        return float((heat.sum(0) * (torch.arange(96).numpy() + 0.5)).sum() / heat.sum())
+
+    assert abs(centroid(maps) - 60) < 1.5, centroid(maps)
+    assert abs(centroid(windows) - 48) < 1.5  # what outputs did with the window grid
+    stats = map_stats(maps[0].numpy(), geom, pre)
+    assert 40 <= stats["map_argmax_x"][0] < 80 and 40 <= stats["map_argmax_y"][0] < 80
+
+
+def test_explain_writes_the_per_pixel_attribution_on_tiles(tmp_path):
     from camshaft.demo.shapes import write_demo_dataset
 
     manifest = write_demo_dataset(tmp_path / "images", n=2, seed=0)
@@ -501,5 +546,5 @@ def test_explain_writes_one_cell_per_window_position(tmp_path):
     )
     assert summary.ok == 2
     results = camshaft.load_results(tmp_path / "out")
-    assert results.maps.shape == (2, 1, 11, 11)  # ceil((96 - 16) / 8) + 1 cells per axis
+    assert results.maps.shape == (2, 1, 12, 12)  # tiles of gcd(96, 16, 8) = 8 pixels
     assert results.map(0, upsample=True).shape[0] == 1

@@ -205,7 +205,7 @@ class Explainer:
         x = torch.zeros(n, 3, *self.preprocess.input_size, device=self.backend.device)
         zeros = torch.zeros(n, self.targets.k, dtype=torch.long, device=self.backend.device)
         shared = SharedBatch(self.backend, x, lambda logits: zeros, gradients=self.gradients)
-        return [r.method.run(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs]
+        return [r.method.explain(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs]
 
     def _warm_up(self) -> None:
         """Run a full batch of black images before the clock starts (on a GPU, where it is cheap):
@@ -282,7 +282,7 @@ class Explainer:
         layout = self.backend.memory_format
         x = normalize(pixels.permute(0, 3, 1, 2), self.preprocess, device=device, memory_format=layout)
         shared = SharedBatch(self.backend, x, self.targets.selector(labels), gradients=self.gradients)
-        results = {r.name: r.method.run(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs}
+        results = {r.name: r.method.explain(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs}
         out = next(iter(results.values()))[1]
         probs = torch.softmax(out.logits, dim=-1)
         top = probs.topk(min(5, probs.shape[-1]), dim=-1)

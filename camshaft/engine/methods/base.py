@@ -40,6 +40,9 @@ class Method:
     options: tuple[Option, ...] = ()
     uses_tap: bool = True  # False: maps come from the input, not from a tapped layer
     paper: str = ""
+    # (run's maps, input (H, W), options) -> maps whose cell (i, j) covers input pixels
+    # [i H/h, (i+1) H/h) x [j W/w, (j+1) W/w), as every output places cells; None: the run's already do
+    tiles: Callable[[torch.Tensor, tuple[int, int], dict], torch.Tensor] | None = None
 
     def resolve_options(self, given: dict | None) -> dict:
         """Defaults completed with ``given``; unknown names fail with the valid ones."""
@@ -55,6 +58,12 @@ class Method:
     def run(self, backend: Backend, x: torch.Tensor, select: Selector, *, tap: str | None, options: dict | None = None):
         """Maps (B, K, h, w) and the backend output for the batch ``x``."""
         return self.fn(backend, x, select, tap if self.uses_tap else None, self.resolve_options(options))
+
+    def explain(self, backend: Backend, x: torch.Tensor, select: Selector, *, tap: str | None, options: dict | None = None):
+        """``run``, its maps as outputs place them: cells that tile the input evenly (see ``tiles``)."""
+        options = self.resolve_options(options)
+        maps, out = self.fn(backend, x, select, tap if self.uses_tap else None, options)
+        return (maps if self.tiles is None else self.tiles(maps, tuple(x.shape[-2:]), options)), out
 
 
 def tap_method(compute: Callable[[Backend, Output, str, dict], torch.Tensor], *, gradients: bool) -> RunFn:

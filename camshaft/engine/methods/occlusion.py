@@ -2,9 +2,11 @@
 
 Slide a window over the input, replace what it covers (``fill``), and record for every target the
 drop of its score: ``map[b, k, i, j] = score_k(x_b) - score_k(x_b with window (i, j) filled)``, so a
-positive cell supports the class. The map has one cell per window position (layout: see
-``camshaft.engine.occlusion.windows``; the same as captum's ``Occlusion``) and is upsampled on read
-like any map. Forward only: occluded variants are built on the device and evaluated in batches of
+positive cell supports the class. ``run``'s map has one cell per window position (layout: see
+``camshaft.engine.occlusion.windows``; the same as captum's ``Occlusion``). Windows overlap and do
+not tile the input, so what runs write (``explain``) is each pixel's mean drop over the windows
+covering it, captum's per-pixel attribution, on even tiles of ``gcd(size, window, stride)`` pixels
+(``Grid.to_tiles``): placed, upsampled and scored like any map. Forward only: occluded variants are built on the device and evaluated in batches of
 ``positions_per_forward``; one unoccluded forward is shared and all K targets come from the same
 forwards.
 
@@ -189,6 +191,12 @@ def run_occlusion(backend: Backend, x: torch.Tensor, select: Selector, tap: str 
     return full_sweep(evaluate, **kw), out
 
 
+def occlusion_tiles(maps: torch.Tensor, size: tuple[int, int], options: dict) -> torch.Tensor:
+    """Drops per window -> each pixel's mean drop over the windows covering it, on even tiles (``Grid.to_tiles``)."""
+    s = OcclusionSettings.from_options(options)
+    return Grid(size=size, window=s.window, stride=s.stride).to_tiles(maps)
+
+
 OCCLUSION = register_method(
     Method(
         "occlusion",
@@ -198,5 +206,6 @@ OCCLUSION = register_method(
         options=OPTIONS,
         uses_tap=False,
         paper="Zeiler & Fergus 2014; incremental: Nakandala et al. 2019",
+        tiles=occlusion_tiles,
     )
 )

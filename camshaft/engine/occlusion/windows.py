@@ -4,7 +4,8 @@ Layout (the same as captum's ``Occlusion``, so maps compare cell for cell): alon
 input of ``n`` pixels, a window of ``w`` pixels moved by ``s`` pixels takes ``ceil((n - w) / s) + 1``
 positions, starting at ``0, s, 2s, ...``. When ``s`` does not divide ``n - w`` the last window
 overhangs the border and is cut there (it covers fewer pixels), so every pixel is covered. Position
-``(i, j)`` is cell ``(i, j)`` of the map; positions are numbered row-major, ``p = i * cols + j``.
+``(i, j)`` is cell ``(i, j)`` of the method's map; positions are numbered row-major, ``p = i * cols + j``.
+Outputs get the map as tiles instead (``Grid.to_tiles``): each pixel's mean over the windows covering it.
 """
 
 from __future__ import annotations
@@ -68,6 +69,28 @@ class Grid:
         rows = (ys >= top[:, None]) & (ys < bottom[:, None])  # (M, H)
         cols = (xs >= left[:, None]) & (xs < right[:, None])  # (M, W)
         return (rows[:, :, None] & cols[:, None, :]).unsqueeze(1)
+
+
+    @property
+    def tile_shape(self) -> tuple[int, int]:
+        """(rows, cols) of the tiles of :meth:`to_tiles`: ``gcd(size, window, stride)`` pixels each."""
+        return tuple(n // math.gcd(n, w, s) for n, w, s in zip(self.size, self.window, self.stride, strict=True))
+
+    def to_tiles(self, maps: torch.Tensor) -> torch.Tensor:
+        """Maps over window positions (..., rows, cols) -> each pixel's mean over the windows covering it.
+
+        That is captum's per-pixel attribution. Every window edge falls on a multiple of
+        ``t = gcd(size, window, stride)`` pixels, so it is constant on tiles of t x t pixels that tile
+        the input evenly, as outputs place map cells; the result is those tiles (..., H / t, W / t).
+        """
+        weights = []
+        for n, w, s, count, tiles in zip(self.size, self.window, self.stride, self.shape, self.tile_shape, strict=True):
+            first = torch.arange(tiles) * (n // tiles)  # each tile's first pixel: in a window iff the tile is
+            starts = torch.arange(count) * s
+            cover = (first[:, None] >= starts[None]) & (first[:, None] < starts[None] + w)  # (tiles, positions)
+            weights.append((cover / cover.sum(1, keepdim=True)).to(maps.device, maps.dtype))
+        rows, cols = weights
+        return torch.einsum("ai,...ij,bj->...ab", rows, maps, cols)
 
 
 def occlude(x: torch.Tensor, fill: torch.Tensor, grid: Grid, img: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
