@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from pathlib import Path
 
 import onnx
 import pytest
@@ -13,6 +15,7 @@ from torch import nn
 from conftest import TinyCam, Untraceable, open_backend, source_of
 from test_methods import closed_form_cam
 
+from camshaft.cli import main
 from camshaft.engine.methods import check_backend, get_method
 from camshaft.errors import CapabilityError, ConfigError, ParityError, UnknownNameError
 from camshaft.exporters import export_prepared
@@ -400,6 +403,56 @@ def test_pt2_files_load_without_unpickling(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.export, "load", pickled)
     with pytest.raises(ConfigError, match="does not unpickle model files"):
         pt2_export.load(path)
+
+
+class _RunsCode:
+    """Unpickling it writes a file: proof that loading ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def _with_stored_object(src: Path, dst: Path, marker: Path, kind: str) -> None:
+    """A copy of the archive ``src`` with a pickled object among its constants, as torch writes them."""
+    import json
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(dst, "w") as b:
+        root = a.namelist()[0].split("/")[0]
+        for name in a.namelist():
+            data = a.read(name)
+            if name.endswith("data/constants/model_constants_config.json"):
+                config = json.loads(data)
+                config["config"]["planted"] = {"path_name": f"{kind}_0", "is_param": False, "use_pickle": True,
+                                               "tensor_meta": None}
+                data = json.dumps(config).encode()
+            b.writestr(name, data)
+        b.writestr(f"{root}/data/constants/{kind}_0", pickle.dumps(_RunsCode(marker)))
+
+
+@pytest.mark.parametrize("kind", ["opaque_obj", "custom_obj"])
+def test_a_pt2_file_storing_python_objects_is_refused_before_anything_is_unpickled(tmp_path, kind):
+    """torch.export.load reads a stored "opaque object" with plain pickle.loads, whatever torch.load
+    is told; camshaft reads the archive's configs first."""
+    from camshaft.exporters import pt2 as pt2_export
+
+    path = export_prepared(prepare_model(source_of(TinyCam()), taps=["features"]), format="pt2", out=tmp_path / "m.pt2")
+    evil, marker = tmp_path / "evil.pt2", tmp_path / "ran.txt"
+    _with_stored_object(path, evil, marker, kind)
+    if kind == "opaque_obj":  # the attack is real: torch itself runs the code
+        with contextlib.suppress(Exception), pt2_export.weights_only():
+            torch.export.load(str(evil))
+        assert marker.read_text() == "code ran"
+        marker.unlink()
+    with pytest.raises(ConfigError, match="stores Python objects that loading it would unpickle"):
+        pt2_export.load(evil)
+    assert main(["inspect", str(evil)]) == 2
+    assert not marker.exists()
+    pt2_export.load(path)  # camshaft's own export passes
 
 
 def test_pt2_export_of_data_dependent_control_flow_fails_clearly(tmp_path):

@@ -12,9 +12,12 @@ import base64
 import contextlib
 import functools
 import io
+import json
 import os
 import pickle
+import re
 import threading
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +114,46 @@ def weights_only() -> Iterator[None]:
                 os.environ[key] = previous
 
 
+# what a .pt2 archive's weight and constant configs may name: tensors (raw bytes, or torch.save'd ones
+# that weights_only() covers). torch.export.load reads other stored objects ("opaque_obj_*" with
+# plain pickle.loads, "custom_obj_*" with TorchScript's unpickler) whatever torch.load is told
+_STORED = re.compile(r"(?:^|/)data/(constants|weights)/[^/]*_config\.json$")
+_TENSOR_PREFIXES = {"constants": "tensor_", "weights": "weight_"}
+_OBJECTS = re.compile(r"(?:^|/)data/constants/(?:opaque|custom)_obj_[^/]*$")
+
+
+def check_archive(f, path: Path) -> None:
+    """Refuse a .pt2 archive that stores anything but tensors, before ``torch.export.load`` reads it.
+
+    Raises:
+        ConfigError: the file is not a zip archive, or stores objects that loading would unpickle.
+    """
+    try:
+        with zipfile.ZipFile(f) as archive:
+            names = archive.namelist()
+            objects = [n for n in names if _OBJECTS.search(n)]
+            for name in names:
+                found = _STORED.search(name)
+                if found is None:
+                    continue
+                prefix = _TENSOR_PREFIXES[found.group(1)]
+                config = json.loads(archive.read(name)).get("config", {})
+                objects += [f"{fqn} ({entry.get('path_name')})" for fqn, entry in config.items()
+                            if not str(entry.get("path_name", "")).startswith(prefix)]
+    except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a readable .pt2 archive ({e})") from e
+    finally:
+        if hasattr(f, "seek"):
+            f.seek(0)
+    if objects:
+        raise ConfigError(
+            f"{path} stores Python objects that loading it would unpickle ({', '.join(sorted(set(objects))[:5])}); "
+            "camshaft does not run code from model files. Re-export it with `camshaft export --format pt2`"
+        )
+
+
 def _load_program(f, path: Path, extra: dict | None = None) -> torch.export.ExportedProgram:
+    check_archive(f, path)
     try:
         with weights_only():
             return torch.export.load(f, extra_files=extra)
