@@ -120,3 +120,55 @@ def test_default_tap_and_cam_head_of_torchvision_architectures(name, tap, cam):
     assert report.default_tap == tap
     assert (report.cam_head.linear if report.cam_head else None) == cam
     assert report.num_classes == 1000
+
+
+def test_a_fine_tuned_torchvision_checkpoint_keeps_its_class_count(tmp_path):
+    torch.manual_seed(0)
+    import torchvision
+
+    tuned = torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+    path = tmp_path / "tuned.pth"
+    torch.save(tuned.state_dict(), path)
+    source = resolve_model("mobilenet_v3_small", weights=path)
+    assert source.module.classifier[-1].out_features == 10 and source.class_names is None
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(source.module(x), tuned(x))
+
+
+def test_weights_of_other_shapes_are_named(tmp_path):
+    other = TinyCam()
+    other.features[0] = torch.nn.Conv2d(3, 2, 3, padding=1, bias=False)  # another kernel size
+    path = tmp_path / "w.pth"
+    torch.save(other.state_dict(), path)
+    with pytest.raises(ConfigError, match=r"other shapes for \[.features.0.weight \(2, 3, 3, 3\) \(the model's: \(2, 3, 1, 1\)\)"):
+        load_weights(TinyCam(), path)
+
+
+class Wrapper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.module = TinyCam()
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_a_model_whose_top_module_is_named_module_loads_its_own_state(tmp_path):
+    reference = Wrapper()
+    path = tmp_path / "w.pth"
+    torch.save(reference.state_dict(), path)
+    model = Wrapper()
+    load_weights(model, path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_a_checkpoint_or_text_in_the_wrong_place_is_named(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(TinyCam().state_dict(), path)
+    with pytest.raises(ModelSourceError, match=r"a torch.save checkpoint \(weights\), not a model.*--weights"):
+        resolve_model(str(path))
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ConfigError, match=r"weights_only=True .*: KeyError: 101 \(is it a torch.save checkpoint\?\)\. Save a plain state_dict"):
+        load_weights(TinyCam(), text)

@@ -52,7 +52,7 @@ def resolve_model(spec: str | None, *, weights: str | Path | None = None) -> Mod
         if path.suffix.lower() == ".onnx":
             return ModelSource("onnx", spec, path=path)
         if zipfile.is_zipfile(path):
-            return ModelSource("pt2" if _is_pt2(path) else "torchscript", spec, path=path)
+            return ModelSource(_archive_kind(path, spec), spec, path=path)
         raise ModelSourceError(
             spec, [f"file {path}: not an ONNX file (.onnx), a TorchScript archive or a torch.export archive (.pt2)"]
         )
@@ -72,6 +72,22 @@ def _is_pt2(path: Path) -> bool:
     with zipfile.ZipFile(path) as z:
         names = z.namelist()
     return any("/models/" in n or n.startswith("models/") for n in names) and not any("/code/" in n for n in names)
+
+
+def _archive_kind(path: Path, spec: str) -> str:
+    """``pt2`` or ``torchscript`` for a zip file; a checkpoint (``torch.save``) or another zip is refused."""
+    if _is_pt2(path):
+        return "pt2"
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    if any("/code/" in n for n in names) or any(n.endswith("/constants.pkl") for n in names):
+        return "torchscript"
+    if any(n.endswith("/data.pkl") for n in names):
+        raise ModelSourceError(spec, [
+            f"file {path}: a torch.save checkpoint (weights), not a model: give the architecture or "
+            f"module:factory and --weights {path}"
+        ])
+    raise ModelSourceError(spec, [f"file {path}: a zip archive, but neither a TorchScript nor a .pt2 model"])
 
 
 def _no_weights(spec: str, weights) -> None:
@@ -94,7 +110,11 @@ def _torchvision(name: str, weights) -> ModelSource:
             stacklevel=3,
         )
     else:
-        load_weights(model, weights)
+        state = read_state_dict(weights)
+        classes = _checkpoint_classes(model, state)
+        if classes is not None:  # a fine-tuned classifier: the architecture with that many classes
+            model = torchvision.models.get_model(name, weights=None, num_classes=classes)
+        _load_state(model, state, weights)
     categories = _imagenet_categories(name)
     class_names = categories if categories and _num_classes(model) == len(categories) else None
     return ModelSource("torch", name, module=model.eval(), preprocess=Preprocess(), class_names=class_names)
@@ -116,28 +136,63 @@ def _factory(spec: str, weights) -> ModelSource:
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
     """Load a local checkpoint safely (``weights_only=True``) into ``model``, strictly."""
+    _load_state(model, read_state_dict(path), path)
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """The state_dict of a local checkpoint, read with ``weights_only=True``.
+
+    Unwrapped from ``{"state_dict" | "model" | "model_state_dict": ...}``; the ``module.`` prefix
+    of a ``DataParallel`` model is removed when every key has it.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        reason = (str(e).strip().splitlines() or [""])[0]  # torch's advice to unpickle everything is not ours
         raise ConfigError(
-            f"cannot load weights {path} with weights_only=True (camshaft never unpickles code from "
-            f"model files): {e}. Save a plain state_dict: torch.save(model.state_dict(), path)"
+            f"cannot load weights {path} with weights_only=True (camshaft never unpickles code from model "
+            f"files): {type(e).__name__}: {reason} (is it a torch.save checkpoint?). Save a plain state_dict: "
+            "torch.save(model.state_dict(), path)"
         ) from e
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    if not isinstance(state, dict):
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ConfigError(f"weights file {path} holds a {type(state).__name__}, expected a state_dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:
+    own = model.state_dict()
+    if state and all(k.startswith("module.") for k in own) and not any(k.startswith("module.") for k in state):
+        state = {f"module.{k}": v for k, v in state.items()}  # the model's own top module is named "module"
+    shapes = [f"{k} {tuple(v.shape)} (the model's: {tuple(own[k].shape)})" for k, v in state.items()
+              if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    if shapes:
+        raise ConfigError(f"weights {path} do not fit the model: other shapes for {shapes[:4]}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(
             f"weights {path} do not fit the model: missing {result.missing_keys[:8]}, "
             f"unexpected {result.unexpected_keys[:8]}"
         )
+
+
+def _checkpoint_classes(model: nn.Module, state: dict) -> int | None:
+    """The class count of a checkpoint whose last linear layer has another one than ``model``'s."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        return None
+    name, last = linears[-1]
+    weight = state.get(f"{name}.weight")
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == last.in_features:
+        return int(weight.shape[0]) if weight.shape[0] != last.out_features else None
+    return None
 
 
 def _num_classes(model: nn.Module) -> int | None:
