@@ -248,6 +248,32 @@ def test_foreign_onnx_file_serves_cam_from_its_graph(foreign_onnx, tmp_path):
         check_backend(get_method("gradcam"), backend)
 
 
+def test_a_foreign_onnx_file_with_a_fixed_batch_of_1_runs_any_batch(tmp_path):
+    path = tmp_path / "fixed.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyCam().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False)  # torch's default
+        backend = open_backend("onnxruntime", ModelSource("onnx", str(path), path=path), tmp_path)
+    x = torch.randn(3, 3, 8, 8)
+    targets = torch.tensor([[0], [2], [1]])
+    maps, _ = get_method("cam").run(backend, x, fixed(targets.tolist()), tap=backend.info.cam_tap)
+    torch.testing.assert_close(maps, closed_form_cam(x, targets), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_an_artifact_refuses_another_input_size_clearly(tmp_path, fmt):
+    from camshaft.engine.backends import backend_factory
+
+    path = export_prepared(prepare_model(source_of(TinyCam()), taps=["features"]), format=fmt, out=tmp_path / f"m.{fmt}")
+    source = ModelSource(fmt, str(path), path=path)
+    name = {"onnx": "onnxruntime", "pt2": "pt2"}[fmt]
+    options = dict(taps=None, device=torch.device("cpu"), dtype=torch.float32, workdir=tmp_path)
+    with pytest.raises(ConfigError, match=r"exported for 8x8 inputs; it cannot take 16x12.*--input-size 16,12"):
+        backend_factory(name)(source, preprocess={"input_size": (16, 12)}, **options)
+    backend = backend_factory(name)(source, preprocess={"input_size": (8, 8)}, **options)  # its own size is fine
+    assert backend.forward(torch.zeros(2, 3, 8, 8)).logits.shape == (2, 3)
+
+
 def test_onnx_runtime_threads_do_not_spin_between_runs(foreign_onnx):
     """Spinning threads would take the CPU from decoding and torch work between runs."""
     from camshaft.engine.backends.onnx_backend import open_session

@@ -30,6 +30,7 @@ class ForeignGraph:
     input_size: tuple[int, int] | None
     cam_weight: torch.Tensor | None
     cam_tap: str | None
+    batch: int | None = None  # a fixed batch size (torch.onnx.export's default), else None
 
 
 def spatial_tensors(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -73,7 +74,8 @@ def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
         raise ConfigError(f"{path}: cannot tell the number of classes from the first output {logits!r}")
     cam_w, cam_tap = (head[1], head[0]) if head is not None and head[0] in taps else (None, None)
     shapes = {t: tuple(spatial[t][1:]) for t in taps}
-    return ForeignGraph(model, logits, taps, shapes, num_classes, size, cam_w, cam_tap)
+    batch = in_dims[0] if in_dims and isinstance(in_dims[0], int) and in_dims[0] > 0 else None
+    return ForeignGraph(model, logits, taps, shapes, num_classes, size, cam_w, cam_tap, batch)
 
 
 def _dims(value_info) -> tuple:

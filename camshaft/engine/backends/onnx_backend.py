@@ -83,9 +83,11 @@ class OnnxBackend:
     memory_format = torch.contiguous_format  # sessions take C-contiguous arrays
 
     def __init__(
-        self, session, info: ModelInfo, *, head: torch.nn.Module | None, device: torch.device, tap_outputs: dict[str, str]
+        self, session, info: ModelInfo, *, head: torch.nn.Module | None, device: torch.device, tap_outputs: dict[str, str],
+        batch: int | None = None,
     ):
         self.session, self.info, self.device = session, info, device
+        self._batch = batch  # the graph's fixed batch size, if it has one: batches run in parts of that size
         self._tap_outputs = tap_outputs  # tap -> graph output name
         self.dtype = torch.float32
         self._head = None if head is None else head.to(device)
@@ -101,8 +103,17 @@ class OnnxBackend:
         self.capabilities = frozenset(caps)
 
     def _run(self, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
-        feed = {self._input: x.detach().to("cpu", torch.float32).numpy()}
-        outs = self.session.run(names, feed)
+        data = x.detach().to("cpu", torch.float32).numpy()
+        if self._batch is None or len(data) == self._batch:
+            outs = self.session.run(names, {self._input: data})
+        else:  # a fixed-batch graph: parts of its size, the last one filled up with copies of its last image
+            parts = []
+            for start in range(0, len(data), self._batch):
+                part = data[start : start + self._batch]
+                n = len(part)
+                part = np.concatenate([part, np.repeat(part[-1:], self._batch - n, axis=0)]) if n < self._batch else part
+                parts.append([o[:n] for o in self.session.run(names, {self._input: part})])
+            outs = [np.concatenate(o) for o in zip(*parts, strict=True)]
         return [torch.from_numpy(o).to(self.device) for o in outs]
 
     def forward(self, x: torch.Tensor) -> Output:

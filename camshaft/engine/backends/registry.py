@@ -41,6 +41,16 @@ def _check_taps(meta: ArtifactMeta, taps: Sequence[str] | None, path: Path) -> N
         )
 
 
+def _check_size(exported: tuple[int, int] | None, preprocess: dict, path: Path) -> None:
+    """ONNX and .pt2 files take the input size they were exported for only (a TorchScript file any)."""
+    asked = preprocess.get("input_size")
+    if exported is not None and asked is not None and tuple(asked) != tuple(exported):
+        raise ConfigError(
+            f"{path} was exported for {exported[0]}x{exported[1]} inputs; it cannot take {asked[0]}x{asked[1]}. "
+            f"Leave --input-size out, or re-export the model with --input-size {asked[0]},{asked[1]}"
+        )
+
+
 def _info(meta: ArtifactMeta, cam: torch.Tensor | None, preprocess: dict, source: str) -> ModelInfo:
     pre = meta.preprocess.replace(**preprocess)
     return ModelInfo(
@@ -202,6 +212,7 @@ def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype,
             "Export the original model with `camshaft export --format pt2` (or explain it with the eager backend)"
         )
     _check_taps(meta, taps, path)
+    _check_size(meta.preprocess.input_size, preprocess, path)
     for m in (program, head):
         for p in m.parameters() if m is not None else ():
             p.requires_grad_(False)  # gradients are asked of the taps only, never of weights
@@ -240,6 +251,7 @@ def open_onnxruntime(
     if meta is None:
         return _foreign_onnx(path, source, taps=taps, preprocess=preprocess, device=device)
     _check_taps(meta, taps, path)
+    _check_size(meta.preprocess.input_size, preprocess, path)
     info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
     return OnnxBackend(session, info, head=head, device=device, tap_outputs={t: onnx_export.tap_output(t) for t in info.taps})
 
@@ -253,6 +265,7 @@ register_backend("onnxruntime", open_onnxruntime)
 def _foreign_onnx(path: Path, source: ModelSource, *, taps, preprocess: dict, device) -> OnnxBackend:
     """An ONNX file from elsewhere: taps become extra outputs; forward-only methods."""
     graph = open_foreign(path, list(taps) if taps else None)
+    _check_size(graph.input_size, preprocess, path)
     if preprocess.get("mean") is None or preprocess.get("std") is None:
         warnings.warn(
             f"{path} carries no camshaft metadata: assuming ImageNet mean/std and center-crop; "
@@ -270,4 +283,4 @@ def _foreign_onnx(path: Path, source: ModelSource, *, taps, preprocess: dict, de
         tap_shapes=graph.tap_shapes,
     )
     session = open_session(graph.model.SerializeToString(), device)
-    return OnnxBackend(session, info, head=None, device=device, tap_outputs={t: t for t in info.taps})
+    return OnnxBackend(session, info, head=None, device=device, tap_outputs={t: t for t in info.taps}, batch=graph.batch)
