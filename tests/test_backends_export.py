@@ -49,6 +49,11 @@ def test_unknown_tap_lists_the_valid_choices(resnet):
         TappedModel(resnet, ["layer5"])
 
 
+def test_a_tap_on_the_logits_layer_is_refused_clearly(resnet):
+    with pytest.raises(ConfigError, match="tap 'fc' is the layer that outputs the logits, not a feature map"):
+        TappedModel(resnet, ["fc"])
+
+
 def test_taps_come_back_in_execution_order_and_match_the_model(resnet):
     tapped = TappedModel(resnet, ["layer4", "layer2"])
     assert tapped.taps == ["layer2", "layer4"]

@@ -94,6 +94,12 @@ class TappedModel(nn.Module):
         self._nodes = dict(order_taps(plan, model, taps))
         self.traceable = plan.traceable
         if plan.traceable:
+            logits = [t for t, node in self._nodes.items() if node == plan.output]
+            if logits:
+                raise ConfigError(
+                    f"tap {logits[0]!r} is the layer that outputs the logits, not a feature map: tap a layer "
+                    "before it (camshaft inspect lists them)"
+                )
             return_nodes = {node: tap for tap, node in self._nodes.items()}
             return_nodes[plan.output] = LOGITS
             with warnings.catch_warnings():
