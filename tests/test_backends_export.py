@@ -279,6 +279,15 @@ def test_an_artifact_refuses_another_input_size_clearly(tmp_path, fmt):
     assert backend.forward(torch.zeros(2, 3, 8, 8)).logits.shape == (2, 3)
 
 
+def test_a_file_named_onnx_that_is_not_one_is_named(tmp_path, capsys):
+    path = tmp_path / "weights.onnx"
+    torch.save(TinyCam().state_dict(), path)
+    with pytest.raises(ConfigError, match=r"weights.onnx is not an ONNX model \(InvalidProtobuf"):
+        open_backend("onnxruntime", ModelSource("onnx", str(path), path=path), tmp_path)
+    assert main(["inspect", str(path)]) == 2
+    assert "weights.onnx is not an ONNX model (DecodeError" in capsys.readouterr().err
+
+
 def test_onnx_runtime_threads_do_not_spin_between_runs(foreign_onnx):
     """Spinning threads would take the CPU from decoding and torch work between runs."""
     from camshaft.engine.backends.onnx_backend import open_session

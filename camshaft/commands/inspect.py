@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from camshaft.commands.common import add_model, size
+from camshaft.errors import ConfigError
 
 HELP = "list layers with shapes, the default tap and the CAM head"
 
@@ -46,7 +47,10 @@ def _inspect_artifact(source) -> int:
     if source.kind == "onnx":
         import onnx
 
-        model = onnx.load(str(source.path), load_external_data=False)
+        try:
+            model = onnx.load(str(source.path), load_external_data=False)
+        except Exception as e:  # noqa: BLE001 - protobuf's decode errors have no common public type
+            raise ConfigError(f"{source.path} is not an ONNX model ({type(e).__name__}: {e})") from e
         meta, cam, head = onnx_export.read_metadata({p.key: p.value for p in model.metadata_props})
     elif source.kind == "pt2":
         from camshaft.exporters import pt2 as pt2_export

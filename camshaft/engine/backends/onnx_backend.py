@@ -75,7 +75,13 @@ def open_session(model, device: torch.device, *, threads: int | None = None):
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     options.log_severity_level = 3
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=providers_for(device))
+    try:
+        return ort.InferenceSession(source, options, providers=providers_for(device))
+    except Exception as e:  # noqa: BLE001 - onnxruntime's errors have no common public type
+        if "protobuf" not in f"{type(e).__name__} {e}".lower():
+            raise
+        what = "the model" if isinstance(model, bytes) else model
+        raise ConfigError(f"{what} is not an ONNX model ({type(e).__name__}: {e})") from e
 
 
 class OnnxBackend:
