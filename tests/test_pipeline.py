@@ -376,3 +376,112 @@ def test_a_run_says_where_its_time_went(data, tmp_path):
     again = camshaft.explain(None, data, out=tmp_path / "run", method="gradcam", batch_size=4, partition_size=5,
                              progress=False)  # resumed: nothing was explained, no time in any stage
     assert again.explained == 0 and not any(again.stages.values())
+
+
+# --- updates and reruns: what a nightly job and a notebook do ---------------------------------------------
+
+
+def _copy_images(src, dst, names):
+    import shutil
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy2(src / name, dst / name)
+
+
+def _images(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.suffix in (".jpg", ".png"))
+
+
+def test_two_updates_in_one_process_each_reuse_their_own_previous_run(data, tmp_path):
+    """A process keeps the previous run's rows and maps while it updates; another update of the same
+    folder must not reuse them (they were those of an earlier run)."""
+    names = _images(data)
+    work = tmp_path / "data"
+    flat = {n: n.replace("/", "_") for n in names}
+    for group in ([names[0], names[3]], [names[1]], [names[2]]):  # a, d -> add b -> add c
+        for n in group:
+            _copy_images(data / n.rsplit("/", 1)[0], work, [n.rsplit("/", 1)[1]])
+            (work / n.rsplit("/", 1)[1]).rename(work / flat[n])
+        summary = camshaft.explain(None, work, out=tmp_path / "run", progress=False)
+        assert summary.explained == len(group)
+    fresh = camshaft.explain(None, work, out=tmp_path / "fresh", progress=False)
+    assert fresh.explained == 4
+    assert_same_results(camshaft.load_results(tmp_path / "run"), camshaft.load_results(tmp_path / "fresh"))
+
+
+def test_an_update_recomputes_an_image_whose_label_or_box_changed(tmp_path):
+    manifest = write_demo_dataset(tmp_path / "data", n=4, seed=2)
+    run = lambda out: camshaft.explain(None, manifest, out=out, targets="label", progress=False)  # noqa: E731
+    run(tmp_path / "run")
+    lines = manifest.read_text().splitlines()
+    path, label, *box = lines[1].split(",")
+    other = lines[2].split(",")[1]
+    lines[1] = ",".join([path, other, "0", "0", "10", "10"])  # relabelled, another box
+    lines.append(",".join([path, label, *box]))  # and listed once more with its old label
+    manifest.write_text("\n".join(lines) + "\n")
+    update = run(tmp_path / "run")
+    assert (update.mode, update.explained) == ("update", 1)  # the copy with the old label and box is reused
+    assert_same_results(camshaft.load_results(tmp_path / "run"), camshaft.load_results(run(tmp_path / "fresh").out))
+
+
+def test_updates_reuse_images_with_several_methods(data, tmp_path):
+    work = tmp_path / "data"
+    names = _images(data)
+    for n in names[:5]:
+        _copy_images(data / n.rsplit("/", 1)[0], work, [n.rsplit("/", 1)[1]])
+    camshaft.explain(None, work, out=tmp_path / "run", method=["cam", "gradcam"], progress=False)
+    _copy_images(data / names[5].rsplit("/", 1)[0], work, [names[5].rsplit("/", 1)[1]])
+    update = camshaft.explain(None, work, out=tmp_path / "run", method=["cam", "gradcam"], progress=False)
+    assert (update.mode, update.explained, update.images) == ("update", 1, 6)
+
+
+def test_overlays_asked_for_later_are_written_without_recomputing(data, tmp_path):
+    camshaft.explain(None, data, out=tmp_path / "run", progress=False)
+    again = camshaft.explain(None, data, out=tmp_path / "run", overlays=True, progress=False)
+    assert (again.mode, again.explained) == ("update", 0)
+    assert len(list((tmp_path / "run" / "overlays").glob("*.png"))) == 14
+
+
+def test_another_set_of_methods_leaves_no_results_of_the_old_one(data, tmp_path):
+    out = tmp_path / "run"
+    camshaft.explain(None, data, out=out, method=["cam", "layercam"], progress=False)
+    camshaft.explain(None, data, out=out, method="gradcam", overwrite=True, progress=False)
+    assert not (out / "cam").exists() and not (out / "layercam").exists()
+    camshaft.explain(None, data, out=out, method=["cam", "layercam"], progress=False)
+    assert not (out / "results.parquet").exists() and not (out / "maps.zarr").exists()
+    assert camshaft.load_results(out / "cam").table.shape[0] == 14
+
+
+def test_an_output_folder_inside_the_data_is_not_read_as_data(data, tmp_path):
+    import shutil
+
+    work = tmp_path / "data"
+    shutil.copytree(data, work)
+    camshaft.explain(None, work, out=work / "run", overlays=True, progress=False)
+    again = camshaft.explain(None, work, out=work / "run", overlays=True, progress=False)
+    assert (again.mode, again.explained, again.images, again.failed) == ("resume", 0, 14, 0)
+
+
+def test_a_parquet_manifest_with_integer_labels_and_a_gap_is_read(tmp_path):
+    import pandas as pd
+
+    from camshaft.engine.targets import class_index
+
+    manifest = write_demo_dataset(tmp_path / "data", n=3, seed=1)
+    frame = pd.read_csv(manifest)
+    frame["label"] = [0, 1, None]  # pandas stores the column as double
+    frame.to_parquet(manifest.with_suffix(".parquet"))
+    summary = camshaft.explain(None, manifest.with_suffix(".parquet"), out=tmp_path / "run", targets="label", progress=False)
+    assert (summary.ok, summary.failed) == (2, 1) and "no label" in summary.errors[0][1]
+    assert class_index("3.0", class_names=None, num_classes=5) == 3  # the same column written as CSV
+    assert class_index("3.5", class_names=None, num_classes=5) is None
+
+
+def test_a_worker_keeps_one_explainer_per_model_content(tmp_path):
+    from camshaft.engine.job import ExplainJob
+    from camshaft.pipeline.tasks import TaskContext
+
+    job = ExplainJob(None, tmp_path, tmp_path / "out")
+    day1, day2 = (TaskContext(job, tmp_path / "out", ((1, 6, 6),), False, model) for model in ("aa", "bb"))
+    assert day1.key != day2.key  # the same job and weights path, another checkpoint

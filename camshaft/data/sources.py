@@ -55,11 +55,14 @@ def is_image_file(name: str | os.PathLike) -> bool:
     return os.path.splitext(os.fspath(name))[1].lower() in IMAGE_EXTENSIONS
 
 
-def list_images(data: str | os.PathLike, *, labels_from_folders: bool = False) -> list[ImageRecord]:
+def list_images(
+    data: str | os.PathLike, *, labels_from_folders: bool = False, exclude: str | os.PathLike | None = None
+) -> list[ImageRecord]:
     """List a dataset's images: a folder, a .csv/.parquet manifest or one image file.
 
     With ``labels_from_folders`` a folder is read as an ImageFolder tree: each image's label is
-    the name of its top-level sub-folder.
+    the name of its top-level sub-folder. ``exclude``: a folder inside it whose files are not listed
+    (a run's output folder, whose overlays are images).
 
     Raises:
         ConfigError: the argument does not exist, is of an unsupported kind, the folder holds
@@ -71,7 +74,7 @@ def list_images(data: str | os.PathLike, *, labels_from_folders: bool = False) -
         received = type(data).__name__
         raise ConfigError(f"data must be a path, got {received}; expected {_ACCEPTED}") from e
     if os.path.isdir(path):
-        return [_stat(r) for r in _list_folder(path, labels_from_folders=labels_from_folders)]
+        return [_stat(r) for r in _list_folder(path, labels_from_folders=labels_from_folders, exclude=exclude)]
     if labels_from_folders:
         raise ConfigError(f"labels from folders need a folder (an ImageFolder tree), received {path!r}")
     if not os.path.exists(path):
@@ -85,12 +88,14 @@ def list_images(data: str | os.PathLike, *, labels_from_folders: bool = False) -
     raise ConfigError(f"unsupported data {path!r} ({kind}); expected {_ACCEPTED}")
 
 
-def _list_folder(folder: str, *, labels_from_folders: bool = False) -> list[ImageRecord]:
+def _list_folder(folder: str, *, labels_from_folders: bool = False, exclude=None) -> list[ImageRecord]:
     """Recursive listing in path order; hidden entries skipped, symlinked folders not followed."""
     root = os.path.abspath(folder)
+    skip = None if exclude is None else os.path.abspath(exclude)
     found: list[tuple[str, ...]] = []
     for current, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # prune hidden folders in place
+        # prune hidden folders (and the excluded one) in place
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.join(current, d) != skip]
         rel = os.path.relpath(current, root)
         parts = () if rel == os.curdir else tuple(rel.split(os.sep))
         found += [(*parts, f) for f in files if not f.startswith(".") and is_image_file(f)]
@@ -160,8 +165,17 @@ def _parquet_rows(manifest: str):
     table = pq.read_table(manifest)
     names = [n.strip().lower() for n in table.column_names]
     data = table.rename_columns(names).to_pylist()
-    rows = ((i + 1, {k: None if v is None else str(v) for k, v in row.items()}) for i, row in enumerate(data))
+    rows = ((i + 1, {k: _text(v) for k, v in row.items()}) for i, row in enumerate(data))
     return rows, names
+
+
+def _text(value) -> str | None:
+    """A manifest value as text; a whole float is an integer (an int column with a missing value is double)."""
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _inside(root: str, path: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -76,4 +77,7 @@ def class_index(item: str, *, class_names: Sequence[str] | None, num_classes: in
         return index if num_classes is None or 0 <= index < num_classes else None
     if class_names and item in class_names:
         return list(class_names).index(item)
+    whole = re.fullmatch(r"(-?\d+)\.0*", item)  # "3.0": pandas writes an int column with gaps as floats
+    if whole:
+        return class_index(whole.group(1), class_names=class_names, num_classes=num_classes)
     return None

@@ -9,6 +9,7 @@ changed explains only new or changed files and copies the rest from the previous
 from __future__ import annotations
 
 import shutil
+import uuid
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from camshaft.exporters.metadata import version
 from camshaft.pipeline import plan as planning
 from camshaft.pipeline.schedule import LOCAL, check_scheduler, run_tasks
 from camshaft.pipeline.state import ARTIFACTS_DIR, MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
-from camshaft.pipeline.tasks import TaskContext, load_summary, register
+from camshaft.pipeline.tasks import TaskContext, load_summary, register, release
 from camshaft.writers import maps_store
 from camshaft.writers.table import assemble
 
@@ -73,7 +74,7 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
     existed = out.exists()
     try:
         check_scheduler(job.scheduler)
-        records = list_images(job.data, labels_from_folders=job.labels_from_folders)
+        records = list_images(job.data, labels_from_folders=job.labels_from_folders, exclude=out)
         if job.targets.strip() == "label" and not any(r.label is not None for r in records):
             raise ConfigError(f"--targets label needs labels, and {job.data} has none: use a manifest with a label column")
         explainer = build_explainer(job, workdir=out / ARTIFACTS_DIR)
@@ -89,25 +90,35 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
         "job": planning.job_fingerprint(explainer, model),
         "listing": planning.listing_fingerprint(records),
         "partition_size": job.partition_size,
+        "overlays": job.overlays,  # asked for later: an update writes them, reusing every map
+        "methods": list(job.methods),
     }
     mode = _prepare(state, job, identity, explainer, len(records))
-    return _execute(state, job, explainer, records, mode, progress=progress)
+    return _execute(state, job, explainer, records, mode, model=model, progress=progress)
 
 
 def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explainer, n: int) -> str:
     """Decide fresh / resume / update from what ``out`` holds, and set the folder up for it."""
     state.remove_temporaries()  # a killed run's half-written files: never results, never left behind
-    previous = None if job.overwrite else state.load()
+    stored = state.load()
+    if stored and tuple(stored.get("methods") or job.methods) != tuple(job.methods):
+        RunState(state.out, tuple(stored["methods"])).reset()  # another set of methods: their results go too
+        stored = None
+    previous = None if job.overwrite else stored
     same_job = previous is not None and previous.get("job") == identity["job"]
     if same_job and all(previous.get(k) == v for k, v in identity.items()):
         return "resume"
     reusable = not job.exemplars  # a dataset's exemplars need every image again
-    if same_job and reusable and previous.get("complete") and (state.out / TABLE_FILE).exists():
+    finished = all((state.method_dir(m) / TABLE_FILE).exists() for m in job.methods)
+    previous_id = None
+    if same_job and reusable and previous.get("complete") and finished:
         mode = "update"
         state.keep_previous()
+        previous_id = uuid.uuid4().hex
     elif same_job and reusable and state.previous.exists():  # an interrupted update, and the data changed again
         mode = "update"
         state.clear_partitions()
+        previous_id = previous.get("previous_id") or uuid.uuid4().hex
     else:
         mode = "fresh"
         state.reset()
@@ -115,24 +126,31 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
         folder = state.method_dir(run.name)
         folder.mkdir(parents=True, exist_ok=True)
         maps_store.create_store(folder / MAPS_FILE, n_images=n, map_shape=run.map_shape, chunk=job.partition_size, attrs=_attrs(job, explainer, run))
-    state.save({**identity, "complete": False, "mode": mode, "images": n})
+    state.save({**identity, "complete": False, "mode": mode, "images": n, "previous_id": previous_id})
     return mode
 
 
-def _execute(state: RunState, job: ExplainJob, explainer: Explainer, records, mode: str, *, progress: bool) -> RunSummary:
+def _execute(
+    state: RunState, job: ExplainJob, explainer: Explainer, records, mode: str, *, model: str, progress: bool
+) -> RunSummary:
     partitions = planning.plan(len(records), job.partition_size)
     todo = [p for p in partitions if not state.is_done(p)]
-    reuse = mode == "update" or (state.load() or {}).get("mode") == "update"
+    stored = state.load() or {}
+    reuse = mode == "update" or stored.get("mode") == "update"
     shapes = tuple(run.map_shape for run in explainer.runs)
-    ctx = TaskContext(_worker_job(job, explainer, state), state.out, shapes, reuse)
+    ctx = TaskContext(_worker_job(job, explainer, state), state.out, shapes, reuse, model, stored.get("previous_id"))
     if job.scheduler in LOCAL:
         register(ctx, explainer)
     start = time.perf_counter()
     done_images = len(records) - sum(p.stop - p.start for p in todo)
     names = [run.name for run in explainer.runs]
     bar = tqdm(total=len(records), initial=done_images, unit="img", desc=f"{'+'.join(names)} ({explainer.backend.name})", disable=not progress)
-    summaries = run_tasks(ctx, [(p, records[p.start : p.stop]) for p in todo], scheduler=job.scheduler, on_done=lambda s: bar.update(s["images"]))
-    bar.close()
+    try:
+        summaries = run_tasks(ctx, [(p, records[p.start : p.stop]) for p in todo], scheduler=job.scheduler,
+                              on_done=lambda s: bar.update(s["images"]))
+    finally:
+        release(ctx)
+        bar.close()
     seconds = time.perf_counter() - start
     tables = [assemble([state.rows_path(p, n) for p in partitions], state.method_dir(n) / TABLE_FILE) for n in names]
     table = tables[0]

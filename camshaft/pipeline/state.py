@@ -9,6 +9,7 @@ table appears only when every partition is done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -80,6 +81,9 @@ class RunState:
                 shutil.rmtree(folder / name, ignore_errors=True)
             for name in (TABLE_FILE, "metrics.parquet", "exemplars.parquet"):
                 (folder / name).unlink(missing_ok=True)
+            if folder != self.out:  # a method's own folder, left empty: it goes too
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
 
     def keep_previous(self) -> None:
         """Move the finished results aside (for reuse) and clear the markers of the old plan."""

@@ -33,6 +33,8 @@ class TaskContext:
     out: Path
     map_shapes: tuple[tuple[int, int, int], ...]  # per method of the job, in order
     reuse: bool  # an update: copy unchanged images from the previous run
+    model: str = ""  # the model's content fingerprint: a file replaced at the same path is another model
+    previous_id: str | None = None  # names the previous run kept aside for this update
 
     @property
     def state(self) -> RunState:
@@ -40,7 +42,7 @@ class TaskContext:
 
     @property
     def key(self) -> str:
-        return repr(self.job)
+        return f"{self.job!r} {self.model}"
 
 
 _EXPLAINERS: dict[str, Explainer] = {}
@@ -64,14 +66,30 @@ def _explainer(ctx: TaskContext) -> Explainer:
         return _EXPLAINERS[ctx.key]
 
 
-def _previous(ctx: TaskContext, method: str):
-    """The previous run's rows by file key, and its maps group (read once per process)."""
-    folder = ctx.state.previous_dir(method)
+def release(ctx: TaskContext) -> None:
+    """Forget what this process kept for the run of ``ctx`` (at its end, local schedulers)."""
     with _LOCK:
-        if str(folder) not in _PREVIOUS:
+        _EXPLAINERS.pop(ctx.key, None)
+        for key in [k for k in _PREVIOUS if k.startswith(f"{ctx.previous_id} ")]:
+            del _PREVIOUS[key]
+
+
+def _previous(ctx: TaskContext, method: str):
+    """The previous run's rows by file key, and its maps group (read once per process and update)."""
+    folder = ctx.state.previous_dir(method)
+    key = f"{ctx.previous_id} {folder}"  # another update of the same folder has other rows and maps
+    with _LOCK:
+        if key not in _PREVIOUS:
             rows = {(r["path"], r["file_size"], r["mtime_ns"]): r for r in read_rows(folder / TABLE_FILE)}
-            _PREVIOUS[str(folder)] = (rows, maps_store.open_maps(folder / MAPS_FILE))
-        return _PREVIOUS[str(folder)]
+            _PREVIOUS[key] = (rows, maps_store.open_maps(folder / MAPS_FILE))
+        return _PREVIOUS[key]
+
+
+def _same_record(old: dict, record: ImageRecord) -> bool:
+    """Whether a previous row was made for this record: the same label and box (a manifest can change them)."""
+    box = None if record.box is None else list(record.box)
+    old_box = old.get("box")
+    return old.get("label") == record.label and (None if old_box is None else list(old_box)) == box
 
 
 def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord]) -> dict:
@@ -89,7 +107,7 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
             old_rows, old_maps = _previous(ctx, name)
             for i, record in enumerate(records):
                 old = old_rows.get(file_key(record))
-                if old is not None and record.error is None:
+                if old is not None and record.error is None and _same_record(old, record):
                     rows[name][i] = {**old, "index": indices[i], "_old_index": old["index"]}
                     maps[name][i], targets[name][i] = old_maps["maps"][old["index"]], old_maps["targets"][old["index"]]
     todo = [i for i in range(len(records)) if any(rows[n][i] is None for n in names)]
