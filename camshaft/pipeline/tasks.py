@@ -105,11 +105,18 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
     if ctx.reuse:
         for name in names:
             old_rows, old_maps = _previous(ctx, name)
+            reused = {}  # row here -> row in the previous run
             for i, record in enumerate(records):
                 old = old_rows.get(file_key(record))
                 if old is not None and record.error is None and _same_record(old, record):
                     rows[name][i] = {**old, "index": indices[i], "_old_index": old["index"]}
-                    maps[name][i], targets[name][i] = old_maps["maps"][old["index"]], old_maps["targets"][old["index"]]
+                    reused[i] = int(old["index"])
+            if reused:  # one read per array (a chunk is decoded once, not once per image)
+                wanted = np.array(sorted(set(reused.values())))
+                at = {old: j for j, old in enumerate(wanted.tolist())}
+                old_block, old_targets = old_maps["maps"].oindex[wanted], old_maps["targets"].oindex[wanted]
+                for i, old in reused.items():
+                    maps[name][i], targets[name][i] = old_block[at[old]], old_targets[at[old]]
     todo = [i for i in range(len(records)) if any(rows[n][i] is None for n in names)]
     metrics = {name: [_previous_metrics(ctx, name, rows[name], todo)] for name in names} if explainer.metric_specs else {}
     if todo:
