@@ -485,3 +485,32 @@ def test_a_worker_keeps_one_explainer_per_model_content(tmp_path):
     job = ExplainJob(None, tmp_path, tmp_path / "out")
     day1, day2 = (TaskContext(job, tmp_path / "out", ((1, 6, 6),), False, model) for model in ("aa", "bb"))
     assert day1.key != day2.key  # the same job and weights path, another checkpoint
+
+
+def test_an_update_killed_while_moving_the_previous_results_aside_recovers(data, tmp_path, monkeypatch):
+    import shutil
+
+    from camshaft.pipeline import state as state_module
+
+    work = tmp_path / "data"
+    names = _images(data)
+    for n in names[:5]:
+        _copy_images(data / n.rsplit("/", 1)[0], work, [n.rsplit("/", 1)[1]])
+    camshaft.explain(None, work, out=tmp_path / "run", progress=False)
+    _copy_images(data / names[5].rsplit("/", 1)[0], work, [names[5].rsplit("/", 1)[1]])
+    moves, move = [], shutil.move
+
+    def dies_after_the_first(src, dst):
+        if moves:
+            raise SystemExit("killed")  # between the maps' move and the table's
+        moves.append(src)
+        return move(src, dst)
+
+    monkeypatch.setattr(state_module.shutil, "move", dies_after_the_first)
+    with pytest.raises(SystemExit):
+        camshaft.explain(None, work, out=tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    update = camshaft.explain(None, work, out=tmp_path / "run", progress=False)
+    assert (update.mode, update.explained) == ("update", 1)
+    fresh = camshaft.explain(None, work, out=tmp_path / "fresh", progress=False)
+    assert_same_results(camshaft.load_results(tmp_path / "run"), camshaft.load_results(fresh.out))

@@ -85,15 +85,36 @@ class RunState:
                 with contextlib.suppress(OSError):
                     folder.rmdir()
 
+    @property
+    def _moving(self) -> Path:
+        """Where ``keep_previous`` gathers the results before they become ``previous`` in one rename."""
+        return self.dir / "previous.partial"
+
     def keep_previous(self) -> None:
-        """Move the finished results aside (for reuse) and clear the markers of the old plan."""
+        """Move the finished results aside (for reuse) and clear the markers of the old plan.
+
+        The files move one by one into a staging folder that becomes ``previous`` in one rename; a
+        run killed before that rename is undone by the next run (``restore_interrupted``).
+        """
         shutil.rmtree(self.previous, ignore_errors=True)
         for method in self.methods:
-            self.previous_dir(method).mkdir(parents=True)
+            (self._moving / method).mkdir(parents=True, exist_ok=True)
             for name in (MAPS_FILE, TABLE_FILE, "metrics.parquet"):
                 if (self.method_dir(method) / name).exists():
-                    shutil.move(str(self.method_dir(method) / name), str(self.previous_dir(method) / name))
+                    shutil.move(str(self.method_dir(method) / name), str(self._moving / method / name))
+        self._moving.rename(self.previous)
         self.clear_partitions()
+
+    def restore_interrupted(self) -> None:
+        """Put back the results that an update killed while moving them aside had moved."""
+        if not self._moving.exists():
+            return
+        for folder in self._moving.iterdir():
+            for item in folder.iterdir():
+                target = self.method_dir(folder.name) / item.name
+                if not target.exists():
+                    shutil.move(str(item), str(target))
+        shutil.rmtree(self._moving)
 
     def clear_partitions(self) -> None:
         """Drop the markers and shards of an old plan (and its overlays: indices move)."""
