@@ -514,3 +514,14 @@ def test_an_update_killed_while_moving_the_previous_results_aside_recovers(data,
     assert (update.mode, update.explained) == ("update", 1)
     fresh = camshaft.explain(None, work, out=tmp_path / "fresh", progress=False)
     assert_same_results(camshaft.load_results(tmp_path / "run"), camshaft.load_results(fresh.out))
+
+
+def test_a_refused_job_leaves_an_existing_run_as_it_was(data, tmp_path):
+    from camshaft.errors import CapabilityError
+
+    out = tmp_path / "run"
+    camshaft.explain(None, data, out=out, progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(CapabilityError):  # the run's export for onnxruntime happens before the method is refused
+        camshaft.explain(None, data, out=out, method="guided_backprop", backend="onnxruntime", progress=False)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before

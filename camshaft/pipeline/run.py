@@ -72,6 +72,8 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
     """
     out = Path(job.out)
     existed = out.exists()
+    artifacts = out / ARTIFACTS_DIR
+    had = set(artifacts.iterdir()) if artifacts.is_dir() else None  # a refused job takes back its export
     try:
         check_scheduler(job.scheduler)
         records = list_images(job.data, labels_from_folders=job.labels_from_folders, exclude=out)
@@ -82,6 +84,11 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
     except Exception:
         if not existed:
             shutil.rmtree(out, ignore_errors=True)
+        elif had is None:
+            shutil.rmtree(artifacts, ignore_errors=True)
+        else:
+            for path in set(artifacts.iterdir()) - had if artifacts.is_dir() else ():
+                path.unlink(missing_ok=True)
         raise
     out.mkdir(parents=True, exist_ok=True)
     state = RunState(out, job.methods)
