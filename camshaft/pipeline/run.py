@@ -9,8 +9,8 @@ changed explains only new or changed files and copies the rest from the previous
 from __future__ import annotations
 
 import shutil
-import uuid
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
