@@ -83,6 +83,16 @@ def test_sampled_methods_do_not_depend_on_chunking(resnet, tmp_path):
         torch.testing.assert_close(one, all_, rtol=1e-4, atol=1e-7)
 
 
+def test_an_images_sampled_map_does_not_depend_on_its_batch(resnet, tmp_path):
+    backend = open_backend("eager", source_of(resnet, size=(64, 64)), tmp_path)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    for method, options in [("smoothgrad", {"samples": 4}), ("integrated_gradients", {"steps": 4})]:
+        batch, _ = get_method(method).run(backend, x, fixed([[1], [2], [3]]), tap=None, options=options)
+        for i in range(3):
+            alone, _ = get_method(method).run(backend, x[i : i + 1], fixed([[i + 1]]), tap=None, options=options)
+            torch.testing.assert_close(alone[0], batch[i], rtol=1e-4, atol=1e-6)
+
+
 def test_smoothgrad_without_noise_is_saliency(resnet, tmp_path):
     backend = open_backend("eager", source_of(resnet, size=(64, 64)), tmp_path)
     x = torch.randn(1, 3, 64, 64)

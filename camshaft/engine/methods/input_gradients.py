@@ -66,10 +66,11 @@ def _smoothgrad(backend: Backend, x: torch.Tensor, select: Selector, tap, option
     n = options["samples"]
     spread = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, 1, 1, 1, 1)  # per image
     gen = torch.Generator(device=x.device).manual_seed(options["seed"])
-    noise = torch.randn((x.shape[0], n, *x.shape[1:]), generator=gen, device=x.device)  # drawn once: chunking-proof
+    # drawn once (chunking-proof) and the same for every image: an image's map never depends on its batch
+    noise = torch.randn((n, *x.shape[1:]), generator=gen, device=x.device)
 
     def samples(x, first, last):
-        return x.unsqueeze(1) + options["noise"] * spread * noise[:, first:last]
+        return x.unsqueeze(1) + options["noise"] * spread * noise[first:last].unsqueeze(0)
 
     total, out = sampled_input_gradients(
         backend, x, select, samples, n=n, per_forward=options["samples_per_forward"], per_sample=channel_max_abs
@@ -137,7 +138,7 @@ register_method(
         options=(
             Option("samples", positive_int, 16, "noisy copies per image"),
             Option("noise", non_negative_float, 0.15, "noise std as a fraction of the image's value range"),
-            Option("seed", int, 0, "seed of the noise"),
+            Option("seed", int, 0, "seed of the noise (the same noise for every image)"),
             PER_FORWARD,
         ),
         uses_tap=False,
