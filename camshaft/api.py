@@ -96,9 +96,9 @@ def explain(
         scheduler=scheduler,
         overwrite=overwrite,
         labels_from_folders=labels_from_folders,
-        metrics=tuple(metrics),
+        metrics=metrics if isinstance(metrics, str) else tuple(metrics),
         metric_steps=metric_steps,
-        exemplars=tuple(exemplars),
+        exemplars=exemplars if isinstance(exemplars, str) else tuple(exemplars),
         exemplar_k=exemplar_k,
     )
     return run_explain(job, progress=progress)

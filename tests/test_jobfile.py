@@ -36,3 +36,30 @@ def test_every_problem_is_reported_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown or repeated methods \['nope'\].*data not found"):
         load_job(job)
     assert not (tmp_path / "o").exists()
+
+
+def test_method_options_are_parsed_as_the_cli_parses_its_flags(tmp_path):
+    write_demo_dataset(tmp_path / "data", n=2, seed=0)
+    job = tmp_path / "bad.toml"
+    job.write_text('data = "data/manifest.csv"\nout = "o"\nmethod = "smoothgrad,integrated_gradients"\n'
+                   '[options]\nsamples = 0\nsteps = "abc"\n')
+    with pytest.raises(ConfigError, match=r"'smoothgrad': samples: expected a positive integer.*"
+                                          r"'integrated_gradients': steps: expected a positive integer"):
+        load_job(job)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match=r"'scorecam': masks_per_forward: expected a positive integer, received 0"):
+        camshaft.explain(None, tmp_path / "data", out=tmp_path / "o", method="scorecam",
+                         options={"masks_per_forward": 0}, progress=False)
+    summary = camshaft.explain(None, tmp_path / "data", out=tmp_path / "o", method="smoothgrad",
+                               options={"samples": "2"}, progress=False)  # text, as on the command line
+    assert camshaft.load_results(summary.out).attrs["options"]["samples"] == 2
+
+
+def test_comma_separated_fields_read_as_on_the_command_line(tmp_path):
+    write_demo_dataset(tmp_path / "data", n=2, seed=0)
+    job = tmp_path / "job.toml"
+    job.write_text('data = "data/manifest.csv"\nout = "o"\nmethod = "cam,gradcam"\nmetrics = "deletion"\n'
+                   'exemplars = "features:0,1"\n')
+    loaded = load_job(job)
+    assert loaded.methods == ("cam", "gradcam") and loaded.metrics == ("deletion",)
+    assert loaded.exemplars == ("features:0,1",)

@@ -46,6 +46,13 @@ class ExplainJob:
     exemplar_k: int = 8
 
     def __post_init__(self):
+        # comma-separated text, as the CLI takes it (job files and the API pass strings too)
+        if isinstance(self.method, str) and "," in self.method:
+            object.__setattr__(self, "method", tuple(m.strip() for m in self.method.split(",") if m.strip()))
+        if isinstance(self.metrics, str):
+            object.__setattr__(self, "metrics", tuple(m.strip() for m in self.metrics.split(",") if m.strip()))
+        if isinstance(self.exemplars, str):  # one TAP or TAP:C1,C2 (its commas are channels)
+            object.__setattr__(self, "exemplars", (self.exemplars,))
         problems = []
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
@@ -55,6 +62,11 @@ class ExplainJob:
             stray = sorted(set(self.options) - taken)
             if stray:
                 problems.append(f"options {stray} belong to none of the methods {list(self.methods)}")
+            for m in self.methods:
+                try:
+                    self.options_for(m)
+                except ConfigError as e:
+                    problems.append(str(e))
         if self.backend not in backend_names():
             problems.append(f"unknown backend {self.backend!r} (choose from {', '.join(backend_names())})")
         if self.dtype not in DTYPES:

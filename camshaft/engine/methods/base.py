@@ -8,6 +8,7 @@ need from a backend (``needs``) and their options (``options``: the CLI's flags 
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +54,18 @@ class Method:
             raise ConfigError(
                 f"method {self.name!r} has no options {unknown}; its options: {', '.join(valid) or 'none'}"
             )
-        return {name: given.get(name, o.default) for name, o in valid.items()}
+        resolved, problems = {}, []
+        for name, o in valid.items():
+            value = given.get(name, o.default)
+            if name in given and value is not None:  # as the CLI parses its flags: job files and the API too
+                try:
+                    value = o.parse(value)
+                except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
+                    problems.append(f"{name}: {e}")
+            resolved[name] = value
+        if problems:
+            raise ConfigError(f"invalid options of method {self.name!r}: " + "; ".join(problems))
+        return resolved
 
     def run(self, backend: Backend, x: torch.Tensor, select: Selector, *, tap: str | None, options: dict | None = None):
         """Maps (B, K, h, w) and the backend output for the batch ``x``."""
