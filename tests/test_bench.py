@@ -264,6 +264,33 @@ def test_compare_exits_0_within_the_threshold(capsys, stubbed_run, tmp_path):
     assert code == 0 and "0 regressions" in out
 
 
+def test_compare_fails_when_nothing_was_compared_and_uses_throughput_without_a_limit(capsys, stubbed_run, tmp_path):
+    empty = report_of([f for f in made_up() if f.role not in ("method", "pipeline")])
+    path = save_json(empty, tmp_path / "empty.json")
+    code, out, _ = _main(capsys, "bench", "--quick", "--compare", path)
+    assert code == 1 and "NOTHING COMPARED" in out
+    # figures without a ratio (a model file has no limit) are compared by their throughput
+    before, after = report_of(made_up()), report_of(made_up())
+    for data, scale in ((before, 10.0), (after, 1.0)):
+        for f in data["figures"]:
+            f.pop("ratio_to_limit", None)
+            f.pop("ratio_to_method", None)
+            if f.get("evaluations_per_second"):
+                f["evaluations_per_second"] *= scale
+    result = compare(before, after, threshold=0.1)
+    assert not result.ok and result.regressions and {c.metric for c in result.regressions} == {"evaluations_per_second"}
+
+
+def test_a_run_that_measured_nothing_of_camshafts_exits_1(capsys, monkeypatch):
+    def fake(settings, *, workdir, log, progress=None):
+        figures = [f for f in made_up() if f.role not in ("method", "pipeline")]
+        return BenchReport(settings.to_dict(), {"cpu": "test", "device": "cpu", "dtype": "float32"}, figures)
+
+    monkeypatch.setattr("camshaft.bench.runner.run_bench", fake)
+    code, out, _ = _main(capsys, "bench", "--quick")
+    assert code == 1 and "no figure of camshaft's was measured" in out
+
+
 def test_a_tiny_quick_run_prints_a_table_and_saves_json(capsys, tmp_path):
     path = tmp_path / "bench.json"
     code, out, err = _main(

@@ -39,8 +39,13 @@ class Comparison:
     new: tuple[str, ...]  # in this run only
 
     @property
+    def compared(self) -> int:
+        return len(self.regressions) + len(self.improvements) + self.unchanged
+
+    @property
     def ok(self) -> bool:
-        return not self.regressions
+        """No regression, and something was compared (a nightly job must not pass on nothing)."""
+        return not self.regressions and self.compared > 0
 
 
 def _field(figure: dict, metric: str) -> str | None:
@@ -51,11 +56,17 @@ def _field(figure: dict, metric: str) -> str | None:
     return "ratio_to_method" if figure["role"] == "pipeline" else "ratio_to_limit"
 
 
+def _positive(value) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
 def _values(data: dict, metric: str) -> dict[str, tuple[str, float]]:
     out = {}
     for f in data.get("figures", []):
         name = _field(f, metric)
-        if name and isinstance(f.get(name), int | float) and f[name] > 0:
+        if name and not _positive(f.get(name)) and metric == "ratio":
+            name = "evaluations_per_second"  # no limit to divide by (a model file): its throughput, then
+        if name and _positive(f.get(name)):
             out[f["key"]] = (name, float(f[name]))
     return out
 
@@ -68,7 +79,8 @@ def compare(previous: dict, current: dict, *, threshold: float = 0.1, metric: st
         raise ConfigError(f"threshold must be between 0 and 1 (a fraction, 0.1 = 10%), received {threshold}")
     before, after = _values(previous, metric), _values(current, metric)
     regressions, improvements, unchanged = [], [], 0
-    for key in sorted(before.keys() & after.keys()):
+    both = {k for k in before.keys() & after.keys() if before[k][0] == after[k][0]}  # the same field in both
+    for key in sorted(both):
         (name, old), (_, new) = before[key], after[key]
         change = Change(key, name, old, new)
         if change.relative < -threshold:
@@ -82,8 +94,8 @@ def compare(previous: dict, current: dict, *, threshold: float = 0.1, metric: st
         tuple(regressions),
         tuple(improvements),
         unchanged,
-        tuple(sorted(before.keys() - after.keys())),
-        tuple(sorted(after.keys() - before.keys())),
+        tuple(sorted(before.keys() - both)),
+        tuple(sorted(after.keys() - both)),
     )
 
 
@@ -93,6 +105,8 @@ def format_comparison(c: Comparison) -> str:
         f"{len(c.improvements)} improvements, {c.unchanged} within the threshold, "
         f"{len(c.missing)} figures no longer measured, {len(c.new)} new"
     ]
+    if not c.compared:
+        lines.append("  NOTHING COMPARED: no figure of camshaft's was measured in both runs (a failure for a nightly job)")
     for tag, changes in (("REGRESSION", c.regressions), ("improved", c.improvements)):
         lines += [
             f"  {tag} {x.key}: {x.metric} {x.previous:.3g} -> {x.current:.3g} ({x.relative:+.1%})" for x in changes

@@ -162,6 +162,9 @@ def run(args) -> int:
         save_json(data, args.json)
         print(f"\nresults: {args.json}")
     code = 1 if _failures(data) else 0
+    if not any(f.get("role") in ("method", "pipeline") for f in data.get("figures", [])):
+        print("\ncamshaft bench: no figure of camshaft's was measured (every workload was skipped: see above)")
+        code = 1
     if previous is not None:
         result = compare(previous, data, threshold=args.threshold, metric=args.compare_metric)
         print("\n" + format_comparison(result))
