@@ -167,6 +167,15 @@ def test_several_targets_per_image_and_a_text_view(shortcut_run, tmp_path):
     assert '<span class="badge border-heavy">' in index  # the shortcut, flagged on the page
 
 
+def test_a_bad_compare_run_is_refused_before_metrics_are_written(tmp_path, demo_run, capsys):
+    metrics = demo_run / "metrics.parquet"
+    before = metrics.read_bytes() if metrics.exists() else None
+    code = main(["report", str(demo_run), "--out", str(tmp_path / "r"), "--metrics", "deletion", "--steps", "2",
+                 "--compare", str(tmp_path / "no-such-run"), "--no-progress"])
+    assert code == 2 and "is not a finished camshaft run" in capsys.readouterr().err
+    assert (metrics.read_bytes() if metrics.exists() else None) == before
+
+
 def test_cli_errors_are_clear(tmp_path, demo_run, capsys):
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "is not a finished camshaft run" in capsys.readouterr().err

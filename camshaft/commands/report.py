@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from camshaft.commands.common import positive
+from camshaft.errors import ConfigError
 
 HELP = "audit a run (flags, classes, localization, faithfulness, drift) as an HTML report"
 
@@ -68,7 +69,14 @@ def run(args) -> int:
     from camshaft.report.exemplars import ExemplarSpec
     from camshaft.report.faithfulness import parse_metrics
 
+    from camshaft.results import load_results
+
     options = options_from(args)  # validate every flag before any work
+    if Path(args.out).resolve() == Path(args.run_dir).resolve():
+        raise ConfigError(f"--out {args.out} is the run folder itself; give the report its own folder")
+    for run_dir in (args.run_dir, args.compare):
+        if run_dir is not None:
+            load_results(run_dir)  # a finished run, or the reason it is not (before metrics are written)
     specs = parse_metrics(args.metrics, steps=args.steps, score=args.score, batch_size=args.metric_batch) if args.metrics else None
     exemplars = [ExemplarSpec.parse(t) for t in args.exemplars or []]
     common = {"batch_size": args.batch_size, "device": args.device, "progress": not args.no_progress}
