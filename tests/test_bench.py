@@ -228,6 +228,8 @@ def _main(capsys, *argv) -> tuple[int, str, str]:
         (["--json", "no/such/folder/run.json"], "does not exist"),
         (["--device", "tpu"], "device 'tpu'"),
         (["--cuda-graphs"], "CUDA graphs need a CUDA device; this benchmark runs on cpu"),
+        (["--model", "resnet18", "demo", "--targets", "top:6"], "demo: --targets 'top:6': the model has only 5 classes"),
+        (["--model", "demo", "nosuchpkg.mod:factory"], "cannot import 'nosuchpkg.mod'"),
     ],
 )
 def test_bad_flags_exit_2_before_any_work(capsys, monkeypatch, argv, message):

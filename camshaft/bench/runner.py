@@ -39,7 +39,7 @@ from camshaft.bench.workload import Figure, Skipped, Workload
 from camshaft.engine.backends import Backend, backend_factory
 from camshaft.engine.backends.base import resolve_device, resolve_dtype
 from camshaft.engine.methods import get_method
-from camshaft.errors import CamshaftError
+from camshaft.errors import CamshaftError, ConfigError
 from camshaft.models.sources import ModelSource, resolve_model
 from camshaft.preprocess import Preprocess
 
@@ -78,6 +78,30 @@ def run_bench(
         torch.backends.cudnn.benchmark = cudnn
     report.complete = True
     return report
+
+
+def check_targets(settings: BenchSettings) -> None:
+    """Every model has the classes the targets name, checked before any model is timed.
+
+    Raises:
+        ConfigError: the targets a model cannot serve (a model file is checked when it is opened).
+    """
+    from camshaft.engine.targets import Targets
+    from camshaft.models.sources import num_classes_of
+
+    problems = []
+    for model in settings.models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            source = resolve_model(model)
+        classes = num_classes_of(source.module) if source.module is not None else None
+        for text in settings.targets if classes is not None else ():
+            try:
+                Targets.parse(text, num_classes=classes)
+            except ConfigError as e:
+                problems.append(f"{model}: {e}")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def slug(text: str) -> str:

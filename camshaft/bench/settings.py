@@ -126,7 +126,16 @@ def model_problem(spec: str) -> str | None:
     """Why ``spec`` names no model camshaft can load, without loading it (None: it looks valid)."""
     from camshaft.models.sources import DEMO, classification_models
 
-    if spec == DEMO or ":" in spec or Path(spec).is_file() or spec in classification_models():
+    if ":" in spec and not Path(spec).is_file():
+        import importlib
+
+        module, _, name = spec.partition(":")
+        try:
+            found = hasattr(importlib.import_module(module), name)
+        except ImportError as e:
+            return f"model {spec!r}: cannot import {module!r} ({e})"
+        return None if found else f"model {spec!r}: {module!r} has no {name!r}"
+    if spec == DEMO or Path(spec).is_file() or spec in classification_models():
         return None
     return (
         f"unknown model {spec!r}: not 'demo', a torchvision architecture (e.g. resnet50), a file, or pkg.module:factory"

@@ -116,7 +116,7 @@ def _torchvision(name: str, weights) -> ModelSource:
             model = torchvision.models.get_model(name, weights=None, num_classes=classes)
         _load_state(model, state, weights)
     categories = _imagenet_categories(name)
-    class_names = categories if categories and _num_classes(model) == len(categories) else None
+    class_names = categories if categories and num_classes_of(model) == len(categories) else None
     return ModelSource("torch", name, module=model.eval(), preprocess=Preprocess(), class_names=class_names)
 
 
@@ -195,7 +195,7 @@ def _checkpoint_classes(model: nn.Module, state: dict) -> int | None:
     return None
 
 
-def _num_classes(model: nn.Module) -> int | None:
+def num_classes_of(model: nn.Module) -> int | None:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else None
 
