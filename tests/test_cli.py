@@ -260,3 +260,18 @@ def test_top_level_help_lists_every_command_without_importing_torch():
     assert imported == "False"  # the command's own arguments (and torch) load only for that command
     for name in ("demo", "explain", "export", "inspect", "featmaps", "run", "report", "bench", "actmax"):
         assert name in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["export", "demo", "--rtol", "-1", "--format", "onnx", "--out", "{tmp}/m.onnx"], "--rtol: expected a positive number"),
+        (["featmaps", "demo", "{image}", "--channels", ",", "--out", "{tmp}/fm"], "--channels: expected channel indices"),
+        (["inspect", "demo", "--input-size", "1"], "the model cannot run on a 1x1 input"),
+    ],
+)
+def test_other_commands_refuse_bad_values_before_writing(capsys, tmp_path, images, argv, message):
+    argv = [a.format(tmp=tmp_path, image=images / "0.png") for a in argv]
+    code, _, err = _main(capsys, *argv)
+    assert code == 2 and message in err
+    assert list(tmp_path.iterdir()) == []

@@ -18,6 +18,7 @@ HELP = "benchmark methods × backends against the limit and peer libraries"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from camshaft.data.workers import DECODERS
+    from camshaft.bench.settings import BACKENDS
     from camshaft.engine.backends import backend_names
     from camshaft.engine.backends.base import DTYPES
     from camshaft.engine.methods import method_names
@@ -40,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=backend_names(),
         metavar="BACKEND",
-        help=f"default: all ({', '.join(backend_names())})",
+        help=f"default: {' '.join(BACKENDS)} (pt2 on request: it runs the same ATen graph as eager, unfused)",
     )
     p.add_argument("--batch-size", nargs="+", type=positive, metavar="N", help="default: 16 (quick: 2)")
     p.add_argument("--targets", nargs="+", metavar="TARGETS", help="top:K or classes, one figure each (default: top:1)")

@@ -10,6 +10,16 @@ from camshaft.commands.common import add_model, add_preprocess, preprocess
 HELP = "export a tapped model to TorchScript or ONNX (parity-checked)"
 
 
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, received {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from camshaft.exporters import FORMATS
 
@@ -17,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, required=True)
     p.add_argument("--tap", action="append", help="layer to expose (repeatable; default: the last feature map)")
     p.add_argument("--out", type=Path, required=True, help="artifact path")
-    p.add_argument("--rtol", type=float, default=1e-3, help="parity tolerance relative to each output's scale")
+    p.add_argument("--rtol", type=_tolerance, default=1e-3, help="parity tolerance relative to each output's scale")
     p.add_argument(
         "--head",
         action=argparse.BooleanOptionalAction,

@@ -14,9 +14,12 @@ HELP = "render channels of a layer for one image (grid and overlays)"
 
 def _channels(text: str) -> list[int]:
     try:
-        return [int(c) for c in text.split(",") if c.strip()]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected channel indices such as 0,20,40, received {text!r}") from e
+        channels = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        channels = []
+    if not channels:
+        raise argparse.ArgumentTypeError(f"expected channel indices such as 0,20,40, received {text!r}")
+    return channels
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from camshaft.errors import ConfigError
 from camshaft.models.split import split_at_first_tap
 from camshaft.models.taps import TapPlan, TappedModel, plan_taps
 
@@ -59,7 +60,7 @@ def _layers(model: nn.Module, plan: TapPlan, x: torch.Tensor):
     modules = dict(model.named_modules())
     shapes: dict[str, tuple[int, ...] | None] = {}
     same: dict[str, str] = {}  # hooked module -> the shortest module path giving the same tensor
-    with torch.inference_mode():
+    with torch.inference_mode(), _input_size_checked(x):
         if plan.traceable:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -171,3 +172,13 @@ def _head_function(tapped: TappedModel, model: nn.Module, tap: str, x: torch.Ten
             h.remove()
 
     return run
+
+
+@contextlib.contextmanager
+def _input_size_checked(x: torch.Tensor):
+    """A model that cannot run on an input of this size says so (a pooling layer's kernel larger than its map)."""
+    try:
+        yield
+    except RuntimeError as e:
+        h, w = x.shape[-2:]
+        raise ConfigError(f"the model cannot run on a {h}x{w} input (choose another --input-size): {e}") from e
