@@ -331,6 +331,15 @@ def test_a_batch_equals_its_singles_and_chunking_changes_nothing(demo):
         torch.testing.assert_close(chunked.losses, whole.losses, rtol=1e-5, atol=1e-6)
 
 
+def test_an_image_does_not_depend_on_the_taps_of_the_other_objectives(demo):
+    """Folding a batch norm into its convolution is skipped where a tap reads the convolution: exact
+    runs do not fold, so the taps another objective adds change nothing for the others."""
+    model, pre = demo
+    together = render(model, [class_logit(3), channel("features.4", 5)], preprocess=pre, config=_cfg(steps=12, seed=7))
+    alone = render(model, [class_logit(3)], preprocess=pre, config=_cfg(steps=12, seed=7))
+    assert torch.equal(together.images[:1], alone.images)
+
+
 def test_a_batch_of_16_or_more_equals_its_chunks(demo):
     """Without oneDNN torch hands convolutions of 16 or more images to NNPACK, whose rounding differs."""
     model, pre = demo

@@ -290,7 +290,9 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
     with _frozen_eval(model), _laid_out(model, layout), batch_invariant(device, exact):
         full = _with_regularizers(model, objectives, config, preprocess, device)
         taps = sorted(set().union(*(o.taps for o in full)))
-        forward = _in_layout(forward_fn(model, taps, fold=True, layout=layout), layout)
+        # folding skips a batch norm whose convolution a tap reads, so exact runs do not fold: an image's
+        # result must not depend on the taps of the other objectives in its run (~3% slower, resnet18)
+        forward = _in_layout(forward_fn(model, taps, fold=not exact, layout=layout), layout)
         _check(objectives + full, forward, preprocess, device)
         per_chunk = config.batch_size // config.copies  # objectives per chunk
         chunks = [range(i, min(i + per_chunk, len(objectives))) for i in range(0, len(objectives), per_chunk)]
