@@ -340,6 +340,14 @@ def test_an_image_does_not_depend_on_the_taps_of_the_other_objectives(demo):
     assert torch.equal(together.images[:1], alone.images)
 
 
+def test_an_objective_of_weight_zero_renders_nothing_and_breaks_nothing(demo):
+    model, pre = demo
+    objs = parse_objective("class:0") + parse_objective("0*class:1")
+    for size in (2, 1):  # alone in its chunk too
+        r = render(model, objs, preprocess=pre, config=_cfg(steps=3, batch_size=size))
+        assert torch.equal(r.losses[:, 1], torch.zeros(3)) and r.losses[-1, 0] < r.losses[0, 0]
+
+
 def test_a_batch_of_16_or_more_equals_its_chunks(demo):
     """Without oneDNN torch hands convolutions of 16 or more images to NNPACK, whose rounding differs."""
     model, pre = demo

@@ -218,7 +218,9 @@ class LossPlan:
                 pieces.append(rest(acts.rows(j * g, (j + 1) * g)) if rest else acts.logits.new_zeros(g))
             rest = torch.cat(pieces)
             total = rest if total is None else total + rest
-        return acts.logits.new_zeros(self.size) if total is None else total  # (B,)
+        if total is None:  # no term at all (weights of 0): zero, still a function of the images to differentiate
+            return acts.images.flatten(1).sum(1) * 0.0
+        return total  # (B,)
 
 
 def _term_spec(weight: float, term: Term) -> str:
