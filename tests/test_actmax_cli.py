@@ -169,3 +169,27 @@ def test_every_optimisation_flag_reaches_the_render_settings():
     assert (settings.relu_leak, settings.relu_leak_steps, settings.steps, settings.lr) == (0.5, 3, 7, 0.1)
     assert (settings.jitter, settings.exact) == (2, False)
     assert config(build_parser(argv[:6]).parse_args(argv[:6])) == RenderConfig()  # the defaults are the API's
+
+
+def tiny_vit():
+    """A 2-layer vision transformer at 32 px: its layers' taps are (tokens, features) per image."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.VisionTransformer(32, 16, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                                                num_classes=4)
+
+
+@pytest.mark.parametrize("spec", ["channel:{t}:3", "neuron:{t}:3", "direction:{t}:1,1,1,1,1"])
+def test_channel_objectives_on_transformer_tokens_are_refused_clearly(tmp_path, capsys, spec):
+    tap = "encoder.layers.encoder_layer_0"
+    code, _, err = _main(capsys, "actmax", "test_actmax_cli:tiny_vit", "--input-size", "32", "--objective",
+                         spec.format(t=tap), "--out", tmp_path / "o", "--steps", "1", "--no-progress")
+    assert code == 2 and "tokens x features (a transformer's)" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_model_that_cannot_take_the_input_size_is_refused_clearly(tmp_path, capsys):
+    code, _, err = _main(capsys, "actmax", "test_actmax_cli:tiny_vit", "--input-size", "48", "--objective", "class:0",
+                         "--out", tmp_path / "o", "--steps", "1", "--no-progress")
+    assert code == 2 and "does not run at input size 48x48" in err

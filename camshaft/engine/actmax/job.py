@@ -97,7 +97,11 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
     source = _torch_model(job)
     pre = (source.preprocess or Preprocess()).replace(input_size=job.input_size, mean=job.mean,
                                                       std=job.std, resize=job.resize)
-    _, num_classes = tap_shapes(forward_fn(source.module, []), pre, torch.device("cpu"))
+    try:
+        _, num_classes = tap_shapes(forward_fn(source.module, []), pre, torch.device("cpu"))
+    except (RuntimeError, AssertionError, ValueError) as e:  # a model checks its input size as it likes
+        h, w = pre.input_size
+        raise ConfigError(f"{job.model or 'demo'} does not run at input size {h}x{w} (choose --input-size): {e}") from e
     names = source.class_names if source.class_names and len(source.class_names) == num_classes else None
     objectives = parse_objectives(job.objectives, class_names=names, num_classes=num_classes)
     init = None if job.init is None else load_init(job.init, pre)

@@ -238,9 +238,24 @@ def _class_check(c: int) -> Check:
     return check
 
 
+def _layout_problem(tap: str, shape) -> str | None:
+    """Why a tap of this per-image shape has no channels: tokens x features (a transformer's)."""
+    if len(shape) == 2:
+        return (f"tap {tap!r} has per-image shape {tuple(shape)}: tokens x features (a transformer's), not "
+                "channels (C, h, w) or units (N,); channel, neuron and direction objectives need those "
+                "(class, prob and layer objectives work)")
+    return None
+
+
 def _channel_check(tap: str, c: int, yx: tuple[int, int] | None = None) -> Check:
     def check(shapes, _num_classes):
         shape = shapes[tap]  # (C, h, w) or (C,)
+        layout = _layout_problem(tap, shape)
+        if layout:
+            return [layout]
+        if yx is not None and len(shape) == 1:
+            return [f"neuron needs a spatial tap (C, h, w); tap {tap!r} has units {tuple(shape)}: "
+                    f"use channel:{tap}:{c} for unit {c}"]
         if not 0 <= c < shape[0]:
             return [f"channel {c} is out of range 0..{shape[0] - 1} of tap {tap!r}"]
         if yx is not None and (len(shape) != 3 or not (0 <= yx[0] < shape[1] and 0 <= yx[1] < shape[2])):
@@ -360,6 +375,9 @@ def direction(tap: str, vector: Sequence[float] | torch.Tensor, *, name: str | N
         return project(t, v.to(t.device)[None])
 
     def check(shapes, _num_classes):
+        layout = _layout_problem(tap, shapes[tap])
+        if layout:
+            return [layout]
         c = shapes[tap][0]
         return [] if c == v.numel() else [f"direction has {v.numel()} values, tap {tap!r} has {c} channels"]
 
