@@ -64,7 +64,7 @@ class RenderConfig:
     device: str | None = None  # cpu | cuda[:N]; None = cuda when available
     dtype: str = "float32"  # float16 / bfloat16: autocast for the model's forward
     exact: bool | None = None  # results never depend on batch_size; None: on the CPU only, where the model
-    # runs on fixed groups of 8 images (~0.9x the speed); on CUDA it turns cuDNN off (much slower)
+    # runs on fixed groups of 8 images, batch norms unfolded (0.8-0.9x the speed); on CUDA cuDNN goes off (much slower)
     # dead ReLU channels get this share of the gradient that wakes them (relu.py), in each chunk's first
     # relu_leak_steps steps; then gradients are exact (Lucid: 16 steps). Measured on the demo model's two
     # hardest classes, 128 steps: 0.03 for 16 steps left 11 of 256 renders below 0.9 probability, 0.03 for
