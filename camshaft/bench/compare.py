@@ -106,7 +106,8 @@ def format_comparison(c: Comparison) -> str:
         f"{len(c.missing)} figures no longer measured, {len(c.new)} new"
     ]
     if not c.compared:
-        lines.append("  NOTHING COMPARED: no figure of camshaft's was measured in both runs (a failure for a nightly job)")
+        lines.append("  NOTHING COMPARED: no figure of camshaft's was measured in both runs "
+                     "(a failure for a nightly job)")
     for tag, changes in (("REGRESSION", c.regressions), ("improved", c.improvements)):
         lines += [
             f"  {tag} {x.key}: {x.metric} {x.previous:.3g} -> {x.current:.3g} ({x.relative:+.1%})" for x in changes

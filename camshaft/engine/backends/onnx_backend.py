@@ -89,8 +89,8 @@ class OnnxBackend:
     memory_format = torch.contiguous_format  # sessions take C-contiguous arrays
 
     def __init__(
-        self, session, info: ModelInfo, *, head: torch.nn.Module | None, device: torch.device, tap_outputs: dict[str, str],
-        batch: int | None = None,
+        self, session, info: ModelInfo, *, head: torch.nn.Module | None, device: torch.device,
+        tap_outputs: dict[str, str], batch: int | None = None,
     ):
         self.session, self.info, self.device = session, info, device
         self._batch = batch  # the graph's fixed batch size, if it has one: batches run in parts of that size
@@ -117,7 +117,8 @@ class OnnxBackend:
             for start in range(0, len(data), self._batch):
                 part = data[start : start + self._batch]
                 n = len(part)
-                part = np.concatenate([part, np.repeat(part[-1:], self._batch - n, axis=0)]) if n < self._batch else part
+                if n < self._batch:
+                    part = np.concatenate([part, np.repeat(part[-1:], self._batch - n, axis=0)])
                 parts.append([o[:n] for o in self.session.run(names, {self._input: part})])
             outs = [np.concatenate(o) for o in zip(*parts, strict=True)]
         return [torch.from_numpy(o).to(self.device) for o in outs]

@@ -283,4 +283,5 @@ def _foreign_onnx(path: Path, source: ModelSource, *, taps, preprocess: dict, de
         tap_shapes=graph.tap_shapes,
     )
     session = open_session(graph.model.SerializeToString(), device)
-    return OnnxBackend(session, info, head=None, device=device, tap_outputs={t: t for t in info.taps}, batch=graph.batch)
+    return OnnxBackend(session, info, head=None, device=device, tap_outputs={t: t for t in info.taps},
+                       batch=graph.batch)

@@ -71,7 +71,9 @@ class Method:
         """Maps (B, K, h, w) and the backend output for the batch ``x``."""
         return self.fn(backend, x, select, tap if self.uses_tap else None, self.resolve_options(options))
 
-    def explain(self, backend: Backend, x: torch.Tensor, select: Selector, *, tap: str | None, options: dict | None = None):
+    def explain(
+        self, backend: Backend, x: torch.Tensor, select: Selector, *, tap: str | None, options: dict | None = None
+    ):
         """``run``, its maps as outputs place them: cells that tile the input evenly (see ``tiles``)."""
         options = self.resolve_options(options)
         maps, out = self.fn(backend, x, select, tap if self.uses_tap else None, options)

@@ -6,9 +6,9 @@ positive cell supports the class. ``run``'s map has one cell per window position
 ``camshaft.engine.occlusion.windows``; the same as captum's ``Occlusion``). Windows overlap and do
 not tile the input, so what runs write (``explain``) is each pixel's mean drop over the windows
 covering it, captum's per-pixel attribution, on even tiles of ``gcd(size, window, stride)`` pixels
-(``Grid.to_tiles``): placed, upsampled and scored like any map. Forward only: occluded variants are built on the device and evaluated in batches of
-``positions_per_forward``; one unoccluded forward is shared and all K targets come from the same
-forwards.
+(``Grid.to_tiles``): placed, upsampled and scored like any map. Forward only: occluded variants
+are built on the device and evaluated in batches of ``positions_per_forward``; one unoccluded
+forward is shared and all K targets come from the same forwards.
 
 Modes: ``plain`` (batched forwards, any backend), ``incremental`` (exact, eager only: recomputes
 only each patch's receptive-field cone, Nakandala et al. 2019; on the CPU each image's positions
