@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     resume.add_argument("--overwrite", dest="overwrite", action="store_true", help="start over in --out")
     p.set_defaults(overwrite=False)
     a = p.add_argument_group("audit extras, gathered in the same pass (see camshaft report)")
-    a.add_argument("--metrics", type=lambda t: tuple(m.strip() for m in t.split(",") if m.strip()), default=(), help="faithfulness curves: deletion,insertion")
+    a.add_argument("--metrics", type=_names, default=(), help="faithfulness curves: deletion,insertion")
     a.add_argument("--metric-steps", type=positive, default=50, help="steps of the deletion/insertion curves (default 50)")
     a.add_argument("--exemplars", action="append", default=[], metavar="TAP[:C,...]", help="gather the dataset's top images per channel of TAP (repeatable)")
     a.add_argument("--exemplar-k", type=positive, default=8, help="top images kept per channel (default 8)")
@@ -103,10 +103,16 @@ def _cli_type(parse):
     return convert
 
 
+def _names(text: str) -> tuple[str, ...]:
+    from camshaft.engine.job import split_names
+
+    return split_names(text)
+
+
 def _methods(text: str) -> tuple[str, ...]:
     from camshaft.engine.methods import method_names
 
-    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    names = _names(text)
     unknown = [m for m in names if m not in method_names()]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown) or repr(text)} (choose from {', '.join(method_names())})")

@@ -12,6 +12,11 @@ from camshaft.errors import ConfigError
 from camshaft.preprocess import RESIZE_MODES
 
 
+def split_names(text: str) -> tuple[str, ...]:
+    """``a, b,c`` -> ``("a", "b", "c")``: comma-separated names, as the CLI, job files and the API take them."""
+    return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
 @dataclass(frozen=True)
 class ExplainJob:
     """Everything ``camshaft explain`` needs; the CLI's flags map onto these fields."""
@@ -48,9 +53,9 @@ class ExplainJob:
     def __post_init__(self):
         # comma-separated text, as the CLI takes it (job files and the API pass strings too)
         if isinstance(self.method, str) and "," in self.method:
-            object.__setattr__(self, "method", tuple(m.strip() for m in self.method.split(",") if m.strip()))
+            object.__setattr__(self, "method", split_names(self.method))
         if isinstance(self.metrics, str):
-            object.__setattr__(self, "metrics", tuple(m.strip() for m in self.metrics.split(",") if m.strip()))
+            object.__setattr__(self, "metrics", split_names(self.metrics))
         if isinstance(self.exemplars, str):  # one TAP or TAP:C1,C2 (its commas are channels)
             object.__setattr__(self, "exemplars", (self.exemplars,))
         problems = []

@@ -108,9 +108,10 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
     """Decide fresh / resume / update from what ``out`` holds, and set the folder up for it."""
     state.remove_temporaries()  # a killed run's half-written files: never results, never left behind
     stored = state.load()
-    RunState(state.out, tuple((stored or {}).get("methods") or job.methods)).restore_interrupted()
-    if stored and tuple(stored.get("methods") or job.methods) != tuple(job.methods):
-        RunState(state.out, tuple(stored["methods"])).reset()  # another set of methods: their results go too
+    before = RunState(state.out, tuple((stored or {}).get("methods") or job.methods))  # the methods on disk
+    before.restore_interrupted()
+    if before.methods != tuple(job.methods):
+        before.reset()  # another set of methods: their results go too
         stored = None
     previous = None if job.overwrite else stored
     same_job = previous is not None and previous.get("job") == identity["job"]

@@ -80,16 +80,15 @@ def _previous(ctx: TaskContext, method: str):
     key = f"{ctx.previous_id} {folder}"  # another update of the same folder has other rows and maps
     with _LOCK:
         if key not in _PREVIOUS:
-            rows = {(r["path"], r["file_size"], r["mtime_ns"]): r for r in read_rows(folder / TABLE_FILE)}
+            rows = {_reuse_key((r["path"], r["file_size"], r["mtime_ns"]), r["label"], r["box"]): r
+                    for r in read_rows(folder / TABLE_FILE)}
             _PREVIOUS[key] = (rows, maps_store.open_maps(folder / MAPS_FILE))
         return _PREVIOUS[key]
 
 
-def _same_record(old: dict, record: ImageRecord) -> bool:
-    """Whether a previous row was made for this record: the same label and box (a manifest can change them)."""
-    box = None if record.box is None else list(record.box)
-    old_box = old.get("box")
-    return old.get("label") == record.label and (None if old_box is None else list(old_box)) == box
+def _reuse_key(file: tuple, label, box) -> tuple:
+    """What a previous row must share with a record to be reused: the file and the manifest's label and box."""
+    return (*file, label, None if box is None else tuple(float(v) for v in box))
 
 
 def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord]) -> dict:
@@ -107,8 +106,8 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
             old_rows, old_maps = _previous(ctx, name)
             reused = {}  # row here -> row in the previous run
             for i, record in enumerate(records):
-                old = old_rows.get(file_key(record))
-                if old is not None and record.error is None and _same_record(old, record):
+                old = old_rows.get(_reuse_key(file_key(record), record.label, record.box))
+                if old is not None and record.error is None:
                     rows[name][i] = {**old, "index": indices[i], "_old_index": old["index"]}
                     reused[i] = int(old["index"])
             if reused:  # one read per array (a chunk is decoded once, not once per image)
