@@ -102,3 +102,18 @@ def test_normalize_takes_a_channels_last_view_and_returns_the_layout_asked_for()
     cl = normalize(view, pre, memory_format=torch.channels_last)
     assert cl.is_contiguous(memory_format=torch.channels_last) and not cl.is_contiguous()
     torch.testing.assert_close(cl, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_map_statistics_leave_out_the_letterbox_padding():
+    """A map hottest over the padding: its argmax, max and mean come from the cells on the image."""
+    pre = Preprocess(input_size=(8, 8), resize="letterbox")
+    geom = geometry((32, 16), pre)  # the image fills rows 2..6 of the 8x8 input
+    assert geom.content == (0, 2, 8, 6)
+    m = np.zeros((4, 4), np.float32)
+    m[0, :] = 5.0  # the top row of cells: centre y = 1, padding
+    m[2, 3] = 1.0  # on the image: centre (7, 5) in the input
+    stats = map_stats(m[None], geom, pre.input_size)
+    assert stats["map_max"] == [1.0] and stats["map_mean"] == [1.0 / 8]
+    assert stats["map_argmax_x"] == [28.0] and stats["map_argmax_y"] == [12.0]
+    coarse = map_stats(np.array([[[0.0, 2.0]]], np.float32), geometry((16, 64), pre), pre.input_size)
+    assert 0 <= coarse["map_argmax_y"][0] <= 64 and 0 <= coarse["map_argmax_x"][0] <= 16

@@ -10,17 +10,28 @@ from camshaft.writers.overlay import normalize_map
 
 
 def map_stats(maps: np.ndarray, geom: Geometry, input_size: tuple[int, int]) -> dict[str, list[float]]:
-    """Per target: max, mean, and the argmax cell's centre in original-image pixels."""
+    """Per target: max, mean, and the argmax cell's centre in original-image pixels.
+
+    Only cells whose centre shows the image count: with letterbox, cells over the padding are left out
+    (a map may be hot there, but that is no place on the image). A map too coarse for any centre to
+    fall on the image keeps every cell, and its argmax is clamped to the image.
+    """
     k, h, w = maps.shape
-    flat = maps.reshape(k, -1)
-    arg = flat.argmax(axis=1)
     H, W = input_size
+    cx = (np.arange(w) + 0.5) * W / w
+    cy = (np.arange(h) + 0.5) * H / h
+    x0, y0, x1, y1 = geom.content
+    inside = ((cy >= y0) & (cy < y1))[:, None] & ((cx >= x0) & (cx < x1))[None, :]
+    cells = np.flatnonzero(inside) if inside.any() else np.arange(h * w)
+    flat = maps.reshape(k, -1)[:, cells]
+    arg = cells[flat.argmax(axis=1)]
+    W0, H0 = geom.original_size
     xs, ys = [], []
     for a in arg:
         i, j = divmod(int(a), w)
-        x, y = geom.to_original((j + 0.5) * W / w, (i + 0.5) * H / h)
-        xs.append(float(x))
-        ys.append(float(y))
+        x, y = geom.to_original(cx[j], cy[i])
+        xs.append(float(np.clip(x, 0, W0)))
+        ys.append(float(np.clip(y, 0, H0)))
     return {
         "map_max": flat.max(axis=1).tolist(),
         "map_mean": flat.mean(axis=1).tolist(),
