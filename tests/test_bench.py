@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from camshaft.bench import BenchSettings, TimingConfig, compare, format_table, load_json, save_json
+from camshaft.bench import BenchSettings, TimingConfig, compare, format_table, load_json, run_bench, save_json
 from camshaft.bench.cases import Case, Group, evaluations_per_image, method_workload
 from camshaft.bench.ratios import derive
 from camshaft.bench.report import BenchReport
@@ -233,9 +233,17 @@ def _main(capsys, *argv) -> tuple[int, str, str]:
     ],
 )
 def test_bad_flags_exit_2_before_any_work(capsys, monkeypatch, argv, message):
-    monkeypatch.setattr("camshaft.bench.runner.run_bench", lambda *a, **k: pytest.fail("work started"))
+    monkeypatch.setattr("camshaft.bench.runner.bench_model", lambda *a, **k: pytest.fail("work started"))
     code, _, err = _main(capsys, "bench", "--quick", *argv)
     assert code == 2 and message in err
+
+
+def test_run_bench_checks_every_models_targets_before_timing_any(monkeypatch, tmp_path):
+    """Called directly too: a later model that cannot serve the targets stops the run before the first."""
+    monkeypatch.setattr("camshaft.bench.runner.bench_model", lambda *a, **k: pytest.fail("work started"))
+    settings = BenchSettings(models=("resnet18", "demo"), targets=("top:6",), quick=True)
+    with pytest.raises(ConfigError, match="demo: --targets 'top:6': the model has only 5 classes"):
+        run_bench(settings, workdir=tmp_path)
 
 
 @pytest.fixture

@@ -57,7 +57,11 @@ def run_bench(
 
     ``progress`` is handed the report (marked incomplete) after each group is measured, so a run
     stopped part-way (a time limit, a crash) can still leave the figures it took.
+
+    Raises:
+        ConfigError: targets some model cannot serve, found before any model is timed.
     """
+    check_targets(settings)
     cudnn = torch.backends.cudnn.benchmark
     if resolve_device(settings.device).type == "cuda":
         # shapes are fixed within a group: every workload alike (limits, methods, peers) gets

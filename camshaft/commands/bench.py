@@ -150,11 +150,8 @@ def _check_files(args) -> dict | None:
 def run(args) -> int:
     from camshaft.bench import compare, format_comparison, format_table, run_bench, save_json
 
-    from camshaft.bench.runner import check_targets
-
     settings = settings_from(args)
     previous = _check_files(args)
-    check_targets(settings)  # each model's classes, before any model is timed
     log = lambda message: print(f"camshaft bench: {message}", file=sys.stderr, flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="camshaft-bench-") as tmp:
         workdir = args.workdir or Path(tmp)
