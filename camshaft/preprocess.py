@@ -7,6 +7,8 @@ Importing this module does not import torch (decode worker processes resize imag
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,10 +36,13 @@ class Preprocess:
 
     def __post_init__(self):
         problems = []
-        if len(self.input_size) != 2 or min(self.input_size) < 1:
+        whole = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in self.input_size)
+        if len(self.input_size) != 2 or not whole or min(self.input_size) < 1:
             problems.append(f"input_size must be two positive integers (H, W), received {self.input_size}")
         if len(self.mean) != 3 or len(self.std) != 3:
             problems.append(f"mean and std need 3 values (R, G, B), received {self.mean}, {self.std}")
+        elif not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in (*self.mean, *self.std)):
+            problems.append(f"mean and std must be finite numbers, received {self.mean}, {self.std}")
         elif min(self.std) <= 0:
             problems.append(f"std must be positive, received {self.std}")
         if self.resize not in RESIZE_MODES:

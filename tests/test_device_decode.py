@@ -173,8 +173,9 @@ def files(tmp_path_factory):
         paths.append(str(path))
     Image.fromarray(smooth(rng, 50, 40)).save(folder / "p.png")
     Image.fromarray(smooth(rng, 50, 40)).convert("CMYK").save(folder / "cmyk.jpg")
-    good = jpeg_bytes(smooth(rng, 64, 64))
-    (folder / "corrupt.jpg").write_bytes(good[:600] + bytes(x ^ 0x5A for x in good[600:700]) + good[700:])
+    corrupt = bytearray(jpeg_bytes(smooth(rng, 64, 64)))
+    corrupt[corrupt.index(b"\xff\xda") + 6] = 0x33  # its scan reads Huffman tables never defined: headers intact
+    (folder / "corrupt.jpg").write_bytes(bytes(corrupt))
     return paths + [str(folder / n) for n in ("p.png", "cmyk.jpg", "corrupt.jpg")]
 
 

@@ -15,6 +15,8 @@ Decisions, in one place:
 - Pixels are decoded inside :func:`load_rgb`, so a truncated file fails here and not later.
   ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone. Pillow's decompression-bomb limit
   (``Image.MAX_IMAGE_PIXELS``) applies: past twice the limit the image is refused.
+- Only regular files are opened: a named pipe, socket or device is refused (opening a pipe would
+  wait for a writer, and the run with it).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 import struct
 import warnings
 import zlib
@@ -50,6 +53,8 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     """
     path = os.fspath(path)
     try:
+        if not _openable(path):
+            raise ImageDecodeError("not a regular file (a pipe, socket or device)")
         with Image.open(path) as im:  # positioned on the first frame
             im.load()  # decode every pixel now: truncation surfaces here
             out = _to_rgb(_orient(im))
@@ -58,6 +63,19 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise
     except Exception as e:  # noqa: BLE001 - every failure becomes one results-table reason
         raise ImageDecodeError(_reason(path, e)) from e
+
+
+def _openable(path: str) -> bool:
+    """Not a pipe, socket or device: opening a pipe would wait for a writer forever.
+
+    A folder, or a path that cannot be looked at (missing, permission denied), is left to Pillow's open,
+    which fails with its reason.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return True
+    return stat.S_ISREG(mode) or stat.S_ISDIR(mode)
 
 
 def decode_batch(
@@ -162,6 +180,8 @@ def _reason(path: str, e: BaseException) -> str:
         return "not an image (cannot identify image file)"
     if isinstance(e, MemoryError):
         return "out of memory while decoding"
+    if isinstance(e, OSError) and e.errno is not None:  # the file system's (a link loop, a name too long, EIO)
+        return f"cannot read the file: {e.strerror or e}"
     if isinstance(e, _CORRUPT):
         return f"truncated or corrupt image data: {str(e) or type(e).__name__}"
     return f"cannot decode image: {type(e).__name__}: {e}"

@@ -24,6 +24,7 @@ decoder ignores it.
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -36,6 +37,9 @@ _SOI, _EOI = b"\xff\xd8", b"\xff\xd9"
 _XMP = b"http://ns.adobe.com/xap/1.0/\0"
 _FRAMES = (0xC0, 0xC1, 0xC2)  # baseline, extended sequential, progressive; Huffman coded
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RSTn: no length field
+# EXIF value types Pillow reads as numbers: SHORT, LONG, RATIONAL, SBYTE, SSHORT, SLONG, SRATIONAL, FLOAT,
+# DOUBLE, IFD, LONG8 (BYTE, ASCII and UNDEFINED values it reads as bytes or text)
+_EXIF_NUMBERS = {3: "H", 4: "I", 5: "II", 6: "b", 8: "h", 9: "i", 10: "ii", 11: "f", 12: "d", 13: "I", 16: "Q"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def device_decodable(data: bytes | np.ndarray) -> JpegInfo | None:
     n = len(data)
     if n < 8 or bytes(data[:2]) != _SOI or bytes(data[-2:]) != _EOI:
         return None
-    i, adobe_rgb, orientation = 2, False, None
+    i, adobe_rgb, orientation, frame = 2, False, None, None
     while i + 4 <= n:
         if data[i] != 0xFF:
             return None
@@ -62,6 +66,10 @@ def device_decodable(data: bytes | np.ndarray) -> JpegInfo | None:
         if marker in _STANDALONE:
             i += 2
             continue
+        if marker == 0xDA:  # the first scan: Pillow has read every header it reads (some may follow the frame's)
+            if frame is None or (frame[2] == 3 and adobe_rgb):
+                return None
+            return JpegInfo(frame[0], frame[1], orientation or 1)
         length = (data[i + 2] << 8) | data[i + 3]
         segment = data[i + 4 : i + 2 + length]
         if length < 2 or len(segment) != length - 2:
@@ -75,33 +83,48 @@ def device_decodable(data: bytes | np.ndarray) -> JpegInfo | None:
         elif marker == 0xEE and bytes(segment[:5]) == b"Adobe" and len(segment) >= 12:
             adobe_rgb = segment[11] == 0  # colour transform 0: three channels stored as RGB
         elif marker in _FRAMES:
-            if len(segment) < 6:
-                return None
+            if frame is not None or len(segment) < 6:
+                return None  # a second frame, or a short one
             precision, components = segment[0], segment[5]
             height, width = (segment[1] << 8) | segment[2], (segment[3] << 8) | segment[4]
-            if precision != 8 or components not in (1, 3) or (components == 3 and adobe_rgb):
+            if precision != 8 or components not in (1, 3):
                 return None
             if not height or not width or (Image.MAX_IMAGE_PIXELS and height * width > Image.MAX_IMAGE_PIXELS):
                 return None
-            return JpegInfo(height, width, orientation or 1)
-        elif (0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker in (0xDA, 0xD9):
-            return None  # another kind of frame, or a scan or the end before any frame
+            frame = (height, width, components)
+        elif (0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xD9:
+            return None  # another kind of frame, or the end before any scan
         i += 2 + length
     return None
 
 
 def exif_orientation(tiff: bytes) -> int:
-    """IFD0's orientation (tag 274) in an EXIF block (a TIFF header and IFDs); 1 when absent or invalid."""
+    """IFD0's orientation (tag 274) in an EXIF block (a TIFF header and IFDs), as Pillow reads it; else 1.
+
+    Pillow reads any numeric type (a rational or a float counts when it is a whole 1..8); a byte, text
+    or undefined value, or one whose data lies past the block, turns nothing.
+    """
     try:
         order = {b"II": "<", b"MM": ">"}[tiff[:2]]
         (ifd,) = struct.unpack_from(order + "I", tiff, 4)
         (count,) = struct.unpack_from(order + "H", tiff, ifd)
         for k in range(count):
-            tag, kind, _, value = struct.unpack_from(order + "HHI4s", tiff, ifd + 2 + 12 * k)
-            if tag == 0x0112:
-                (o,) = struct.unpack_from(order + ("H" if kind == 3 else "I" if kind == 4 else "B"), value)
-                return o if 1 <= o <= 8 else 1
-    except (KeyError, struct.error):
+            tag, kind, n, value = struct.unpack_from(order + "HHI4s", tiff, ifd + 2 + 12 * k)
+            if tag != 0x0112:
+                continue
+            fmt = _EXIF_NUMBERS.get(kind)
+            if fmt is None or n < 1:
+                return 1
+            size = struct.calcsize(order + fmt)
+            if n * size > 4:  # stored elsewhere in the block, at this offset
+                (at,) = struct.unpack(order + "I", value)
+                if at + n * size > len(tiff):
+                    return 1
+                value = tiff[at : at + size]
+            number = struct.unpack_from(order + fmt, value)
+            o = number[0] / number[1] if len(number) == 2 else number[0]
+            return int(o) if o in range(1, 9) else 1
+    except (KeyError, struct.error, ZeroDivisionError):
         pass  # malformed EXIF: the image as stored, as camshaft.data.decode does
     return 1
 
@@ -109,6 +132,8 @@ def exif_orientation(tiff: bytes) -> int:
 def read_encoded(path: str | os.PathLike) -> tuple[np.ndarray, JpegInfo] | None:
     """The file's bytes and header when the device may decode it, else None (unreadable, or not such a JPEG)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None  # a pipe would block the read; a folder: Pillow says why
         with open(path, "rb") as f:
             if f.read(2) != _SOI:
                 return None  # not a JPEG: not read any further here

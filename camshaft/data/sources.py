@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 
 from camshaft.errors import ConfigError
@@ -93,16 +94,36 @@ def _list_folder(folder: str, *, labels_from_folders: bool = False, exclude=None
     root = os.path.abspath(folder)
     skip = None if exclude is None else os.path.abspath(exclude)
     found: list[tuple[str, ...]] = []
-    for current, dirs, files in os.walk(root):
+    unlisted: list[OSError] = []  # folders that could not be listed: their images would vanish unseen
+    linked: list[str] = []  # symlinked folders, not followed (a link may loop): said, not silently dropped
+    for current, dirs, files in os.walk(root, onerror=unlisted.append):
         # prune hidden folders (and the excluded one) in place
         dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.join(current, d) != skip]
+        linked += [os.path.join(current, d) for d in dirs if os.path.islink(os.path.join(current, d))]
         rel = os.path.relpath(current, root)
         parts = () if rel == os.curdir else tuple(rel.split(os.sep))
         found += [(*parts, f) for f in files if not f.startswith(".") and is_image_file(f)]
+    unreadable = [f"{e.filename}: {e.strerror or e}" for e in unlisted]
+    if unlisted and not found:
+        raise ConfigError(f"cannot list the images of folder {folder!r}: {'; '.join(unreadable[:_MAX_LISTED])}")
+    if unlisted:
+        more = f" and {len(unlisted) - _MAX_LISTED} more" if len(unlisted) > _MAX_LISTED else ""
+        warnings.warn(
+            f"{len(unlisted)} folder(s) under {folder!r} could not be listed, their images are left out: "
+            f"{'; '.join(unreadable[:_MAX_LISTED])}{more}",
+            stacklevel=3,
+        )
+    if linked:
+        more = f" and {len(linked) - _MAX_LISTED} more" if len(linked) > _MAX_LISTED else ""
+        warnings.warn(
+            f"{len(linked)} symbolic link(s) to folders under {folder!r} are not followed, their images are left "
+            f"out: {', '.join(linked[:_MAX_LISTED])}{more}; list the images in a manifest to include them",
+            stacklevel=3,
+        )
     if not found:
         raise ConfigError(
             f"no images found in folder {folder!r} (searched recursively for "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; hidden files and folders are skipped)"
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; hidden files and folders, and links to folders, are skipped)"
         )
     if labels_from_folders:
         loose = [os.path.join(*p) for p in found if len(p) == 1]
@@ -170,11 +191,16 @@ def _parquet_rows(manifest: str):
 
 
 def _text(value) -> str | None:
-    """A manifest value as text; a whole float is an integer (an int column with a missing value is double)."""
-    if value is None:
+    """A manifest value as text; a whole float is an integer (an int column with a missing value is double).
+
+    NaN is a missing value (as a null is), and bytes (a binary path column) are a file name.
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
+    if isinstance(value, bytes):
+        return os.fsdecode(value)
     return str(value)
 
 

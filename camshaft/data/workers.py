@@ -7,7 +7,9 @@ every operator it launches and must win it back after. On this project's 2-core 
 and 4 threads 11-fold, where 16 decode *processes* (which add only CPU contention) slowed it
 2.8-fold and 4 processes 1.8-fold. That is the regime of a GPU run, whose device thread launches
 hundreds of small operators per batch, so a GPU run decodes in processes (``auto``). The
-processes import neither torch nor the model: they return uint8 arrays. A CPU run decodes in
+processes import neither torch nor the model: they return uint8 arrays, decoded under the Pillow
+settings of the process they serve (``Image.MAX_IMAGE_PIXELS``, ``ImageFile.LOAD_TRUNCATED_IMAGES``,
+which a script may have changed). A CPU run decodes in
 threads: its device thread spends its time inside long operators, which give the GIL up, and
 threads skip the copies between processes (3-5% faster there).
 
@@ -38,6 +40,7 @@ from itertools import repeat
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image, ImageFile
 
 from camshaft.data.decode import load_rgb
 from camshaft.data.jpeg import JpegInfo, read_encoded
@@ -83,6 +86,17 @@ def decode_resized(path: str, pre: Preprocess) -> Resized:
         return Resized(error=str(e))
     pixels, geom = resize_rgb(image, pre)
     return Resized(pixels, geom)
+
+
+def _pillow_settings() -> tuple[int | None, bool]:
+    """This process's Pillow settings that decide whether a file decodes (a script may change them)."""
+    return Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+def _decode_resized_as_here(path: str, pre: Preprocess, settings: tuple[int | None, bool]) -> Resized:
+    """:func:`decode_resized` in a worker process, under the Pillow settings of the process it serves."""
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = settings
+    return decode_resized(path, pre)
 
 
 def _read_for_device_many(paths: Sequence[str], pre: Preprocess) -> list[Resized]:
@@ -154,9 +168,11 @@ class Decoder:
             if self.kind == "device":  # reading is quick: a task per file would cost more than the read
                 chunks = [paths[i : i + READ_CHUNK] for i in range(0, len(paths), READ_CHUNK)]
                 results = itertools.chain.from_iterable(pool.map(_read_for_device_many, chunks, repeat(pre)))
+            elif self.kind == "processes":  # a worker process has its own Pillow, with the default settings
+                settings = repeat(_pillow_settings())
+                results = pool.map(_decode_resized_as_here, paths, repeat(pre), settings, chunksize=CHUNK)
             else:
-                chunk = {"chunksize": CHUNK} if self.kind == "processes" else {}
-                results = pool.map(decode_resized, paths, repeat(pre), **chunk)
+                results = pool.map(decode_resized, paths, repeat(pre))
         except BrokenProcessPool as e:
             raise self._died(pool) from e
         return self._guarded(results, pool)
