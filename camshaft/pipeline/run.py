@@ -23,6 +23,7 @@ from camshaft.engine.job import ExplainJob
 from camshaft.errors import ConfigError
 from camshaft.exporters.metadata import version
 from camshaft.pipeline import plan as planning
+from camshaft.pipeline.lock import run_lock
 from camshaft.pipeline.schedule import LOCAL, check_scheduler, run_tasks
 from camshaft.pipeline.state import ARTIFACTS_DIR, MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
 from camshaft.pipeline.tasks import TaskContext, load_summary, register, release
@@ -69,9 +70,20 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
     """Explain every image of ``job.data`` into ``job.out``.
 
     All validation happens before any image is read; a job that fails it leaves no output folder.
+    One run at a time writes into an output folder: a second one is refused (``ConfigError``).
     """
     out = Path(job.out)
-    existed = out.exists()
+    created = None if out.exists() else next(p for p in [*reversed(out.parents), out] if not p.exists())
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot write into --out {str(out)!r}: {e.strerror or e}; choose a writable folder") from e
+    with run_lock(out):
+        return _run(job, out, created=created, progress=progress)
+
+
+def _run(job: ExplainJob, out: Path, *, created: Path | None, progress: bool) -> RunSummary:
+    """``created``: the topmost folder this run made for ``out`` (a refused job removes it again)."""
     artifacts = out / ARTIFACTS_DIR
     had = set(artifacts.iterdir()) if artifacts.is_dir() else None  # a refused job takes back its export
     try:
@@ -82,15 +94,14 @@ def run_explain(job: ExplainJob, *, progress: bool = True) -> RunSummary:
         explainer = build_explainer(job, workdir=out / ARTIFACTS_DIR)
         explainer.probe()
     except Exception:
-        if not existed:
-            shutil.rmtree(out, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         elif had is None:
             shutil.rmtree(artifacts, ignore_errors=True)
         else:
             for path in set(artifacts.iterdir()) - had if artifacts.is_dir() else ():
                 path.unlink(missing_ok=True)
         raise
-    out.mkdir(parents=True, exist_ok=True)
     state = RunState(out, job.methods)
     model = planning.model_fingerprint(explainer)
     identity = {
@@ -109,6 +120,7 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
     state.remove_temporaries()  # a killed run's half-written files: never results, never left behind
     stored = state.load()
     before = RunState(state.out, tuple((stored or {}).get("methods") or job.methods))  # the methods on disk
+    before.remove_temporaries()  # in their folders, which another set of methods does not look into
     before.restore_interrupted()
     if before.methods != tuple(job.methods):
         before.reset()  # another set of methods: their results go too
@@ -161,6 +173,7 @@ def _execute(
         release(ctx)
         bar.close()
     seconds = time.perf_counter() - start
+    state.remove_temporaries()  # of writers that died while others redid their work (cluster workers lost)
     tables = [assemble([state.rows_path(p, n) for p in partitions], state.method_dir(n) / TABLE_FILE) for n in names]
     table = tables[0]
     _assemble_extras(state, explainer, partitions)

@@ -45,12 +45,19 @@ def _distributed(ctx, work: list, address, on_done) -> list[dict]:
         raise ConfigError(
             f"--scheduler {address!r} needs dask.distributed: pip install 'camshaft[distributed]'"
         ) from e
-    client = address if isinstance(address, Client) else Client(address, timeout="30s")
     try:
-        futures = [client.submit(run_partition, ctx, part, records, pure=False, retries=2) for part, records in work]
+        client = address if isinstance(address, Client) else Client(address, timeout="30s")
+    except OSError as e:
+        raise ConfigError(
+            f"cannot reach the dask.distributed scheduler at {address!r} ({e}): start it (dask scheduler), "
+            "check the address, or use --scheduler threads"
+        ) from e
+    try:
         results = []
-        for future in as_completed(futures):
+        for future in as_completed([client.submit(run_partition, ctx, part, records, pure=False, retries=2)
+                                    for part, records in work]):
             summary = future.result()
+            future.release()  # or a worker lost later takes this result along and the cluster runs it again
             on_done(summary)
             results.append(summary)
         return results
