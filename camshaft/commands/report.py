@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from camshaft.commands.common import positive
-from camshaft.errors import ConfigError
 
 HELP = "audit a run (flags, classes, localization, faithfulness, drift) as an HTML report"
 
@@ -66,14 +65,14 @@ def options_from(args):
 
 def run(args) -> int:
     from camshaft.report import build_report, compute_exemplars, compute_metrics
+    from camshaft.report.build import check_out
     from camshaft.report.exemplars import ExemplarSpec
     from camshaft.report.faithfulness import parse_metrics
 
     from camshaft.results import load_results
 
     options = options_from(args)  # validate every flag before any work
-    if Path(args.out).resolve() == Path(args.run_dir).resolve():
-        raise ConfigError(f"--out {args.out} is the run folder itself; give the report its own folder")
+    check_out(Path(args.out), Path(args.run_dir))
     for run_dir in (args.run_dir, args.compare):
         if run_dir is not None:
             load_results(run_dir)  # a finished run, or the reason it is not (before metrics are written)

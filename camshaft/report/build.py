@@ -25,6 +25,8 @@ from camshaft.results import load_results
 from camshaft.writers.atomic import atomic_path
 
 TABLES_DIR = "tables"
+DRIFT_TABLES = ("drift_images.parquet", "drift_classes.csv", "drift_summary.json")
+TABLES = ("images.parquet", "classes.csv", "flags.csv", "summary.json", *DRIFT_TABLES, "exemplars.csv")
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,7 @@ def build_report(
     start = time.perf_counter()
     out = Path(out)
     run_dir = Path(run)
-    if out.resolve() == run_dir.resolve():
-        raise ConfigError(f"--out {out} is the run folder itself; give the report its own folder")
+    check_out(out, run_dir)
     results = load_results(run_dir)
     result = Report(out, audit(results, spec=options.spatial, rules=options.rules))
     if compare is not None:
@@ -103,8 +104,20 @@ def build_report(
     return result
 
 
+def check_out(out: Path, run_dir: Path) -> None:
+    """Refuse a report folder that is the run folder, or a file."""
+    if out.resolve() == run_dir.resolve():
+        raise ConfigError(f"--out {out} is the run folder itself; give the report its own folder")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; the report is a folder (index.html, img/, tables/)")
+
+
 def write_tables(folder: Path, report: Report) -> list[Path]:
-    """The numbers behind the pages: per-map tables as Parquet, summaries as CSV and JSON."""
+    """The numbers behind the pages: per-map tables as Parquet, summaries as CSV and JSON.
+
+    Tables of an earlier report into the same folder that this one has not (its drift, when this
+    report compares with no run) are removed, so the folder never mixes two reports.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     a = report.audit
     written = [
@@ -123,6 +136,8 @@ def write_tables(folder: Path, report: Report) -> list[Path]:
     if report.exemplars is not None:
         ex = report.exemplars.drop(columns=["map"])
         written.append(_atomic(folder / "exemplars.csv", lambda p: ex.to_csv(p, index=False)))
+    for name in set(TABLES) - {p.name for p in written}:  # left by an earlier report into this folder
+        (folder / name).unlink(missing_ok=True)
     return written
 
 

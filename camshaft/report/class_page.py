@@ -34,7 +34,7 @@ def render(ctx, row: pd.Series) -> str:
         return h.section("class", f"Class {row['class_name']} ({c})", body)
     mean = h.figure(ctx.mean_tile(c), f"mean map over {len(im):,} maps", css="wide")
     dist = _distributions(ctx, c, im)
-    order = quality.sort_values(kind="stable")
+    order = quality.dropna().sort_values(kind="stable")  # NaN (an empty map, an image without a box) ranks nowhere
     n = ctx.options.examples
     best = [_example(ctx, im.loc[i], quality[i]) for i in order.index[::-1][:n]]
     worst = [_example(ctx, im.loc[i], quality[i]) for i in order.index[:n]]

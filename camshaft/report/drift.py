@@ -1,9 +1,11 @@
 """Explanation drift: the same images explained by two runs (yesterday's and today's model).
 
 Images are matched by path; target slots k by position (the k-th target of each run). Per
-(image, k): ``rank_corr`` (Spearman over map cells), ``top_iou`` (IoU of the top 10% cells),
-whether the top-1 prediction changed, and ``drift = 1 - rank_corr``. Maps of different shapes are
-compared on the first run's grid (the second resampled bilinearly). Maps are read a chunk at a time.
+(image, k): ``rank_corr`` (Spearman over map cells), ``top_iou`` (IoU of the top ``top`` share of the
+cells, 10% by default), whether the top-1 prediction changed, and ``drift = 1 - rank_corr``. Maps of
+different shapes or geometry are compared on the first run's grid: the second is sampled bilinearly
+at the places of each image that the first run's cells show (``on_cells_of``). Maps are read a chunk
+at a time.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from camshaft.errors import ConfigError
+from camshaft.report.frames import Frames, frames
 from camshaft.report.scan import chunks, ok_rows, read_step
 from camshaft.report.similarity import spearman, top_iou
 from camshaft.results import Results, load_results
@@ -62,20 +65,22 @@ def drift(run_a: str | Path | Results, run_b: str | Path | Results, *, top: floa
     pairs = pairs.rename(columns={"index_a": "index"}).sort_values("index").reset_index(drop=True)
     k = min(a.maps.shape[1], b.maps.shape[1])
     names = a.attrs.get("class_names")
-    parts = [_compare(a, b, part, k) for _, _, part in chunks(pairs, read_step(a.maps))]
+    parts = [_compare(a, b, part, k, top) for _, _, part in chunks(pairs, read_step(a.maps))]
     images = pd.concat(parts, ignore_index=True)
     images["target_name"] = [names[t] if names and 0 <= t < len(names) else str(t) for t in images["target_a"]]
     images = images.sort_values(["prediction_changed", "rank_corr", "index", "k"], ascending=[False, True, True, True], na_position="last")
     return Drift(images.reset_index(drop=True), _classes(images), _summary(images, rows_a, rows_b))
 
 
-def _compare(a: Results, b: Results, part: pd.DataFrame, k: int) -> pd.DataFrame:
+def _compare(a: Results, b: Results, part: pd.DataFrame, k: int, top: float) -> pd.DataFrame:
     ia, ib = part["index"].to_numpy(), part["index_b"].to_numpy()
     ma = np.asarray(a.maps.get_orthogonal_selection((ia,)))[:, :k]  # (n, k, h, w)
     mb = np.asarray(b.maps.get_orthogonal_selection((ib,)))[:, :k]
-    if ma.shape[2:] != mb.shape[2:]:
-        t = torch.from_numpy(mb).reshape(-1, 1, *mb.shape[2:])
-        mb = F.interpolate(t, size=ma.shape[2:], mode="bilinear", align_corners=False).reshape(ma.shape).numpy()
+    sizes = list(zip(part["width_a"], part["height_a"], strict=True))
+    fr_a, fr_b = frames(sizes, a.preprocess, ma.shape[2:]), frames(sizes, b.preprocess, mb.shape[2:])
+    same = ma.shape[2:] == mb.shape[2:] and np.allclose(fr_a.scale, fr_b.scale) and np.allclose(fr_a.offset, fr_b.offset)
+    if not same:
+        mb = on_cells_of(fr_a, fr_b, mb)
     n = len(part)
     fa, fb = ma.reshape(n * k, -1), mb.reshape(n * k, -1)
     ta = np.stack([np.asarray(t[:k]) for t in part["targets_a"]]).reshape(-1)
@@ -96,10 +101,27 @@ def _compare(a: Results, b: Results, part: pd.DataFrame, k: int) -> pd.DataFrame
             "top1_b": np.repeat(top1_b, k),
             "prediction_changed": np.repeat(top1_a != top1_b, k),
             "rank_corr": rank,
-            "top_iou": top_iou(fa, fb),
+            "top_iou": top_iou(fa, fb, fraction=top),
             "drift": 1.0 - rank,
         }
     )
+
+
+def on_cells_of(fr_a: Frames, fr_b: Frames, mb: np.ndarray) -> np.ndarray:
+    """Maps (n, k, h_b, w_b) of run B sampled bilinearly at the centres of run A's cells: (n, k, h_a, w_a).
+
+    A cell centre goes to the original image through A's geometry and into B's grid through B's, so
+    runs that place images differently (input size, stretch / center-crop / letterbox) compare the
+    same places of each image. Past the edge of B's grid the nearest cell counts.
+    """
+    (ha, wa), (hb, wb) = fr_a.map_shape, fr_b.map_shape
+    i, j = np.mgrid[0:ha, 0:wa]
+    uv = np.stack([j + 0.5, i + 0.5], axis=-1).reshape(1, -1, 2)  # (1, P, 2) A's cell centres, cell units
+    xy = (uv - fr_a.offset[:, None]) / fr_a.scale[:, None]  # (n, P, 2) original pixels
+    grid = 2.0 * (xy * fr_b.scale[:, None] + fr_b.offset[:, None]) / np.array([wb, hb]) - 1.0  # B's grid, in [-1, 1]
+    grid = torch.from_numpy(grid.reshape(-1, ha, wa, 2)).float()
+    t = torch.from_numpy(np.ascontiguousarray(mb, dtype=np.float32))
+    return F.grid_sample(t, grid, mode="bilinear", padding_mode="border", align_corners=False).numpy()
 
 
 def _classes(images: pd.DataFrame) -> pd.DataFrame:

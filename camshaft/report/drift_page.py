@@ -14,17 +14,17 @@ from camshaft.results import load_results
 def drift_section(ctx, compare) -> str:
     d = ctx.report.drift
     s = d.summary
-    alerts = ctx.report.alerts
-    items = [
+    alerts, limits, top = ctx.report.alerts, ctx.options.thresholds, ctx.options.drift_top
+    changed = f"{s['changed_images']:,} ({h.pct(s['prediction_changed'])})"
+    items = [  # each card judged by its own threshold (red past it, green within), uncoloured without one
         h.Card("matched images", f"{s['matched']:,}"),
-        h.Card("mean rank correlation", h.num(s["mean_rank_corr"]), "bad" if alerts else "good"),
-        h.Card("mean top-10% IoU", h.num(s["mean_top_iou"])),
-        h.Card("changed predictions", f"{s['changed_images']:,} ({h.pct(s['prediction_changed'])})", "bad" if s["changed_images"] else ""),
+        h.Card("mean rank correlation", h.num(s["mean_rank_corr"]), _tone(s["mean_rank_corr"], limits.min_rank_corr)),
+        h.Card(f"mean top-{top:.0%} IoU", h.num(s["mean_top_iou"]), _tone(s["mean_top_iou"], limits.min_iou)),
+        h.Card("changed predictions", changed, _tone(s["prediction_changed"], limits.max_changed, at_most=True)),
     ]
     body = h.cards(items)
     if alerts:
         body += '<p><span class="badge border-heavy">ALERT</span> ' + "; ".join(h.esc(x) for x in alerts) + "</p>"
-    limits = ctx.options.thresholds
     panels = [
         ("rank correlation", d.images["rank_corr"], limits.min_rank_corr, (-1.0, 1.0)),
         ("top-region IoU", d.images["top_iou"], limits.min_iou, UNIT),
@@ -50,6 +50,15 @@ def drift_section(ctx, compare) -> str:
         f"IoU of the top {ctx.options.drift_top:.0%} cells. Exit code 1 when a threshold is crossed."
     )
     return h.section("drift", "Explanation drift", body, note=note)
+
+
+def _tone(value: float, limit: float | None, *, at_most: bool = False) -> str:
+    """"good" within the alert threshold (at least ``limit``, or at most), "bad" past it (NaN too, as
+    for the alerts), "" without a threshold; changed predictions are "bad" when any changed."""
+    if limit is None:
+        return "bad" if at_most and value > 0 else ""
+    within = value <= limit if at_most else value >= limit
+    return "good" if within else "bad"
 
 
 def _pair(mine: Sampler, other: Sampler, r: pd.Series) -> str:

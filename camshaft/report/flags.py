@@ -6,7 +6,8 @@
 - empty: the map has no positive mass at all.
 
 Severity puts the worst first: ``(value - threshold) / (1 - threshold)`` in [0, 1], 1 for empty
-maps. A class is flagged when the *mean* of its maps crosses a threshold.
+maps. A class is flagged when the *mean* of its maps crosses a threshold, and empty (severity 1)
+when every map of it is empty (its mean map is empty too).
 """
 
 from __future__ import annotations
@@ -66,4 +67,9 @@ def flag_classes(classes: pd.DataFrame, rules: FlagRules) -> pd.DataFrame:
         for i in np.flatnonzero(mean >= threshold):
             flags[i].append(name)
         worst = np.fmax(worst, sev)
+    share = classes["empty"].to_numpy(dtype=np.float64) if "empty" in classes else np.zeros(len(classes))
+    all_empty = share >= 1.0  # NaN, a class only labels name: no
+    for i in np.flatnonzero(all_empty):
+        flags[i].append("empty")
+    worst = np.where(all_empty, 1.0, worst)
     return classes.assign(flags=[", ".join(f) for f in flags], severity=worst)

@@ -83,3 +83,10 @@ def inner_box(content: np.ndarray, border: float) -> np.ndarray:
     content = np.asarray(content, dtype=np.float64)
     size = content[:, 2:] - content[:, :2]
     return np.concatenate([content[:, :2] + border * size, content[:, 2:] - border * size], axis=1)
+
+
+def clip_boxes(boxes: np.ndarray, content: np.ndarray) -> np.ndarray:
+    """Boxes (n, 4) cut to the content boxes (n, 4), same units: the part of each box that shows the image."""
+    boxes, content = np.asarray(boxes, dtype=np.float64), np.asarray(content, dtype=np.float64)
+    lo = np.maximum(boxes[:, :2], content[:, :2])
+    return np.concatenate([lo, np.maximum(lo, np.minimum(boxes[:, 2:], content[:, 2:]))], axis=1)

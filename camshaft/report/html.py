@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import math
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -147,8 +148,14 @@ def table(rows: pd.DataFrame, columns: Sequence[tuple[str, str | Cell]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def text_of(markup: str) -> str:
+    """The plain text of an HTML fragment (tags dropped, entities decoded): for ``alt`` attributes."""
+    return " ".join(html.unescape(re.sub(r"<[^>]*>", " ", markup)).split())
+
+
 def figure(src: str, caption: str = "", *, href: str | None = None, css: str = "") -> str:
-    img = f'<img src="{esc(src)}" alt="{esc(caption)}">'
+    """An image with an HTML ``caption``; its alt text is the caption's plain text."""
+    img = f'<img src="{esc(src)}" alt="{esc(text_of(caption))}">'
     if href:
         img = f'<a href="{esc(href)}">{img}</a>'
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,6 +121,8 @@ def write_pages(out: Path, report, *, options, tokens: Mapping[str, Sequence[tup
     for _, row in with_page.iterrows():
         page = h.page(title=f"class {row['class_name']} · camshaft audit", meta=meta, nav=nav, body=class_page.render(ctx, row))
         written.append(_write(out / ctx.class_href(row["class"]), page))
+    for stale in {p for p in out.glob("class_*.html") if re.fullmatch(r"class_\d+\.html", p.name)} - set(written):
+        stale.unlink(missing_ok=True)  # the page of a class an earlier report into this folder had
     return written
 
 

@@ -86,7 +86,7 @@ def class_bars(
 ) -> Path:
     """One horizontal bar per class (at most a few dozen: pass the worst ones)."""
     n = len(names)
-    labels = [str(s)[:28] for s in names]
+    labels = [str(s)[:28].replace("$", r"\$") for s in names]  # a class name is text, never mathtext
     left = 0.25 + 0.065 * max((len(t) for t in labels), default=4)  # room for the class names
     fig = _figure(4.0 + left, 0.8 + 0.18 * max(n, 3), left=left)
     ax = fig.subplots()

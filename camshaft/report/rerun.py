@@ -19,6 +19,7 @@ import torch
 from camshaft.data.decode import load_rgb
 from camshaft.engine.backends import backend_factory
 from camshaft.engine.backends.base import resolve_device
+from camshaft.engine.backends.registry import FILE_BACKENDS
 from camshaft.errors import CamshaftError
 from camshaft.models.sources import resolve_model
 from camshaft.pipeline.state import ARTIFACTS_DIR
@@ -30,7 +31,7 @@ def open_run_backend(results: Results, *, taps: Sequence[str] | None = None, dev
     """The run's model on its backend (eager for torch models), with the run's preprocessing."""
     attrs = results.attrs
     source = resolve_model(attrs.get("model_spec"), weights=attrs.get("weights"))
-    name = {"torch": "eager", "torchscript": "torchscript", "onnx": "onnxruntime"}[source.kind]
+    name = "eager" if source.kind == "torch" else FILE_BACKENDS[source.kind]  # an exported file: its own backend
     pre = results.preprocess
     overrides = {"input_size": tuple(pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std), "resize": pre.resize}
     wanted = list(taps) if taps else ([attrs["tap"]] if attrs.get("tap") else None)

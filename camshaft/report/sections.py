@@ -92,7 +92,7 @@ def flags(ctx) -> str:
     rules = ctx.options.rules
     note = (
         f"border-heavy: border mass ≥ {rules.border}; diffuse: entropy ≥ {rules.entropy}; empty: no positive "
-        "mass. A class is flagged on the mean over its maps. All flags: tables/flags.csv."
+        "mass. A class is flagged on the mean over its maps (empty: all of them). All flags: tables/flags.csv."
     )
     return h.section("flags", "Flags: explanations that look off", body, note=note)
 

@@ -9,7 +9,8 @@ mass as a distribution over the N = h * w cells):
 - border mass: ``1 - sum p * cover(inner)``, where ``inner`` is the part of the image the model
   saw, shrunk by ``border`` of its width and height on each side and ``cover`` the share of each
   cell inside it: the mass on the image's border band, plus any outside the image (letterbox).
-- energy in box: ``sum p * cover(box)`` (Wang et al. 2020, Score-CAM's energy-based pointing game).
+- energy in box: ``sum p * cover(box)`` (Wang et al. 2020, Score-CAM's energy-based pointing game), the box
+  cut to the part of the input that shows the image (mass in letterbox padding is in no box).
 - pointing game (Zhang et al. 2016): the centre of the map's maximum cell, in original pixels,
   lies inside the box grown by ``tolerance`` pixels on every side (1.0 hit, 0.0 miss).
 
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from camshaft.errors import ConfigError
-from camshaft.report.frames import Frames, coverage, inner_box
+from camshaft.report.frames import Frames, clip_boxes, coverage, inner_box
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,7 @@ def spatial_metrics(maps: np.ndarray, frames: Frames, boxes: np.ndarray | None, 
     if boxes is not None:
         boxes = np.asarray(boxes, dtype=np.float64)
         out["pointing"] = pointing(maps, frames, boxes, empty, tolerance=spec.tolerance)
-        cells = np.where(np.isnan(boxes), np.nan, frames.to_cells(np.nan_to_num(boxes)))
+        cells = clip_boxes(frames.to_cells(np.nan_to_num(boxes)), frames.content)  # letterbox padding is in no box
+        cells = np.where(np.isnan(boxes), np.nan, cells)
         out["energy_in_box"] = box_mass(p, cells, empty)
     return out

@@ -48,8 +48,10 @@ def overlay_thumb(path: Path, image_path: str, m: np.ndarray, pre: Preprocess, *
     out = overlay(image, heat)
     if box is not None and np.all(np.isfinite(box)):
         sx, sy = image.width / w0, image.height / h0
-        x0, y0, x1, y1 = box
-        ImageDraw.Draw(out).rectangle([x0 * sx, y0 * sy, x1 * sx - 1, y1 * sy - 1], outline=(255, 255, 255), width=2)
+        x0, y0, x1, y1 = (float(v) for v in box)
+        x0, y0 = x0 * sx, y0 * sy
+        rect = [x0, y0, max(x0, x1 * sx - 1), max(y0, y1 * sy - 1)]  # a box thinner than a thumbnail pixel: a line
+        ImageDraw.Draw(out).rectangle(rect, outline=(255, 255, 255), width=2)
     _save(out, path)
     return True
 
