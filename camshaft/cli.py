@@ -43,7 +43,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         if argv is None or name == chosen:
             module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        command.set_defaults(run=module.run, resumable=getattr(module, "RESUMABLE", False))
     return parser
 
 
@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     except CamshaftError as e:
         print(f"camshaft {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was finished is kept, and no traceback
+        hint = "; run the same command again to resume (finished partitions are kept)" if args.resumable else ""
+        print(f"camshaft {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
     finally:
         warnings.formatwarning = original
 

@@ -525,3 +525,37 @@ def test_a_refused_job_leaves_an_existing_run_as_it_was(data, tmp_path):
     with pytest.raises(CapabilityError):  # the run's export for onnxruntime happens before the method is refused
         camshaft.explain(None, data, out=out, method="guided_backprop", backend="onnxruntime", progress=False)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+def test_an_update_drops_exemplars_computed_on_the_old_images(tmp_path):
+    from camshaft.report import compute_exemplars, load_exemplars
+    from camshaft.report.exemplars import ExemplarSpec
+
+    data = write_demo_dataset(tmp_path / "data", n=5, seed=6).parent / "images"
+    out = tmp_path / "run"
+    camshaft.explain(None, data, out=out, progress=False)
+    compute_exemplars(out, specs=[ExemplarSpec.parse("features:0")], k=2)
+    assert load_exemplars(out) is not None
+    image, _, _ = render_sample(np.random.default_rng(12), size=96)
+    image.save(data / "circle" / "new.png")
+    assert camshaft.explain(None, data, out=out, progress=False).mode == "update"
+    assert load_exemplars(out) is None  # they ranked images of the old dataset: gone, not stale
+
+
+def test_ctrl_c_says_how_to_resume_and_the_rerun_keeps_the_finished_partitions(data, reference, tmp_path):
+    out = tmp_path / "run"
+    args = ("explain", "demo", data, "--out", out, "--partition-size", "2", "--batch-size", "2", "--no-progress")
+    proc = _cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "_camshaft" / "done").is_dir() or not any((out / "_camshaft" / "done").iterdir()):
+        assert proc.poll() is None and time.monotonic() < deadline, "no partition finished"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr and "interrupted; run the same command again to resume" in stderr
+    again = _cli(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = again.communicate(timeout=300)
+    assert again.returncode == 0, stderr
+    assert "resumed from earlier work" in stdout
+    assert_same_results(camshaft.load_results(out), reference)

@@ -8,6 +8,7 @@ from pathlib import Path
 from camshaft.commands.common import add_model, add_preprocess, positive, preprocess, print_summary
 
 HELP = "explain every image of a folder or manifest"
+RESUMABLE = True  # Ctrl-C keeps the finished partitions; the same command resumes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from camshaft.commands.common import print_summary
 
 HELP = "run an explain job described in a TOML file (nightly jobs)"
+RESUMABLE = True  # Ctrl-C keeps the finished partitions; the same command resumes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

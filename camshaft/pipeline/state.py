@@ -99,7 +99,7 @@ class RunState:
         shutil.rmtree(self.previous, ignore_errors=True)
         for method in self.methods:
             (self._moving / method).mkdir(parents=True, exist_ok=True)
-            for name in (MAPS_FILE, TABLE_FILE, "metrics.parquet"):
+            for name in (MAPS_FILE, TABLE_FILE, "metrics.parquet", "exemplars.parquet"):  # exemplars: of the old images
                 if (self.method_dir(method) / name).exists():
                     shutil.move(str(self.method_dir(method) / name), str(self._moving / method / name))
         self._moving.rename(self.previous)
