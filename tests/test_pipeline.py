@@ -559,3 +559,23 @@ def test_ctrl_c_says_how_to_resume_and_the_rerun_keeps_the_finished_partitions(d
     assert again.returncode == 0, stderr
     assert "resumed from earlier work" in stdout
     assert_same_results(camshaft.load_results(out), reference)
+
+
+def test_a_file_name_that_is_not_utf8_is_explained_written_and_reused(tmp_path):
+    from camshaft.data.sources import file_path
+
+    data = write_demo_dataset(tmp_path / "data", n=3, seed=8).parent / "images"
+    first = sorted(data.rglob("*.jpg"))[0]
+    odd = os.fsdecode(os.fsencode(str(first.parent)) + b"/\xffodd.jpg")
+    os.rename(first, odd)
+    out = tmp_path / "run"
+    summary = camshaft.explain(None, data, out=out, overlays=True, progress=False)
+    assert (summary.ok, summary.failed) == (3, 0)
+    table = camshaft.load_results(out).table
+    texts = [p for p in table["path"] if "\\xff" in p]
+    assert len(texts) == 1 and file_path(texts[0]) == odd
+    assert len(list((out / "overlays").glob("*.png"))) == 3
+    image, _, _ = render_sample(np.random.default_rng(13), size=96)
+    image.save(data / "circle" / "new.png")
+    update = camshaft.explain(None, data, out=out, overlays=True, progress=False)
+    assert (update.mode, update.explained) == ("update", 1)  # the odd name is reused like any other

@@ -19,7 +19,7 @@ def _touch(root, rel: str) -> str:
 
 
 def test_extensions_case_insensitive():
-    names = "jpg jpeg png bmp gif tif tiff webp ppm pgm".split()
+    names = "jpg jpeg jpe jfif png bmp gif tif tiff webp avif ppm pgm pbm pnm".split()
     assert {f".{n}" for n in names} == IMAGE_EXTENSIONS
     assert is_image_file("A.JPG") and is_image_file("b.TiFf") and not is_image_file("c.txt")
 
@@ -161,3 +161,16 @@ def test_parquet_manifest(tmp_path):
     pq.write_table(pa.table({"Path": ["a.png", "b.png"], "label": [3, None], "x0": [1.0, None], "y0": [2.0, None], "x1": [3.0, None], "y1": [4.0, None]}), tmp_path / "m.parquet")
     records = list_images(tmp_path / "m.parquet")
     assert [(os.path.basename(r.path), r.label, r.box) for r in records] == [("a.png", "3", (1.0, 2.0, 3.0, 4.0)), ("b.png", None, None)]
+
+
+def test_a_name_that_is_not_utf8_is_text_for_the_tables_and_back(tmp_path):
+    from camshaft.data.sources import file_path, path_text
+
+    raw = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9 \xff.png")  # Latin-1 bytes: not UTF-8
+    _touch(tmp_path, os.path.basename(raw))
+    text = path_text(raw)
+    assert text.encode("utf-8") and text.endswith("caf\\xe9 \\xff.png")
+    assert file_path(text) == raw and os.path.exists(file_path(text))
+    assert path_text("/d/caf\u00e9.png") == "/d/caf\u00e9.png" == file_path("/d/caf\u00e9.png")  # UTF-8: unchanged
+    literal = _touch(tmp_path, "x\\xff.png")  # a name with a backslash in it, as written
+    assert file_path(literal) == literal

@@ -11,16 +11,19 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 import warnings
 from dataclasses import dataclass, replace
 
 from camshaft.errors import ConfigError
 
-__all__ = ["IMAGE_EXTENSIONS", "ImageRecord", "is_image_file", "list_images"]
+__all__ = ["IMAGE_EXTENSIONS", "ImageRecord", "file_path", "is_image_file", "list_images", "path_text"]
 
-#: Lower-case file-name suffixes (with the dot) taken as images; matched case-insensitively.
+#: Lower-case file-name suffixes (with the dot) taken as images; matched case-insensitively. A
+#: format this Pillow cannot decode (AVIF before Pillow 11.2) is an error row saying so, not skipped.
 IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".avif",
+     ".ppm", ".pgm", ".pbm", ".pnm"}
 )
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 _ACCEPTED = (
@@ -41,6 +44,30 @@ class ImageRecord:
     size: int | None = None  # bytes, at listing time (None: missing)
     mtime_ns: int | None = None
     error: str | None = None  # why it must not be read (outside the dataset root)
+
+
+def path_text(path: str) -> str:
+    """A file name as text that UTF-8 tables (Parquet, JSON) can hold.
+
+    Names that are not UTF-8 on disk (Python keeps their bytes as lone surrogates) get each such byte
+    written ``\\xNN``; every other name is unchanged. :func:`file_path` reverses it.
+    """
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def file_path(text: str) -> str:
+    """The file a results-table ``path`` names: :func:`path_text` reversed (a name that exists as
+    written, ``\\x`` and all, is taken as it is)."""
+    if "\\x" not in text or os.path.lexists(text):
+        return text
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), text)
 
 
 def _stat(record: ImageRecord) -> ImageRecord:

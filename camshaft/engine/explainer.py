@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from camshaft.data.sources import ImageRecord
+from camshaft.data.sources import ImageRecord, path_text
 from camshaft.data.workers import Decoder, Resized, decoder
 from camshaft.engine.backends import Backend, backend_factory
 from camshaft.engine.backends.base import TAP_GRADIENTS, resolve_device, resolve_dtype
@@ -347,10 +347,10 @@ def base_row(d: Decoded) -> dict:
     r = d.record
     return {
         "index": d.index,
-        "path": r.path,
+        "path": path_text(r.path),  # a name that is not UTF-8: its odd bytes as \xNN (file_path reverses)
         "status": "error" if d.error else "ok",
         "error": d.error,
-        "label": r.label,
+        "label": None if r.label is None else path_text(r.label),  # a folder's name, maybe not UTF-8
         "width": size[0],
         "height": size[1],
         "file_size": r.size,

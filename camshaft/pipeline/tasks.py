@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from camshaft.data.sources import ImageRecord
+from camshaft.data.sources import ImageRecord, path_text
 from camshaft.engine.explainer import STAGES, Explainer, build_explainer
 from camshaft.engine.job import ExplainJob
 from camshaft.pipeline.plan import Partition, file_key
@@ -87,8 +87,13 @@ def _previous(ctx: TaskContext, method: str):
 
 
 def _reuse_key(file: tuple, label, box) -> tuple:
-    """What a previous row must share with a record to be reused: the file and the manifest's label and box."""
-    return (*file, label, None if box is None else tuple(float(v) for v in box))
+    """What a previous row must share with a record to be reused: the file and the manifest's label and box.
+
+    Names and labels are compared as the table writes them (:func:`path_text`).
+    """
+    path, *stat = file
+    label = None if label is None else path_text(label)
+    return (path_text(path), *stat, label, None if box is None else tuple(float(v) for v in box))
 
 
 def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord]) -> dict:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from camshaft.data.sources import list_images
+from camshaft.data.sources import list_images, path_text
 from camshaft.errors import ConfigError
 
 
@@ -41,7 +41,7 @@ def manifest_boxes(data: str | os.PathLike | None, paths: Sequence[str]) -> np.n
     except ConfigError as e:
         warnings.warn(f"cannot read boxes from the run's manifest: {e}", stacklevel=2)
         return None
-    by_path = {os.path.normpath(r.path): r.box for r in records if r.box is not None}
+    by_path = {path_text(os.path.normpath(r.path)): r.box for r in records if r.box is not None}
     if not by_path:
         return None
     out = np.full((len(paths), 4), np.nan)

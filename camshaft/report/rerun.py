@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from camshaft.data.decode import load_rgb
+from camshaft.data.sources import file_path
 from camshaft.engine.backends import backend_factory
 from camshaft.engine.backends.base import resolve_device
 from camshaft.engine.backends.registry import FILE_BACKENDS
@@ -59,7 +60,7 @@ def image_batches(rows: pd.DataFrame, pre: Preprocess, *, batch_size: int, worke
     The next batch decodes on threads while the caller works on this one. Images that no longer
     decode are skipped with a warning.
     """
-    index, paths = rows["index"].to_numpy(), rows["path"].tolist()
+    index, paths = rows["index"].to_numpy(), [file_path(p) for p in rows["path"]]
     starts = range(0, len(paths), batch_size)
     with ThreadPoolExecutor(workers) as pool:
         submit = lambda s: [pool.submit(_decode, p, pre) for p in paths[s : s + batch_size]]  # noqa: E731

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from camshaft.data.sources import file_path
 from camshaft.report.thumbs import heat_tile, overlay_thumb, safe_name
 from camshaft.results import Results
 
@@ -32,7 +33,7 @@ class Sampler:
         if name not in self._done:
             m = np.asarray(self.results.maps[int(row["index"]), int(row["k"])])
             box = [row[c] for c in BOX_COLUMNS] if all(c in row.index for c in BOX_COLUMNS) else None
-            overlay_thumb(self.out / IMG_DIR / name, str(row["path"]), m, self.pre, size=self.size, box=box)
+            overlay_thumb(self.out / IMG_DIR / name, file_path(str(row["path"])), m, self.pre, size=self.size, box=box)
             self._done[name] = f"{IMG_DIR}/{name}"
         return self._done[name]
 
@@ -40,7 +41,7 @@ class Sampler:
         """The overlay of an activation map ``m`` (h, w) on image ``index`` (dataset exemplars)."""
         name = safe_name(self.prefix, tag, index) + ".png"
         if name not in self._done:
-            overlay_thumb(self.out / IMG_DIR / name, path, m, self.pre, size=self.size)
+            overlay_thumb(self.out / IMG_DIR / name, file_path(path), m, self.pre, size=self.size)
             self._done[name] = f"{IMG_DIR}/{name}"
         return self._done[name]
 

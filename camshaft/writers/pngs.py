@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from camshaft.data.decode import load_rgb
+from camshaft.data.sources import file_path
 from camshaft.engine.postprocess import to_original
 from camshaft.errors import CamshaftError
 from camshaft.preprocess import Preprocess, geometry
@@ -31,7 +32,7 @@ def write_overlays(folder: Path, rows: list[dict], maps: np.ndarray, *, preproce
         if row["status"] != "ok":
             continue
         try:
-            image = load_rgb(row["path"])
+            image = load_rgb(file_path(row["path"]))  # the row holds the name as text
         except CamshaftError:
             continue  # vanished since it was explained: its row says ok, only the picture is missing
         geom = geometry(image.size, preprocess)
