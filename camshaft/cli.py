@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import warnings
 import sys
@@ -63,11 +64,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"camshaft {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was finished is kept, and no traceback
-        hint = "; run the same command again to resume (finished partitions are kept)" if args.resumable else ""
-        print(f"camshaft {args.command}: interrupted{hint}", file=sys.stderr)
+        print(f"camshaft {args.command}: interrupted{_again(args, 'resume')}", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise  # anything else is unexpected: its traceback helps
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"camshaft {args.command}: error: {os.strerror(e.errno)}{where}: free some space{_again(args, 'go on')}", file=sys.stderr)
+        return 1
     finally:
         warnings.formatwarning = original
+
+
+def _again(args, verb: str) -> str:
+    """How to carry on after a stop: a run keeps its finished partitions."""
+    return f"; run the same command again to {verb} (finished partitions are kept)" if args.resumable else ""
 
 
 if __name__ == "__main__":

@@ -579,3 +579,28 @@ def test_a_file_name_that_is_not_utf8_is_explained_written_and_reused(tmp_path):
     image.save(data / "circle" / "new.png")
     update = camshaft.explain(None, data, out=out, overlays=True, progress=False)
     assert (update.mode, update.explained) == ("update", 1)  # the odd name is reused like any other
+
+
+def test_a_full_disk_is_a_clear_error_and_the_rerun_goes_on(data, reference, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from camshaft.cli import main
+    from camshaft.pipeline import tasks
+
+    real, calls = tasks.write_overlays, []
+
+    def fill_up(folder, *args, **kwargs):
+        calls.append(folder)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "x.png.tmp"))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "write_overlays", fill_up)
+    out = tmp_path / "run"
+    args = ["explain", "demo", str(data), "--out", str(out), "--partition-size", "2", "--no-progress", "--overlays"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left on device" in err and "run the same command again" in err
+    assert [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))] == []
+    assert main(args) == 0 and "resumed from earlier work" in capsys.readouterr().out
+    assert_same_results(camshaft.load_results(out), reference)
