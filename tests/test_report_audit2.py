@@ -217,3 +217,34 @@ def test_drift_compares_the_same_places_of_images_placed_differently(tmp_path):
     letterbox = _fake_run(tmp_path / "letterbox", _pre((96, 96), "letterbox"), (12, 12), sizes, f)
     d = drift(stretch, letterbox).images  # the letterboxed maps show the same function
     assert (d["rank_corr"] > 0.99).all()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "range_"),
+    [("--flag-border", "1.5", "(0, 1)"), ("--flag-entropy", "0", "(0, 1)"), ("--border", "0.5", "(0, 0.5)"),
+     ("--tolerance", "-1", "[0, inf)")],
+)
+def test_report_flags_out_of_range_name_the_flag(flag, value, range_, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "report"), flag, value])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"argument {flag}: expected a number in {range_}, received '{value}'" in err
+    assert not (tmp_path / "report").exists()
+
+
+def test_pointing_game_points_with_the_cells_that_show_the_image():
+    from camshaft.report.spatial import distribution, pointing
+
+    # an 8x4 image letterboxed into 4x4: content rows 1..3; the map is hottest in the padding above
+    fr = frames([(8, 4)], _pre(resize="letterbox"), (4, 4))
+    m = np.zeros((1, 4, 4))
+    m[0, 0, 0], m[0, 2, 0] = 5.0, 1.0  # padding; then the cell centred at (1, 3) original pixels
+    empty = distribution(m)[1]
+    assert pointing(m, fr, np.array([[0.0, 2.0, 2.0, 4.0]]), empty, tolerance=0)[0] == 1.0
+    m[0, 2, 0], m[0, 1, 3] = 0.0, 1.0  # the image's top-right cell, centred at (7, 1)
+    assert pointing(m, fr, np.array([[6.0, 0.0, 8.0, 1.0]]), empty, tolerance=0)[0] == 1.0
+    # a 32x4 image letterboxed into 32x32, a 4x4 map: content v in [1.75, 2.25], both rows' centres outside
+    thin, m = frames([(32, 4)], _pre((32, 32), "letterbox"), (4, 4)), np.zeros((1, 4, 4))
+    np.testing.assert_allclose(thin.content, [[0, 1.75, 4, 2.25]])
+    m[0, 0, 0], m[0, 1, 2] = 5.0, 1.0  # the padding; then a row-1 cell centred at (20, -2), clamped to (20, 0)
+    assert pointing(m, thin, np.array([[16.0, 0.0, 24.0, 0.5]]), distribution(m)[1], tolerance=0)[0] == 1.0

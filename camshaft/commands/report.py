@@ -20,6 +20,22 @@ def _unit(text: str) -> float:
     return value
 
 
+def _inside(lo: float, hi: float, *, closed: bool = False):
+    """An argparse type: a number in (lo, hi), or [lo, hi) when ``closed`` (the error names the flag)."""
+    shown = f"{'[' if closed else '('}{lo:g}, {hi:g})"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not ((lo <= value if closed else lo < value) and value < hi):
+            raise argparse.ArgumentTypeError(f"expected a number in {shown}, received {text!r}")
+        return value
+
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder written by camshaft explain")
     p.add_argument("--out", type=Path, required=True, help="report folder (index.html, img/, tables/)")
@@ -33,10 +49,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exemplars", action="append", metavar="TAP[:C,...]", help="a tap, optionally channels; repeatable")
     g.add_argument("--exemplar-k", type=positive, default=8, help="images per channel (default: 8)")
     g = p.add_argument_group("map statistics and flags")
-    g.add_argument("--border", type=float, default=0.1, help="border band, a fraction of the image side (default: 0.1)")
-    g.add_argument("--tolerance", type=float, default=15.0, help="pointing game tolerance in pixels (default: 15)")
-    g.add_argument("--flag-border", type=float, default=0.5, help="border-heavy at this border mass (default: 0.5)")
-    g.add_argument("--flag-entropy", type=float, default=0.95, help="diffuse at this normalised entropy (default: 0.95)")
+    g.add_argument("--border", type=_inside(0, 0.5), default=0.1, help="border band, a fraction of the image side (default: 0.1)")
+    g.add_argument("--tolerance", type=_inside(0, float("inf"), closed=True), default=15.0, help="pointing game tolerance in pixels (default: 15)")
+    g.add_argument("--flag-border", type=_inside(0, 1), default=0.5, help="border-heavy at this border mass (default: 0.5)")
+    g.add_argument("--flag-entropy", type=_inside(0, 1), default=0.95, help="diffuse at this normalised entropy (default: 0.95)")
     g.add_argument("--examples", type=int, default=4, help="best and worst examples per class page (default: 4)")
     g.add_argument("--class-pages", type=int, default=100, help="pages for at most this many classes, flagged first (default: 100)")
     g = p.add_argument_group("drift alerts (exit code 1 when crossed)")

@@ -11,8 +11,9 @@ mass as a distribution over the N = h * w cells):
   cell inside it: the mass on the image's border band, plus any outside the image (letterbox).
 - energy in box: ``sum p * cover(box)`` (Wang et al. 2020, Score-CAM's energy-based pointing game), the box
   cut to the part of the input that shows the image (mass in letterbox padding is in no box).
-- pointing game (Zhang et al. 2016): the centre of the map's maximum cell, in original pixels,
-  lies inside the box grown by ``tolerance`` pixels on every side (1.0 hit, 0.0 miss).
+- pointing game (Zhang et al. 2016): the centre of the map's maximum cell among those that show the
+  image, in original pixels, lies inside the box grown by ``tolerance`` pixels on every side (1.0 hit,
+  0.0 miss).
 
 A map with no positive mass is *empty*: its distribution statistics are NaN and it misses the
 pointing game.
@@ -92,9 +93,16 @@ def border_mass(p: np.ndarray, frames: Frames, empty: np.ndarray, *, border: flo
 
 
 def pointing(maps: np.ndarray, frames: Frames, boxes: np.ndarray, empty: np.ndarray, *, tolerance: float) -> np.ndarray:
-    """Pointing game hits (n,) against boxes (n, 4) in original pixels: 1.0, 0.0, NaN (no box)."""
+    """Pointing game hits (n,) against boxes (n, 4) in original pixels: 1.0, 0.0, NaN (no box).
+
+    The maximum is taken over the cells that show the image (letterbox padding is not the image's map,
+    as in the run's ``map_argmax``), its centre clamped to the image.
+    """
     flat = np.nan_to_num(np.asarray(maps, dtype=np.float64).reshape(len(maps), -1), nan=-np.inf)
-    xy = frames.cell_centres(flat.argmax(axis=1))
+    shown = coverage(frames.content, frames.map_shape).reshape(len(flat), -1) > 0
+    xy = frames.cell_centres(np.where(shown, flat, -np.inf).argmax(axis=1))
+    image = (frames.content.reshape(-1, 2, 2) - frames.offset[:, None]) / frames.scale[:, None]  # (n, 2, 2): 0, 0, W, H
+    xy = np.clip(xy, image[:, 0], image[:, 1])
     boxes = np.asarray(boxes, dtype=np.float64)
     inside = (xy >= boxes[:, :2] - tolerance) & (xy <= boxes[:, 2:] + tolerance)
     hit = np.where(inside.all(axis=1) & ~empty, 1.0, 0.0)
