@@ -248,3 +248,15 @@ def test_pointing_game_points_with_the_cells_that_show_the_image():
     np.testing.assert_allclose(thin.content, [[0, 1.75, 4, 2.25]])
     m[0, 0, 0], m[0, 1, 2] = 5.0, 1.0  # the padding; then a row-1 cell centred at (20, -2), clamped to (20, 0)
     assert pointing(m, thin, np.array([[16.0, 0.0, 24.0, 0.5]]), distribution(m)[1], tolerance=0)[0] == 1.0
+
+
+def test_undefined_numbers_read_as_a_dash_not_nan(run, tmp_path):
+    def empty_and_constant(m):
+        m = m.copy()
+        m[0], m[1] = 0.0, 1.0  # an empty map (no entropy) and a constant one (no rank correlation)
+        return m
+
+    other = _copy_with_maps(run, tmp_path / "odd", empty_and_constant)
+    build_report(other, out=tmp_path / "report", compare=run)
+    text = " ".join(h.text_of(p.read_text()) for p in (tmp_path / "report").glob("*.html"))
+    assert "entropy –" in text and not re.search(r"\bnan\b", text, flags=re.IGNORECASE)

@@ -49,7 +49,7 @@ def render(ctx, row: pd.Series) -> str:
 
 
 def _example(ctx, row: pd.Series, quality: float) -> str:
-    extra = f"{h.esc(ctx.quality_name)} {quality:.3f} · score {row['score']:.2f}"
+    extra = f"{h.esc(ctx.quality_name)} {h.num(quality)} · score {h.num(row['score'], 2)}"
     return h.figure(ctx.sampler.overlay(row), ctx.caption(row, extra=extra))
 
 

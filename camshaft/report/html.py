@@ -87,8 +87,9 @@ def pct(v: float) -> str:
     return "–" if v != v else f"{100 * v:.1f}%"
 
 
-def num(v: float) -> str:
-    return "–" if v != v else f"{v:.3f}"
+def num(v: float, digits: int = 3) -> str:
+    """A number with ``digits`` decimals; '–' for NaN (an empty map has no entropy, a constant one no rank)."""
+    return "–" if v != v else f"{v:.{digits}f}"
 
 
 def is_number(value) -> bool:
