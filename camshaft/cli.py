@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
         _tune_allocator(argv)
-    args = build_parser(argv).parse_args(argv)
+    try:
+        args = build_parser(argv).parse_args(argv)  # imports torch: Ctrl-C often lands here
+    except KeyboardInterrupt:
+        print("camshaft: interrupted", file=sys.stderr)
+        return 130
     from camshaft.errors import CamshaftError
 
     original = warnings.formatwarning

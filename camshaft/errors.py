@@ -14,6 +14,10 @@ def _choices(choices: Iterable[str], limit: int = 40) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
+class Interrupted(Exception):
+    """A run was told to stop (Ctrl-C) between two batches: the partition in flight is dropped, unfinished."""
+
+
 class CamshaftError(Exception):
     """Base class of camshaft's own errors."""
 

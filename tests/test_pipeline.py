@@ -604,3 +604,45 @@ def test_a_full_disk_is_a_clear_error_and_the_rerun_goes_on(data, reference, tmp
     assert [p for p in out.rglob("*") if p.name.endswith((".tmp", ".partial"))] == []
     assert main(args) == 0 and "resumed from earlier work" in capsys.readouterr().out
     assert_same_results(camshaft.load_results(out), reference)
+
+
+def test_ctrl_c_stops_the_partitions_in_flight_at_their_next_batch(data, tmp_path, monkeypatch):
+    import threading
+
+    from camshaft.engine.explainer import Explainer
+    from camshaft.errors import Interrupted
+    from camshaft.pipeline import schedule
+
+    launches, exits, lock, ended = [], [], threading.Lock(), threading.Condition()
+    real_launch, real_partition = Explainer._launch, schedule.run_partition
+
+    def launch(self, *args, **kwargs):
+        with lock:
+            launches.append(1)
+            if len(launches) == 3:  # both partitions are mid-way: Ctrl-C
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_launch(self, *args, **kwargs)
+
+    def partition(*args):
+        try:
+            result = real_partition(*args)
+        except BaseException as e:
+            exits.append(type(e))
+            raise
+        else:
+            exits.append(None)  # ran to its end
+            return result
+        finally:
+            with ended:
+                ended.notify_all()
+
+    monkeypatch.setattr(Explainer, "_launch", launch)
+    monkeypatch.setattr(schedule, "run_partition", partition)
+    with pytest.raises(KeyboardInterrupt):
+        camshaft.explain(None, data, out=tmp_path / "run", scheduler="threads", partition_size=7, batch_size=1,
+                         progress=False)
+    with ended:
+        assert ended.wait_for(lambda: len(exits) == 2, timeout=120)
+    assert exits == [Interrupted, Interrupted] and len(launches) <= 3 + 2  # 14 launches when they ran to the end
+    done = tmp_path / "run" / "_camshaft" / "done"
+    assert not done.exists() or not any(done.iterdir())  # neither partition marked done

@@ -12,7 +12,7 @@ import itertools
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +27,7 @@ from camshaft.engine.methods import Method, check_backend, get_method
 from camshaft.engine.postprocess import map_stats
 from camshaft.engine.shared import SharedBatch
 from camshaft.engine.targets import Targets, class_index
+from camshaft.errors import Interrupted
 from camshaft.models.sources import ModelSource, resolve_model
 from camshaft.preprocess import Geometry, Preprocess, normalize
 
@@ -108,7 +109,9 @@ class Explainer:
     def preprocess(self) -> Preprocess:
         return self.backend.info.preprocess
 
-    def explain(self, records: list[ImageRecord], indices: list[int]) -> PartitionOutput:
+    def explain(
+        self, records: list[ImageRecord], indices: list[int], *, stop: Callable[[], bool] | None = None
+    ) -> PartitionOutput:
         """Decode ``records`` in the decode pool and explain them in batches on the device as they arrive.
 
         Decoding runs ahead while a batch is on the device: each batch starts as soon as its own
@@ -117,6 +120,7 @@ class Explainer:
         after the next batch is queued, so that a GPU need not wait for the host in between. With
         ``--decode device`` a batch's JPEGs are decoded on the device first, under the same lock.
         ``indices`` are the records' rows in the run; outputs follow the order of ``records``.
+        ``stop()`` is asked before each batch: true raises :class:`Interrupted` (a run stopped by Ctrl-C).
         """
         n, k = len(records), self.targets.k
         maps = {r.name: np.full((n, *r.map_shape), np.nan, dtype=np.float32) for r in self.runs}
@@ -144,6 +148,8 @@ class Explainer:
 
         try:
             while True:
+                if stop is not None and stop():
+                    raise Interrupted(f"stopped after {len(order)} of {n} images")
                 t0 = clock()
                 batch = list(itertools.islice(arriving, self.job.batch_size))
                 t1 = clock()

@@ -13,7 +13,7 @@ import dask
 from dask.callbacks import Callback
 
 from camshaft.errors import ConfigError
-from camshaft.pipeline.tasks import run_partition
+from camshaft.pipeline.tasks import run_partition, stop_event
 
 LOCAL = ("threads", "sync")
 PARALLEL_PARTITIONS = 2
@@ -33,8 +33,14 @@ def run_tasks(ctx, work: list, *, scheduler: str, on_done: Callable[[dict], None
     """Run ``run_partition(ctx, part, records)`` for each ``(part, records)`` in ``work``."""
     if scheduler in LOCAL:
         tasks = [dask.delayed(run_partition, pure=False)(ctx, part, records) for part, records in work]
-        with _Progress(on_done):
-            return list(dask.compute(*tasks, scheduler=scheduler, num_workers=PARALLEL_PARTITIONS))
+        stop = stop_event(ctx.out)
+        stop.clear()
+        try:
+            with _Progress(on_done):
+                return list(dask.compute(*tasks, scheduler=scheduler, num_workers=PARALLEL_PARTITIONS))
+        except BaseException:  # Ctrl-C (or a failed partition): the one still in flight stops at its next batch
+            stop.set()
+            raise
     return _distributed(ctx, work, scheduler, on_done)
 
 

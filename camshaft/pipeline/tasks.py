@@ -48,6 +48,15 @@ class TaskContext:
 _EXPLAINERS: dict[str, Explainer] = {}
 _PREVIOUS: dict[str, tuple[dict, object]] = {}
 _LOCK = threading.Lock()
+_STOPS: dict[Path, threading.Event] = {}
+
+
+def stop_event(out: Path) -> threading.Event:
+    """The run into ``out`` (one at a time: the run lock) stops when this is set (Ctrl-C in the main
+    thread, or another partition failed): its partitions still running in this process end at their
+    next batch, unfinished (redone when the run resumes)."""
+    with _LOCK:
+        return _STOPS.setdefault(Path(out), threading.Event())
 
 
 def register(ctx: TaskContext, explainer: Explainer) -> None:
@@ -126,7 +135,7 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
     todo = [i for i in range(len(records)) if any(rows[n][i] is None for n in names)]
     metrics = {name: [_previous_metrics(ctx, name, rows[name], todo)] for name in names} if explainer.metric_specs else {}
     if todo:
-        out = explainer.explain([records[i] for i in todo], [indices[i] for i in todo])
+        out = explainer.explain([records[i] for i in todo], [indices[i] for i in todo], stop=stop_event(ctx.out).is_set)
         for name in names:
             for j, i in enumerate(todo):
                 rows[name][i], maps[name][i], targets[name][i] = out.rows[name][j], out.maps[name][j], out.targets[j]
