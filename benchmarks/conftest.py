@@ -60,7 +60,16 @@ def _settings(config) -> BenchSettings:
 
 
 def pytest_configure(config):
-    config.camshaft_bench_settings = _settings(config)
+    from camshaft.bench.report import output_problem
+    from camshaft.errors import ConfigError
+
+    try:
+        config.camshaft_bench_settings = _settings(config)
+    except ConfigError as e:  # a usage error, said plainly (not pytest's INTERNALERROR traceback)
+        raise pytest.UsageError(str(e)) from e
+    path = config.getoption("--bench-json")
+    if path and (problem := output_problem(path)):  # found now, not after the whole run
+        raise pytest.UsageError(f"--bench-json {path}: {problem}")
     if sys.platform == "linux" and os.environ.get("GLIBC_TUNABLES") != GLIBC_TUNING:
         config.issue_config_time_warning(
             pytest.PytestWarning(
@@ -142,12 +151,13 @@ def timed(benchmark, bench):
     return run
 
 
-def pytest_terminal_summary(terminalreporter, config):
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
     session = getattr(config, "camshaft_bench_session", None)
     if session is None or not session.report.figures:
         return
     from camshaft.bench.report import format_table, save_json
 
+    session.report.complete = exitstatus != pytest.ExitCode.INTERRUPTED  # Ctrl-C: say the run stopped part-way
     data = session.report.to_dict()
     terminalreporter.write_sep("=", "camshaft: figures beside the limit measured in this run")
     terminalreporter.write_line(format_table(data, skipped=False))

@@ -4,7 +4,11 @@ Figures are matched by key. By default the *ratio to the limit* is compared (the
 to its method): both were measured in the same run, so a busier or slower machine moves numerator
 and denominator together and a drop means camshaft got slower, not the machine. ``throughput``
 compares images/s (evaluations/s for multi-forward methods), meaningful on the same machine only.
-Limits and peers are never flagged: they are not camshaft's to regress.
+Limits and peers are never flagged: they are not camshaft's to regress. A figure the previous run
+measured and this run skipped is flagged (a method that stopped working must not pass a nightly
+job). Runs on another device type, dtype or CUDA-graph setting are not the same measurements (a
+figure's key leaves those out): nothing is compared. Raw throughput is compared on the same
+machine only (CPU or device, cores, torch threads). Other differences (versions, rounds) are listed.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from dataclasses import dataclass
 from camshaft.errors import ConfigError
 
 METRICS = ("ratio", "throughput")
+SAME_WORK = ("device", "dtype", "cuda_graphs")  # figures taken with other values measure other work
+SAME_MACHINE = ("cpu", "device_name", "usable_cores", "torch_threads")  # needed to compare raw throughput
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,9 @@ class Comparison:
     unchanged: int
     missing: tuple[str, ...]  # in the previous run, not in this one
     new: tuple[str, ...]  # in this run only
+    lost: tuple[tuple[str, str], ...] = ()  # (key, why): measured in the previous run, skipped in this one
+    differences: tuple[str, ...] = ()  # what the runs were measured with that differs, e.g. "dtype: a -> b"
+    refused: str = ""  # why nothing could be compared (other work or another machine), "" if compared
 
     @property
     def compared(self) -> int:
@@ -44,8 +53,8 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        """No regression, and something was compared (a nightly job must not pass on nothing)."""
-        return not self.regressions and self.compared > 0
+        """No regression or lost figure, and something was compared (a nightly job must not pass on nothing)."""
+        return not self.regressions and not self.lost and self.compared > 0
 
 
 def _field(figure: dict, metric: str) -> str | None:
@@ -78,8 +87,15 @@ def compare(previous: dict, current: dict, *, threshold: float = 0.1, metric: st
     if not 0 < threshold < 1:
         raise ConfigError(f"threshold must be between 0 and 1 (a fraction, 0.1 = 10%), received {threshold}")
     before, after = _values(previous, metric), _values(current, metric)
+    diffs = differences(previous, current)
+    fields = SAME_WORK + (SAME_MACHINE if metric == "throughput" else ())
+    refused = [_said(d) for d in diffs if d[0] in fields]
     regressions, improvements, unchanged = [], [], 0
     both = {k for k in before.keys() & after.keys() if before[k][0] == after[k][0]}  # the same field in both
+    if refused:
+        both = set()
+    skipped = {x.get("key"): x.get("reason", "") for x in current.get("skipped", []) if isinstance(x, dict)}
+    lost = tuple((k, skipped[k]) for k in sorted(before.keys() - after.keys()) if k in skipped and not refused)
     for key in sorted(both):
         (name, old), (_, new) = before[key], after[key]
         change = Change(key, name, old, new)
@@ -96,18 +112,58 @@ def compare(previous: dict, current: dict, *, threshold: float = 0.1, metric: st
         unchanged,
         tuple(sorted(before.keys() - both)),
         tuple(sorted(after.keys() - both)),
+        lost,
+        tuple(map(_said, diffs)),
+        "; ".join(refused),
     )
+
+
+def differences(previous: dict, current: dict) -> list[tuple[str, object, object]]:
+    """What the two runs were measured with that differs, as (name, previous, current); only what both recorded."""
+    out = []
+
+    def check(name, old, new):
+        if old is not None and new is not None and old != new:
+            out.append((name, old, new))
+
+    s0, s1 = previous.get("settings") or {}, current.get("settings") or {}
+    m0, m1 = previous.get("machine") or {}, current.get("machine") or {}
+    device = lambda s: None if s.get("device") is None else str(s["device"]).split(":")[0]  # noqa: E731
+    check("device", device(s0), device(s1))
+    for name in ("dtype", "cuda_graphs", "timing", "decode", "pipeline_batches"):
+        check(name, s0.get(name), s1.get(name))
+    for name in SAME_MACHINE:
+        check(name, m0.get(name), m1.get(name))
+    glibc = lambda m: None if "glibc_tunables" not in m else ("set" if m["glibc_tunables"] else "unset")  # noqa: E731
+    check("GLIBC_TUNABLES", glibc(m0), glibc(m1))
+    check("complete", previous.get("complete"), current.get("complete"))  # a run stopped part-way
+    v0, v1 = m0.get("versions") or {}, m1.get("versions") or {}
+    for name in sorted(v0.keys() & v1.keys()):
+        if v0[name] != v1[name]:
+            out.append((name, v0[name], v1[name]))  # installed on one side only shows as None
+    return out
+
+
+def _said(difference: tuple) -> str:
+    name, old, new = difference
+    return f"{name} {old} -> {new}"
 
 
 def format_comparison(c: Comparison) -> str:
     lines = [
         f"compared with the previous run (threshold {c.threshold:.0%}): {len(c.regressions)} regressions, "
         f"{len(c.improvements)} improvements, {c.unchanged} within the threshold, "
-        f"{len(c.missing)} figures no longer measured, {len(c.new)} new"
+        f"{len(c.missing)} figures no longer measured ({len(c.lost)} skipped in this run), {len(c.new)} new"
     ]
-    if not c.compared:
+    if c.refused:
+        lines.append(f"  NOTHING COMPARED: the runs measured different work or machines ({c.refused}); "
+                     "compare runs of the same settings (and, for throughput, the same machine)")
+    elif not c.compared:
         lines.append("  NOTHING COMPARED: no figure of camshaft's was measured in both runs "
                      "(a failure for a nightly job)")
+    if c.differences and not c.refused:
+        lines.append("  the runs differ in: " + "; ".join(c.differences))
+    lines += [f"  LOST {key}: measured in the previous run, skipped in this one: {why}" for key, why in c.lost]
     for tag, changes in (("REGRESSION", c.regressions), ("improved", c.improvements)):
         lines += [
             f"  {tag} {x.key}: {x.metric} {x.previous:.3g} -> {x.current:.3g} ({x.relative:+.1%})" for x in changes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -34,6 +35,23 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _commit() -> str | None:
+    """The git commit of camshaft's checkout ('+dirty' with uncommitted changes); None outside a checkout."""
+    here = Path(__file__).resolve().parents[1]  # the camshaft package
+
+    def run(*args):
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        found = run("rev-parse", "--show-toplevel", "HEAD").stdout.split()
+        if len(found) != 2 or Path(found[0]).resolve() != here.parent:  # installed into some other repository
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found[1] + ("+dirty" if dirty else "")
+
+
 def machine_info(device: str, dtype: str) -> dict:
     """A JSON-ready description of where and with what the figures were measured."""
     from camshaft import __version__
@@ -54,6 +72,7 @@ def machine_info(device: str, dtype: str) -> dict:
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "versions": {
             "camshaft": __version__,
+            "camshaft_commit": _commit(),  # the version string does not change between nightly runs
             "torch": torch.__version__,
             "torchvision": _version("torchvision"),
             "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from camshaft.bench.ratios import derive
-from camshaft.bench.workload import Figure, Skipped
+from camshaft.bench.workload import ROLES, Figure, Skipped
 from camshaft.errors import ConfigError
 
 SCHEMA = "camshaft-bench/1"
@@ -41,12 +42,31 @@ class BenchReport:
 
 
 def save_json(data: dict, path: str | Path) -> Path:
-    """Write ``data`` to ``path`` atomically (a temporary name, then a rename)."""
+    """Write ``data`` to ``path`` atomically (a temporary name, then a rename; no temporary left on failure)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+    except BaseException:  # an error or Ctrl-C between the two: the previous file stays, the temporary goes
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def output_problem(path: str | Path) -> str | None:
+    """Why results cannot be saved to ``path`` (None: they can), found before any work by creating a file there."""
+    path = Path(path)
+    if path.is_dir():
+        return f"{path} is a folder; give a file name, e.g. {path / 'bench.json'}"
+    if not path.parent.is_dir():
+        return f"folder {path.parent} does not exist"
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+    except OSError as e:
+        return f"cannot write in {path.parent}: {e.strerror or e}"
+    return None
 
 
 def load_json(path: str | Path) -> dict:
@@ -59,7 +79,20 @@ def load_json(path: str | Path) -> dict:
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("figures"), list):
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise ConfigError(f"{path} is not a camshaft benchmark result (schema {SCHEMA!r}); found {found!r}")
+    bad = [i for i, f in enumerate(data["figures"]) if not _is_figure(f)]
+    if bad:
+        raise ConfigError(
+            f"{path}: figures {bad[:10]}{' ...' if len(bad) > 10 else ''} of {len(data['figures'])} are not benchmark "
+            "figures (each is an object with a text 'key' and a 'role'); save the run again with camshaft bench --json"
+        )
+    odd = [name for name in ("machine", "settings") if not isinstance(data.get(name, {}), dict)]
+    if odd:
+        raise ConfigError(f"{path}: {' and '.join(odd)} must be objects; save the run again with camshaft bench --json")
     return data
+
+
+def _is_figure(f) -> bool:
+    return isinstance(f, dict) and isinstance(f.get("key"), str) and f.get("role") in ROLES
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -78,9 +111,10 @@ def _method(f: dict) -> str:
     return f"{f['method']}[{f['variant']}]" if f.get("variant") and f["role"] != "peer" else f["method"]
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def _table(headers: list[str], rows: list[list[str]], *, labels: int = 4) -> str:
+    """Columns aligned: the first ``labels`` (text) to the left, the numbers to the right."""
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=True)]
-    left = {0, 1, 2, 3} & set(range(len(headers)))
+    left = set(range(min(labels, len(headers))))
 
     def line(cells):
         return "  ".join(
@@ -191,7 +225,7 @@ def format_table(data: dict, *, skipped: bool = True) -> str:
         parts += [
             "",
             "limit: plain batched forward, inference mode (images/s)",
-            _table(["model", *_limit_variants(figures), "limit"], _limit_rows(figures)),
+            _table(["model", *_limit_variants(figures), "limit"], _limit_rows(figures), labels=1),
         ]
     if any(f["role"] == "method" for f in figures):
         headers = [

@@ -1,7 +1,8 @@
 """``camshaft bench``: throughput of a chosen subset beside the limit measured in the same run.
 
-Exit status: 0 done, 1 a regression against ``--compare`` (or a camshaft workload failed),
-2 invalid flags (checked before any work).
+Exit status: 0 done, 1 a regression against ``--compare``, a figure it measured that this run
+skipped, or nothing compared (or a camshaft workload failed), 2 invalid flags (checked before any
+work), 130 Ctrl-C (the groups measured so far are printed, and saved with ``--json``).
 """
 
 from __future__ import annotations
@@ -127,11 +128,12 @@ def _tuple(values):
 def _check_files(args) -> dict | None:
     """Output and comparison files, checked before any work; returns the previous run if any."""
     from camshaft.bench import load_json
+    from camshaft.bench.report import output_problem
     from camshaft.errors import ConfigError
 
     problems = []
-    if args.json is not None and not args.json.parent.is_dir():
-        problems.append(f"--json {args.json}: folder {args.json.parent} does not exist")
+    if args.json is not None and (problem := output_problem(args.json)):
+        problems.append(f"--json {args.json}: {problem}")
     if not 0 < args.threshold < 1:
         problems.append(f"--threshold must be between 0 and 1 (0.1 = a 10% drop), received {args.threshold}")
     if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
@@ -153,11 +155,24 @@ def run(args) -> int:
     settings = settings_from(args)
     previous = _check_files(args)
     log = lambda message: print(f"camshaft bench: {message}", file=sys.stderr, flush=True)  # noqa: E731
-    with tempfile.TemporaryDirectory(prefix="camshaft-bench-") as tmp:
-        workdir = args.workdir or Path(tmp)
-        # with --json, the figures measured so far are saved after each group (marked incomplete)
-        progress = None if args.json is None else (lambda report: save_json(report.to_dict(), args.json))
-        data = run_bench(settings, workdir=workdir, log=log, progress=progress).to_dict()
+    so_far: list[dict] = []
+
+    def progress(report) -> None:  # after each group: with --json, the figures so far are saved (marked incomplete)
+        so_far[:] = [report.to_dict()]
+        if args.json is not None:
+            save_json(so_far[0], args.json)
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="camshaft-bench-") as tmp:
+            data = run_bench(settings, workdir=args.workdir or Path(tmp), log=log, progress=progress).to_dict()
+    except KeyboardInterrupt:  # Ctrl-C: show what was measured before the stop, and where it was saved
+        if so_far and so_far[0]["figures"]:
+            print(format_table(so_far[0]))
+            if args.json is not None:
+                print(f"\nresults so far (marked incomplete): {args.json}")
+        else:
+            print("camshaft bench: stopped before any group was measured", file=sys.stderr, flush=True)
+        raise
     print(format_table(data))
     if args.json is not None:
         save_json(data, args.json)
