@@ -110,6 +110,31 @@ def test_ctrl_c_prints_the_figures_measured_so_far_and_where_they_were_saved(cap
     assert load_json(path)["complete"] is False
 
 
+def test_a_stopped_run_rolling_one_file_forward_keeps_its_baseline(capsys, monkeypatch, tmp_path):
+    """--json and --compare the same file (a nightly job): the figures so far go beside it, not over it."""
+    calls = []
+
+    def group_then_maybe_ctrl_c(settings, *, workdir, log, progress=None):
+        report = BenchReport(settings.to_dict(), MACHINE, figures(), complete=False)
+        progress(report)
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        report.complete = True
+        return report
+
+    monkeypatch.setattr("camshaft.bench.runner.run_bench", group_then_maybe_ctrl_c)
+    path = tmp_path / "last.json"
+    baseline = BenchReport(BenchSettings(quick=True).to_dict(), MACHINE, figures()).to_dict()
+    save_json(baseline, path)
+    code, out, _ = _main(capsys, "bench", "--quick", "--json", path, "--compare", path)
+    side = tmp_path / "last.incomplete.json"
+    assert code == 130 and f"results so far (marked incomplete): {side}" in out
+    assert load_json(path) == json.loads(json.dumps(baseline, default=str)) and load_json(side)["complete"] is False
+    code, out, _ = _main(capsys, "bench", "--quick", "--json", path, "--compare", path)
+    assert code == 0 and load_json(path)["complete"] is True and not side.exists()
+
+
 # --- what --compare trusts ----------------------------------------------------------------------------
 
 

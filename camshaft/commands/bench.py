@@ -156,11 +156,12 @@ def run(args) -> int:
     previous = _check_files(args)
     log = lambda message: print(f"camshaft bench: {message}", file=sys.stderr, flush=True)  # noqa: E731
     so_far: list[dict] = []
+    partial = _partial_path(args)
 
     def progress(report) -> None:  # after each group: with --json, the figures so far are saved (marked incomplete)
         so_far[:] = [report.to_dict()]
-        if args.json is not None:
-            save_json(so_far[0], args.json)
+        if partial is not None:
+            save_json(so_far[0], partial)
 
     try:
         with tempfile.TemporaryDirectory(prefix="camshaft-bench-") as tmp:
@@ -168,14 +169,16 @@ def run(args) -> int:
     except KeyboardInterrupt:  # Ctrl-C: show what was measured before the stop, and where it was saved
         if so_far and so_far[0]["figures"]:
             print(format_table(so_far[0]))
-            if args.json is not None:
-                print(f"\nresults so far (marked incomplete): {args.json}")
+            if partial is not None:
+                print(f"\nresults so far (marked incomplete): {partial}")
         else:
             print("camshaft bench: stopped before any group was measured", file=sys.stderr, flush=True)
         raise
     print(format_table(data))
     if args.json is not None:
         save_json(data, args.json)
+        if partial != args.json:
+            partial.unlink(missing_ok=True)
         print(f"\nresults: {args.json}")
     code = 1 if _failures(data) else 0
     if not any(f.get("role") in ("method", "pipeline") for f in data.get("figures", [])):
@@ -186,6 +189,16 @@ def run(args) -> int:
         print("\n" + format_comparison(result))
         code = code or (0 if result.ok else 1)
     return code
+
+
+def _partial_path(args) -> Path | None:
+    """Where the figures so far are saved during the run: ``--json`` itself, or beside it when it is the
+    ``--compare`` baseline (a nightly job rolling one file forward must not lose it to a stopped run)."""
+    if args.json is None:
+        return None
+    if args.compare is not None and args.json.exists() and args.json.resolve() == args.compare.resolve():
+        return args.json.with_name(f"{args.json.stem}.incomplete{args.json.suffix}")
+    return args.json
 
 
 def _failures(data: dict) -> list[dict]:
