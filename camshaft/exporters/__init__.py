@@ -6,6 +6,12 @@ on logits and every tap; otherwise nothing is written and the error says by how 
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import math
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -23,11 +29,27 @@ SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}
 
 
 def check_artifact_path(format: str, out: str | Path) -> None:
-    """ONNX files are known by their ``.onnx`` suffix only (TorchScript and .pt2 archives by their
-    content), so an ONNX artifact written under another name could not be opened again."""
-    if format == "onnx" and Path(out).suffix.lower() != SUFFIX["onnx"]:
+    """Refuse, before any work, an ``out`` that is a folder or cannot be written.
+
+    ONNX files are known by their ``.onnx`` suffix only (TorchScript and .pt2 archives by their
+    content), so an ONNX artifact written under another name could not be opened again.
+    """
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a folder; give the artifact's file name, "
+                          f"e.g. {str(out / ('model' + SUFFIX.get(format, '.pt')))!r}")
+    if format == "onnx" and out.suffix.lower() != SUFFIX["onnx"]:
         raise ConfigError(f"an ONNX artifact's name must end in .onnx (camshaft recognises ONNX files by it), "
                           f"received {str(out)!r}")
+    folder = next(p for p in out.absolute().parents if p.exists())  # the folder the file or its parents go into
+    try:
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"cannot write --out {str(out)!r}: {e.strerror or e} ({folder}); "
+                          "choose a writable place") from e
 
 
 def export_prepared(
@@ -62,7 +84,7 @@ def export_prepared(
     module = prepared.tapped.cpu().eval()
     if prepared.split is not None:
         prepared.split.trunk.cpu(), prepared.split.head.cpu()
-    with atomic_path(out) as tmp:  # the artifact appears whole, after its parity check, or not at all
+    with _new_folders(out.parent), atomic_path(out) as tmp:  # the artifact appears whole, or not at all
         if format == "torchscript":
             artifact = ts_export.build(prepared, example)
             meta.parity = _parity(module, lambda x: artifact(x), checks, rtol=rtol)
@@ -82,6 +104,19 @@ def export_prepared(
             meta.has_head = head_module is not None
             onnx_export.write_metadata(tmp, meta, cam, head_module)
     return out
+
+
+@contextlib.contextmanager
+def _new_folders(folder: Path) -> Iterator[None]:
+    """Folders made for the artifact are removed again (when empty) if the export fails."""
+    made = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        yield
+    except BaseException:
+        for p in made:  # innermost first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
 
 
 def _session(path: Path):
@@ -107,10 +142,24 @@ def _parity(eager, artifact, inputs, *, rtol: float) -> dict[str, float]:
             for name, (ref, got) in pairs.items():
                 if tuple(ref.shape) != tuple(got.shape):
                     raise ParityError(f"{name}: shape {tuple(got.shape)} in the artifact, {tuple(ref.shape)} eager")
-                errors[name] = max(errors.get(name, 0.0), (ref.float() - got.float()).abs().max().item())
-                scales[name] = max(scales.get(name, 0.0), ref.float().abs().max().item())
-    failed = {n: e for n, e in errors.items() if e > rtol * max(scales[n], 1.0)}
+                errors[name] = max(errors.get(name, 0.0), _max_error(ref.float(), got.float()))
+                finite = ref.float().nan_to_num(0.0, 0.0, 0.0)
+                scales[name] = max(scales.get(name, 0.0), finite.abs().max().item())
+    # relative to each output's own scale: a floor of 1 would let any output smaller than rtol pass
+    # (randomly initialised MobileNet and EfficientNet logits are below 1e-9)
+    failed = {n: e for n, e in errors.items() if not e <= rtol * max(scales[n], _TINY)}
     if failed:
         detail = ", ".join(f"{n}: max abs error {e:.3g} (scale {scales[n]:.3g})" for n, e in failed.items())
         raise ParityError(f"the artifact disagrees with the eager model beyond rtol {rtol}: {detail}; nothing written")
     return errors
+
+
+_TINY = 1e-30  # the scale of an output that is zero everywhere: then the artifact's must be zero too
+
+
+def _max_error(ref: torch.Tensor, got: torch.Tensor) -> float:
+    """Max abs difference; equal values (infinities too) and NaN in both agree, NaN in one is infinitely off."""
+    diff = torch.where(ref == got, 0.0, (ref - got).abs())
+    both_nan = ref.isnan() & got.isnan()
+    diff = torch.where(both_nan, 0.0, diff.nan_to_num(math.inf, math.inf))
+    return diff.max().item() if diff.numel() else 0.0

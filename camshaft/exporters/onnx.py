@@ -11,6 +11,7 @@ import base64
 import contextlib
 import io
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import onnx
 import torch
 from torch import nn
 
+from camshaft.errors import ConfigError
 from camshaft.exporters.metadata import ArtifactMeta, cam_from_bytes, cam_to_bytes
 from camshaft.exporters.torchscript import FlatHead, FlatTapped
 from camshaft.models.prepared import PreparedModel
@@ -80,8 +82,18 @@ def build(prepared: PreparedModel, example: torch.Tensor, path: Path, *, opset: 
             return name
         except Exception as e:  # noqa: BLE001 - try the next exporter, report all failures
             errors[name] = e
-    detail = "; ".join(f"{n}: {e}" for n, e in errors.items())
-    raise RuntimeError(f"ONNX export failed with every exporter: {detail}") from errors["torchscript-based"]
+    detail = "; ".join(f"{n}: {_reason(e)}" for n, e in errors.items())
+    raise ConfigError(
+        f"cannot export {prepared.info.source!r} to ONNX ({detail}); use --format torchscript or pt2"
+    ) from errors["torchscript-based"]
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of the innermost cause: the exporters wrap it in pages of advice."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
 
 
 def head_bytes(prepared: PreparedModel, example: torch.Tensor, *, embed: bool | None = None) -> bytes | None:

@@ -60,7 +60,7 @@ def _layers(model: nn.Module, plan: TapPlan, x: torch.Tensor):
     modules = dict(model.named_modules())
     shapes: dict[str, tuple[int, ...] | None] = {}
     same: dict[str, str] = {}  # hooked module -> the shortest module path giving the same tensor
-    with torch.inference_mode(), _input_size_checked(x):
+    with torch.inference_mode(), input_checked(x):
         if plan.traceable:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -175,10 +175,11 @@ def _head_function(tapped: TappedModel, model: nn.Module, tap: str, x: torch.Ten
 
 
 @contextlib.contextmanager
-def _input_size_checked(x: torch.Tensor):
-    """A model that cannot run on an input of this size says so (a pooling layer's kernel larger than its map)."""
+def input_checked(x: torch.Tensor):
+    """A model that cannot run on this input says so (a pooling layer's kernel larger than its map)."""
     try:
         yield
     except RuntimeError as e:
         h, w = x.shape[-2:]
-        raise ConfigError(f"the model cannot run on a {h}x{w} input (choose another --input-size): {e}") from e
+        hint = "camshaft feeds it RGB images, 3 channels" if "channels" in str(e) else "choose another --input-size"
+        raise ConfigError(f"the model cannot run on a {h}x{w} input ({hint}): {e}") from e

@@ -1,12 +1,14 @@
 """One resolver from a model specification to something camshaft can run.
 
 Accepted: ``demo`` (the built-in classifier), a torchvision architecture name, ``pkg.module:factory``
-(both with optional local weights), a TorchScript file and an ONNX file.
+(or a model instance; both with optional local weights), a TorchScript file and an ONNX file.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import re
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -126,12 +128,28 @@ def _factory(spec: str, weights) -> ModelSource:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ModelSourceError(spec, [f"module:factory: cannot import {attr!r} from {module_name!r}: {e}"]) from e
-    model = factory()
+    model = factory if isinstance(factory, nn.Module) else _call_factory(factory, spec)
     if not isinstance(model, nn.Module):
         raise ModelSourceError(spec, [f"module:factory: {spec}() returned {type(model).__name__}, not a torch.nn.Module"])
     if weights is not None:
         load_weights(model, weights)
     return ModelSource("torch", spec, module=model.eval())
+
+
+def _call_factory(factory, spec: str):
+    """``factory()``; one that cannot be called without arguments is refused before the call."""
+    if not callable(factory):
+        raise ModelSourceError(spec, [f"module:factory: {spec} is a {type(factory).__name__}, not a callable"])
+    try:
+        inspect.signature(factory).bind()
+    except TypeError as e:
+        raise ModelSourceError(spec, [
+            f"module:factory: {spec}() cannot be called without arguments ({e}); "
+            "point to a function that builds the model with no arguments, or to a model instance"
+        ]) from e
+    except ValueError:  # no signature to check (some builtins): just call it
+        pass
+    return factory()
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:
@@ -143,7 +161,8 @@ def read_state_dict(path: str | Path) -> dict:
     """The state_dict of a local checkpoint, read with ``weights_only=True``.
 
     Unwrapped from ``{"state_dict" | "model" | "model_state_dict": ...}``; the ``module.`` prefix
-    of a ``DataParallel`` model is removed when every key has it.
+    of a ``DataParallel`` model and the ``_orig_mod.`` one of ``torch.compile`` are removed when
+    every key has them.
     """
     path = Path(path)
     if not path.is_file():
@@ -151,20 +170,31 @@ def read_state_dict(path: str | Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = (str(e).strip().splitlines() or [""])[0]  # torch's advice to unpickle everything is not ours
         raise ConfigError(
             f"cannot load weights {path} with weights_only=True (camshaft never unpickles code from model "
-            f"files): {type(e).__name__}: {reason} (is it a torch.save checkpoint?). Save a plain state_dict: "
-            "torch.save(model.state_dict(), path)"
+            f"files): {_load_failure(e)}. Save a plain state_dict: torch.save(model.state_dict(), path)"
         ) from e
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise ConfigError(f"weights file {path} holds a {type(state).__name__}, expected a state_dict")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
+    for prefix in ("module.", "_orig_mod."):  # DataParallel, then torch.compile (which may sit inside it)
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k.removeprefix(prefix): v for k, v in state.items()}
     return state
+
+
+def _load_failure(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, without torch's advice to unpickle everything."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"it stores the Python object {found.group(1)} (a pickled model, torch.save(model), "
+                "or another object), not only tensors")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)  # past torch's advice to unpickle everything
+    reason = detail.group(1).strip() if detail else (text.strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {reason} (is it a torch.save checkpoint?)"
 
 
 def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:

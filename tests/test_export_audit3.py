@@ -1,0 +1,140 @@
+"""Export and model-source audit: clear errors for bad checkpoints, factories, inputs and --out paths,
+and a parity check that neither NaN nor small outputs can slip through."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+import pytest
+from conftest import TinyCam, source_of
+
+from camshaft.cli import main
+from camshaft.errors import ConfigError, ModelSourceError, ParityError
+from camshaft.exporters import _parity, check_artifact_path, export_prepared
+from camshaft.models.prepared import prepare_model
+from camshaft.models.sources import load_weights, resolve_model
+
+
+def test_a_pickled_model_as_weights_names_the_object_without_torchs_advice(tmp_path):
+    path = tmp_path / "full.pth"
+    torch.save(nn.Sequential(nn.Conv2d(3, 2, 1)), path)
+    with pytest.raises(ConfigError, match=r"stores the Python object torch\.nn\.modules\.container\.Sequential") as e:
+        load_weights(nn.Sequential(nn.Conv2d(3, 2, 1)), path)
+    assert "can still be loaded" not in str(e.value) and "\x1b[" not in str(e.value)
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match=r"UnpicklingError: Unsupported operand .*is it a torch.save") as e:
+        load_weights(nn.Sequential(nn.Conv2d(3, 2, 1)), tmp_path / "text.pth")
+    assert "weights_only` set to `False` will likely succeed" not in str(e.value)
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod."])
+def test_a_checkpoint_of_a_compiled_model_loads(tmp_path, prefix):
+    torch.manual_seed(0)
+    trained, fresh = TinyCam(), TinyCam()
+    nn.init.normal_(trained.fc.weight)
+    torch.save({"state_dict": {prefix + k: v for k, v in trained.state_dict().items()}}, tmp_path / "c.pth")
+    load_weights(fresh, tmp_path / "c.pth")
+    assert torch.equal(fresh.fc.weight, trained.fc.weight)
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    (tmp_path / "audit3_models.py").write_text(
+        "from torch import nn\n"
+        "def needs(n):\n    return nn.Linear(n, n)\n"
+        "instance = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))\n"
+        "number = 3\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "audit3_models"
+
+
+def test_a_factory_that_needs_arguments_is_refused_before_the_call(factories):
+    with pytest.raises(ModelSourceError, match=r"needs\(\) cannot be called without arguments.*'n'"):
+        resolve_model(f"{factories}:needs")
+    with pytest.raises(ModelSourceError, match="number is a int, not a callable"):
+        resolve_model(f"{factories}:number")
+
+
+def test_a_model_instance_is_accepted_in_place_of_a_factory(factories):
+    import audit3_models
+
+    source = resolve_model(f"{factories}:instance")
+    assert source.module is audit3_models.instance
+
+
+class Gray(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(1, 2, 1), nn.MaxPool2d(4), nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.conv(x)).mean((2, 3)))
+
+
+class Pooled(Gray):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 1)
+
+
+def test_an_input_the_model_cannot_take_is_a_clear_error_with_an_explicit_tap():
+    with pytest.raises(ConfigError, match=r"cannot run on a 8x8 input \(camshaft feeds it RGB images, 3 channels\)"):
+        prepare_model(source_of(Gray()), taps=["conv"])
+    with pytest.raises(ConfigError, match=r"cannot run on a 2x2 input \(choose another --input-size\)"):
+        prepare_model(source_of(Pooled(), size=(2, 2)), taps=["conv"])
+
+
+def test_an_out_that_is_a_folder_or_cannot_be_written_is_refused_first(tmp_path, capsys):
+    assert main(["export", "demo", "--format", "torchscript", "--out", str(tmp_path)]) == 2
+    assert f"--out {str(tmp_path)!r} is a folder" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="cannot write --out .*Not a directory"):
+        check_artifact_path("pt2", tmp_path / "file" / "sub" / "m.pt2")
+
+
+def test_a_failed_export_leaves_no_folder_behind(tmp_path):
+    prepared = prepare_model(source_of(TinyCam()), taps=["features"])
+    with pytest.raises(ParityError):
+        export_prepared(prepared, format="torchscript", out=tmp_path / "a" / "b" / "m.pt", rtol=-1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _fixed(logits, tap):
+    return lambda x: (logits, {"t": tap})
+
+
+def test_parity_fails_when_the_artifact_gives_nan():
+    ref = torch.ones(1, 3)
+    with pytest.raises(ParityError, match="logits: max abs error inf"):
+        _parity(_fixed(ref, ref), _fixed(torch.tensor([[1.0, math.nan, 1.0]]), ref), [torch.zeros(1)], rtol=1e-3)
+    both = torch.tensor([[math.nan, math.inf, 1.0]])  # the same NaN and infinity in both agree
+    assert _parity(_fixed(both, ref), _fixed(both.clone(), ref), [torch.zeros(1)], rtol=1e-3) == {"logits": 0, "t": 0}
+
+
+def test_parity_is_relative_for_outputs_much_smaller_than_one():
+    small = torch.full((1, 3), 1e-9)  # randomly initialised MobileNet / EfficientNet logits are this small
+    with pytest.raises(ParityError, match="logits"):
+        _parity(_fixed(small, small), _fixed(torch.zeros(1, 3), small), [torch.zeros(1)], rtol=1e-3)
+    close = small * (1 + 1e-6)
+    assert _parity(_fixed(small, small), _fixed(close, small), [torch.zeros(1)], rtol=1e-3)["logits"] < 1e-14
+
+
+class Histogram(TinyCam):
+    """An op no ONNX exporter knows."""
+
+    def forward(self, x):
+        a = self.features(x)
+        a = a + torch.histc(a, bins=4).sum() * 0
+        return self.fc(torch.flatten(self.avgpool(a), 1))
+
+
+def test_a_model_onnx_cannot_express_is_one_clear_error(tmp_path):
+    prepared = prepare_model(source_of(Histogram()), taps=["features"])
+    with pytest.raises(ConfigError, match=r"cannot export 'Histogram' to ONNX \(dynamo: .*histc.*use --format") as e:
+        export_prepared(prepared, format="onnx", out=tmp_path / "h.onnx")
+    assert "\n" not in str(e.value) and "\x1b[" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
