@@ -4,6 +4,7 @@ and a parity check that neither NaN nor small outputs can slip through."""
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -138,3 +139,30 @@ def test_a_model_onnx_cannot_express_is_one_clear_error(tmp_path):
         export_prepared(prepared, format="onnx", out=tmp_path / "h.onnx")
     assert "\n" not in str(e.value) and "\x1b[" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+class _OffHead(nn.Module):
+    """A head that disagrees with the model it was split from (as a wrong split would)."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.inner = head
+
+    def forward(self, a):
+        logits, taps = self.inner(a)
+        return logits + 1.0, taps
+
+
+@pytest.mark.parametrize("format", ["onnx", "pt2"])
+def test_the_embedded_head_is_parity_checked(tmp_path, format, capsys, monkeypatch):
+    monkeypatch.setenv("CAMSHAFT_NO_REEXEC", "1")
+    torch.manual_seed(0)
+    prepared = prepare_model(source_of(TinyCam()), taps=["features"])
+    assert prepared.split is not None
+    out = export_prepared(prepared, format=format, out=tmp_path / f"m.{format}")
+    assert main(["inspect", str(out)]) == 0
+    assert re.search(r"parity \(max abs error\): .*head logits \d", capsys.readouterr().out)  # recorded in the file
+    prepared.split.head = _OffHead(prepared.split.head)
+    with pytest.raises(ParityError, match="the embedded head .*logits"):
+        export_prepared(prepared, format=format, out=tmp_path / f"off.{format}")
+    assert not (tmp_path / f"off.{format}").exists()

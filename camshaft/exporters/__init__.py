@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import math
 import os
 import tempfile
@@ -92,6 +93,8 @@ def export_prepared(
         elif format == "pt2":
             exported = pt2_export.build(prepared, example)
             meta.parity = _parity(module, exported, checks, rtol=rtol)
+            if exported.head is not None:
+                meta.parity |= _head_parity(module, exported.head.module(), meta.taps, checks, rtol=rtol)
             meta.exporter = f"torch.export (torch {torch.__version__})"
             pt2_export.save(exported, meta, cam, tmp)
         else:
@@ -102,6 +105,9 @@ def export_prepared(
             meta.parity = _parity(module, run, checks, rtol=rtol)
             head_module = onnx_export.head_bytes(prepared, example, embed=head)
             meta.has_head = head_module is not None
+            if head_module is not None:
+                embedded = torch.jit.load(io.BytesIO(head_module))
+                meta.parity |= _head_parity(module, embedded, meta.taps, checks, rtol=rtol)
             onnx_export.write_metadata(tmp, meta, cam, head_module)
     return out
 
@@ -152,6 +158,23 @@ def _parity(eager, artifact, inputs, *, rtol: float) -> dict[str, float]:
         detail = ", ".join(f"{n}: max abs error {e:.3g} (scale {scales[n]:.3g})" for n, e in failed.items())
         raise ParityError(f"the artifact disagrees with the eager model beyond rtol {rtol}: {detail}; nothing written")
     return errors
+
+
+def _head_parity(eager, head, taps: list[str], inputs, *, rtol: float) -> dict[str, float]:
+    """The embedded head (first tap -> logits and later taps) against the eager model, fed the eager first
+    tap: gradient methods differentiate through it, so a wrong split must not be written."""
+    first, later = taps[0], taps[1:]
+
+    def through_head(x):
+        _, acts = eager(x)
+        outs = head(acts[first])
+        return outs[0], {first: acts[first], **dict(zip(later, outs[1:], strict=True))}
+
+    try:
+        errors = _parity(eager, through_head, inputs, rtol=rtol)
+    except ParityError as e:
+        raise ParityError(f"the embedded head (from tap {first!r}, for gradient methods): {e}") from e
+    return {f"head {name}": e for name, e in errors.items() if name != first}
 
 
 _TINY = 1e-30  # the scale of an output that is zero everywhere: then the artifact's must be zero too
