@@ -12,6 +12,7 @@ import io
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def export_prepared(
             head_module = onnx_export.head_bytes(prepared, example, embed=head)
             meta.has_head = head_module is not None
             if head_module is not None:
-                embedded = torch.jit.load(io.BytesIO(head_module))
+                with warnings.catch_warnings():  # torch.jit.load's deprecation: the head travels as TorchScript
+                    warnings.simplefilter("ignore")
+                    embedded = torch.jit.load(io.BytesIO(head_module))
                 meta.parity |= _head_parity(module, embedded, meta.taps, checks, rtol=rtol)
             onnx_export.write_metadata(tmp, meta, cam, head_module)
     return out
