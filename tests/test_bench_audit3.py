@@ -249,3 +249,11 @@ def test_an_interrupted_suite_run_saves_its_json_marked_incomplete(tmp_path):
     hook = conftest.pytest_terminal_summary
     hook(**{k: v for k, v in given.items() if k in inspect.signature(hook).parameters})  # as pytest calls hooks
     assert load_json(path)["complete"] is False and "INCOMPLETE" in lines[0]
+
+
+def test_a_limit_set_by_another_variant_is_listed():
+    """ONNX Runtime missing on one machine: the limit falls to the next variant and every ratio rises."""
+    before = run_of(figures() + [fig("demo/limit/onnxruntime", "limit", 0.25, variant="onnxruntime")])
+    after = run_of(figures())
+    assert "limit set by onnxruntime -> eager" in format_comparison(compare(before, after))
+    assert "limit set by" not in format_comparison(compare(after, after))

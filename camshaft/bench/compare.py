@@ -137,11 +137,25 @@ def differences(previous: dict, current: dict) -> list[tuple[str, object, object
     glibc = lambda m: None if "glibc_tunables" not in m else ("set" if m["glibc_tunables"] else "unset")  # noqa: E731
     check("GLIBC_TUNABLES", glibc(m0), glibc(m1))
     check("complete", previous.get("complete"), current.get("complete"))  # a run stopped part-way
+    for old, new in _limit_variants(previous, current):  # a ratio's denominator measured another way
+        out.append(("limit set by", old, new))
     v0, v1 = m0.get("versions") or {}, m1.get("versions") or {}
     for name in sorted(v0.keys() & v1.keys()):
         if v0[name] != v1[name]:
             out.append((name, v0[name], v1[name]))  # installed on one side only shows as None
     return out
+
+
+def _limit_variants(previous: dict, current: dict) -> list[tuple[str, str]]:
+    """(before, after) for each change of the variant that set the limit of figures in both runs (e.g. ONNX
+    Runtime missing on one machine: the limit drops to TorchScript's and every ratio rises)."""
+
+    def variants(data: dict) -> dict[str, str]:
+        return {f["key"]: f["limit_variant"] for f in data.get("figures", [])
+                if isinstance(f, dict) and f.get("role") == "method" and f.get("limit_variant")}
+
+    a, b = variants(previous), variants(current)
+    return sorted({(a[k], b[k]) for k in a.keys() & b.keys() if a[k] != b[k]})
 
 
 def _said(difference: tuple) -> str:
