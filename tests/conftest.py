@@ -56,3 +56,15 @@ def open_backend(name: str, source: ModelSource, tmp_path, *, taps=None, **optio
 def tiny():
     torch.manual_seed(0)
     return TinyCam().eval()
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``camshaft ARGV`` in-process: (exit code, stdout, stderr); argparse exits count as codes."""
+    from camshaft.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

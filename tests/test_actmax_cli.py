@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli as _main
 import torch
 from PIL import Image
 
-from camshaft.cli import main
 from camshaft.demo.model import CLASS_NAMES
 from camshaft.engine.actmax import RenderConfig, actmax, parse_objectives, render
 from camshaft.errors import ConfigError
@@ -28,15 +28,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def _main(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_writes_pngs_grid_and_table(tmp_path, capsys):

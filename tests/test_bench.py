@@ -11,6 +11,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_cli as _main
 import torch
 
 from camshaft.bench import BenchSettings, TimingConfig, compare, format_table, load_json, run_bench, save_json
@@ -19,7 +20,6 @@ from camshaft.bench.ratios import derive
 from camshaft.bench.report import BenchReport
 from camshaft.bench.timing import round_robin, time_call
 from camshaft.bench.workload import Figure, Skipped
-from camshaft.cli import main
 from camshaft.engine.backends.base import FORWARD
 from camshaft.errors import ConfigError
 
@@ -204,15 +204,6 @@ def test_compare_flags_drops_beyond_the_threshold_only():
 
 
 # --- the command ------------------------------------------------------------------------------------
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 @pytest.mark.parametrize(

@@ -17,11 +17,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_cli as _main
 
 from camshaft.bench import BenchSettings, compare, format_comparison, format_table, load_json, save_json
 from camshaft.bench.report import BenchReport
 from camshaft.bench.workload import Figure, Skipped
-from camshaft.cli import main
 from camshaft.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,15 +50,6 @@ def run_of(figs, *, skipped=(), machine=None, **settings) -> dict:
     """A saved run's document; ``settings`` overrides as another machine (a GPU one) would have saved them."""
     s = {**BenchSettings.preset(quick=True).to_dict(), **settings}
     return BenchReport(s, {**MACHINE, **(machine or {})}, figs, list(skipped)).to_dict()
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def _no_work(monkeypatch):

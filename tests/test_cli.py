@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli as _main
 
 import camshaft
 from camshaft.cli import main
@@ -37,16 +38,6 @@ def _no_reexec():
 
 def _cli(*argv, env=NO_REEXEC, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "camshaft", *map(str, argv)], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
-
-
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    """``camshaft ARGV`` in-process: (exit code, stdout, stderr); argparse exits count as codes."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import camshaft
 from camshaft.data.device_decode import decode_on_device, orient, resample_weights, resize
 from camshaft.data.jpeg import device_decodable, exif_orientation, read_encoded
 from camshaft.data.workers import Decoder, decode_resized, read_for_device
-from camshaft.preprocess import Preprocess, geometry
+from camshaft.preprocess import Preprocess
 
 CPU = torch.device("cpu")
 
