@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise  # anything else is unexpected: its traceback helps
         where = f" ({e.filename})" if e.filename else ""
-        print(f"camshaft {args.command}: error: {os.strerror(e.errno)}{where}: free some space{_again(args, 'go on')}", file=sys.stderr)
+        message = f"{os.strerror(e.errno)}{where}: free some space{_again(args, 'go on')}"
+        print(f"camshaft {args.command}: error: {message}", file=sys.stderr)
         return 1
     finally:
         warnings.formatwarning = original

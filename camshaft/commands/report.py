@@ -49,10 +49,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exemplars", action="append", metavar="TAP[:C,...]", help="a tap, optionally channels; repeatable")
     g.add_argument("--exemplar-k", type=positive, default=8, help="images per channel (default: 8)")
     g = p.add_argument_group("map statistics and flags")
-    g.add_argument("--border", type=_inside(0, 0.5), default=0.1, help="border band, a fraction of the image side (default: 0.1)")
-    g.add_argument("--tolerance", type=_inside(0, float("inf"), closed=True), default=15.0, help="pointing game tolerance in pixels (default: 15)")
-    g.add_argument("--flag-border", type=_inside(0, 1), default=0.5, help="border-heavy at this border mass (default: 0.5)")
-    g.add_argument("--flag-entropy", type=_inside(0, 1), default=0.95, help="diffuse at this normalised entropy (default: 0.95)")
+    g.add_argument("--border", type=_inside(0, 0.5), default=0.1,
+                   help="border band, a fraction of the image side (default: 0.1)")
+    g.add_argument("--tolerance", type=_inside(0, float("inf"), closed=True), default=15.0,
+                   help="pointing game tolerance in pixels (default: 15)")
+    g.add_argument("--flag-border", type=_inside(0, 1), default=0.5,
+                   help="border-heavy at this border mass (default: 0.5)")
+    g.add_argument("--flag-entropy", type=_inside(0, 1), default=0.95,
+                   help="diffuse at this normalised entropy (default: 0.95)")
     g.add_argument("--examples", type=int, default=4, help="best and worst examples per class page (default: 4)")
     g.add_argument("--class-pages", type=int, default=100, help="pages for at most this many classes, flagged first (default: 100)")
     g = p.add_argument_group("drift alerts (exit code 1 when crossed)")

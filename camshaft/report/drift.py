@@ -78,7 +78,8 @@ def _compare(a: Results, b: Results, part: pd.DataFrame, k: int, top: float) -> 
     mb = np.asarray(b.maps.get_orthogonal_selection((ib,)))[:, :k]
     sizes = list(zip(part["width_a"], part["height_a"], strict=True))
     fr_a, fr_b = frames(sizes, a.preprocess, ma.shape[2:]), frames(sizes, b.preprocess, mb.shape[2:])
-    same = ma.shape[2:] == mb.shape[2:] and np.allclose(fr_a.scale, fr_b.scale) and np.allclose(fr_a.offset, fr_b.offset)
+    same = ma.shape[2:] == mb.shape[2:]
+    same = same and np.allclose(fr_a.scale, fr_b.scale) and np.allclose(fr_a.offset, fr_b.offset)
     if not same:
         mb = on_cells_of(fr_a, fr_b, mb)
     n = len(part)

@@ -66,6 +66,7 @@ def _pair(mine: Sampler, other: Sampler, r: pd.Series) -> str:
     row_b = pd.Series({"index": r["index_b"], "k": r["k"], "path": r["path"]})
     src_a, src_b = mine.overlay(row_a), other.overlay(row_b)
     changed = '<span class="badge changed">prediction changed</span>' if r["prediction_changed"] else ""
-    cap = f"#{int(r['index'])} {h.esc(r['target_name'])} · ρ {h.num(r['rank_corr'], 2)} · IoU {h.num(r['top_iou'], 2)} {changed}"
+    similarity = f"ρ {h.num(r['rank_corr'], 2)} · IoU {h.num(r['top_iou'], 2)}"
+    cap = f"#{int(r['index'])} {h.esc(r['target_name'])} · {similarity} {changed}"
     pair = f'<div class="pair"><img src="{h.esc(src_a)}" alt="run A"><img src="{h.esc(src_b)}" alt="run B"></div>'
     return f'<figure class="pairfig">{pair}<figcaption>{cap}</figcaption></figure>'

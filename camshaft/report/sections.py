@@ -84,7 +84,8 @@ def flags(ctx) -> str:
     for _, f in worst.iterrows():
         row = a.images[(a.images["index"] == f["index"]) & (a.images["k"] == f["k"])].iloc[0]
         tags = a.flags[(a.flags["index"] == f["index"]) & (a.flags["k"] == f["k"])]
-        extra = h.badges(",".join(tags["flag"])) + f" border {h.num(row['border_mass'], 2)} · entropy {h.num(row['entropy'], 2)}"
+        stats = f" border {h.num(row['border_mass'], 2)} · entropy {h.num(row['entropy'], 2)}"
+        extra = h.badges(",".join(tags["flag"])) + stats
         figs.append(h.figure(ctx.sampler.overlay(row), ctx.caption(row, extra=extra)))
     n_img = a.flags["index"].nunique() if len(a.flags) else 0
     body = f"<h3>Flagged classes ({len(fc)}), worst first</h3>{cls}"
