@@ -166,3 +166,14 @@ def test_the_embedded_head_is_parity_checked(tmp_path, format, capsys, monkeypat
     with pytest.raises(ParityError, match="the embedded head .*logits"):
         export_prepared(prepared, format=format, out=tmp_path / f"off.{format}")
     assert not (tmp_path / f"off.{format}").exists()
+
+
+def test_an_input_too_small_for_any_feature_map_says_so(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("CAMSHAFT_NO_REEXEC", "1")
+    assert main(["inspect", "resnet18", "--input-size", "1"]) == 0  # every map 1x1, as the input
+    out = capsys.readouterr().out
+    assert "default tap: none (no feature map larger than 1x1 at a 1x1 input; choose a larger --input-size)" in out
+    assert "CAM head: none (no default tap)" in out and "use gradcam" not in out
+    out_file = str(tmp_path / "m.pt")
+    assert main(["export", "resnet18", "--input-size", "1", "--format", "torchscript", "--out", out_file]) == 2
+    assert "no feature map larger than 1x1 at a 1x1 input; choose a larger --input-size" in capsys.readouterr().err

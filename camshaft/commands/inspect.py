@@ -32,8 +32,16 @@ def run(args) -> int:
         mark = f"<- default tap ({tap})" if [layer.name] == tap_node else ("<- CAM head" if layer.name == linear else "")
         print(f"{layer.name:<{width}}  {layer.kind:<22} {shape:<14} {mark}".rstrip())
     print(f"\nclasses: {report.num_classes}")
-    print(f"default tap: {report.default_tap}")
-    if report.cam_head:
+    if report.default_tap is None:
+        from camshaft.preprocess import Preprocess
+
+        h, w = args.input_size or (source.preprocess or Preprocess()).input_size
+        print(f"default tap: none (no feature map larger than 1x1 at a {h}x{w} input; choose a larger --input-size)")
+    else:
+        print(f"default tap: {report.default_tap}")
+    if report.default_tap is None:
+        print("CAM head: none (no default tap)")
+    elif report.cam_head:
         print(f"CAM head: global average pool of {report.cam_head.tap} -> {report.cam_head.linear} {tuple(report.cam_head.weight.shape)}")
     else:
         print("CAM head: none (the tap is not followed by global average pooling and one linear layer); use gradcam")

@@ -39,7 +39,9 @@ def prepare_model(
     if not taps:
         report = describe(model, input_size=pre.input_size)
         if report.default_tap is None:
-            raise ConfigError(f"{source.spec}: no spatial feature map found; name a tap with --tap")
+            h, w = pre.input_size
+            raise ConfigError(f"{source.spec}: no feature map larger than 1x1 at a {h}x{w} input; "
+                              "choose a larger --input-size, or name a tap with --tap")
         taps = [report.default_tap]
     tapped = TappedModel(model, list(taps), plan=plan)
     x = torch.zeros(1, 3, *pre.input_size, device=model_device(model))
