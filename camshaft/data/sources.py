@@ -116,6 +116,12 @@ def list_images(
     raise ConfigError(f"unsupported data {path!r} ({kind}); expected {_ACCEPTED}")
 
 
+def _first(items: list[str], sep: str) -> str:
+    """The first ``_MAX_LISTED`` items joined, and how many more there are."""
+    more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+    return sep.join(items[:_MAX_LISTED]) + more
+
+
 def _list_folder(folder: str, *, labels_from_folders: bool = False, exclude=None) -> list[ImageRecord]:
     """Recursive listing in path order; hidden entries skipped, symlinked folders not followed."""
     root = os.path.abspath(folder)
@@ -134,17 +140,15 @@ def _list_folder(folder: str, *, labels_from_folders: bool = False, exclude=None
     if unlisted and not found:
         raise ConfigError(f"cannot list the images of folder {folder!r}: {'; '.join(unreadable[:_MAX_LISTED])}")
     if unlisted:
-        more = f" and {len(unlisted) - _MAX_LISTED} more" if len(unlisted) > _MAX_LISTED else ""
         warnings.warn(
             f"{len(unlisted)} folder(s) under {folder!r} could not be listed, their images are left out: "
-            f"{'; '.join(unreadable[:_MAX_LISTED])}{more}",
+            f"{_first(unreadable, '; ')}",
             stacklevel=3,
         )
     if linked:
-        more = f" and {len(linked) - _MAX_LISTED} more" if len(linked) > _MAX_LISTED else ""
         warnings.warn(
             f"{len(linked)} symbolic link(s) to folders under {folder!r} are not followed, their images are left "
-            f"out: {', '.join(linked[:_MAX_LISTED])}{more}; list the images in a manifest to include them",
+            f"out: {_first(linked, ', ')}; list the images in a manifest to include them",
             stacklevel=3,
         )
     if not found:
