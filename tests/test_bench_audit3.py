@@ -77,7 +77,7 @@ def test_save_json_stopped_before_the_rename_keeps_the_previous_file_and_leaves_
     def stop(*_):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("camshaft.bench.report.os.replace", stop)
+    monkeypatch.setattr("camshaft.writers.atomic.os.replace", stop)
     with pytest.raises(KeyboardInterrupt):
         save_json({"run": 2}, path)
     assert json.loads(path.read_text()) == {"run": 1}

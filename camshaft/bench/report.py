@@ -6,8 +6,6 @@ The table is printed from the JSON form, so a saved run prints exactly as it did
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 from camshaft.bench.ratios import derive
 from camshaft.bench.workload import ROLES, Figure, Skipped
 from camshaft.errors import ConfigError
+from camshaft.writers.atomic import atomic_path, cannot_write
 
 SCHEMA = "camshaft-bench/1"
 
@@ -44,13 +43,8 @@ class BenchReport:
 def save_json(data: dict, path: str | Path) -> Path:
     """Write ``data`` to ``path`` atomically (a temporary name, then a rename; no temporary left on failure)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:  # an error or Ctrl-C between the two: the previous file stays, the temporary goes
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -61,12 +55,8 @@ def output_problem(path: str | Path) -> str | None:
         return f"{path} is a folder; give a file name, e.g. {path / 'bench.json'}"
     if not path.parent.is_dir():
         return f"folder {path.parent} does not exist"
-    try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
-            pass
-    except OSError as e:
-        return f"cannot write in {path.parent}: {e.strerror or e}"
-    return None
+    why = cannot_write(path.parent)
+    return None if why is None else f"cannot write in {path.parent}: {why}"
 
 
 def load_json(path: str | Path) -> dict:

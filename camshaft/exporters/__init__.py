@@ -7,11 +7,8 @@ on logits and every tap; otherwise nothing is written and the error says by how 
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +21,7 @@ from camshaft.exporters import pt2 as pt2_export
 from camshaft.exporters import torchscript as ts_export
 from camshaft.exporters.metadata import ArtifactMeta, version
 from camshaft.models.prepared import PreparedModel
-from camshaft.writers.atomic import atomic_path
+from camshaft.writers.atomic import atomic_path, cannot_write
 
 FORMATS = ("torchscript", "onnx", "pt2")
 SUFFIX = {"torchscript": ".pt", "onnx": ".onnx", "pt2": ".pt2"}
@@ -44,14 +41,9 @@ def check_artifact_path(format: str, out: str | Path) -> None:
         raise ConfigError(f"an ONNX artifact's name must end in .onnx (camshaft recognises ONNX files by it), "
                           f"received {str(out)!r}")
     folder = next(p for p in out.absolute().parents if p.exists())  # the folder the file or its parents go into
-    try:
-        if not folder.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ConfigError(f"cannot write --out {str(out)!r}: {e.strerror or e} ({folder}); "
-                          "choose a writable place") from e
+    why = cannot_write(folder)  # a file there: "Not a directory"
+    if why is not None:
+        raise ConfigError(f"cannot write --out {str(out)!r}: {why} ({folder}); choose a writable place")
 
 
 def export_prepared(

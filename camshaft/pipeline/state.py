@@ -20,6 +20,9 @@ from camshaft.writers.maps_store import remove_partial_writes
 
 STATE_DIR = "_camshaft"
 MAPS_FILE, TABLE_FILE, OVERLAYS_DIR = "maps.zarr", "results.parquet", "overlays"
+# a method folder's results besides its maps: reset deletes them, an update moves them aside (none
+# may stay beside the new results: exemplars ranked the old images)
+RESULT_FILES = (TABLE_FILE, "metrics.parquet", "exemplars.parquet")
 ARTIFACTS_DIR = "artifacts"  # models exported for the job's backend
 
 
@@ -79,7 +82,7 @@ class RunState:
         for folder in self.result_dirs:
             for name in (MAPS_FILE, OVERLAYS_DIR):
                 shutil.rmtree(folder / name, ignore_errors=True)
-            for name in (TABLE_FILE, "metrics.parquet", "exemplars.parquet"):
+            for name in RESULT_FILES:
                 (folder / name).unlink(missing_ok=True)
             if folder != self.out:  # a method's own folder, left empty: it goes too
                 with contextlib.suppress(OSError):
@@ -99,7 +102,7 @@ class RunState:
         shutil.rmtree(self.previous, ignore_errors=True)
         for method in self.methods:
             (self._moving / method).mkdir(parents=True, exist_ok=True)
-            for name in (MAPS_FILE, TABLE_FILE, "metrics.parquet", "exemplars.parquet"):  # exemplars: of the old images
+            for name in (MAPS_FILE, *RESULT_FILES):
                 if (self.method_dir(method) / name).exists():
                     shutil.move(str(self.method_dir(method) / name), str(self._moving / method / name))
         self._moving.rename(self.previous)

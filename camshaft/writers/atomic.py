@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,19 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def cannot_write(folder: str | Path) -> str | None:
+    """Why no file can be created in ``folder`` (None: one can), found by creating one that vanishes on close.
+
+    Found before any work; permission bits alone would not tell (root, read-only mounts, /proc).
+    """
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def remove_temporaries(folder: str | Path, *, recursive: bool = True) -> int:
