@@ -39,6 +39,7 @@ def explain(
     targets: str = "top:1",
     tap: str | None = None,
     weights: str | Path | None = None,
+    class_names: str | Path | None = None,
     backend: str = "eager",
     device: str | None = None,
     dtype: str = "float32",
@@ -79,6 +80,7 @@ def explain(
         targets=targets,
         tap=tap,
         weights=None if weights is None else Path(weights),
+        class_names=None if class_names is None else Path(class_names),
         backend=backend,
         device=device,
         dtype=dtype,
@@ -111,6 +113,7 @@ def export(
     out: str | Path,
     taps: Sequence[str] | None = None,
     weights: str | Path | None = None,
+    class_names: str | Path | None = None,
     input_size: tuple[int, int] | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
@@ -128,7 +131,7 @@ def export(
 
         raise UnknownNameError("export format", format, FORMATS)
     check_artifact_path(format, out)
-    source = resolve_model(model, weights=weights)
+    source = resolve_model(model, weights=weights, class_names=class_names)
     pre = (source.preprocess or Preprocess()).replace(input_size=input_size, mean=mean, std=std, resize=resize)
     prepared = prepare_model(source, taps=taps, preprocess=pre)
     return export_prepared(prepared, format=format, out=out, rtol=rtol, head=head)

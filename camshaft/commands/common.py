@@ -37,8 +37,10 @@ def positive(text: str) -> int:
     return value
 
 
-def add_model(p: argparse.ArgumentParser, *, optional: bool = False, files: bool = True) -> None:
-    """The model argument and ``--weights``; ``files``: exported TorchScript / ONNX files are accepted."""
+def add_model(
+    p: argparse.ArgumentParser, *, optional: bool = False, files: bool = True, class_names: bool = True
+) -> None:
+    """The model argument, ``--weights`` and ``--class-names``; ``files``: exported files are accepted."""
     help_ = "torchvision architecture (resnet50), pkg.module:factory"
     help_ += ", a TorchScript .pt or an ONNX .onnx file" if files else " (a live torch model: exported files cannot be optimised through)"
     if optional:
@@ -46,6 +48,14 @@ def add_model(p: argparse.ArgumentParser, *, optional: bool = False, files: bool
     else:
         p.add_argument("model", help=help_ + "; 'demo' for the built-in model")
     p.add_argument("--weights", type=Path, help="local state_dict for an architecture or factory (loaded with weights_only=True)")
+    if class_names:
+        p.add_argument(
+            "--class-names",
+            type=Path,
+            metavar="FILE",
+            help="the model's class names, replacing its own: one per line (class 0 first), "
+            "or a .json list or index -> name object",
+        )
 
 
 def add_preprocess(p: argparse.ArgumentParser) -> None:

@@ -144,6 +144,7 @@ def run(args) -> int:
         targets=args.targets,
         tap=args.tap,
         weights=args.weights,
+        class_names=args.class_names,
         backend=args.backend,
         device=args.device,
         dtype=args.dtype,

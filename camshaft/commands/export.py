@@ -47,6 +47,7 @@ def run(args) -> int:
         out=args.out,
         taps=args.tap,
         weights=args.weights,
+        class_names=args.class_names,
         rtol=args.rtol,
         head=args.head,
         **preprocess(args),

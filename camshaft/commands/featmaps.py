@@ -25,7 +25,7 @@ def _channels(text: str) -> list[int]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from camshaft.engine.backends import backend_names
 
-    add_model(p)
+    add_model(p, class_names=False)
     p.add_argument("image", type=Path, help="the image")
     p.add_argument("--tap", help="layer (default: the last feature map)")
     which = p.add_mutually_exclusive_group()

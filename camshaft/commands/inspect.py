@@ -11,7 +11,7 @@ HELP = "list layers with shapes, the default tap and the CAM head"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_model(p, optional=True)
+    add_model(p, optional=True, class_names=False)
     p.add_argument("--input-size", type=size, metavar="H[,W]", help="input size for the shapes")
 
 
@@ -75,7 +75,8 @@ def _inspect_artifact(source) -> int:
     print(f"preprocess: {meta.preprocess.to_dict()}")
     for tap in meta.taps:
         print(f"tap {tap}: {'x'.join(map(str, meta.tap_shapes[tap]))}")
-    print(f"classes: {meta.num_classes}" + (f" ({', '.join(meta.class_names[:5])}, ...)" if meta.class_names else ""))
+    more = ", ..." if meta.class_names and len(meta.class_names) > 5 else ""
+    print(f"classes: {meta.num_classes}" + (f" ({', '.join(meta.class_names[:5])}{more})" if meta.class_names else ""))
     print(f"CAM head: {meta.cam_linear + ' on ' + meta.cam_tap if meta.cam_tap else 'none'}")
     print(f"gradients (split head): {'yes' if meta.has_head else 'no'}")
     print("parity (max abs error): " + ", ".join(f"{k} {v:.2e}" for k, v in meta.parity.items()))

@@ -367,7 +367,7 @@ def base_row(d: Decoded) -> dict:
 
 def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
     """Everything that can be checked before the first image: model, backend, method, targets."""
-    source = resolve_model(job.model, weights=job.weights)
+    source = resolve_model(job.model, weights=job.weights, class_names=job.class_names)
     device, dtype = resolve_device(job.device), resolve_dtype(job.dtype)
     methods = [get_method(m) for m in job.methods]
     backend = backend_factory(job.backend)(

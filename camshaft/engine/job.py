@@ -9,6 +9,7 @@ from camshaft.data.workers import DECODERS
 from camshaft.engine.backends.base import CUDA_GRAPHS_BACKENDS, DTYPES, backend_names, resolve_device
 from camshaft.engine.methods import get_method, method_names
 from camshaft.errors import ConfigError
+from camshaft.models.classes import read_class_names
 from camshaft.preprocess import RESIZE_MODES
 
 
@@ -28,6 +29,7 @@ class ExplainJob:
     targets: str = "top:1"  # top:K | label | comma-separated classes
     tap: str | None = None  # default: the CAM tap, else the model's last feature map
     weights: Path | None = None  # local state_dict for architectures and factories
+    class_names: Path | None = None  # a file of class names replacing the model's (camshaft.models.classes)
     backend: str = "eager"  # eager | torchscript | pt2 | onnxruntime
     device: str | None = None  # cpu | cuda[:N]; None = cuda when available
     dtype: str = "float32"  # float16 / bfloat16 autocast on CUDA
@@ -95,6 +97,11 @@ class ExplainJob:
             problems.append(f"data not found: {self.data}")
         if self.weights is not None and not Path(self.weights).is_file():
             problems.append(f"weights file not found: {self.weights}")
+        if self.class_names is not None:
+            try:
+                read_class_names(self.class_names)
+            except ConfigError as e:
+                problems.append(str(e))
         if problems:
             raise ConfigError("invalid explain job: " + "; ".join(problems))
 

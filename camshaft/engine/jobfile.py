@@ -14,7 +14,7 @@ from pathlib import Path
 from camshaft.engine.job import ExplainJob
 from camshaft.errors import ConfigError
 
-PATHS = ("data", "out", "weights")
+PATHS = ("data", "out", "weights", "class_names")
 PAIRS = {"input_size": 2, "mean": 3, "std": 3}
 
 

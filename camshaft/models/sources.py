@@ -19,6 +19,7 @@ import torchvision
 from torch import nn
 
 from camshaft.errors import ConfigError, ModelSourceError
+from camshaft.models.classes import read_class_names
 from camshaft.preprocess import Preprocess
 
 DEMO = "demo"
@@ -41,8 +42,22 @@ def classification_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
-def resolve_model(spec: str | None, *, weights: str | Path | None = None) -> ModelSource:
-    """Resolve ``spec``; the error lists every interpretation tried and why it failed."""
+def resolve_model(
+    spec: str | None, *, weights: str | Path | None = None, class_names: str | Path | None = None
+) -> ModelSource:
+    """Resolve ``spec``; the error lists every interpretation tried and why it failed.
+
+    ``class_names``: a file of the model's class names (see `camshaft.models.classes`), replacing
+    the ones the model or artifact carries; checked against the model's outputs when it is opened.
+    """
+    names = None if class_names is None else read_class_names(class_names)  # a bad file fails before loading
+    source = _resolve(spec, weights)
+    if names is not None:
+        source.class_names = list(names)
+    return source
+
+
+def _resolve(spec: str | None, weights) -> ModelSource:
     spec = spec or DEMO
     if spec == DEMO:
         _no_weights(spec, weights)
@@ -109,7 +124,7 @@ def _torchvision(name: str, weights) -> ModelSource:
     if weights is None:
         warnings.warn(
             f"{name}: no --weights given, using random weights (explanations will be meaningless)",
-            stacklevel=3,
+            stacklevel=4,
         )
     else:
         state = read_state_dict(weights)

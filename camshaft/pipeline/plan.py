@@ -55,6 +55,8 @@ def job_fingerprint(explainer: Explainer, model: str) -> str:
         "metrics": [repr(s) for s in explainer.metric_specs],
         "exemplars": [repr(s) for s in explainer.exemplar_specs] + [explainer.job.exemplar_k],
     }
+    if job.class_names is not None:  # the table's names come from the file (runs without one keep their identity)
+        identity["class_names"] = list(explainer.backend.info.class_names or ())
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 

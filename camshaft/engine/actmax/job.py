@@ -17,6 +17,7 @@ from camshaft.engine.actmax.outputs import write_outputs
 from camshaft.engine.actmax.render import RenderConfig, forward_fn, render, tap_shapes
 from camshaft.engine.actmax.spec import parse_objectives
 from camshaft.errors import ConfigError, ImageDecodeError
+from camshaft.models.classes import check_count, read_class_names
 from camshaft.models.sources import ModelSource, resolve_model
 from camshaft.preprocess import RESIZE_MODES, Preprocess, prepare
 
@@ -32,6 +33,7 @@ class ActmaxJob:
     out: Path  # output folder
     config: RenderConfig = field(default_factory=RenderConfig)
     weights: Path | None = None
+    class_names: Path | None = None  # a file of class names replacing the model's (camshaft.models.classes)
     init: Path | None = None  # an image or a folder of images to start from (DeepDream on a photo)
     input_size: tuple[int, int] | None = None  # preprocessing overrides (None = the model's)
     mean: tuple[float, float, float] | None = None
@@ -45,6 +47,11 @@ class ActmaxJob:
             problems.append(f"give objectives as a list of specs, received {self.objectives!r}")
         if self.weights is not None and not Path(self.weights).is_file():
             problems.append(f"weights file not found: {self.weights}")
+        if self.class_names is not None:
+            try:
+                read_class_names(self.class_names)
+            except ConfigError as e:
+                problems.append(str(e))
         if self.init is not None and not Path(self.init).exists():
             problems.append(f"initial image or folder not found: {self.init}")
         if self.resize is not None and self.resize not in RESIZE_MODES:
@@ -81,7 +88,7 @@ def load_init(path: Path, preprocess: Preprocess) -> torch.Tensor:
 
 
 def _torch_model(job: ActmaxJob) -> ModelSource:
-    source = resolve_model(job.model, weights=job.weights)
+    source = resolve_model(job.model, weights=job.weights, class_names=job.class_names)
     if source.kind != "torch":
         raise ConfigError(
             f"actmax differentiates the model w.r.t. its input and runs only live torch models; "
@@ -102,6 +109,8 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
     except (RuntimeError, AssertionError, ValueError) as e:  # a model checks its input size as it likes
         h, w = pre.input_size
         raise ConfigError(f"{job.model or 'demo'} does not run at input size {h}x{w} (choose --input-size): {e}") from e
+    if job.class_names is not None:  # the user's names must fit; the model's own are kept only when they do
+        check_count(source.class_names, num_classes, model=job.model or "demo")
     names = source.class_names if source.class_names and len(source.class_names) == num_classes else None
     objectives = parse_objectives(job.objectives, class_names=names, num_classes=num_classes)
     init = None if job.init is None else load_init(job.init, pre)
@@ -115,12 +124,14 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
 
 
 def actmax(model: str | None, objectives: Sequence[str], *, out: str | Path, config: RenderConfig | None = None,
-           weights: str | Path | None = None, init: str | Path | None = None,
+           weights: str | Path | None = None, class_names: str | Path | None = None,
+           init: str | Path | None = None,
            input_size: tuple[int, int] | None = None, mean: tuple[float, float, float] | None = None,
            std: tuple[float, float, float] | None = None, resize: str | None = None,
            columns: int | None = None, progress: bool = True) -> ActmaxSummary:
     """Visualize ``objectives`` (spec strings) of ``model``; writes PNGs, grid and table to ``out``."""
     job = ActmaxJob(model=model, objectives=tuple(objectives), out=Path(out), config=config or RenderConfig(),
-                    weights=None if weights is None else Path(weights), init=None if init is None else Path(init),
+                    weights=None if weights is None else Path(weights),
+                    class_names=None if class_names is None else Path(class_names), init=None if init is None else Path(init),
                     input_size=input_size, mean=mean, std=std, resize=resize, columns=columns)
     return run_actmax(job, progress=progress)

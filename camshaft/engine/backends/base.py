@@ -31,6 +31,11 @@ class ModelInfo:
     source: str = ""
     tap_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per image: (C, h, w)
 
+    def __post_init__(self):
+        from camshaft.models.classes import check_count
+
+        check_count(self.class_names, self.num_classes, model=self.source or "the model")
+
 
 @dataclass
 class Output:

@@ -51,16 +51,18 @@ def _check_size(exported: tuple[int, int] | None, preprocess: dict, path: Path) 
         )
 
 
-def _info(meta: ArtifactMeta, cam: torch.Tensor | None, preprocess: dict, source: str) -> ModelInfo:
+def _info(meta: ArtifactMeta, cam: torch.Tensor | None, preprocess: dict, source: ModelSource) -> ModelInfo:
+    """The artifact's metadata, with the run's preprocessing and the user's class names (--class-names) on top."""
     pre = meta.preprocess.replace(**preprocess)
+    names = source.class_names or meta.class_names
     return ModelInfo(
         taps=tuple(meta.taps),
         num_classes=meta.num_classes,
         preprocess=pre,
-        class_names=tuple(meta.class_names) if meta.class_names else None,
+        class_names=tuple(names) if names else None,
         cam_weight=cam,
         cam_tap=meta.cam_tap,
-        source=source,
+        source=str(source.spec),
         tap_shapes={t: tuple(s) for t, s in meta.tap_shapes.items()},
     )
 
@@ -177,7 +179,7 @@ def open_torchscript(source: ModelSource, *, taps=None, preprocess: dict, device
             frozen = torch.jit.freeze(module)  # a frozen copy: batch norms folded, weights constants
             if split is not None:  # the trunk of gradient methods too (resnet50 b16, 2 cores: 539 -> 472 ms)
                 split = (torch.jit.freeze(module.trunk), split[1])
-    info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
+    info = _info(meta, None if cam is None else cam.to(device), preprocess, source)
     return TorchBackend(
         name="torchscript",
         info=info,
@@ -225,7 +227,7 @@ def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype,
             return program(x)[1]
 
         split = (trunk, _head_runner(head, taps_))
-    info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
+    info = _info(meta, None if cam is None else cam.to(device), preprocess, source)
     return TorchBackend(
         name="pt2",
         info=info,
@@ -252,7 +254,7 @@ def open_onnxruntime(
         return _foreign_onnx(path, source, taps=taps, preprocess=preprocess, device=device)
     _check_taps(meta, taps, path)
     _check_size(meta.preprocess.input_size, preprocess, path)
-    info = _info(meta, None if cam is None else cam.to(device), preprocess, str(source.spec))
+    info = _info(meta, None if cam is None else cam.to(device), preprocess, source)
     return OnnxBackend(session, info, head=head, device=device, tap_outputs={t: onnx_export.tap_output(t) for t in info.taps})
 
 
@@ -277,6 +279,7 @@ def _foreign_onnx(path: Path, source: ModelSource, *, taps, preprocess: dict, de
         taps=tuple(graph.taps),
         num_classes=graph.num_classes,
         preprocess=pre,
+        class_names=tuple(source.class_names) if source.class_names else None,
         cam_weight=None if graph.cam_weight is None else graph.cam_weight.to(device),
         cam_tap=graph.cam_tap,
         source=str(source.spec),
