@@ -11,7 +11,9 @@ import base64
 import contextlib
 import io
 import logging
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -54,11 +56,31 @@ def quiet():
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _native_stdout_silenced():
             warnings.simplefilter("ignore")
             yield
     finally:
         logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced():
+    """C++ writes to file descriptor 1 bypass ``sys.stdout``: the TorchScript-based exporter prints its
+    whole graph there when it fails ("Torch IR graph at exception"), pages before camshaft's one-line error."""
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError):  # no descriptor 1 (a daemon) or a closed stream: nothing to silence
+        yield
+        return
+    sink = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(sink, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(sink)
 
 
 def build(prepared: PreparedModel, example: torch.Tensor, path: Path, *, opset: int | None = None) -> str:
