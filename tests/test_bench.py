@@ -221,6 +221,8 @@ def test_compare_flags_drops_beyond_the_threshold_only():
         (["--cuda-graphs"], "CUDA graphs need a CUDA device; this benchmark runs on cpu"),
         (["--model", "resnet18", "demo", "--targets", "top:6"], "demo: --targets 'top:6': the model has only 5 classes"),
         (["--model", "demo", "nosuchpkg.mod:factory"], "cannot import 'nosuchpkg.mod'"),
+        (["--recheck", "2"], "--recheck times again figures that dropped since a previous run: give --compare"),
+        (["--recheck", "-1"], "expected 0 or a positive integer"),
     ],
 )
 def test_bad_flags_exit_2_before_any_work(capsys, monkeypatch, argv, message):
@@ -241,7 +243,7 @@ def test_run_bench_checks_every_models_targets_before_timing_any(monkeypatch, tm
 def stubbed_run(monkeypatch):
     """``camshaft bench`` whose measuring is replaced by the made-up figures."""
 
-    def fake(settings, *, workdir, log, progress=None):
+    def fake(settings, *, workdir, log, progress=None, recheck=None):
         return BenchReport(settings.to_dict(), {"cpu": "test", "device": "cpu", "dtype": "float32"}, made_up())
 
     monkeypatch.setattr("camshaft.bench.runner.run_bench", fake)
@@ -283,7 +285,7 @@ def test_compare_fails_when_nothing_was_compared_and_uses_throughput_without_a_l
 
 
 def test_a_run_that_measured_nothing_of_camshafts_exits_1(capsys, monkeypatch):
-    def fake(settings, *, workdir, log, progress=None):
+    def fake(settings, *, workdir, log, progress=None, recheck=None):
         figures = [f for f in made_up() if f.role not in ("method", "pipeline")]
         return BenchReport(settings.to_dict(), {"cpu": "test", "device": "cpu", "dtype": "float32"}, figures)
 

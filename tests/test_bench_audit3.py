@@ -87,7 +87,7 @@ def test_save_json_stopped_before_the_rename_keeps_the_previous_file_and_leaves_
 def test_ctrl_c_prints_the_figures_measured_so_far_and_where_they_were_saved(capsys, monkeypatch, tmp_path):
     """Was: only 'interrupted'; the groups already measured were in the JSON, but nothing said so."""
 
-    def first_group_then_ctrl_c(settings, *, workdir, log, progress=None):
+    def first_group_then_ctrl_c(settings, *, workdir, log, progress=None, recheck=None):
         report = BenchReport(settings.to_dict(), MACHINE, figures(), complete=False)
         progress(report)
         raise KeyboardInterrupt
@@ -105,7 +105,7 @@ def test_a_stopped_run_rolling_one_file_forward_keeps_its_baseline(capsys, monke
     """--json and --compare the same file (a nightly job): the figures so far go beside it, not over it."""
     calls = []
 
-    def group_then_maybe_ctrl_c(settings, *, workdir, log, progress=None):
+    def group_then_maybe_ctrl_c(settings, *, workdir, log, progress=None, recheck=None):
         report = BenchReport(settings.to_dict(), MACHINE, figures(), complete=False)
         progress(report)
         calls.append(1)

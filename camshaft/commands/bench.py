@@ -93,6 +93,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="ratio",
         help="ratio to the limit (robust to machine load; default) or raw throughput (same machine only)",
     )
+    p.add_argument(
+        "--recheck",
+        type=_count,
+        metavar="N",
+        help="with --compare: a group whose figures dropped beyond the threshold is timed again, up to N more "
+        "passes, keeping the best of all rounds; only a drop that persists is a regression (default: 1; 0: none)",
+    )
     p.add_argument("--workdir", type=Path, help="where artifacts and pipeline outputs go (default: a temporary folder)")
 
 
@@ -121,6 +128,16 @@ def settings_from(args):
     )
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, received {text!r}")
+    return value
+
+
 def _tuple(values):
     return None if values is None else tuple(dict.fromkeys(values))  # keep order, drop repeats
 
@@ -136,6 +153,8 @@ def _check_files(args) -> dict | None:
         problems.append(f"--json {args.json}: {problem}")
     if not 0 < args.threshold < 1:
         problems.append(f"--threshold must be between 0 and 1 (0.1 = a 10% drop), received {args.threshold}")
+    if args.recheck is not None and args.compare is None:
+        problems.append("--recheck times again figures that dropped since a previous run: give --compare too")
     if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
         problems.append(f"--workdir {args.workdir} is not a folder")
     previous = None
@@ -163,9 +182,21 @@ def run(args) -> int:
         if partial is not None:
             save_json(so_far[0], partial)
 
+    recheck = None
+    passes = 1 if args.recheck is None else args.recheck
+    if previous is not None and passes:
+        from camshaft.bench.runner import Recheck
+
+        def dropped(data: dict) -> set[str]:
+            result = compare(previous, data, threshold=args.threshold, metric=args.compare_metric)
+            return {c.key for c in result.regressions}
+
+        recheck = Recheck(dropped, passes)
     try:
         with tempfile.TemporaryDirectory(prefix="camshaft-bench-") as tmp:
-            data = run_bench(settings, workdir=args.workdir or Path(tmp), log=log, progress=progress).to_dict()
+            data = run_bench(
+                settings, workdir=args.workdir or Path(tmp), log=log, progress=progress, recheck=recheck
+            ).to_dict()
     except KeyboardInterrupt:  # Ctrl-C: show what was measured before the stop, and where it was saved
         if so_far and so_far[0]["figures"]:
             print(format_table(so_far[0]))
@@ -187,6 +218,10 @@ def run(args) -> int:
     if previous is not None:
         result = compare(previous, data, threshold=args.threshold, metric=args.compare_metric)
         print("\n" + format_comparison(result))
+        rechecked = sorted({f["key"] for f in data["figures"] if f.get("rechecks")})
+        if rechecked:
+            print(f"  {len(rechecked)} figures were timed again after a drop (up to {passes} more passes, "
+                  "limits included); the lines above judge the best of all their rounds")
         code = code or (0 if result.ok else 1)
     return code
 
