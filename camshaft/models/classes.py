@@ -52,11 +52,17 @@ def _from_json(text: str, path: Path) -> list[str]:
         except ValueError:
             raise ConfigError(f"class names file {path}: the keys of a JSON object must be class indices") from None
         if sorted(indexed) != list(range(len(indexed))):
-            raise ConfigError(f"class names file {path}: the indices must run from 0 to {len(indexed) - 1} without gaps")
-        data = [indexed[i][-1] if isinstance(indexed[i], list) and indexed[i] else indexed[i] for i in range(len(indexed))]
+            last = len(indexed) - 1
+            raise ConfigError(f"class names file {path}: the indices must run from 0 to {last} without gaps")
+        data = [_name(indexed[i]) for i in range(len(indexed))]
     if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
         raise ConfigError(f"class names file {path}: expected a JSON list of names or an object from index to name")
     return [v.strip() for v in data]
+
+
+def _name(value):
+    """A value of an index -> name object: the name, or ``[id, name]`` (imagenet_class_index.json)."""
+    return value[-1] if isinstance(value, list) and value else value
 
 
 def check_names(names: Sequence[str], *, where: str) -> tuple[str, ...]:

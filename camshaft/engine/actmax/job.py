@@ -132,6 +132,7 @@ def actmax(model: str | None, objectives: Sequence[str], *, out: str | Path, con
     """Visualize ``objectives`` (spec strings) of ``model``; writes PNGs, grid and table to ``out``."""
     job = ActmaxJob(model=model, objectives=tuple(objectives), out=Path(out), config=config or RenderConfig(),
                     weights=None if weights is None else Path(weights),
-                    class_names=None if class_names is None else Path(class_names), init=None if init is None else Path(init),
+                    class_names=None if class_names is None else Path(class_names),
+                    init=None if init is None else Path(init),
                     input_size=input_size, mean=mean, std=std, resize=resize, columns=columns)
     return run_actmax(job, progress=progress)
