@@ -152,3 +152,27 @@ def test_actmax_objectives_and_table_use_the_names(tmp_path, capsys, names):
     table = _table(out)
     assert table["target"].tolist() == [4, 0] and table["target_name"].tolist() == ["donut", "ball"]
     assert CLASS_NAMES[4] != "donut"  # the model's own names were replaced
+
+
+def test_an_onnx_file_from_elsewhere_gets_names_only_from_the_user(tmp_path):
+    import warnings
+
+    import torch
+    from conftest import TinyCam, open_backend
+
+    from camshaft.models.sources import resolve_model
+
+    path = tmp_path / "plain.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyCam().eval(), (torch.randn(1, 3, 8, 8),), str(path), dynamo=False,
+                          input_names=["x"], dynamic_axes={"x": {0: "b"}})
+    (tmp_path / "three.txt").write_text("red\ngreen\nblue\n")
+    (tmp_path / "four.txt").write_text("red\ngreen\nblue\ncyan\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no camshaft metadata: ImageNet preprocessing assumed
+        assert open_backend("onnxruntime", resolve_model(str(path)), tmp_path).info.class_names is None
+        named = open_backend("onnxruntime", resolve_model(str(path), class_names=tmp_path / "three.txt"), tmp_path)
+        assert named.info.class_names == ("red", "green", "blue")
+        with pytest.raises(ConfigError, match="4 class names for .*plain.onnx, which has 3 classes"):
+            open_backend("onnxruntime", resolve_model(str(path), class_names=tmp_path / "four.txt"), tmp_path)
