@@ -9,6 +9,7 @@ from PIL import Image
 
 import camshaft
 from camshaft.cli import main
+from conftest import run_cli
 from camshaft.demo.model import load_demo_model
 from camshaft.demo.shapes import render_sample
 from camshaft.errors import ConfigError
@@ -63,3 +64,40 @@ def test_cli_writes_grid_overlays_and_arrays(image, tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in out.glob("overlay_channel_*.png")) == [f"overlay_channel_{c:04d}.png" for c in (1, 2, 3)]
     with pytest.raises(SystemExit):
         main(["featmaps", "demo", str(image), "--channels", "1", "--top", "2", "--out", str(out)])
+
+
+@pytest.mark.parametrize("where", ["file", "below_a_file"])
+def test_cli_refuses_an_out_that_is_a_file_or_unwritable(image, tmp_path, capsys, where):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("mine")
+    out = blocker if where == "file" else blocker / "fm"
+    code, _, err = run_cli(capsys, "featmaps", "demo", image, "--channels", "1", "--out", out)
+    assert code == 2 and ("is not a folder" if where == "file" else "cannot write --out") in err, err
+    assert "Traceback" not in err and blocker.read_text() == "mine"
+
+
+def test_cli_names_the_image_it_cannot_read(tmp_path, capsys):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    code, _, err = run_cli(capsys, "featmaps", "demo", bad, "--out", tmp_path / "fm")
+    assert code == 2 and str(bad) in err and "not an image" in err, err
+    assert not (tmp_path / "fm").exists()
+
+
+def test_cli_rerun_into_the_same_out_leaves_only_this_runs_files(image, tmp_path, capsys):
+    out = tmp_path / "fm"
+    assert run_cli(capsys, "featmaps", "demo", image, "--channels", "1,2,3", "--out", out)[0] == 0
+    assert run_cli(capsys, "featmaps", "demo", image, "--channels", "5", "--out", out)[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["featmaps.npy", "grid.png", "overlay_channel_0005.png"]
+    assert np.load(out / "featmaps.npy").shape == (1, 12, 12)
+
+
+def test_cli_interrupted_while_writing_leaves_no_partial_file(image, tmp_path, capsys, monkeypatch):
+    def half_then_ctrl_c(file, arr, *a, **k):
+        (open(file, "wb") if isinstance(file, (str, type(tmp_path))) else file).write(b"\x93NUMPY")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", half_then_ctrl_c)
+    out = tmp_path / "fm"
+    assert run_cli(capsys, "featmaps", "demo", image, "--channels", "1", "--out", out)[0] == 130
+    assert not (out / "featmaps.npy").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 import numpy as np
 
 from camshaft.commands.common import add_model, add_preprocess, positive, preprocess
+from camshaft.errors import ConfigError
+from camshaft.writers.atomic import atomic_path, cannot_write
 
 HELP = "render channels of a layer for one image (grid and overlays)"
 
@@ -37,9 +40,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_preprocess(p)
 
 
+def _check_out(out: Path) -> None:
+    """Refuse, before any work, an ``--out`` that is a file or where nothing can be written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
+    folder = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    why = cannot_write(folder)
+    if why is not None:
+        raise ConfigError(f"cannot write --out {str(out)!r}: {why} ({folder}); choose a writable place")
+
+
 def run(args) -> int:
     from camshaft.engine.featmaps import feature_maps
 
+    _check_out(args.out)
     fm = feature_maps(
         args.model,
         args.image,
@@ -52,10 +66,15 @@ def run(args) -> int:
         preprocess=preprocess(args),
     )
     args.out.mkdir(parents=True, exist_ok=True)
-    fm.grid().save(args.out / "grid.png")
-    for channel, image in zip(fm.channels, fm.overlays(), strict=True):
-        image.save(args.out / f"overlay_channel_{channel:04d}.png")
-    np.save(args.out / "featmaps.npy", fm.maps)
+    names = [f"overlay_channel_{channel:04d}.png" for channel in fm.channels]
+    for name, image in zip([*names, "grid.png"], [*fm.overlays(), fm.grid()], strict=True):
+        with atomic_path(args.out / name) as tmp:
+            image.save(tmp, format="PNG")
+    with atomic_path(args.out / "featmaps.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, fm.maps)
+    for stale in args.out.glob("overlay_channel_*.png"):  # an earlier run's other channels
+        if re.fullmatch(r"overlay_channel_\d{4,}\.png", stale.name) and stale.name not in names:
+            stale.unlink()
     print(f"{fm.tap}: channels {fm.channels}")
     print(f"grid:     {args.out / 'grid.png'}\noverlays: {args.out}/overlay_channel_*.png\narrays:   {args.out / 'featmaps.npy'}")
     return 0

@@ -14,7 +14,7 @@ from camshaft.data.decode import load_rgb
 from camshaft.engine.backends import backend_factory
 from camshaft.engine.backends.base import resolve_device, resolve_dtype
 from camshaft.engine.postprocess import to_original
-from camshaft.errors import ConfigError
+from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.sources import resolve_model
 from camshaft.preprocess import Geometry, Preprocess, normalize, prepare
 from camshaft.writers.overlay import colorize, normalize_map, overlay, render_grid, upsample_map
@@ -67,6 +67,10 @@ def feature_maps(
         raise ConfigError("give --channels or --top, not both")
     if top is not None and top < 1:
         raise ConfigError(f"--top must be positive, received {top}")
+    try:
+        picture = load_rgb(image)  # before the model: a bad image costs nothing
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"cannot read image {str(image)!r}: {e}") from e
     source = resolve_model(model, weights=weights)
     be = backend_factory(backend)(
         source,
@@ -77,7 +81,6 @@ def feature_maps(
         workdir=None,
     )
     tap = tap or be.info.taps[-1]
-    picture = load_rgb(image)
     tensor, geom = prepare(picture, be.info.preprocess)
     a = be.forward(normalize(tensor[None], be.info.preprocess, device=be.device)).taps[tap][0]  # (C, h, w)
     if a.dim() != 3:
