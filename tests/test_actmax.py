@@ -573,6 +573,9 @@ def test_a_torchvision_model_with_module_taps():
         ({"dtype": "int8"}, "unknown dtype 'int8'"),
         ({"exact": "yes"}, "exact must be True, False or None"),
         ({"relu_leak_steps": -1}, "relu_leak_steps must be an integer >= 0"),
+        ({"seed": 2**64}, r"seed must be below 2\*\*63"),
+        ({"lr": 1e300}, "lr must be a positive number at most 3.4e"),
+        ({"relu_leak": 2.0}, "relu_leak is a share of the gradient, at most 1"),
     ],
 )
 def test_bad_settings_are_refused_with_the_reason(kw, message):
@@ -586,3 +589,41 @@ def test_start_images_must_fit(demo):
         render(model, [class_logit(0)], preprocess=pre, init=torch.rand(3, 3, 48, 48), config=_cfg(steps=1))
     with pytest.raises(ConfigError, match=r"\(M, 3, 48, 48\)"):
         render(model, [class_logit(0)], preprocess=pre, init=torch.rand(1, 3, 20, 20), config=_cfg(steps=1))
+
+
+def test_a_pad_as_large_as_the_image_is_refused(demo):
+    model, pre = demo
+    with pytest.raises(ConfigError, match=r"pad \(48\) must be smaller than the input size 48x48"):
+        render(model, [class_logit(0)], preprocess=pre, config=_cfg(steps=1, pad=48))
+
+
+@pytest.mark.parametrize("make", [pixel_image, fourier_image])
+def test_any_finite_blur_is_a_blur(make):
+    """A huge sigma smooths the image to (about) its mean: no overflow, no NaN, no giant kernel."""
+    p = make((12, 10), generators=[torch.Generator().manual_seed(0)], sd=1.0)
+    before = p.image_fn().detach().std((2, 3))
+    p.blur_(1e308)
+    after = p.image_fn().detach()
+    assert after.isfinite().all() and (after.std((2, 3)) < before / 2).all()
+    x = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(1))
+    from camshaft.engine.actmax.transforms import gaussian_blur
+
+    torch.testing.assert_close(gaussian_blur(x, 1e300), gaussian_blur(x, 1e3))  # a box: the kernel is cropped
+
+
+def test_an_infinite_weight_in_a_spec_is_refused():
+    with pytest.raises(ConfigError, match="weight 1e400 is too large"):
+        parse_objective("1e400*class:0")
+
+
+def test_diverged_images_are_written_grey_and_labelled_without_a_probability(tmp_path):
+    from PIL import Image
+
+    from camshaft.engine.actmax import Rendering, write_outputs
+
+    nan = torch.tensor([math.nan])
+    r = Rendering(torch.full((1, 3, 8, 8), math.nan), (class_logit(1),), nan, nan, torch.zeros(1, 1))
+    rows = write_outputs(tmp_path, r, class_names=["a", "b"])
+    assert rows[0]["target_prob"] is None and rows[0]["target_name"] == "b"
+    assert Image.open(tmp_path / rows[0]["image"]).getpixel((4, 4)) == (128, 128, 128)
+    assert (tmp_path / "grid.png").is_file() and (tmp_path / "results.parquet").is_file()

@@ -184,3 +184,20 @@ def test_a_model_that_cannot_take_the_input_size_is_refused_clearly(tmp_path, ca
     code, _, err = _main(capsys, "actmax", "test_actmax_cli:tiny_vit", "--input-size", "48", "--objective", "class:0",
                          "--out", tmp_path / "o", "--steps", "1", "--no-progress")
     assert code == 2 and "does not run at input size 48x48" in err
+
+
+def test_cli_refuses_an_out_it_cannot_write_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("mine")
+    code, _, err = _main(capsys, "actmax", "demo", "--objective", "class:0", "--out", blocker / "run", "--steps", "1",
+                         "--no-progress")
+    assert code == 2 and "cannot write --out" in err and "Traceback" not in err, err
+
+
+def test_cli_warns_of_diverged_images_and_still_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="1 of 1 images diverged"):
+        code, _, err = _main(capsys, "actmax", "demo", "--objective", "class:0", "--out", out, "--l2", "1e308",
+                             "--steps", "2", "--input-size", "32", "--no-progress")
+    assert code == 0, err
+    assert pq.read_table(out / "results.parquet").to_pandas()["target_prob"].isna().all()

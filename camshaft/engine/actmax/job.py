@@ -7,6 +7,7 @@ before the output folder is touched.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.classes import check_count, read_class_names
 from camshaft.models.sources import ModelSource, resolve_model
 from camshaft.preprocess import RESIZE_MODES, Preprocess, prepare
+from camshaft.writers.atomic import cannot_write
 
 __all__ = ["ActmaxJob", "ActmaxSummary", "actmax", "load_init", "run_actmax"]
 
@@ -60,6 +62,10 @@ class ActmaxJob:
             problems.append(f"columns must be at least 1, received {self.columns}")
         if Path(self.out).exists() and not Path(self.out).is_dir():
             problems.append(f"--out {self.out} exists and is not a folder")
+        else:
+            folder = next(p for p in [Path(self.out).absolute(), *Path(self.out).absolute().parents] if p.exists())
+            if (why := cannot_write(folder)) is not None:
+                problems.append(f"cannot write --out {self.out}: {why} ({folder})")
         if problems:
             raise ConfigError("invalid actmax job: " + "; ".join(problems))
 
@@ -119,6 +125,10 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
         raise ConfigError(f"--init holds {init.shape[0]} images; give 1 or one per image ({n})")
     rendering = render(source.module, objectives, preprocess=pre, config=job.config, init=init,
                        progress=progress)
+    diverged = ~(rendering.images.flatten(1).isfinite().all(1) & rendering.values.isfinite())
+    if diverged.any():
+        warnings.warn(f"{int(diverged.sum())} of {len(diverged)} images diverged (NaN or infinite values; written "
+                      "grey): lower --lr, the weights or --relu-leak", stacklevel=2)
     rows = write_outputs(job.out, rendering, class_names=names, columns=job.columns)
     return ActmaxSummary(Path(job.out), rows, time.perf_counter() - start)
 

@@ -44,7 +44,7 @@ def image_name(index: int, spec: str, copy: int | None = None) -> str:
 
 def to_pil(image) -> Image.Image:
     """(3, H, W) float in [0, 1] -> an RGB image."""
-    a = np.clip(np.rint(image.permute(1, 2, 0).numpy() * 255.0), 0, 255).astype(np.uint8)
+    a = np.clip(np.rint(image.nan_to_num(0.5).permute(1, 2, 0).numpy() * 255.0), 0, 255).astype(np.uint8)
     return Image.fromarray(a)
 
 
@@ -72,9 +72,10 @@ def _save(image: Image.Image, path: Path) -> None:
 def _label(row: dict) -> str:
     """``class:circle p=1.00`` for a class objective, the spec otherwise."""
     kind = row["spec"].partition(":")[0]
+    p = "" if row["target_prob"] is None else f" p={row['target_prob']:.2f}"  # None: a diverged image
     if row["target_name"] and row["spec"] == f"{kind}:{row['target']}":
-        return f"{kind}:{row['target_name']} p={row['target_prob']:.2f}"
-    return row["spec"] if row["target_prob"] is None else f"{row['spec']} p={row['target_prob']:.2f}"
+        return f"{kind}:{row['target_name']}{p}"
+    return row["spec"] + p
 
 
 def write_outputs(out: Path, r: Rendering, *, class_names: Sequence[str] | None = None,

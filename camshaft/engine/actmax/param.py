@@ -132,6 +132,7 @@ def fourier_image(size: tuple[int, int], *, generators: Sequence[torch.Generator
         return torch.sigmoid((color @ y.flatten(2)).view_as(y))  # colours mixed per pixel
 
     def blur_(sigma: float) -> None:  # a Gaussian's transfer function, exp(-2 pi^2 sigma^2 f^2)
+        sigma = min(sigma, 10.0 * max(h, w))  # beyond, every gain but f = 0's is 0 already (no inf * 0)
         gain = torch.exp(-2 * math.pi**2 * sigma**2 * freq.pow(2))  # on the device: no copy to wait for
         with torch.no_grad():
             p.mul_(gain[..., None])

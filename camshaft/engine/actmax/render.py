@@ -83,8 +83,12 @@ class RenderConfig:
         for name in ("init_sd", "relu_leak", "l2", "tv", "freq", "diversity", "blur_sigma", "rotate"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
                 problems.append(f"{name} must be a finite number >= 0, received {getattr(self, name)!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            problems.append(f"lr must be a positive number, received {self.lr!r}")
+        if not _bad_int(self.seed, 0) and self.seed >= 2**63:  # image i's generator takes seed + i
+            problems.append(f"seed must be below 2**63, received {self.seed!r}")
+        if not (math.isfinite(self.lr) and 0 < self.lr <= _FLOAT32_MAX):  # Adam's step is a float32
+            problems.append(f"lr must be a positive number at most {_FLOAT32_MAX:.3g}, received {self.lr!r}")
+        if self.relu_leak > 1:
+            problems.append(f"relu_leak is a share of the gradient, at most 1, received {self.relu_leak!r}")
         if not 0 <= self.scale < 1:
             problems.append(f"scale must lie in [0, 1), received {self.scale!r}")
         if self.rotate > 180:
@@ -120,6 +124,9 @@ class RenderConfig:
                 raise ConfigError("diversity needs a tap: set diversity_tap (--diversity-tap)")
             terms.append(self.diversity * diversity(tap))
         return sum(terms) if terms else None
+
+
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _bad_int(value, low: int) -> bool:
@@ -279,6 +286,9 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
     if not objectives:
         raise ConfigError("give at least one objective")
     device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+    if config.pad >= min(preprocess.input_size):  # the mirrored frame reflects the image itself
+        h, w = preprocess.input_size
+        raise ConfigError(f"pad ({config.pad}) must be smaller than the input size {h}x{w}")
     n_images = len(objectives) * config.copies
     init = _expand_init(init, n_images, preprocess.input_size)
     model.to(device)

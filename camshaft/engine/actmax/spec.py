@@ -7,6 +7,7 @@ sum expand together, a term naming one unit joins each: ``class:0-9+0.1*layer:la
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -112,6 +113,8 @@ def _parse_term(text: str, term: str, names: Names) -> list[Objective]:
     except ConfigError as e:
         raise ConfigError(f"objective {text!r}: {e}; expected {kind.syntax}; valid syntax: {syntax_help()}") from e
     w = (-1.0 if negate else 1.0) * (float(weight) if weight else 1.0)
+    if not math.isfinite(w):
+        raise ConfigError(f"objective {text!r}: weight {weight} is too large; valid syntax: {syntax_help()}")
     return [w * o for o in built]
 
 

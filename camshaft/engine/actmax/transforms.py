@@ -213,7 +213,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, C, H, W) with reflected borders; ``sigma`` in pixels."""
     if sigma <= 0:
         return x
-    radius = max(1, math.ceil(3 * sigma))
+    radius = max(1, math.ceil(min(3 * sigma, max(x.shape[-2:]))))  # a wider kernel is cropped below anyway
     r = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     k = torch.exp(-0.5 * (r / sigma) ** 2)
     k = k / k.sum()
