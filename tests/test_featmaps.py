@@ -101,3 +101,9 @@ def test_cli_interrupted_while_writing_leaves_no_partial_file(image, tmp_path, c
     out = tmp_path / "fm"
     assert run_cli(capsys, "featmaps", "demo", image, "--channels", "1", "--out", out)[0] == 130
     assert not (out / "featmaps.npy").exists() and not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_a_file_backend_exports_the_torch_model_and_agrees_with_eager(image):
+    eager = camshaft.feature_maps(None, image, channels=[0, 5])
+    scripted = camshaft.feature_maps(None, image, channels=[0, 5], backend="torchscript")
+    np.testing.assert_allclose(scripted.maps, eager.maps, rtol=1e-4, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,17 +73,18 @@ def feature_maps(
     except ImageDecodeError as e:
         raise ImageDecodeError(f"cannot read image {str(image)!r}: {e}") from e
     source = resolve_model(model, weights=weights)
-    be = backend_factory(backend)(
-        source,
-        taps=[tap] if tap else None,
-        preprocess=dict(preprocess or {}),
-        device=resolve_device(device),
-        dtype=resolve_dtype(dtype),
-        workdir=None,
-    )
-    tap = tap or be.info.taps[-1]
-    tensor, geom = prepare(picture, be.info.preprocess)
-    a = be.forward(normalize(tensor[None], be.info.preprocess, device=be.device)).taps[tap][0]  # (C, h, w)
+    with tempfile.TemporaryDirectory(prefix="camshaft-featmaps-") as workdir:  # file backends export torch models
+        be = backend_factory(backend)(
+            source,
+            taps=[tap] if tap else None,
+            preprocess=dict(preprocess or {}),
+            device=resolve_device(device),
+            dtype=resolve_dtype(dtype),
+            workdir=Path(workdir),
+        )
+        tap = tap or be.info.taps[-1]
+        tensor, geom = prepare(picture, be.info.preprocess)
+        a = be.forward(normalize(tensor[None], be.info.preprocess, device=be.device)).taps[tap][0]  # (C, h, w)
     if a.dim() != 3:
         raise ConfigError(f"tap {tap!r} outputs shape {tuple(a.shape)}, not a (C, h, w) feature map")
     chosen = _channels(a, channels, top)
