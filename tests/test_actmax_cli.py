@@ -191,7 +191,7 @@ def test_cli_refuses_an_out_it_cannot_write_before_any_work(tmp_path, capsys):
     blocker.write_text("mine")
     code, _, err = _main(capsys, "actmax", "demo", "--objective", "class:0", "--out", blocker / "run", "--steps", "1",
                          "--no-progress")
-    assert code == 2 and "cannot write --out" in err and "Traceback" not in err, err
+    assert code == 2 and "cannot write there" in err and "Traceback" not in err, err
 
 
 def test_cli_warns_of_diverged_images_and_still_writes_the_table(tmp_path, capsys):
@@ -201,3 +201,16 @@ def test_cli_warns_of_diverged_images_and_still_writes_the_table(tmp_path, capsy
                              "--steps", "2", "--input-size", "32", "--no-progress")
     assert code == 0, err
     assert pq.read_table(out / "results.parquet").to_pandas()["target_prob"].isna().all()
+
+
+def test_a_rerun_into_the_same_folder_removes_the_earlier_runs_images_only(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ("actmax", "demo", "--out", out, "--steps", "1", "--input-size", "32", "--no-progress", "--device", "cpu")
+    assert _main(capsys, *argv, "--objective", "class:0-2")[0] == 0
+    first = sorted(p.name for p in out.glob("0*.png"))
+    assert len(first) == 3
+    (out / "mine.png").write_bytes(b"not ours")
+    assert _main(capsys, *argv, "--objective", "class:4")[0] == 0
+    table = pq.read_table(out / "results.parquet").to_pandas()
+    assert sorted(p.name for p in out.glob("0*.png")) == table["image"].tolist() and len(table) == 1
+    assert (out / "mine.png").read_bytes() == b"not ours" and (out / "grid.png").exists()

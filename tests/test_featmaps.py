@@ -72,7 +72,7 @@ def test_cli_refuses_an_out_that_is_a_file_or_unwritable(image, tmp_path, capsys
     blocker.write_text("mine")
     out = blocker if where == "file" else blocker / "fm"
     code, _, err = run_cli(capsys, "featmaps", "demo", image, "--channels", "1", "--out", out)
-    assert code == 2 and ("is not a folder" if where == "file" else "cannot write --out") in err, err
+    assert code == 2 and ("is not a folder" if where == "file" else "cannot write there") in err, err
     assert "Traceback" not in err and blocker.read_text() == "mine"
 
 

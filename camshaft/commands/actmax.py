@@ -93,7 +93,8 @@ def run(args) -> int:
 
     cfg = config(args)
     job = ActmaxJob(model=args.model, objectives=tuple(args.objective), out=args.out, config=cfg,
-                    weights=args.weights, class_names=args.class_names, init=args.init, columns=args.columns, **preprocess(args))
+                    weights=args.weights, class_names=args.class_names, init=args.init, columns=args.columns,
+                    **preprocess(args))
     summary = run_actmax(job, progress=not args.no_progress)
     rows = summary.rows
     print(f"actmax: {len(rows)} images in {summary.seconds:.1f} s ({summary.seconds / len(rows):.2f} s per image)")

@@ -10,7 +10,7 @@ import numpy as np
 
 from camshaft.commands.common import add_model, add_preprocess, positive, preprocess
 from camshaft.errors import ConfigError
-from camshaft.writers.atomic import atomic_path, cannot_write
+from camshaft.writers.atomic import atomic_path, out_folder_problem
 
 HELP = "render channels of a layer for one image (grid and overlays)"
 
@@ -42,12 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _check_out(out: Path) -> None:
     """Refuse, before any work, an ``--out`` that is a file or where nothing can be written."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder")
-    folder = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
-    why = cannot_write(folder)
+    why = out_folder_problem(out)
     if why is not None:
-        raise ConfigError(f"cannot write --out {str(out)!r}: {why} ({folder}); choose a writable place")
+        raise ConfigError(f"--out {str(out)!r}: {why}; choose a writable folder")
 
 
 def run(args) -> int:

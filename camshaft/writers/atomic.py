@@ -40,6 +40,17 @@ def cannot_write(folder: str | Path) -> str | None:
     return None
 
 
+def out_folder_problem(out: str | Path) -> str | None:
+    """Why ``out`` cannot be (or become) an output folder (None: it can): a file is there, or nothing can be
+    written in it or in its nearest existing parent (where it would be made)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        return "exists and is not a folder"
+    folder = next(p for p in [out.absolute(), *out.absolute().parents] if p.exists())
+    why = cannot_write(folder)
+    return None if why is None else f"cannot write there: {why} ({folder})"
+
+
 def remove_temporaries(folder: str | Path, *, recursive: bool = True) -> int:
     """Delete what writers killed mid-write (``kill -9``, a lost machine) left in ``folder``.
 

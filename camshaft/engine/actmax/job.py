@@ -21,7 +21,7 @@ from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.classes import check_count, read_class_names
 from camshaft.models.sources import ModelSource, resolve_model
 from camshaft.preprocess import RESIZE_MODES, Preprocess, prepare
-from camshaft.writers.atomic import cannot_write
+from camshaft.writers.atomic import out_folder_problem
 
 __all__ = ["ActmaxJob", "ActmaxSummary", "actmax", "load_init", "run_actmax"]
 
@@ -60,12 +60,8 @@ class ActmaxJob:
             problems.append(f"unknown resize mode {self.resize!r} (choose from {', '.join(RESIZE_MODES)})")
         if self.columns is not None and self.columns < 1:
             problems.append(f"columns must be at least 1, received {self.columns}")
-        if Path(self.out).exists() and not Path(self.out).is_dir():
-            problems.append(f"--out {self.out} exists and is not a folder")
-        else:
-            folder = next(p for p in [Path(self.out).absolute(), *Path(self.out).absolute().parents] if p.exists())
-            if (why := cannot_write(folder)) is not None:
-                problems.append(f"cannot write --out {self.out}: {why} ({folder})")
+        if (why := out_folder_problem(self.out)) is not None:
+            problems.append(f"--out {self.out}: {why}")
         if problems:
             raise ConfigError("invalid actmax job: " + "; ".join(problems))
 

@@ -80,10 +80,15 @@ def _label(row: dict) -> str:
 
 def write_outputs(out: Path, r: Rendering, *, class_names: Sequence[str] | None = None,
                   columns: int | None = None) -> list[dict]:
-    """Write the PNGs, ``grid.png`` and ``results.parquet`` into ``out``; returns the rows."""
+    """Write the PNGs, ``grid.png`` and ``results.parquet`` into ``out``; returns the rows.
+
+    An earlier run's images that this one did not write again are removed (only those its table
+    lists: other files in ``out`` are the user's).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = result_rows(r, class_names)
+    earlier = _listed_images(out / "results.parquet")
     pictures = [to_pil(im) for im in r.images]
     for row, picture in zip(rows, pictures):
         _save(picture, out / row["image"])
@@ -92,4 +97,15 @@ def write_outputs(out: Path, r: Rendering, *, class_names: Sequence[str] | None 
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
     with atomic_path(out / "results.parquet") as tmp:
         pq.write_table(table, tmp)
+    for name in earlier - {row["image"] for row in rows}:
+        (out / name).unlink(missing_ok=True)
     return rows
+
+
+def _listed_images(table: Path) -> set[str]:
+    """The image files an earlier run's table lists (plain names in the folder; none if unreadable)."""
+    try:
+        names = pq.read_table(table, columns=["image"]).column("image").to_pylist()
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        return set()
+    return {n for n in names if isinstance(n, str) and n == Path(n).name and n.endswith(".png")}
