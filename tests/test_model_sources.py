@@ -172,3 +172,24 @@ def test_a_checkpoint_or_text_in_the_wrong_place_is_named(tmp_path):
     text.write_text("hello")
     with pytest.raises(ConfigError, match=r"weights_only=True .*: KeyError: 101 \(is it a torch.save checkpoint\?\)\. Save a plain state_dict"):
         load_weights(TinyCam(), text)
+
+
+def test_an_input_size_beyond_memory_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    """A petabyte image fails to allocate on any machine, whatever its overcommit policy."""
+    from conftest import run_cli
+
+    from camshaft.demo.shapes import write_demo_dataset
+
+    monkeypatch.setenv("CAMSHAFT_NO_REEXEC", "1")
+    write_demo_dataset(tmp_path / "data", n=1)
+    huge = "10000000"
+    for argv in (
+        ("explain", "demo", tmp_path / "data" / "images", "--out", tmp_path / "out", "--no-progress"),
+        ("inspect", "demo"),
+        ("export", "demo", "--format", "onnx", "--out", tmp_path / "out.onnx"),
+        ("actmax", "demo", "--objective", "class:0", "--out", tmp_path / "out", "--no-progress"),
+    ):
+        code, _, err = run_cli(capsys, *argv, "--input-size", huge)
+        assert code == 2 and f"a {huge}x{huge} input needs more memory than cpu has" in err, (argv, err)
+        assert "Traceback" not in err
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir())

@@ -48,7 +48,7 @@ def model_device(model: nn.Module) -> torch.device:
 def describe(model: nn.Module, *, input_size: tuple[int, int]) -> ModelReport:
     """List the layers of ``model`` with shapes for ``input_size`` and find tap and CAM head."""
     plan = plan_taps(model)
-    x = torch.zeros(1, 3, *input_size, device=model_device(model))
+    x = probe_input(input_size, model_device(model))
     layers, logits, same = _layers(model, plan, x)
     default = _default_tap(layers, plan, same)
     head = find_cam_head(model, default, plan=plan, x=x) if default else None
@@ -181,5 +181,24 @@ def input_checked(x: torch.Tensor):
         yield
     except RuntimeError as e:
         h, w = x.shape[-2:]
+        if _out_of_memory(e):
+            raise ConfigError(f"a {h}x{w} input needs more memory than {x.device} has "
+                              "(choose a smaller --input-size)") from e
         hint = "camshaft feeds it RGB images, 3 channels" if "channels" in str(e) else "choose another --input-size"
         raise ConfigError(f"the model cannot run on a {h}x{w} input ({hint}): {e}") from e
+
+
+def probe_input(input_size: tuple[int, int], device) -> torch.Tensor:
+    """A zero image batch of one at ``input_size``: the shapes probe; one too large for memory is a ConfigError."""
+    try:
+        return torch.zeros(1, 3, *input_size, device=device)
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+        h, w = input_size
+        raise ConfigError(f"a {h}x{w} input needs more memory than {torch.device(device)} has "
+                          "(choose a smaller --input-size)") from e
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)

@@ -10,7 +10,7 @@ from torch import nn
 
 from camshaft.engine.backends.base import ModelInfo
 from camshaft.errors import ConfigError
-from camshaft.models.inspect import CamHead, describe, find_cam_head, input_checked, model_device
+from camshaft.models.inspect import CamHead, describe, find_cam_head, input_checked, model_device, probe_input
 from camshaft.models.sources import ModelSource
 from camshaft.models.split import SplitModel, split_at_first_tap
 from camshaft.models.taps import TappedModel, plan_taps
@@ -44,7 +44,7 @@ def prepare_model(
                               "choose a larger --input-size, or name a tap with --tap")
         taps = [report.default_tap]
     tapped = TappedModel(model, list(taps), plan=plan)
-    x = torch.zeros(1, 3, *pre.input_size, device=model_device(model))
+    x = probe_input(pre.input_size, model_device(model))
     with torch.inference_mode(), input_checked(x):
         logits, acts = tapped(x)
     shapes = {t: list(acts[t].shape[1:]) for t in tapped.taps}

@@ -108,6 +108,8 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
                                                       std=job.std, resize=job.resize)
     try:
         _, num_classes = tap_shapes(forward_fn(source.module, []), pre, torch.device("cpu"))
+    except ConfigError:
+        raise
     except (RuntimeError, AssertionError, ValueError) as e:  # a model checks its input size as it likes
         h, w = pre.input_size
         raise ConfigError(f"{job.model or 'demo'} does not run at input size {h}x{w} (choose --input-size): {e}") from e

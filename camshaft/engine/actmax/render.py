@@ -31,6 +31,7 @@ from camshaft.engine.backends.base import DTYPES, resolve_device, resolve_dtype,
 from camshaft.engine.backends.torch_backend import frozen
 from camshaft.errors import ConfigError
 from camshaft.models.fold import fold_graphs
+from camshaft.models.inspect import probe_input
 from camshaft.models.taps import TappedModel
 from camshaft.preprocess import Preprocess
 
@@ -262,7 +263,7 @@ def grouped(forward: Forward, group: int = EXACT_GROUP, first: int = 0) -> Forwa
 
 def tap_shapes(forward: Forward, preprocess: Preprocess, device: torch.device) -> tuple[dict, int]:
     """Per-image tap shapes and the number of classes, from one forward of a grey image."""
-    x = torch.zeros(1, 3, *preprocess.input_size, device=device)
+    x = probe_input(preprocess.input_size, device)
     with torch.no_grad():
         logits, taps = forward(x)
     return {k: tuple(v.shape[1:]) for k, v in taps.items()}, int(logits.shape[-1])
