@@ -169,7 +169,7 @@ def test_inspect_demo(capsys):
     assert code == 0
     assert re.search(r"^features\.23 +ReLU +80x12x12 +<- default tap \(features\)$", out, re.M), out
     assert re.search(r"^fc +Linear +5 +<- CAM head$", out, re.M), out
-    assert "default tap: features" in out
+    assert "default tap: features" in out and "classes: 5 (circle, square, triangle, cross, ring)\n" in out
     assert "CAM head: global average pool of features -> fc (5, 80)" in out
 
 

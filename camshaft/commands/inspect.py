@@ -31,7 +31,7 @@ def run(args) -> int:
         shape = "x".join(map(str, layer.shape[1:])) if layer.shape else "-"
         mark = f"<- default tap ({tap})" if [layer.name] == tap_node else ("<- CAM head" if layer.name == linear else "")
         print(f"{layer.name:<{width}}  {layer.kind:<22} {shape:<14} {mark}".rstrip())
-    print(f"\nclasses: {report.num_classes}")
+    print(f"\nclasses: {report.num_classes}" + _names(source.class_names))
     if report.default_tap is None:
         from camshaft.preprocess import Preprocess
 
@@ -46,6 +46,13 @@ def run(args) -> int:
     else:
         print("CAM head: none (the tap is not followed by global average pooling and one linear layer); use gradcam")
     return 0
+
+
+def _names(names) -> str:
+    """`` (tench, goldfish, ...)``: the first class names, where the model has them."""
+    if not names:
+        return ""
+    return f" ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
 
 
 def _inspect_artifact(source) -> int:
@@ -75,8 +82,7 @@ def _inspect_artifact(source) -> int:
     print(f"preprocess: {meta.preprocess.to_dict()}")
     for tap in meta.taps:
         print(f"tap {tap}: {'x'.join(map(str, meta.tap_shapes[tap]))}")
-    more = ", ..." if meta.class_names and len(meta.class_names) > 5 else ""
-    print(f"classes: {meta.num_classes}" + (f" ({', '.join(meta.class_names[:5])}{more})" if meta.class_names else ""))
+    print(f"classes: {meta.num_classes}" + _names(meta.class_names))
     print(f"CAM head: {meta.cam_linear + ' on ' + meta.cam_tap if meta.cam_tap else 'none'}")
     print(f"gradients (split head): {'yes' if meta.has_head else 'no'}")
     print("parity (max abs error): " + ", ".join(f"{k} {v:.2e}" for k, v in meta.parity.items()))
