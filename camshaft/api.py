@@ -3,13 +3,19 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 from collections.abc import Sequence
 from pathlib import Path
+
+import numpy as np
+from torch import nn
 
 from camshaft.engine.actmax import actmax
 from camshaft.engine.featmaps import FeatureMaps, feature_maps
 from camshaft.engine.job import ExplainJob
 from camshaft.pipeline.run import RunSummary, run_explain
+from camshaft.errors import ConfigError
 from camshaft.exporters import FORMATS, check_artifact_path, export_prepared
 from camshaft.models.inspect import ModelReport, describe
 from camshaft.models.prepared import prepare_model
@@ -31,12 +37,12 @@ __all__ = [
 
 
 def explain(
-    model: str | None,
+    model: str | Path | None,
     data: str | Path,
     *,
     out: str | Path,
     method: str | Sequence[str] = "gradcam",
-    targets: str = "top:1",
+    targets: str | Sequence[int | str] = "top:1",
     tap: str | None = None,
     weights: str | Path | None = None,
     class_names: str | Path | None = None,
@@ -46,9 +52,9 @@ def explain(
     cuda_graphs: bool = False,
     batch_size: int = 32,
     overlays: bool = False,
-    input_size: tuple[int, int] | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    mean: float | tuple[float, float, float] | None = None,
+    std: float | tuple[float, float, float] | None = None,
     resize: str | None = None,
     workers: int | None = None,
     decode: str = "auto",
@@ -57,14 +63,20 @@ def explain(
     scheduler: str = "threads",
     overwrite: bool = False,
     labels_from_folders: bool = False,
-    metrics: tuple[str, ...] = (),
+    metrics: str | Sequence[str] = (),
     metric_steps: int = 50,
-    exemplars: tuple[str, ...] = (),
+    exemplars: str | Sequence[str] = (),
     exemplar_k: int = 8,
     progress: bool = True,
 ) -> RunSummary:
-    """Explain every image of ``data`` (folder or CSV manifest) with ``model``; see ``ExplainJob``.
+    """Explain every image of ``data`` with ``model``; the fields are ``camshaft.engine.job.ExplainJob``'s.
 
+    ``model``: a torchvision architecture, ``package.module:factory``, an exported TorchScript, .pt2 or
+    ONNX file, or None for the built-in demo model (a live ``nn.Module`` cannot travel to the run's
+    workers: give its ``module:factory``). ``data``: an image folder (recursive), a CSV or Parquet
+    manifest, or one image. ``targets``: ``"top:K"``, ``"label"`` or classes by index or name
+    (``"3,tabby"`` or ``[3, "tabby"]``). ``input_size`` (H, W) or one number for a square;
+    ``mean``/``std`` (R, G, B) or one number for all channels; None keeps the model's.
     ``options`` are the methods' own settings, e.g. ``{"window": (32, 32)}`` for occlusion.
     Several methods (``method=["cam", "gradcam"]``) share the forwards they can and write one run
     directory each, ``out/METHOD``. ``metrics`` (deletion, insertion) and ``exemplars`` (taps) are
@@ -73,23 +85,21 @@ def explain(
     changed, explains only new and changed images; ``overwrite=True`` starts over.
     """
     job = ExplainJob(
-        model=model,
-        data=Path(data),
-        out=Path(out),
-        method=method if isinstance(method, str) else tuple(method),
-        targets=targets,
+        model=_model_spec(model),
+        data=_path("data", data),
+        out=_path("out", out),
+        method=_names("method", method),
+        targets=_targets(targets),
         tap=tap,
-        weights=None if weights is None else Path(weights),
-        class_names=None if class_names is None else Path(class_names),
+        weights=None if weights is None else _path("weights", weights),
+        class_names=None if class_names is None else _path("class_names", class_names),
         backend=backend,
         device=device,
         dtype=dtype,
         cuda_graphs=cuda_graphs,
         batch_size=batch_size,
         overlays=overlays,
-        input_size=input_size,
-        mean=mean,
-        std=std,
+        **_preprocess(input_size, mean, std),
         resize=resize,
         workers=workers,
         decode=decode,
@@ -98,53 +108,130 @@ def explain(
         scheduler=scheduler,
         overwrite=overwrite,
         labels_from_folders=labels_from_folders,
-        metrics=metrics if isinstance(metrics, str) else tuple(metrics),
+        metrics=_names("metrics", metrics),
         metric_steps=metric_steps,
-        exemplars=exemplars if isinstance(exemplars, str) else tuple(exemplars),
+        exemplars=_names("exemplars", exemplars),
         exemplar_k=exemplar_k,
     )
     return run_explain(job, progress=progress)
 
 
 def export(
-    model: str,
+    model: str | Path | None,
     *,
     format: str,
     out: str | Path,
-    taps: Sequence[str] | None = None,
+    taps: str | Sequence[str] | None = None,
     weights: str | Path | None = None,
     class_names: str | Path | None = None,
-    input_size: tuple[int, int] | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
+    input_size: int | tuple[int, int] | None = None,
+    mean: float | tuple[float, float, float] | None = None,
+    std: float | tuple[float, float, float] | None = None,
     resize: str | None = None,
     rtol: float = 1e-3,
     head: bool | None = None,
 ) -> Path:
-    """Export ``model`` with ``taps`` to a TorchScript or ONNX artifact at ``out`` (parity-checked).
+    """Export ``model`` with ``taps`` to a TorchScript, ONNX or .pt2 artifact at ``out`` (parity-checked).
 
-    ``head``: whether an ONNX file carries the differentiable head for gradient methods
-    (default: when the head is small next to the model).
+    ``model``: a torchvision architecture, ``package.module:factory`` or None (the demo model).
+    ``taps``: one module path or several (default: the last feature map). ``head``: whether an ONNX
+    file carries the differentiable head for gradient methods (default: when the head is small next
+    to the model). ``input_size``, ``mean`` and ``std`` as in ``explain``.
     """
     if format not in FORMATS:
         from camshaft.errors import UnknownNameError
 
         raise UnknownNameError("export format", format, FORMATS)
-    check_artifact_path(format, out)
-    source = resolve_model(model, weights=weights, class_names=class_names)
-    pre = (source.preprocess or Preprocess()).replace(input_size=input_size, mean=mean, std=std, resize=resize)
+    check_artifact_path(format, _path("out", out))
+    source = resolve_model(_model_spec(model), weights=weights, class_names=class_names)
+    pre = (source.preprocess or Preprocess()).replace(**_preprocess(input_size, mean, std), resize=resize)
+    taps = None if taps is None else _names("taps", (taps,) if isinstance(taps, str) else taps)
     prepared = prepare_model(source, taps=taps, preprocess=pre)
     return export_prepared(prepared, format=format, out=out, rtol=rtol, head=head)
 
 
 def inspect(
-    model: str | ModelSource | None, *, weights: str | Path | None = None, input_size: tuple[int, int] | None = None
+    model: str | Path | ModelSource | nn.Module | None,
+    *,
+    weights: str | Path | None = None,
+    input_size: int | tuple[int, int] | None = None,
 ) -> ModelReport:
-    """Layers with output shapes, the default tap and the CAM head of a torch model."""
-    source = model if isinstance(model, ModelSource) else resolve_model(model, weights=weights)
-    if source.kind != "torch":
-        from camshaft.errors import ConfigError
+    """Layers with output shapes, the default tap and the CAM head of a torch model.
 
+    ``model``: as in ``explain``, a resolved ``ModelSource`` or a live ``nn.Module`` (probed in eval
+    mode; each submodule's mode is restored after).
+    """
+    if isinstance(model, (ModelSource, nn.Module)) and weights is not None:
+        raise ConfigError("weights apply to a model name or module:factory; load them into the module yourself")
+    if isinstance(model, nn.Module):
+        model = ModelSource("torch", type(model).__name__, module=model)
+    source = model if isinstance(model, ModelSource) else resolve_model(_model_spec(model), weights=weights)
+    if source.kind != "torch":
         raise ConfigError(f"inspect reads torch models; {source.spec!r} is a {source.kind} file")
-    size = input_size or (source.preprocess or Preprocess()).input_size
-    return describe(source.module, input_size=tuple(size))
+    pre = (source.preprocess or Preprocess()).replace(input_size=_preprocess(input_size, None, None)["input_size"])
+    modes = {m: m.training for m in source.module.modules()}
+    try:
+        return describe(source.module.eval(), input_size=pre.input_size)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _model_spec(model) -> str | None:
+    """The model argument as ``resolve_model`` takes it: a name, ``module:factory``, a file path or None."""
+    if model is None or isinstance(model, str):
+        return model
+    if isinstance(model, os.PathLike):
+        return os.fspath(model)
+    hint = " (a live nn.Module: give its package.module:factory)" if isinstance(model, nn.Module) else ""
+    raise ConfigError(
+        f"model must be an architecture name, package.module:factory, a file path or None (the demo model), "
+        f"received {type(model).__name__}{hint}"
+    )
+
+
+def _path(name: str, value) -> Path:
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{name} must be a path (str or pathlib.Path), received {value!r}")
+    return Path(value)
+
+
+def _names(name: str, value) -> str | tuple[str, ...]:
+    """A string as given (the job splits commas where it should), or a sequence of strings as a tuple."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ConfigError(f"{name} must be a string or a list of strings, received {value!r}")
+
+
+def _targets(value) -> str:
+    """``top:K``, ``label`` or classes; a list of class indices or names is joined as the CLI takes it."""
+    if isinstance(value, str):
+        return value
+    ok = isinstance(value, Sequence) and all(isinstance(v, (str, numbers.Integral)) for v in value)
+    if not ok or not value or any(isinstance(v, bool) for v in value):
+        raise ConfigError(
+            f"targets must be 'top:K', 'label' or classes as '3,tabby' or [3, 'tabby'], received {value!r}"
+        )
+    return ",".join(str(v) for v in value)
+
+
+def _preprocess(input_size, mean, std) -> dict:
+    """Preprocessing overrides as tuples of plain numbers; one number means a square input or the same value
+    for every channel, as the CLI's flags take them. ``Preprocess`` checks the values."""
+    fields, problems = {}, []
+    for name, value, n in (("input_size", input_size, 2), ("mean", mean, 3), ("std", std, 3)):
+        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            value = (value,) * n
+        elif value is not None and not isinstance(value, str):
+            try:
+                value = tuple(v.item() if isinstance(v, np.generic) else v for v in value)
+            except TypeError:
+                pass
+        if value is not None and not isinstance(value, tuple):
+            problems.append(f"{name} must be {n} numbers or one number, received {value!r}")
+        fields[name] = value
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return fields

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from camshaft.data.sources import path_text
 from camshaft.engine.postprocess import to_original
 from camshaft.pipeline.state import MAPS_FILE, TABLE_FILE
 from camshaft.errors import ConfigError
 from camshaft.preprocess import Preprocess, geometry
 from camshaft.writers.maps_store import MAPS, TARGETS, open_maps
+from camshaft.writers.overlay import normalize_map
 
 
 @dataclass
@@ -39,14 +43,37 @@ class Results:
     def preprocess(self) -> Preprocess:
         return Preprocess.from_dict(self.attrs["preprocess"])
 
-    def map(self, index: int, *, upsample: bool = False, normalize: bool = False) -> np.ndarray:
-        """Maps of image ``index``: (K, h, w), or (K, H0, W0) placed on the original image."""
+    @property
+    def class_names(self) -> list[str] | None:
+        """The model's class names (index -> name), or None when it has none."""
+        return self.attrs.get("class_names")
+
+    def index_of(self, image: int | str | os.PathLike) -> int:
+        """The row in ``maps`` of an image given by that index or by its path (as the table lists it,
+        or any path to the same file name: the table's paths are absolute)."""
+        if isinstance(image, (str, os.PathLike)):
+            text = os.fspath(image)
+            rows = self.table.loc[self.table["path"].isin([text, path_text(os.path.abspath(text))]), "index"]
+            if rows.empty:
+                raise ConfigError(f"no image {os.fspath(image)!r} in {self.out}: see the table's 'path' column")
+            return int(rows.iloc[0])
+        n = self.maps.shape[0]
+        if not isinstance(image, numbers.Integral) or isinstance(image, bool) or not -n <= image < n:
+            raise ConfigError(f"image must be an index in 0..{n - 1} or a path from the table, received {image!r}")
+        return int(image) % n
+
+    def map(self, image: int | str | os.PathLike, *, upsample: bool = False, normalize: bool = False) -> np.ndarray:
+        """Maps of ``image`` (index or path): (K, h, w), or with ``upsample`` (K, H0, W0) placed on the
+        original image. ``normalize``: each map ReLU'd and divided by its maximum, in [0, 1]."""
+        index = self.index_of(image)
         maps = np.asarray(self.maps[index])
-        if not upsample:
-            return maps
+        if not (upsample or normalize):
+            return maps  # NaN for an image that failed
         row = self.table.set_index("index").loc[index]
         if row["status"] != "ok":
             raise ConfigError(f"image {index} ({row['path']}) has no maps: {row['error']}")
+        if not upsample:
+            return np.stack([normalize_map(m) for m in maps])
         pre = self.preprocess
         geom = geometry((int(row["width"]), int(row["height"])), pre)
         return np.stack([to_original(m, geom, pre.input_size, normalize=normalize) for m in maps])
@@ -54,12 +81,15 @@ class Results:
 
 def load_results(out: str | Path) -> Results:
     """Open the results of ``camshaft explain`` written to ``out``."""
+    if not isinstance(out, (str, os.PathLike)):
+        raise ConfigError(f"out must be a path (str or pathlib.Path), received {out!r}")
     out = Path(out)
     table, maps = out / TABLE_FILE, out / MAPS_FILE
     missing = [str(p) for p in (table, maps) if not p.exists()]
     if missing:
         methods = sorted(p.parent.name for p in out.glob(f"*/{TABLE_FILE}"))
         if methods:
-            raise ConfigError(f"{out} holds a run of several methods: load one of {', '.join(str(out / m) for m in methods)}")
+            choices = ", ".join(str(out / m) for m in methods)
+            raise ConfigError(f"{out} holds a run of several methods: load one of {choices}")
         raise ConfigError(f"{out} is not a finished camshaft run: missing {', '.join(missing)}")
     return Results(out, pd.read_parquet(table), open_maps(maps))
