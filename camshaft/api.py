@@ -8,7 +8,6 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
 from camshaft.engine.actmax import actmax
@@ -19,8 +18,8 @@ from camshaft.errors import ConfigError
 from camshaft.exporters import FORMATS, check_artifact_path, export_prepared
 from camshaft.models.inspect import ModelReport, describe
 from camshaft.models.prepared import prepare_model
-from camshaft.models.sources import ModelSource, resolve_model
-from camshaft.preprocess import Preprocess
+from camshaft.models.sources import ModelSource, model_spec, resolve_model
+from camshaft.preprocess import Preprocess, overrides
 from camshaft.results import Results, load_results
 
 __all__ = [
@@ -99,7 +98,7 @@ def explain(
         cuda_graphs=cuda_graphs,
         batch_size=batch_size,
         overlays=overlays,
-        **_preprocess(input_size, mean, std),
+        **overrides(input_size, mean, std),
         resize=resize,
         workers=workers,
         decode=decode,
@@ -144,7 +143,7 @@ def export(
         raise UnknownNameError("export format", format, FORMATS)
     check_artifact_path(format, _path("out", out))
     source = resolve_model(_model_spec(model), weights=weights, class_names=class_names)
-    pre = (source.preprocess or Preprocess()).replace(**_preprocess(input_size, mean, std), resize=resize)
+    pre = (source.preprocess or Preprocess()).replace(**overrides(input_size, mean, std), resize=resize)
     taps = None if taps is None else _names("taps", (taps,) if isinstance(taps, str) else taps)
     prepared = prepare_model(source, taps=taps, preprocess=pre)
     return export_prepared(prepared, format=format, out=out, rtol=rtol, head=head)
@@ -168,7 +167,7 @@ def inspect(
     source = model if isinstance(model, ModelSource) else resolve_model(_model_spec(model), weights=weights)
     if source.kind != "torch":
         raise ConfigError(f"inspect reads torch models; {source.spec!r} is a {source.kind} file")
-    pre = (source.preprocess or Preprocess()).replace(input_size=_preprocess(input_size, None, None)["input_size"])
+    pre = (source.preprocess or Preprocess()).replace(input_size=overrides(input_size)["input_size"])
     modes = {m: m.training for m in source.module.modules()}
     try:
         return describe(source.module.eval(), input_size=pre.input_size)
@@ -178,16 +177,9 @@ def inspect(
 
 
 def _model_spec(model) -> str | None:
-    """The model argument as ``resolve_model`` takes it: a name, ``module:factory``, a file path or None."""
-    if model is None or isinstance(model, str):
-        return model
-    if isinstance(model, os.PathLike):
-        return os.fspath(model)
-    hint = " (a live nn.Module: give its package.module:factory)" if isinstance(model, nn.Module) else ""
-    raise ConfigError(
-        f"model must be an architecture name, package.module:factory, a file path or None (the demo model), "
-        f"received {type(model).__name__}{hint}"
-    )
+    """The model argument as ``resolve_model`` and the job take it: a name, ``module:factory``, a file path
+    or None."""
+    return None if model is None else model_spec(model)
 
 
 def _path(name: str, value) -> Path:
@@ -215,23 +207,3 @@ def _targets(value) -> str:
             f"targets must be 'top:K', 'label' or classes as '3,tabby' or [3, 'tabby'], received {value!r}"
         )
     return ",".join(str(v) for v in value)
-
-
-def _preprocess(input_size, mean, std) -> dict:
-    """Preprocessing overrides as tuples of plain numbers; one number means a square input or the same value
-    for every channel, as the CLI's flags take them. ``Preprocess`` checks the values."""
-    fields, problems = {}, []
-    for name, value, n in (("input_size", input_size, 2), ("mean", mean, 3), ("std", std, 3)):
-        if isinstance(value, numbers.Number) and not isinstance(value, bool):
-            value = (value,) * n
-        elif value is not None and not isinstance(value, str):
-            try:
-                value = tuple(v.item() if isinstance(v, np.generic) else v for v in value)
-            except TypeError:
-                pass
-        if value is not None and not isinstance(value, tuple):
-            problems.append(f"{name} must be {n} numbers or one number, received {value!r}")
-        fields[name] = value
-    if problems:
-        raise ConfigError("; ".join(problems))
-    return fields

@@ -35,7 +35,10 @@ class Preprocess:
     resize: str = "center-crop"  # stretch | center-crop | letterbox
 
     def __post_init__(self):
-        problems = []
+        problems = [f"{name} must be a sequence of numbers, received {getattr(self, name)!r}"
+                    for name in ("input_size", "mean", "std") if not isinstance(getattr(self, name), (tuple, list))]
+        if problems:
+            raise ConfigError("; ".join(problems))
         whole = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in self.input_size)
         if len(self.input_size) != 2 or not whole or min(self.input_size) < 1:
             problems.append(f"input_size must be two positive integers (H, W), received {self.input_size}")
@@ -66,6 +69,27 @@ class Preprocess:
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
         return cls(tuple(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("resize", "stretch"))
+
+
+def overrides(input_size=None, mean=None, std=None) -> dict:
+    """Preprocessing overrides as the API takes them: tuples of plain numbers, one number meaning a square
+    input or the same value for every channel (as the CLI's flags); None keeps the model's. ``Preprocess``
+    checks the values."""
+    fields, problems = {}, []
+    for name, value, n in (("input_size", input_size, 2), ("mean", mean, 3), ("std", std, 3)):
+        if isinstance(value, numbers.Number) and not isinstance(value, bool):
+            value = (value,) * n
+        elif value is not None and not isinstance(value, str):
+            try:
+                value = tuple(v.item() if isinstance(v, np.generic) else v for v in value)
+            except TypeError:
+                pass
+        if value is not None and not isinstance(value, tuple):
+            problems.append(f"{name} must be {n} numbers or one number, received {value!r}")
+        fields[name] = value
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return fields
 
 
 @dataclass(frozen=True)

@@ -135,3 +135,48 @@ def test_load_results_refuses_a_non_path():
 
 def test_dir_lists_the_lazy_api():
     assert set(camshaft.__all__) <= set(dir(camshaft))
+
+
+def test_job_counts_of_the_wrong_type_are_refused_by_name(data, tmp_path):
+    from camshaft.engine.job import ExplainJob
+    from camshaft.engine.jobfile import load_job
+
+    with pytest.raises(ConfigError, match=r"batch_size must be an integer, received '4'; workers must be an integer"):
+        ExplainJob(model=None, data=data, out=tmp_path / "o", batch_size="4", workers=True)
+    job = tmp_path / "job.toml"
+    job.write_text(f'data = "{data}"\nout = "o"\npartition-size = "3"\n')
+    with pytest.raises(ConfigError, match="partition_size must be an integer, received '3'"):
+        load_job(job)
+    assert not (tmp_path / "o").exists()
+
+
+def test_preprocess_and_model_specs_of_the_wrong_type_are_config_errors():
+    from camshaft.models.sources import resolve_model
+    from camshaft.preprocess import Preprocess
+
+    with pytest.raises(ConfigError, match="input_size must be a sequence of numbers, received 64"):
+        Preprocess(input_size=64)
+    with pytest.raises(ConfigError, match=r"received Linear \(a live nn.Module: give its package.module:factory\)"):
+        resolve_model(nn.Linear(2, 2))
+    assert resolve_model(Path("demo")).spec == "demo"
+
+
+def test_actmax_takes_one_spec_and_one_number_and_refuses_a_dict_config(tmp_path):
+    from camshaft.engine.actmax import RenderConfig
+
+    summary = camshaft.actmax(Path("demo"), "class:0,3", out=tmp_path / "am", input_size=32, mean=0.5,
+                              config=RenderConfig(steps=1, device="cpu"), progress=False)
+    assert [r["spec"] for r in summary.rows] == ["class:0", "class:3"]
+    with pytest.raises(ConfigError, match="config must be a RenderConfig"):
+        camshaft.actmax(None, ["class:0"], out=tmp_path / "am2", config={"steps": 3})
+    assert not (tmp_path / "am2").exists()
+
+
+def test_feature_maps_take_one_channel_and_refuse_a_text_top(data):
+    image = sorted(data.rglob("*.png"))[0]
+    fm = camshaft.feature_maps(Path("demo"), image, channels=3)
+    assert fm.channels == [3] and fm.maps.shape[0] == 1
+    for kwargs, message in (({"top": "4"}, "--top must be a positive integer, received '4'"),
+                            ({"channels": ["a"]}, r"channels must be channel indices \(integers\)")):
+        with pytest.raises(ConfigError, match=message):
+            camshaft.feature_maps(None, image, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,8 +67,15 @@ def feature_maps(
     """
     if channels is not None and top is not None:
         raise ConfigError("give --channels or --top, not both")
-    if top is not None and top < 1:
-        raise ConfigError(f"--top must be positive, received {top}")
+    if isinstance(channels, numbers.Integral) and not isinstance(channels, bool):
+        channels = [channels]  # one channel
+    if channels is not None and not (
+        isinstance(channels, Sequence) and all(isinstance(c, numbers.Integral) and not isinstance(c, bool)
+                                               for c in channels)
+    ):
+        raise ConfigError(f"channels must be channel indices (integers), received {channels!r}")
+    if top is not None and (not isinstance(top, numbers.Integral) or isinstance(top, bool) or top < 1):
+        raise ConfigError(f"--top must be a positive integer, received {top!r}")
     try:
         picture = load_rgb(image)  # before the model: a bad image costs nothing
     except ImageDecodeError as e:

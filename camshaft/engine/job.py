@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,13 @@ from camshaft.preprocess import RESIZE_MODES
 def split_names(text: str) -> tuple[str, ...]:
     """``a, b,c`` -> ``("a", "b", "c")``: comma-separated names, as the CLI, job files and the API take them."""
     return tuple(m.strip() for m in text.split(",") if m.strip())
+
+
+INTEGERS = ("batch_size", "partition_size", "metric_steps", "exemplar_k", "workers")
+
+
+def _integer(value, *, optional: bool = False) -> bool:
+    return (optional and value is None) or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,10 @@ class ExplainJob:
             object.__setattr__(self, "metrics", split_names(self.metrics))
         if isinstance(self.exemplars, str):  # one TAP or TAP:C1,C2 (its commas are channels)
             object.__setattr__(self, "exemplars", (self.exemplars,))
+        wrong = [f"{name} must be an integer, received {getattr(self, name)!r}" for name in INTEGERS
+                 if not _integer(getattr(self, name), optional=name == "workers")]
+        if wrong:  # the checks below compare them with numbers
+            raise ConfigError("invalid explain job: " + "; ".join(wrong))
         problems = []
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 import re
 import warnings
 import zipfile
@@ -43,7 +44,7 @@ def classification_models() -> list[str]:
 
 
 def resolve_model(
-    spec: str | None, *, weights: str | Path | None = None, class_names: str | Path | None = None
+    spec: str | Path | None, *, weights: str | Path | None = None, class_names: str | Path | None = None
 ) -> ModelSource:
     """Resolve ``spec``; the error lists every interpretation tried and why it failed.
 
@@ -57,8 +58,21 @@ def resolve_model(
     return source
 
 
-def _resolve(spec: str | None, weights) -> ModelSource:
-    spec = spec or DEMO
+def model_spec(spec) -> str:
+    """``spec`` as text: a name, ``module:factory`` or a file path (``demo`` for None); another type is refused."""
+    if spec is None:
+        return DEMO
+    if isinstance(spec, os.PathLike):
+        return os.fspath(spec)
+    if not isinstance(spec, str):
+        hint = " (a live nn.Module: give its package.module:factory)" if isinstance(spec, nn.Module) else ""
+        raise ConfigError(f"model must be an architecture name, package.module:factory, a file path or None "
+                          f"(the demo model), received {type(spec).__name__}{hint}")
+    return spec or DEMO
+
+
+def _resolve(spec: str | Path | None, weights) -> ModelSource:
+    spec = model_spec(spec)
     if spec == DEMO:
         _no_weights(spec, weights)
         return _demo()

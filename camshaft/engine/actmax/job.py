@@ -20,7 +20,7 @@ from camshaft.engine.actmax.spec import parse_objectives
 from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.classes import check_count, read_class_names
 from camshaft.models.sources import ModelSource, resolve_model
-from camshaft.preprocess import RESIZE_MODES, Preprocess, prepare
+from camshaft.preprocess import RESIZE_MODES, Preprocess, overrides, prepare
 from camshaft.writers.atomic import out_folder_problem
 
 __all__ = ["ActmaxJob", "ActmaxSummary", "actmax", "load_init", "run_actmax"]
@@ -131,16 +131,25 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
     return ActmaxSummary(Path(job.out), rows, time.perf_counter() - start)
 
 
-def actmax(model: str | None, objectives: Sequence[str], *, out: str | Path, config: RenderConfig | None = None,
-           weights: str | Path | None = None, class_names: str | Path | None = None,
-           init: str | Path | None = None,
-           input_size: tuple[int, int] | None = None, mean: tuple[float, float, float] | None = None,
-           std: tuple[float, float, float] | None = None, resize: str | None = None,
+def actmax(model: str | None, objectives: str | Sequence[str], *, out: str | Path,
+           config: RenderConfig | None = None, weights: str | Path | None = None,
+           class_names: str | Path | None = None, init: str | Path | None = None,
+           input_size: int | tuple[int, int] | None = None, mean: float | tuple[float, float, float] | None = None,
+           std: float | tuple[float, float, float] | None = None, resize: str | None = None,
            columns: int | None = None, progress: bool = True) -> ActmaxSummary:
-    """Visualize ``objectives`` (spec strings) of ``model``; writes PNGs, grid and table to ``out``."""
+    """Visualize ``objectives`` (spec strings, or one) of ``model``; writes PNGs, grid and table to ``out``.
+
+    ``input_size`` (H, W) or one number for a square; ``mean``/``std`` (R, G, B) or one number.
+    """
+    if isinstance(objectives, str):
+        objectives = (objectives,)  # one spec (its commas are its own: class:0,3)
+    if config is not None and not isinstance(config, RenderConfig):
+        raise ConfigError(f"config must be a RenderConfig (camshaft.engine.actmax.RenderConfig(steps=...)), "
+                          f"received {type(config).__name__}")
+    pre = overrides(input_size, mean, std)
     job = ActmaxJob(model=model, objectives=tuple(objectives), out=Path(out), config=config or RenderConfig(),
                     weights=None if weights is None else Path(weights),
                     class_names=None if class_names is None else Path(class_names),
                     init=None if init is None else Path(init),
-                    input_size=input_size, mean=mean, std=std, resize=resize, columns=columns)
+                    resize=resize, columns=columns, **pre)
     return run_actmax(job, progress=progress)
