@@ -27,6 +27,11 @@ class Results:
     table: pd.DataFrame
     group: object  # the Zarr group
 
+    def __repr__(self) -> str:  # a notebook shows this, not the whole table and store
+        ok = int((self.table["status"] == "ok").sum()) if "status" in self.table else len(self.table)
+        return (f"Results({str(self.out)!r}: {self.attrs.get('method')} on {len(self.table)} images, {ok} ok; "
+                f"maps {tuple(self.maps.shape)})")
+
     @property
     def maps(self):
         return self.group[MAPS]
@@ -49,8 +54,8 @@ class Results:
         return self.attrs.get("class_names")
 
     def index_of(self, image: int | str | os.PathLike) -> int:
-        """The row in ``maps`` of an image given by that index or by its path (as the table lists it,
-        or any path to the same file name: the table's paths are absolute)."""
+        """The row in ``maps`` of an image given by that index or by its path (as the table lists it, or
+        relative to the current folder: the table's paths are absolute)."""
         if isinstance(image, (str, os.PathLike)):
             text = os.fspath(image)
             rows = self.table.loc[self.table["path"].isin([text, path_text(os.path.abspath(text))]), "index"]

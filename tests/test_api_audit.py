@@ -180,3 +180,8 @@ def test_feature_maps_take_one_channel_and_refuse_a_text_top(data):
                             ({"channels": ["a"]}, r"channels must be channel indices \(integers\)")):
         with pytest.raises(ConfigError, match=message):
             camshaft.feature_maps(None, image, **kwargs)
+
+
+def test_results_repr_is_one_line(run):
+    text = repr(camshaft.load_results(run))
+    assert text == f"Results({str(run)!r}: gradcam on 4 images, 4 ok; maps (4, 2, 12, 12))"
