@@ -222,7 +222,7 @@ def test_compare_flags_drops_beyond_the_threshold_only():
         (["--model", "resnet18", "demo", "--targets", "top:6"], "demo: --targets 'top:6': the model has only 5 classes"),
         (["--model", "demo", "nosuchpkg.mod:factory"], "cannot import 'nosuchpkg.mod'"),
         (["--recheck", "2"], "--recheck times again figures that dropped since a previous run: give --compare"),
-        (["--recheck", "-1"], "expected 0 or a positive integer"),
+        (["--recheck", "-1"], "expected an integer >= 0"),
     ],
 )
 def test_bad_flags_exit_2_before_any_work(capsys, monkeypatch, argv, message):

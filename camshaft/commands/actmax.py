@@ -5,19 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from camshaft.commands.common import add_model, add_preprocess, positive, preprocess
+from camshaft.commands.common import add_model, add_preprocess, count, positive, preprocess
 
 HELP = "activation maximization: images that excite classes, channels or neurons (one batch for all)"
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {text!r}")
-    return value
 
 
 def _amount(text: str) -> float:
@@ -53,18 +43,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--relu-leak", type=_amount, default=d.relu_leak,
                    help=f"dead ReLU channels get this share of the gradient that wakes them (default {d.relu_leak}; "
                         "0: exact ReLU gradients)")
-    g.add_argument("--relu-leak-steps", type=_count, default=d.relu_leak_steps,
+    g.add_argument("--relu-leak-steps", type=count, default=d.relu_leak_steps,
                    help=f"the leak acts in the first this many steps, then gradients are exact (default "
                         f"{d.relu_leak_steps}; Lucid: 16)")
     g = p.add_argument_group("robustness transforms and regularizers")
-    g.add_argument("--pad", type=_count, default=d.pad, help=f"mirrored frame, pixels (default {d.pad})")
-    g.add_argument("--jitter", type=_count, default=d.jitter, help=f"random shift, pixels (default {d.jitter})")
+    g.add_argument("--pad", type=count, default=d.pad, help=f"mirrored frame, pixels (default {d.pad})")
+    g.add_argument("--jitter", type=count, default=d.jitter, help=f"random shift, pixels (default {d.jitter})")
     g.add_argument("--scale", type=_amount, default=d.scale, help=f"random zoom 1 +- SCALE (default {d.scale})")
     g.add_argument("--rotate", type=_amount, default=d.rotate, help=f"random rotation +- degrees (default {d.rotate})")
     g.add_argument("--l2", type=_amount, default=d.l2, help=f"L2 decay weight (default {d.l2})")
     g.add_argument("--tv", type=_amount, default=d.tv, help=f"total variation weight (default {d.tv})")
     g.add_argument("--freq", type=_amount, default=d.freq, help=f"high-frequency penalty weight (default {d.freq})")
-    g.add_argument("--blur-every", type=_count, default=d.blur_every, help="blur every N steps (default 0: never)")
+    g.add_argument("--blur-every", type=count, default=d.blur_every, help="blur every N steps (default 0: never)")
     g.add_argument("--blur-sigma", type=_amount, default=d.blur_sigma, help=f"blur radius, pixels (default {d.blur_sigma})")
     g.add_argument("--diversity", type=_amount, default=d.diversity, help="diversity weight among copies (needs --copies >= 2)")
     g.add_argument("--diversity-tap", help="tap whose Gram matrices diversity compares (default: the objective's)")

@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from camshaft.commands.common import positive, size
+from camshaft.commands.common import count, positive, size
 
 HELP = "benchmark methods × backends against the limit and peer libraries"
 
@@ -95,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--recheck",
-        type=_count,
+        type=count,
         metavar="N",
         help="with --compare: a group whose figures dropped beyond the threshold is timed again, up to N more "
         "passes, keeping the best of all rounds; only a drop that persists is a regression (default: 1; 0: none)",
@@ -126,16 +126,6 @@ def settings_from(args):
         actmax=args.actmax or None,
         timing=timing,
     )
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, received {text!r}")
-    return value
 
 
 def _tuple(values):

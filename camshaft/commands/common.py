@@ -27,6 +27,16 @@ def triple(text: str) -> tuple[float, float, float]:
     return tuple(values * 3) if len(values) == 1 else tuple(values)
 
 
+def count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, received {text!r}")
+    return value
+
+
 def positive(text: str) -> int:
     try:
         value = int(text)
