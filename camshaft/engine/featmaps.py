@@ -48,7 +48,7 @@ class FeatureMaps:
 
 
 def feature_maps(
-    model: str | None,
+    model: str | Path | None,
     image: str | Path,
     *,
     tap: str | None = None,

@@ -131,7 +131,7 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
     return ActmaxSummary(Path(job.out), rows, time.perf_counter() - start)
 
 
-def actmax(model: str | None, objectives: str | Sequence[str], *, out: str | Path,
+def actmax(model: str | Path | None, objectives: str | Sequence[str], *, out: str | Path,
            config: RenderConfig | None = None, weights: str | Path | None = None,
            class_names: str | Path | None = None, init: str | Path | None = None,
            input_size: int | tuple[int, int] | None = None, mean: float | tuple[float, float, float] | None = None,
