@@ -185,3 +185,13 @@ def test_feature_maps_take_one_channel_and_refuse_a_text_top(data):
 def test_results_repr_is_one_line(run):
     text = repr(camshaft.load_results(run))
     assert text == f"Results({str(run)!r}: gradcam on 4 images, 4 ok; maps (4, 2, 12, 12))"
+
+
+def test_feature_maps_take_the_preprocessing_as_the_other_functions_do(data):
+    image = sorted(data.rglob("*.png"))[0]
+    fm = camshaft.feature_maps(None, image, channels=[0], input_size=48, mean=0.5)
+    assert fm.preprocess.input_size == (48, 48) and fm.preprocess.mean == (0.5, 0.5, 0.5)
+    old = camshaft.feature_maps(None, image, channels=[0], preprocess={"input_size": (48, 48), "mean": (0.5,) * 3})
+    np.testing.assert_array_equal(fm.maps, old.maps)
+    with pytest.raises(ConfigError, match="give preprocess or input_size/mean/std/resize, not both"):
+        camshaft.feature_maps(None, image, input_size=48, preprocess={"resize": "stretch"})

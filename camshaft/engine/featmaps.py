@@ -18,7 +18,7 @@ from camshaft.engine.backends.base import resolve_device, resolve_dtype
 from camshaft.engine.postprocess import to_original
 from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.sources import resolve_model
-from camshaft.preprocess import Geometry, Preprocess, normalize, prepare
+from camshaft.preprocess import Geometry, Preprocess, normalize, overrides, prepare
 from camshaft.writers.overlay import colorize, normalize_map, overlay, render_grid, upsample_map
 
 
@@ -58,15 +58,25 @@ def feature_maps(
     backend: str = "eager",
     device: str | None = None,
     dtype: str = "float32",
+    input_size: int | tuple[int, int] | None = None,
+    mean: float | tuple[float, float, float] | None = None,
+    std: float | tuple[float, float, float] | None = None,
+    resize: str | None = None,
     preprocess: dict | None = None,
 ) -> FeatureMaps:
     """Channels of ``tap`` (default: the last feature map) for one image.
 
-    ``channels`` picks them by index; ``top`` picks the N with the highest mean activation
-    (default: the top 16).
+    ``channels`` picks them by index (or one index); ``top`` picks the N with the highest mean
+    activation (default: the top 16). ``input_size``, ``mean``, ``std`` and ``resize`` as in
+    ``camshaft.explain`` (None keeps the model's); ``preprocess``, a dict of the same keys, is the
+    older way to give them.
     """
     if channels is not None and top is not None:
         raise ConfigError("give --channels or --top, not both")
+    given = {k: v for k, v in {**overrides(input_size, mean, std), "resize": resize}.items() if v is not None}
+    if given and preprocess:
+        raise ConfigError("give preprocess or input_size/mean/std/resize, not both")
+    preprocess = dict(preprocess or given)
     if isinstance(channels, numbers.Integral) and not isinstance(channels, bool):
         channels = [channels]  # one channel
     if channels is not None and not (
@@ -85,7 +95,7 @@ def feature_maps(
         be = backend_factory(backend)(
             source,
             taps=[tap] if tap else None,
-            preprocess=dict(preprocess or {}),
+            preprocess=preprocess,
             device=resolve_device(device),
             dtype=resolve_dtype(dtype),
             workdir=Path(workdir),
