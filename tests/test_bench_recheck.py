@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from conftest import run_cli
 
-from camshaft.bench import load_json, save_json
+from camshaft.errors import ConfigError
+
+from camshaft.bench import format_comparison, load_json, save_json
 from camshaft.bench.report import BenchReport
 from camshaft.bench.runner import Recheck, confirm
 from camshaft.bench.timing import TimingConfig
@@ -89,3 +91,57 @@ def test_the_cli_times_a_regressed_group_again_and_still_fails_on_a_lasting_drop
     assert all(len(f["seconds"]) == 4 and f["rechecks"] == 1 for f in again.values())  # 2 rounds, then 2 more
     code, out, err = run_cli(capsys, *argv, "--compare", tmp_path / "baseline.json", "--recheck", "0")
     assert code == 1 and "timing the group again" not in err and "timed again" not in out
+
+
+# --- a baseline of several runs -----------------------------------------------------------------------
+
+
+def _run(created: str, scale: float, **settings) -> dict:
+    from test_bench import made_up, report_of
+
+    data = report_of(made_up())
+    data["created"] = created
+    data["settings"].update(settings)
+    for f in data["figures"]:
+        if f.get("ratio_to_limit"):
+            f["ratio_to_limit"] *= scale
+    return data
+
+
+def test_several_runs_make_one_baseline_of_medians_so_one_lucky_run_does_not_set_the_bar():
+    from camshaft.bench import compare
+    from camshaft.bench.compare import baseline
+
+    runs = [_run("2026-11-30", 1.0), _run("2026-12-01", 1.6), _run("2026-11-29", 1.05)]  # 12-01 was lucky
+    current = _run("2026-12-02", 1.0)
+    assert not compare(runs[1], current, threshold=0.1).ok  # against the lucky run alone: a false drop
+    combined = baseline(runs)
+    result = compare(combined, current, threshold=0.1)
+    assert result.ok and result.runs == 3 and "the median of 3 previous runs" in format_comparison(result)
+    key = "m/gradcam/top1"
+    ratios = [next(f["ratio_to_limit"] for f in r["figures"] if f["key"] == key) for r in runs]
+    assert next(f["ratio_to_limit"] for f in combined["figures"] if f["key"] == key) == sorted(ratios)[1]
+    assert combined["created"] == "2026-12-01"  # the newest run's settings and machine
+    assert baseline([runs[0]]) is runs[0]
+
+
+def test_runs_of_other_work_are_not_combined():
+    from camshaft.bench.compare import baseline
+
+    with pytest.raises(ConfigError, match=r"the baseline runs measured different work \(dtype float32 -> bfloat16"):
+        baseline([_run("2026-12-01", 1.0), _run("2026-12-02", 1.0, dtype="bfloat16")])
+
+
+def test_the_cli_compares_with_several_runs(capsys, monkeypatch, tmp_path):
+    from test_bench import made_up
+
+    def fake(settings, *, workdir, log, progress=None, recheck=None):
+        return BenchReport(settings.to_dict(), {"cpu": "test", "device": "cpu", "dtype": "float32"}, made_up())
+
+    monkeypatch.setattr("camshaft.bench.runner.run_bench", fake)
+    paths = [save_json(_run(f"2026-12-0{i}", scale), tmp_path / f"{i}.json") for i, scale in ((1, 1.0), (2, 1.6))]
+    paths.append(save_json(_run("2026-11-30", 1.02), tmp_path / "0.json"))
+    code, out, err = run_cli(capsys, "bench", "--quick", "--compare", *paths, "--json", tmp_path / "new.json")
+    assert code == 0 and "compared with the median of 3 previous runs" in out and "0 regressions" in out, err
+    code, out, _ = run_cli(capsys, "bench", "--quick", "--compare", paths[1])
+    assert code == 1 and "compared with the previous run" in out and "REGRESSION" in out

@@ -9,10 +9,12 @@ measured and this run skipped is flagged (a method that stopped working must not
 job). Runs on another device type, dtype or CUDA-graph setting are not the same measurements (a
 figure's key leaves those out): nothing is compared. Raw throughput is compared on the same
 machine only (CPU or device, cores, torch threads). Other differences (versions, rounds) are listed.
+Several earlier runs make one baseline (`baseline`): each figure's median over them.
 """
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from camshaft.errors import ConfigError
@@ -46,6 +48,7 @@ class Comparison:
     lost: tuple[tuple[str, str], ...] = ()  # (key, why): measured in the previous run, skipped in this one
     differences: tuple[str, ...] = ()  # what the runs were measured with that differs, e.g. "dtype: a -> b"
     refused: str = ""  # why nothing could be compared (other work or another machine), "" if compared
+    runs: int = 1  # earlier runs in the baseline (several: each figure's median over them; see `baseline`)
 
     @property
     def compared(self) -> int:
@@ -115,7 +118,39 @@ def compare(previous: dict, current: dict, *, threshold: float = 0.1, metric: st
         lost,
         tuple(map(_said, diffs)),
         "; ".join(refused),
+        int(previous.get("baseline_runs", 1)),
     )
+
+
+COMPARED = ("ratio_to_limit", "ratio_to_method", "evaluations_per_second")  # the numbers `compare` reads
+
+
+def baseline(runs: list[dict]) -> dict:
+    """One baseline from several earlier runs: each figure's compared numbers are their median over the
+    runs that measured it, so one run that happened to be fast (or slow) does not set the bar.
+
+    The newest run (by ``created``) gives the settings, machine and skipped list; a figure any run
+    measured is kept. Runs of other work (device type, dtype, CUDA graphs) cannot be combined.
+    """
+    if len(runs) == 1:
+        return runs[0]
+    newest = max(runs, key=lambda r: str(r.get("created", "")))
+    for run in runs:
+        other = [_said(d) for d in differences(run, newest) if d[0] in SAME_WORK]
+        if other:
+            raise ConfigError(f"the baseline runs measured different work ({'; '.join(other)}); "
+                              "combine runs of the same device, dtype and CUDA-graph setting")
+    figures: dict[str, dict] = {}
+    values: dict[tuple[str, str], list[float]] = {}
+    for run in sorted(runs, key=lambda r: str(r.get("created", ""))):  # the newest copy of each figure last
+        for f in run["figures"]:
+            figures[f["key"]] = dict(f)
+            for name in COMPARED:
+                if _positive(f.get(name)):
+                    values.setdefault((f["key"], name), []).append(float(f[name]))
+    for (key, name), numbers in values.items():
+        figures[key][name] = statistics.median(numbers)
+    return {**newest, "figures": list(figures.values()), "baseline_runs": len(runs)}
 
 
 def differences(previous: dict, current: dict) -> list[tuple[str, object, object]]:
@@ -165,7 +200,8 @@ def _said(difference: tuple) -> str:
 
 def format_comparison(c: Comparison) -> str:
     lines = [
-        f"compared with the previous run (threshold {c.threshold:.0%}): {len(c.regressions)} regressions, "
+        f"compared with {'the previous run' if c.runs == 1 else f'the median of {c.runs} previous runs'} "
+        f"(threshold {c.threshold:.0%}): {len(c.regressions)} regressions, "
         f"{len(c.improvements)} improvements, {c.unchanged} within the threshold, "
         f"{len(c.missing)} figures no longer measured ({len(c.lost)} skipped in this run), {len(c.new)} new"
     ]

@@ -83,7 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--json", type=Path, metavar="PATH", help="save the results (machine, versions, settings, figures, ratios)"
     )
-    p.add_argument("--compare", type=Path, metavar="PREVIOUS.json", help="flag figures that dropped since a saved run")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        metavar="PREVIOUS.json",
+        help="flag figures that dropped since a saved run; several runs: against each figure's median over them",
+    )
     p.add_argument(
         "--threshold", type=float, default=0.1, help="relative drop that counts as a regression (default: 0.1)"
     )
@@ -149,10 +155,19 @@ def _check_files(args) -> dict | None:
         problems.append(f"--workdir {args.workdir} is not a folder")
     previous = None
     if args.compare is not None:
-        try:
-            previous = load_json(args.compare)
-        except ConfigError as e:
-            problems.append(f"--compare: {e}")
+        from camshaft.bench.compare import baseline
+
+        runs = []
+        for path in dict.fromkeys(args.compare):
+            try:
+                runs.append(load_json(path))
+            except ConfigError as e:
+                problems.append(f"--compare: {e}")
+        if runs and len(runs) == len(dict.fromkeys(args.compare)):
+            try:
+                previous = baseline(runs)
+            except ConfigError as e:
+                problems.append(f"--compare: {e}")
     if problems:
         raise ConfigError("; ".join(problems))
     return previous
@@ -221,7 +236,8 @@ def _partial_path(args) -> Path | None:
     ``--compare`` baseline (a nightly job rolling one file forward must not lose it to a stopped run)."""
     if args.json is None:
         return None
-    if args.compare is not None and args.json.exists() and args.json.resolve() == args.compare.resolve():
+    baselines = {p.resolve() for p in args.compare or ()}
+    if args.json.exists() and args.json.resolve() in baselines:
         return args.json.with_name(f"{args.json.stem}.incomplete{args.json.suffix}")
     return args.json
 
