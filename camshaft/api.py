@@ -84,7 +84,7 @@ def explain(
     changed, explains only new and changed images; ``overwrite=True`` starts over.
     """
     job = ExplainJob(
-        model=_model_spec(model),
+        model=None if model is None else model_spec(model),  # the job holds text: it travels to workers
         data=_path("data", data),
         out=_path("out", out),
         method=_names("method", method),
@@ -142,7 +142,7 @@ def export(
 
         raise UnknownNameError("export format", format, FORMATS)
     check_artifact_path(format, _path("out", out))
-    source = resolve_model(_model_spec(model), weights=weights, class_names=class_names)
+    source = resolve_model(model, weights=weights, class_names=class_names)
     pre = (source.preprocess or Preprocess()).replace(**overrides(input_size, mean, std), resize=resize)
     taps = None if taps is None else _names("taps", (taps,) if isinstance(taps, str) else taps)
     prepared = prepare_model(source, taps=taps, preprocess=pre)
@@ -164,7 +164,7 @@ def inspect(
         raise ConfigError("weights apply to a model name or module:factory; load them into the module yourself")
     if isinstance(model, nn.Module):
         model = ModelSource("torch", type(model).__name__, module=model)
-    source = model if isinstance(model, ModelSource) else resolve_model(_model_spec(model), weights=weights)
+    source = model if isinstance(model, ModelSource) else resolve_model(model, weights=weights)
     if source.kind != "torch":
         raise ConfigError(f"inspect reads torch models; {source.spec!r} is a {source.kind} file")
     pre = (source.preprocess or Preprocess()).replace(input_size=overrides(input_size)["input_size"])
@@ -174,12 +174,6 @@ def inspect(
     finally:
         for m, training in modes.items():
             m.training = training
-
-
-def _model_spec(model) -> str | None:
-    """The model argument as ``resolve_model`` and the job take it: a name, ``module:factory``, a file path
-    or None."""
-    return None if model is None else model_spec(model)
 
 
 def _path(name: str, value) -> Path:

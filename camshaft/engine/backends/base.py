@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 
 from camshaft.errors import CapabilityError, ConfigError, UnknownNameError
+from camshaft.models.classes import check_count
 from camshaft.preprocess import Preprocess
 
 FORWARD = "forward"
@@ -32,8 +33,6 @@ class ModelInfo:
     tap_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per image: (C, h, w)
 
     def __post_init__(self):
-        from camshaft.models.classes import check_count
-
         check_count(self.class_names, self.num_classes, model=self.source or "the model")
 
 
