@@ -28,6 +28,7 @@ from camshaft.pipeline.schedule import LOCAL, check_scheduler, run_tasks
 from camshaft.pipeline.state import ARTIFACTS_DIR, MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
 from camshaft.pipeline.tasks import TaskContext, load_summary, register, release
 from camshaft.writers import maps_store
+from camshaft.writers.atomic import atomic_path, write_json
 from camshaft.writers.table import assemble
 
 
@@ -211,17 +212,28 @@ def _assemble_extras(state: RunState, explainer: Explainer, partitions) -> None:
 
 
 def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> ExplainJob:
-    """The job as another process must run it: the same model, loadable from a file."""
+    """The job as a dask.distributed worker must run it: the model and class names this process loaded.
+
+    Workers read the data and write the results themselves, so those are on storage they share; the
+    model's weights and the class names are written into the run's folder, so that no worker
+    depends on a file only this machine sees, and all of them get what this process validated even
+    if the user's files change during the run (a nightly job writing tomorrow's checkpoint).
+    """
     if job.scheduler in LOCAL:
         return job
+    if job.class_names is not None:
+        path = state.dir / "class_names.json"
+        write_json(path, list(explainer.backend.info.class_names))
+        job = replace(job, class_names=path)
     source = explainer.source
     if source.kind == "torch" and job.backend != "eager":
         from camshaft.engine.backends.registry import ARTIFACT_NAMES
 
         return replace(job, model=str(state.out / ARTIFACTS_DIR / ARTIFACT_NAMES[job.backend]), weights=None)
-    if source.kind == "torch" and job.weights is None and source.spec != "demo":
-        path = state.dir / "weights.pt"  # e.g. random weights: every worker must get the same ones
-        torch.save(source.module.state_dict(), path)
+    if source.kind == "torch" and source.spec != "demo":  # random weights too: every worker gets the same ones
+        path = state.dir / "weights.pt"
+        with atomic_path(path) as tmp:
+            torch.save(source.module.state_dict(), tmp)
         return replace(job, weights=path)
     return job
 
