@@ -145,3 +145,66 @@ def test_the_cli_compares_with_several_runs(capsys, monkeypatch, tmp_path):
     assert code == 0 and "compared with the median of 3 previous runs" in out and "0 regressions" in out, err
     code, out, _ = run_cli(capsys, "bench", "--quick", "--compare", paths[1])
     assert code == 1 and "compared with the previous run" in out and "REGRESSION" in out
+
+
+# --- a folder of earlier runs (a nightly job's history) ------------------------------------------------
+
+
+def _fake_run(monkeypatch):
+    from test_bench import made_up
+
+    def fake(settings, *, workdir, log, progress=None, recheck=None):
+        return BenchReport(settings.to_dict(), {"cpu": "test", "device": "cpu", "dtype": "float32"}, made_up())
+
+    monkeypatch.setattr("camshaft.bench.runner.run_bench", fake)
+
+
+def test_a_folder_gives_its_newest_complete_runs_of_the_same_work(tmp_path):
+    from camshaft.bench.compare import history, work_of
+
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    for day in range(1, 6):
+        save_json(_run(f"2026-11-0{day}", 1.0), folder / f"{day}.json")
+    save_json(_run("2026-11-09", 1.0, dtype="bfloat16"), folder / "bf16.json")
+    save_json(_run("2026-11-09", 1.0, device="cuda:0"), folder / "gpu.json")
+    save_json({**_run("2026-11-09", 1.0), "complete": False}, folder / "stopped.json")
+    (folder / "notes.json").write_text('{"not": "a run"}')
+    (folder / "readme.txt").write_text("not json")
+    work = work_of(_run("2026-11-10", 1.0)["settings"])
+    assert work == {"device": "cpu", "dtype": "float32", "cuda_graphs": False}
+    found = history(folder, work=work, keep=3, exclude=(folder / "5.json",))
+    assert [p.name for p, _ in found.runs] == ["2.json", "3.json", "4.json"]  # oldest first; 5.json is this run's own
+    assert found.passed == ("1 older than the newest 3", "2 of other work (device type, dtype or CUDA graphs)",
+                            "1 stopped part-way", "1 not camshaft benchmark results")
+    assert [p.name for p, _ in history(folder, work={**work, "dtype": "bfloat16"}, keep=7).runs] == ["bf16.json"]
+    with pytest.raises(ConfigError, match="is not a folder of saved runs"):
+        history(folder / "1.json", work=work, keep=3)
+
+
+def test_a_nightly_job_compares_with_its_folder_from_the_first_night_on(capsys, monkeypatch, tmp_path):
+    _fake_run(monkeypatch)
+    folder = tmp_path / "runs"
+    folder.mkdir()
+    nightly = lambda day, *more: run_cli(capsys, "bench", "--quick", "--json", folder / f"{day}.json",  # noqa: E731
+                                         "--compare", folder, *more)
+    code, out, err = nightly("01")  # nothing yet: nothing compared, and the night does not fail for it
+    assert code == 0 and "nothing compared (this run starts the history)" in out, err
+    assert "0 earlier runs of this work" in err and load_json(folder / "01.json")["complete"]
+    code, out, err = nightly("02")
+    assert code == 0 and "compared with the previous run" in out and "1 earlier runs of this work" in err
+    # a lucky night, then an ordinary one: the median of the folder does not fail it, the lucky run alone would
+    save_json(_run("2026-12-30", 1.6), folder / "lucky.json")
+    code, out, err = nightly("03")
+    assert code == 0 and "the median of 3 previous runs" in out, out
+    code, out, err = nightly("04", "--history", "1")
+    assert code == 1 and "REGRESSION" in out and "passed over: 3 older than the newest 1" in err
+
+
+def test_history_needs_a_compare_folder(capsys, monkeypatch, tmp_path):
+    _fake_run(monkeypatch)
+    path = save_json(_run("2026-12-01", 1.0), tmp_path / "a.json")
+    code, _, err = run_cli(capsys, "bench", "--quick", "--compare", path, "--history", "3")
+    assert code == 2 and "--history chooses the runs of a --compare folder: give one" in err
+    code, _, err = run_cli(capsys, "bench", "--quick", "--compare", tmp_path, "--history", "0")
+    assert code == 2 and "--history" in err

@@ -9,13 +9,15 @@ measured and this run skipped is flagged (a method that stopped working must not
 job). Runs on another device type, dtype or CUDA-graph setting are not the same measurements (a
 figure's key leaves those out): nothing is compared. Raw throughput is compared on the same
 machine only (CPU or device, cores, torch threads). Other differences (versions, rounds) are listed.
-Several earlier runs make one baseline (`baseline`): each figure's median over them.
+Several earlier runs make one baseline (`baseline`): each figure's median over them. A folder of
+saved runs (a nightly job's history) gives its newest runs of the same work (`history`).
 """
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 
 from camshaft.errors import ConfigError
 
@@ -151,6 +153,59 @@ def baseline(runs: list[dict]) -> dict:
     for (key, name), numbers in values.items():
         figures[key][name] = statistics.median(numbers)
     return {**newest, "figures": list(figures.values()), "baseline_runs": len(runs)}
+
+
+def work_of(settings: dict) -> dict:
+    """What makes two runs' figures the same measurements: device type, dtype, CUDA graphs."""
+    device = settings.get("device")
+    return {"device": None if device is None else str(device).split(":")[0], "dtype": settings.get("dtype"),
+            "cuda_graphs": bool(settings.get("cuda_graphs"))}
+
+
+@dataclass(frozen=True)
+class History:
+    """The runs a folder gives a baseline: ``runs`` as (path, data), oldest first; ``passed`` says what was left out."""
+
+    folder: Path
+    runs: tuple[tuple[Path, dict], ...]
+    passed: tuple[str, ...]  # e.g. "3 of other work", one line each
+
+
+def history(folder: str | Path, *, work: dict, keep: int, exclude: tuple[Path, ...] = ()) -> History:
+    """The newest ``keep`` complete runs saved in ``folder`` (``*.json``, by their ``created`` time) that
+    measured ``work`` (see `work_of`). Files that are not benchmark results, runs stopped part-way, runs of
+    other work and the paths in ``exclude`` (this run's own output) are passed over and counted: a
+    nightly job's folder collects all of them as settings change over the months."""
+    from camshaft.bench.report import load_json
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"{folder} is not a folder of saved runs")
+    if keep < 1:
+        raise ConfigError(f"the history must keep at least 1 run, received {keep}")
+    excluded = {p.resolve() for p in exclude}
+    found, other, unreadable, incomplete = [], 0, 0, 0
+    for path in sorted(folder.glob("*.json")):
+        if path.resolve() in excluded:
+            continue
+        try:
+            data = load_json(path)
+        except ConfigError:
+            unreadable += 1
+            continue
+        if data.get("complete") is False:
+            incomplete += 1
+        elif work_of(data.get("settings") or {}) != work:
+            other += 1
+        else:
+            found.append((path, data))
+    found.sort(key=lambda r: str(r[1].get("created", "")))
+    older = len(found) - keep
+    passed = [f"{n} {what}" for n, what in ((max(older, 0), f"older than the newest {keep}"),
+                                            (other, "of other work (device type, dtype or CUDA graphs)"),
+                                            (incomplete, "stopped part-way"),
+                                            (unreadable, "not camshaft benchmark results")) if n]
+    return History(folder, tuple(found[-keep:]), tuple(passed))
 
 
 def differences(previous: dict, current: dict) -> list[tuple[str, object, object]]:

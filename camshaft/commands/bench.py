@@ -2,7 +2,9 @@
 
 Exit status: 0 done, 1 a regression against ``--compare``, a figure it measured that this run
 skipped, or nothing compared (or a camshaft workload failed), 2 invalid flags (checked before any
-work), 130 Ctrl-C (the groups measured so far are printed, and saved with ``--json``).
+work), 130 Ctrl-C (the groups measured so far are printed, and saved with ``--json``). A ``--compare``
+folder without an earlier run of the same work (a nightly job's first night) compares nothing and
+says so; that alone does not fail the run.
 """
 
 from __future__ import annotations
@@ -87,8 +89,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--compare",
         type=Path,
         nargs="+",
-        metavar="PREVIOUS.json",
-        help="flag figures that dropped since a saved run; several runs: against each figure's median over them",
+        metavar="PREVIOUS",
+        help="flag figures that dropped since a saved run (a --json file); several runs: against each figure's "
+        "median over them; a folder: its newest runs of the same work (--history), none yet: nothing to compare",
+    )
+    p.add_argument(
+        "--history",
+        type=positive,
+        metavar="N",
+        help="with a --compare folder: how many of its newest runs make the baseline (default: 7)",
     )
     p.add_argument(
         "--threshold", type=float, default=0.1, help="relative drop that counts as a regression (default: 0.1)"
@@ -138,9 +147,11 @@ def _tuple(values):
     return None if values is None else tuple(dict.fromkeys(values))  # keep order, drop repeats
 
 
-def _check_files(args) -> dict | None:
-    """Output and comparison files, checked before any work; returns the previous run if any."""
+def _check_files(args, settings) -> tuple[dict | None, list[Path]]:
+    """Output and comparison files, checked before any work: the baseline (None: nothing to compare
+    with) and the files it was made of."""
     from camshaft.bench import load_json
+    from camshaft.bench.compare import baseline, history, work_of
     from camshaft.bench.report import output_problem
     from camshaft.errors import ConfigError
 
@@ -151,36 +162,44 @@ def _check_files(args) -> dict | None:
         problems.append(f"--threshold must be between 0 and 1 (0.1 = a 10% drop), received {args.threshold}")
     if args.recheck is not None and args.compare is None:
         problems.append("--recheck times again figures that dropped since a previous run: give --compare too")
+    folders = [p for p in dict.fromkeys(args.compare or ()) if p.is_dir()]
+    if args.history is not None and not folders:
+        problems.append("--history chooses the runs of a --compare folder: give one")
     if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
         problems.append(f"--workdir {args.workdir} is not a folder")
+    runs: dict[Path, dict] = {}
+    for path in dict.fromkeys(args.compare or ()):
+        try:
+            if path in folders:
+                found = history(path, work=work_of(settings.to_dict()), keep=args.history or 7,
+                                exclude=() if args.json is None else (args.json,))
+                said = f"; passed over: {', '.join(found.passed)}" if found.passed else ""
+                print(f"camshaft bench: --compare {path}: {len(found.runs)} earlier runs of this work{said}",
+                      file=sys.stderr, flush=True)
+                runs.update(found.runs)
+            else:
+                runs[path] = load_json(path)
+        except ConfigError as e:
+            problems.append(f"--compare: {e}")
     previous = None
-    if args.compare is not None:
-        from camshaft.bench.compare import baseline
-
-        runs = []
-        for path in dict.fromkeys(args.compare):
-            try:
-                runs.append(load_json(path))
-            except ConfigError as e:
-                problems.append(f"--compare: {e}")
-        if runs and len(runs) == len(dict.fromkeys(args.compare)):
-            try:
-                previous = baseline(runs)
-            except ConfigError as e:
-                problems.append(f"--compare: {e}")
+    if runs and not problems:
+        try:
+            previous = baseline(list(runs.values()))
+        except ConfigError as e:
+            problems.append(f"--compare: {e}")
     if problems:
         raise ConfigError("; ".join(problems))
-    return previous
+    return previous, list(runs)
 
 
 def run(args) -> int:
     from camshaft.bench import compare, format_comparison, format_table, run_bench, save_json
 
     settings = settings_from(args)
-    previous = _check_files(args)
+    previous, baseline_files = _check_files(args, settings)
     log = lambda message: print(f"camshaft bench: {message}", file=sys.stderr, flush=True)  # noqa: E731
     so_far: list[dict] = []
-    partial = _partial_path(args)
+    partial = _partial_path(args, baseline_files)
 
     def progress(report) -> None:  # after each group: with --json, the figures so far are saved (marked incomplete)
         so_far[:] = [report.to_dict()]
@@ -228,16 +247,18 @@ def run(args) -> int:
             print(f"  {len(rechecked)} figures were timed again after a drop (up to {passes} more passes, "
                   "limits included); the lines above judge the best of all their rounds")
         code = code or (0 if result.ok else 1)
+    elif args.compare:
+        print(f"\nno earlier run of this work in {', '.join(map(str, args.compare))}: nothing compared "
+              "(this run starts the history)")
     return code
 
 
-def _partial_path(args) -> Path | None:
-    """Where the figures so far are saved during the run: ``--json`` itself, or beside it when it is the
-    ``--compare`` baseline (a nightly job rolling one file forward must not lose it to a stopped run)."""
+def _partial_path(args, baseline_files: list[Path]) -> Path | None:
+    """Where the figures so far are saved during the run: ``--json`` itself, or beside it when it is part of
+    the ``--compare`` baseline (a nightly job rolling one file forward must not lose it to a stopped run)."""
     if args.json is None:
         return None
-    baselines = {p.resolve() for p in args.compare or ()}
-    if args.json.exists() and args.json.resolve() in baselines:
+    if args.json.exists() and args.json.resolve() in {p.resolve() for p in baseline_files}:
         return args.json.with_name(f"{args.json.stem}.incomplete{args.json.suffix}")
     return args.json
 
