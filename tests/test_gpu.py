@@ -107,6 +107,36 @@ def test_every_backend_on_the_device_gives_the_cpus_maps(backend, data, on_cpu, 
     assert not cuda or torch.cuda.max_memory_allocated() > 0  # the work ran on the GPU
 
 
+def test_onnx_runtime_reads_and_writes_device_tensors_in_place(tmp_path, no_tf32):
+    """After the first batch of a shape, the session is bound to tensors on the device (I/O binding):
+    no copy through the host, and the same numbers as the CPU's session."""
+    source = resolve_model("demo")
+    open_ = lambda device: backend_factory("onnxruntime")(  # noqa: E731
+        source, taps=None, preprocess={}, device=torch.device(device), dtype=torch.float32, workdir=tmp_path / device)
+    try:
+        backend = open_(DEVICE)
+    except ConfigError as e:
+        if "needs onnxruntime-gpu" in str(e):
+            pytest.skip(f"ONNX Runtime has no CUDA provider here: {e}")
+        raise
+    cpu = open_("cpu")
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(8, 3, *source.preprocess.input_size, generator=g) for _ in range(3)]
+    got = [backend.forward(x.to(DEVICE)) for x in batches]  # the first teaches the shapes, the others are bound
+    assert backend._shapes
+    for x, out in zip(batches, got, strict=True):
+        want = cpu.forward(x)
+        assert out.logits.device.type == torch.device(DEVICE).type
+        torch.testing.assert_close(out.logits.cpu(), want.logits, rtol=1e-3, atol=1e-4)
+        for tap, a in want.taps.items():
+            torch.testing.assert_close(out.taps[tap].cpu(), a, rtol=1e-3, atol=1e-4)
+    select = Targets.parse("top:2").selector()
+    grads = [backend.tap_gradients(batches[0].to(DEVICE), select) for _ in range(2)]
+    want = cpu.tap_gradients(batches[0], select)
+    for tap, w in want.grads.items():
+        torch.testing.assert_close(grads[1].grads[tap].cpu(), w, rtol=1e-3, atol=1e-5)
+
+
 def test_partitions_sharing_the_device_give_what_one_partition_at_a_time_gives(data, tmp_path, no_tf32):
     """Concurrent partitions queue batches while earlier results are still on their way to the host
     (pinned copies, collected a batch later), and images come from worker processes on a GPU."""

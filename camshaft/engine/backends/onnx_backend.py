@@ -16,6 +16,7 @@ from camshaft.engine.backends.base import FORWARD, TAP_GRADIENTS, ModelInfo, Out
 from camshaft.errors import ConfigError
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16}
+_TORCH = {np.dtype(v): k for k, v in _NP.items()}
 
 
 def _onnxruntime():
@@ -94,6 +95,7 @@ class OnnxBackend:
     ):
         self.session, self.info, self.device = session, info, device
         self._batch = batch  # the graph's fixed batch size, if it has one: batches run in parts of that size
+        self._shapes: dict[tuple, list] = {}  # (outputs, input shape) -> the outputs' (shape, dtype), once seen
         self._tap_outputs = tap_outputs  # tap -> graph output name
         self.dtype = torch.float32
         self._head = None if head is None else head.to(device)
@@ -109,19 +111,44 @@ class OnnxBackend:
         self.capabilities = frozenset(caps)
 
     def _run(self, x: torch.Tensor, names: list[str]) -> list[torch.Tensor]:
-        data = x.detach().to("cpu", torch.float32).numpy()
-        if self._batch is None or len(data) == self._batch:
-            outs = self.session.run(names, {self._input: data})
-        else:  # a fixed-batch graph: parts of its size, the last one filled up with copies of its last image
-            parts = []
-            for start in range(0, len(data), self._batch):
-                part = data[start : start + self._batch]
-                n = len(part)
-                if n < self._batch:
-                    part = np.concatenate([part, np.repeat(part[-1:], self._batch - n, axis=0)])
-                parts.append([o[:n] for o in self.session.run(names, {self._input: part})])
-            outs = [np.concatenate(o) for o in zip(*parts, strict=True)]
+        if self._batch is None:
+            key = (tuple(names), tuple(x.shape))
+            if key in self._shapes:
+                return self._run_bound(x, names, self._shapes[key])
+            outs = self._run_arrays(x.detach().to("cpu", torch.float32).numpy(), names)
+            if all(o.dtype in _TORCH for o in outs):  # from now on, bound: the outputs' shapes are known
+                self._shapes[key] = [(o.shape, _TORCH[o.dtype]) for o in outs]
+        else:
+            outs = self._run_arrays(x.detach().to("cpu", torch.float32).numpy(), names)
         return [torch.from_numpy(o).to(self.device) for o in outs]
+
+    def _run_arrays(self, data: np.ndarray, names: list[str]) -> list[np.ndarray]:
+        if self._batch is None or len(data) == self._batch:
+            return self.session.run(names, {self._input: data})
+        parts = []  # a fixed-batch graph: parts of its size, the last one filled up with copies of its last image
+        for start in range(0, len(data), self._batch):
+            part = data[start : start + self._batch]
+            n = len(part)
+            if n < self._batch:
+                part = np.concatenate([part, np.repeat(part[-1:], self._batch - n, axis=0)])
+            parts.append([o[:n] for o in self.session.run(names, {self._input: part})])
+        return [np.concatenate(o) for o in zip(*parts, strict=True)]
+
+    def _run_bound(self, x: torch.Tensor, names: list[str], shapes: list) -> list[torch.Tensor]:
+        """The session reads ``x`` where it lies and writes into tensors allocated here (I/O binding): on a
+        GPU, no copy through the host either way; the outputs are new tensors the caller owns."""
+        x = x.detach().to(self.device, torch.float32).contiguous()
+        outs = [torch.empty(shape, dtype=dtype, device=self.device) for shape, dtype in shapes]
+        kind, index = self.device.type, self.device.index or 0
+        binding = self.session.io_binding()
+        binding.bind_input(self._input, kind, index, np.float32, tuple(x.shape), x.data_ptr())
+        for name, out in zip(names, outs, strict=True):
+            binding.bind_output(name, kind, index, _NP[out.dtype], tuple(out.shape), out.data_ptr())
+        if kind == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # x is written by kernels queued on torch's stream
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # written before torch reads them, whatever stream ONNX Runtime ran on
+        return outs
 
     def forward(self, x: torch.Tensor) -> Output:
         names = [self._outputs[0], *(self._tap_outputs[t] for t in self.info.taps)]
