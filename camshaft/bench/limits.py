@@ -3,10 +3,11 @@
 *The limit* is the best plain batched forward of the model on the device and dtype of the run,
 under inference mode: the best of eager, channels_last, frozen TorchScript (``torch.jit.trace`` +
 ``torch.jit.freeze``, fed contiguous and channels-last batches) and ONNX Runtime (the session
-options camshaft itself uses). Gradient methods are also compared with *the gradient limit*: that
-best forward plus the head above the tap run forward with a batched backward of the K target scores
-to the tap (``head_backward``). Methods on input gradients are compared with a forward and a
-batched backward to the pixels (``input_backward``). With ``cuda_graphs`` (a run whose backends replay
+options camshaft itself uses, the input and outputs bound where they lie, as the backend binds
+them). Gradient methods are also compared with *the gradient limit*: that best forward plus the
+head above the tap run forward with a batched backward of the K target scores to the tap
+(``head_backward``). Methods on input gradients are compared with a forward and a batched backward
+to the pixels (``input_backward``). With ``cuda_graphs`` (a run whose backends replay
 CUDA graphs) the two fastest variants are also replayed from CUDA graphs (``GRAPH_VARIANTS``), so
 graphed methods are held to a graphed forward.
 
@@ -20,6 +21,7 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -133,10 +135,17 @@ def _onnxruntime(path: Path | None, x: torch.Tensor, dtype: torch.dtype) -> Call
     from camshaft.engine.backends.onnx_backend import open_session
 
     session = open_session(path, x.device)
-    feed = {session.get_inputs()[0].name: x.detach().cpu().numpy()}
+    x = x.detach().float().contiguous()
+    kind, index = x.device.type, x.device.index or 0
+    name, outputs = session.get_inputs()[0].name, [o.name for o in session.get_outputs()]
 
-    def fn():
-        session.run(None, feed)
+    def fn():  # the input read and the outputs written on the device, as the backend binds them
+        binding = session.io_binding()
+        binding.bind_input(name, kind, index, np.float32, tuple(x.shape), x.data_ptr())
+        for output in outputs:
+            binding.bind_output(output, kind, index)
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
 
     return fn
 
