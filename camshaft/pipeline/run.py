@@ -175,18 +175,16 @@ def _execute(
         bar.close()
     seconds = time.perf_counter() - start
     state.remove_temporaries()  # of writers that died while others redid their work (cluster workers lost)
-    tables = [assemble([state.rows_path(p, n) for p in partitions], state.method_dir(n) / TABLE_FILE) for n in names]
-    table = tables[0]
+    images, errors = [assemble([state.rows_path(p, n) for p in partitions], state.method_dir(n) / TABLE_FILE)
+                      for n in names][0]
     _assemble_extras(state, explainer, partitions)
     state.save({**state.load(), "complete": True})
     state.drop_previous()
-    statuses = table.column("status").to_pylist()
-    errors = [(p, e) for p, e, s in zip(table.column("path").to_pylist(), table.column("error").to_pylist(), statuses, strict=True) if s != "ok"]
     explained = sum(s["explained"] for s in summaries)
     stages = {k: sum(s.get("stages", {}).get(k, 0.0) for s in summaries) for k in STAGES}
     first = explainer.runs[0]
     return RunSummary(
-        state.out, len(statuses), len(statuses) - len(errors), len(errors), seconds, "+".join(names), first.tap,
+        state.out, images, images - len(errors), len(errors), seconds, "+".join(names), first.tap,
         explainer.backend.name, mode, explained, errors, [state.method_dir(n) for n in names], stages,
         explainer.decoder.description,
     )

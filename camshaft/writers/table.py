@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from camshaft.writers.atomic import atomic_path
@@ -45,13 +46,25 @@ def write_table(rows: list[dict], path: Path) -> None:
         pq.write_table(table, tmp)
 
 
-def read_rows(path: Path) -> list[dict]:
-    return pq.read_table(path, schema=SCHEMA).to_pylist()
+ROW_GROUP = 65_536  # rows per Parquet row group of the final table (not one small group per shard)
 
 
-def assemble(shards: list[Path], path: Path) -> pa.Table:
-    """Concatenate partition shards (in order) into the final table, atomically."""
-    table = pa.concat_tables([pq.read_table(s, schema=SCHEMA) for s in shards]) if shards else SCHEMA.empty_table()
+def assemble(shards: list[Path], path: Path) -> tuple[int, list[tuple[str, str]]]:
+    """Concatenate partition shards (in order) into the final table, atomically, with at most a row
+    group's worth of shards in memory; returns the number of rows and the (path, error) of each row
+    that failed."""
+    rows, failed, pending = 0, [], []
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-    return table
+        with pq.ParquetWriter(tmp, SCHEMA) as writer:
+            for shard in shards:
+                table = pq.read_table(shard, schema=SCHEMA)
+                rows += table.num_rows
+                bad = table.filter(pc.not_equal(table["status"], "ok"))
+                failed += zip(bad["path"].to_pylist(), bad["error"].to_pylist(), strict=True)
+                pending.append(table)
+                if sum(t.num_rows for t in pending) >= ROW_GROUP:
+                    writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
+                    pending = []
+            if pending:
+                writer.write_table(pa.concat_tables(pending))
+    return rows, failed
