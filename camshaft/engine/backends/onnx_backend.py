@@ -12,8 +12,17 @@ import warnings
 import numpy as np
 import torch
 
-from camshaft.engine.backends.base import FORWARD, TAP_GRADIENTS, ModelInfo, Output, Selector, batched_tap_grads
-from camshaft.errors import ConfigError
+from camshaft.engine.backends.base import (
+    ABLE,
+    FORWARD,
+    INPUT_GRADIENTS,
+    TAP_GRADIENTS,
+    ModelInfo,
+    Output,
+    Selector,
+    batched_tap_grads,
+)
+from camshaft.errors import CapabilityError, ConfigError
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16}
 _TORCH = {np.dtype(v): k for k, v in _NP.items()}
@@ -167,3 +176,10 @@ class OnnxBackend:
             targets = select(logits.detach().float())
             grads = batched_tap_grads(logits.float(), taps, targets)
         return Output(logits.detach().float(), {k: v.detach().float() for k, v in taps.items()}, grads, targets)
+
+    def input_gradients(self, x: torch.Tensor, select: Selector) -> Output:
+        """Not served: ONNX Runtime computes no gradients, and the trunk below the tap has no torch twin."""
+        raise CapabilityError(
+            f"the onnxruntime backend cannot give {INPUT_GRADIENTS} for {self.info.source!r}. "
+            f"Backends that can: {ABLE[INPUT_GRADIENTS]}"
+        )
