@@ -3,12 +3,14 @@
 The input gradient with every ReLU's backward replaced by ``relu(grad) * (input > 0)``: only
 positive signals flow back through positive activations. It rewires the ReLU modules of a live
 model for the duration of one backward (``MODULE_HOOKS``: eager backend only); functional relus
-(``F.relu`` in a forward) cannot be reached and keep their usual backward.
+(``F.relu`` in a forward) cannot be reached and keep their usual backward. A model without ReLU
+modules (EfficientNet's SiLU, ConvNeXt's GELU) gets plain saliency, with a warning saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -47,7 +49,14 @@ def guided(model: nn.Module) -> Iterator[int]:
 
 
 def _guided_backprop(backend: Backend, x: torch.Tensor, select: Selector, tap, options: dict):
-    with guided(backend.module):
+    with guided(backend.module) as relus:
+        if not relus:
+            warnings.warn(
+                f"guided backpropagation: {backend.info.source!r} has no nn.ReLU modules to guide (its activations "
+                "are other functions: SiLU, GELU, functional relus), so its map is the plain input gradient, "
+                "as --method saliency gives",
+                stacklevel=3,
+            )
         out = backend.input_gradients(x, select)
     return channel_max_abs(out.input_grads), out
 
