@@ -84,40 +84,75 @@ def options_from(args):
 
 
 def run(args) -> int:
-    from camshaft.report import build_report, compute_exemplars, compute_metrics
     from camshaft.report.build import check_out
     from camshaft.report.exemplars import ExemplarSpec
     from camshaft.report.faithfulness import parse_metrics
+    from camshaft.report.methods import compare_runs, method_runs
 
     from camshaft.results import load_results
 
     options = options_from(args)  # validate every flag before any work
     check_out(Path(args.out), Path(args.run_dir))
-    for run_dir in (args.run_dir, args.compare):
-        if run_dir is not None:
+    runs = method_runs(args.run_dir)  # a run of several methods: a report each, and a page comparing them
+    for run_dir in [*(runs.values() or [args.run_dir]), *([] if args.compare is None else [args.compare])]:
+        if not method_runs(run_dir):
             load_results(run_dir)  # a finished run, or the reason it is not (before metrics are written)
     specs = parse_metrics(args.metrics, steps=args.steps, score=args.score, batch_size=args.metric_batch) if args.metrics else None
     exemplars = [ExemplarSpec.parse(t) for t in args.exemplars or []]
-    common = {"batch_size": args.batch_size, "device": args.device, "progress": not args.no_progress}
-    if specs:
-        compute_metrics(args.run_dir, specs=specs, **common)
-    if exemplars:
-        compute_exemplars(args.run_dir, specs=exemplars, k=args.exemplar_k, **common)
+    if runs and args.compare is not None:
+        compare_runs(args.compare, runs)  # a run of other methods is refused before metrics are computed
+    for run_dir in runs.values() or [args.run_dir]:
+        _compute(args, run_dir, specs, exemplars)
+    if runs:
+        return _report_methods(args, options)
+    from camshaft.report import build_report
+
     report = build_report(args.run_dir, out=args.out, compare=args.compare, options=options)
-    s = report.audit.summary
-    print(
-        f"audited {s['explained']:,} images ({s['maps']:,} maps): {s['flagged_images']:,} flagged images, "
-        f"{s['flagged_classes']:,} flagged classes"
-    )
-    for _, c in report.audit.flagged_classes.head(10).iterrows():
-        print(f"  flagged class {c['class_name']}: {c['flags']} (border {c['mean_border_mass']:.3f}, entropy {c['mean_entropy']:.3f})")
-    if report.drift is not None:
-        d = report.drift.summary
-        print(
-            f"drift over {d['matched']:,} images: mean rank correlation {d['mean_rank_corr']:.4f}, "
-            f"mean top-region IoU {d['mean_top_iou']:.4f}, {d['changed_images']:,} changed predictions"
-        )
+    _print_audit(report)
     print(f"report: {report.index} ({report.seconds:.1f} s)")
     for alert in report.alerts:
         print(f"ALERT: {alert}")
     return 1 if report.alerts else 0
+
+
+def _compute(args, run_dir, specs, exemplars) -> None:
+    from camshaft.report import compute_exemplars, compute_metrics
+
+    common = {"batch_size": args.batch_size, "device": args.device, "progress": not args.no_progress}
+    if specs:
+        compute_metrics(run_dir, specs=specs, **common)
+    if exemplars:
+        compute_exemplars(run_dir, specs=exemplars, k=args.exemplar_k, **common)
+
+
+def _report_methods(args, options) -> int:
+    from camshaft.report.methods import build_methods_report
+
+    result = build_methods_report(args.run_dir, out=args.out, compare=args.compare, options=options)
+    for method, report in result.reports.items():
+        print(f"{method}:")
+        _print_audit(report, indent="  ")
+    for _, row in result.agreement.iterrows():
+        print(f"agreement {row['method_a']} / {row['method_b']} over {row['images']:,} images: mean rank correlation "
+              f"{row['mean_rank_corr']:.4f}, mean top-region IoU {row['mean_top_iou']:.4f}")
+    print(f"report: {result.index} ({result.seconds:.1f} s; one report per method under {args.out})")
+    for alert in result.alerts:
+        print(f"ALERT: {alert}")
+    return 1 if result.alerts else 0
+
+
+def _print_audit(report, *, indent: str = "") -> None:
+    s = report.audit.summary
+    print(
+        f"{indent}audited {s['explained']:,} images ({s['maps']:,} maps): {s['flagged_images']:,} flagged images, "
+        f"{s['flagged_classes']:,} flagged classes"
+    )
+    for _, c in report.audit.flagged_classes.head(10).iterrows():
+        print(f"{indent}  flagged class {c['class_name']}: {c['flags']} (border {c['mean_border_mass']:.3f}, "
+              f"entropy {c['mean_entropy']:.3f})")
+    if report.drift is not None:
+        d = report.drift.summary
+        print(
+            f"{indent}drift over {d['matched']:,} images: mean rank correlation {d['mean_rank_corr']:.4f}, "
+            f"mean top-region IoU {d['mean_top_iou']:.4f}, {d['changed_images']:,} changed predictions"
+        )
