@@ -25,6 +25,21 @@ def _tune_allocator(argv: list[str]) -> None:
         return  # keep going untuned rather than fail
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line with a pointer to ``--help``, not the whole usage above them."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        """As argparse's, but an unknown flag after a command is that command's error (and its help)."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            owner = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            owner.error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
+
+
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The parser; given ``argv``, only the command it names gets its arguments.
 
@@ -36,12 +51,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     names = command_names()
     chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
-    parser = argparse.ArgumentParser(prog="camshaft", description="Batch explanations (CAM, Grad-CAM) for image classifiers.")
+    parser = _Parser(prog="camshaft", description="Batch explanations (CAM, Grad-CAM) for image classifiers.")
     parser.add_argument("--version", action="version", version=f"camshaft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}  # name -> its parser: an unknown flag after a command is reported there
     for name in names:
         module = importlib.import_module(f"camshaft.commands.{name}")
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        parser.commands[name] = command
         if argv is None or name == chosen:
             module.add_arguments(command)
         command.set_defaults(run=module.run, resumable=getattr(module, "RESUMABLE", False))
