@@ -52,7 +52,11 @@ def add_model(
 ) -> None:
     """The model argument, ``--weights`` and ``--class-names``; ``files``: exported files are accepted."""
     help_ = "torchvision architecture (resnet50), pkg.module:factory"
-    help_ += ", a TorchScript .pt or an ONNX .onnx file" if files else " (a live torch model: exported files cannot be optimised through)"
+    help_ += (
+        ", or a file written by camshaft export (TorchScript .pt, .pt2, ONNX .onnx)"
+        if files
+        else " (a live torch model: exported files cannot be optimised through)"
+    )
     if optional:
         p.add_argument("model", nargs="?", default=None, help=help_ + " (default: the built-in demo model)")
     else:

@@ -15,8 +15,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--out", type=Path, default=Path("camshaft-demo"), help="output folder (default: camshaft-demo)")
     p.add_argument("--images", type=positive, default=24, help="how many images to generate (default: 24)")
-    p.add_argument("--method", choices=method_names(), default="gradcam")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--method", choices=method_names(), default="gradcam", help="(default: gradcam)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images (default: 0)")
 
 
 def run(args) -> int:

@@ -18,7 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from camshaft.engine.methods import method_names
 
     add_model(p)
-    p.add_argument("data", type=Path, help="image folder (recursive), a CSV manifest (path[,label][,x0,y0,x1,y1]) or one image")
+    p.add_argument(
+        "data",
+        type=Path,
+        help="image folder (recursive), a CSV or Parquet manifest (path[,label][,x0,y0,x1,y1]) or one image",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
         "--method",
@@ -28,7 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--targets", default="top:1", help="top:K, label, or classes as 3,17,tabby (default: top:1)")
     p.add_argument("--tap", help="layer to explain (default: the CAM tap or the last feature map)")
-    p.add_argument("--backend", choices=backend_names(), default="eager")
+    p.add_argument(
+        "--backend",
+        choices=backend_names(),
+        default="eager",
+        help="runtime (default: eager); a file from camshaft export runs on the backend of its format",
+    )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (mixed precision)")
     p.add_argument(
@@ -36,7 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replay the forward from CUDA graphs: one launch instead of hundreds (GPU; eager, torchscript, pt2)",
     )
-    p.add_argument("--batch-size", type=positive, default=32)
+    p.add_argument(
+        "--batch-size", type=positive, default=32, help="images per batch (default 32; halved on out-of-memory)"
+    )
     p.add_argument(
         "--workers",
         type=positive,
@@ -85,6 +96,7 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
         g.add_argument(
             f"--{name.replace('_', '-')}",
             dest=f"option_{name}",
+            metavar=name.upper(),
             type=_cli_type(option.parse),
             default=None,
             help=f"{option.help} (default: {option.default}; {', '.join(methods)})",

@@ -1,4 +1,4 @@
-"""``camshaft export``: a tapped model as a parity-checked TorchScript or ONNX artifact."""
+"""``camshaft export``: a tapped model as a parity-checked TorchScript, .pt2 or ONNX artifact."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 from camshaft.commands.common import add_model, add_preprocess, preprocess
 
-HELP = "export a tapped model to TorchScript or ONNX (parity-checked)"
+HELP = "export a tapped model to TorchScript, .pt2 or ONNX (parity-checked)"
 
 
 def _tolerance(text: str) -> float:
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from camshaft.exporters import FORMATS
 
     add_model(p)
-    p.add_argument("--format", choices=FORMATS, required=True)
+    p.add_argument("--format", choices=FORMATS, required=True, help="artifact format")
     p.add_argument("--tap", action="append", help="layer to expose (repeatable; default: the last feature map)")
     p.add_argument("--out", type=Path, required=True, help="artifact path")
     p.add_argument("--rtol", type=_tolerance, default=1e-3, help="parity tolerance relative to each output's scale")
