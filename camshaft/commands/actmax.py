@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from camshaft.commands.common import add_model, add_preprocess, count, positive, preprocess
+from camshaft.commands.common import add_model, add_preprocess, count, images, positive, preprocess
 
 HELP = "activation maximization: images that excite classes, channels or neurons (one batch for all)"
 
@@ -87,7 +87,8 @@ def run(args) -> int:
                     **preprocess(args))
     summary = run_actmax(job, progress=not args.no_progress)
     rows = summary.rows
-    print(f"actmax: {len(rows)} images in {summary.seconds:.1f} s ({summary.seconds / len(rows):.2f} s per image)")
+    seconds = summary.seconds
+    print(f"actmax: {images(len(rows))} in {seconds:.1f} s ({seconds / len(rows):.2f} s per image)")
     probs = [r["target_prob"] for r in rows if r["target_prob"] is not None]
     if probs:
         reached = sum(p >= 0.9 for p in probs)

@@ -89,7 +89,7 @@ def preprocess(args) -> dict:
 def print_summary(s) -> None:
     where = f", tap {s.tap}" if s.tap else ""
     print(
-        f"{s.method} on {s.backend}{where}: {s.images} images, {s.ok} ok, {s.failed} failed; "
+        f"{s.method} on {s.backend}{where}: {images(s.images)}, {s.ok} ok, {s.failed} failed; "
         f"{s.explained} explained in {s.seconds:.1f} s ({s.images_per_second:.1f} images/s)"
         + (f", the rest {'resumed' if s.mode == 'resume' else 'reused'} from earlier work" if s.explained < s.images else "")
     )
@@ -104,7 +104,18 @@ def print_summary(s) -> None:
         print(f"  failed: {path}: {reason}")
     if len(s.errors) > 10:
         print(f"  ... and {len(s.errors) - 10} more (see the table)")
+    if len(s.result_dirs) > 1:  # several methods: one run directory each
+        names = [s.maps_path.name, s.table_path.name]
+        for folder in s.result_dirs:
+            overlays = [s.overlays_dir.name] if (folder / s.overlays_dir.name).exists() else []
+            print(f"{folder.name}: {folder} ({', '.join(names + overlays)})")
+        return
     print(f"maps:     {s.maps_path}")
     print(f"table:    {s.table_path}")
     if s.overlays_dir.exists():
         print(f"overlays: {s.overlays_dir}")
+
+
+def images(n: int) -> str:
+    """'1 image', '24 images'."""
+    return f"{n} image" if n == 1 else f"{n} images"
