@@ -5,7 +5,8 @@ or per pixel for input-gradient methods); the group's attributes record the meth
 and preprocessing so readers can place them on the images. One chunk per partition: each Dask task
 writes exactly its own chunk. Rows of images that failed hold NaN maps and target -1. The axes are
 named (``image, k, y, x``), so dask (``dask.array.from_zarr(path, component="maps")``) and xarray
-(``xarray.open_zarr(path)``) read it directly.
+(``xarray.open_zarr(path, consolidated=False)``: Zarr v3 has no consolidated metadata) read it
+directly.
 """
 
 from __future__ import annotations
