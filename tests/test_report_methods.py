@@ -42,6 +42,9 @@ def test_a_report_per_method_and_a_page_comparing_them(runs, tmp_path, capsys):
     for method in ("gradcam", "cam", "occlusion"):
         assert (tmp_path / "report" / method / "index.html").exists() and f'href="{method}/index.html"' in index
         assert f"{method}:\n  audited 10 images (20 maps)" in out
+        page = (tmp_path / "report" / method / "index.html").read_text()
+        assert '<nav><a href="../index.html">← all methods</a>' in page  # every page of it leads back
+        assert all('href="../index.html"' in p.read_text() for p in (tmp_path / "report" / method).glob("class_*.html"))
     agreement = pd.read_csv(tmp_path / "report" / "tables" / "agreement.csv")
     assert list(zip(agreement["method_a"], agreement["method_b"], strict=True)) == [
         ("gradcam", "cam"), ("gradcam", "occlusion"), ("cam", "occlusion")]

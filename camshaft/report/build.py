@@ -80,10 +80,12 @@ def build_report(
     compare: str | Path | None = None,
     options: ReportOptions = ReportOptions(),
     tokens: Mapping[str, Sequence[tuple[str, float]]] | None = None,
+    up: tuple[str, str] | None = None,
 ) -> Report:
     """Audit ``run`` (and its drift against ``compare``) and write the report folder ``out``.
 
     ``tokens`` (name -> (token, weight) pairs) adds a token-attribution section, for text models.
+    ``up`` (text, relative link) leads every page back to a page above (the comparison of methods).
     """
     from camshaft.report.pages import write_pages  # the HTML layer, imported when needed
 
@@ -99,7 +101,7 @@ def build_report(
     result.exemplars = load_exemplars(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_tables(out / TABLES_DIR, result)
-    write_pages(out, result, options=options, tokens=tokens, compare=compare)
+    write_pages(out, result, options=options, tokens=tokens, compare=compare, up=up)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -72,7 +72,8 @@ def build_methods_report(
     if not runs:
         raise ConfigError(f"{run} is not a run of several methods")
     others = compare_runs(compare, runs) if compare is not None else {}
-    reports = {m: build_report(folder, out=out / m, compare=others.get(m), options=options) for m, folder in runs.items()}
+    reports = {m: build_report(folder, out=out / m, compare=others.get(m), options=options,
+                               up=("← all methods", "../index.html")) for m, folder in runs.items()}
     methods = pd.DataFrame([_method_row(m, r, others.get(m)) for m, r in reports.items()])
     agreement = _agreement({m: r.audit.results for m, r in reports.items()}, top=options.drift_top)
     alerts = [f"{m}: {a}" for m, r in reports.items() for a in r.alerts]

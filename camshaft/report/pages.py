@@ -93,15 +93,18 @@ def index_nav(report, *, tokens) -> list[tuple[str, str]]:
     return nav
 
 
-def write_pages(out: Path, report, *, options, tokens: Mapping[str, Sequence[tuple[str, float]]] | None, compare) -> list[Path]:
-    """index.html and one page per class, all in ``out``."""
+def write_pages(
+    out: Path, report, *, options, tokens: Mapping[str, Sequence[tuple[str, float]]] | None, compare,
+    up: tuple[str, str] | None = None,
+) -> list[Path]:
+    """index.html and one page per class, all in ``out``; ``up``: a first navigation link (text, href)."""
     from camshaft.report import class_page, drift_page, sections
 
     a = report.audit
     quality, quality_name = a.quality() if len(a.images) else (pd.Series(dtype=float), "")
     paged = paged_classes(a.classes, options.class_pages)
     ctx = Context(out, report, options, Sampler(out, a.results, size=options.thumb), quality, quality_name, str(a.results.out), paged)
-    nav = index_nav(report, tokens=tokens)
+    nav = ([up] if up else []) + index_nav(report, tokens=tokens)
     meta = meta_line(report, compare=compare)
     body = [sections.overview(ctx), sections.flags(ctx), sections.classes(ctx)]
     if a.has_boxes:
