@@ -370,6 +370,8 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
     source = resolve_model(job.model, weights=job.weights, class_names=job.class_names)
     device, dtype = resolve_device(job.device), resolve_dtype(job.dtype)
     methods = [get_method(m) for m in job.methods]
+    if source.kind == "torch" and job.backend != "eager" and any(m.validate for m in methods):
+        _validate_before_export(source, methods, job)
     backend = backend_factory(job.backend)(
         source,
         taps=[job.tap] if job.tap else None,
@@ -383,9 +385,7 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
     info = backend.info
     runs = []
     for method in methods:
-        tap = None
-        if method.uses_tap:
-            tap = job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
+        tap = _method_tap(method, job, info)
         check_backend(method, backend, tap=tap)
         runs.append(MethodRun(method, tap, job.options_for(method.name)))
     exemplar_specs = job.exemplar_specs()
@@ -409,6 +409,26 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
         job, source, backend, runs, targets, decoder(job.decode, job.workers, device=str(device)),
         metric_specs=job.metric_specs(), exemplar_specs=exemplar_specs,
     )
+
+
+def _method_tap(method, job: ExplainJob, info) -> str | None:
+    if not method.uses_tap:
+        return None
+    return job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
+
+
+def _validate_before_export(source, methods, job: ExplainJob) -> None:
+    """What a method asks of the model itself (CAM: a pooled linear head) is checked on the model as it is,
+    before an export to another backend that can take minutes (VGG to ONNX: about a minute here)."""
+    from types import SimpleNamespace
+
+    from camshaft.models.prepared import prepare_model
+
+    pre = (source.preprocess or Preprocess()).replace(**job.preprocess_overrides())
+    prepared = SimpleNamespace(info=prepare_model(source, taps=[job.tap] if job.tap else None, preprocess=pre).info)
+    for method in methods:
+        if method.validate is not None:
+            method.validate(prepared, _method_tap(method, job, prepared.info))
 
 
 class BackOff:
