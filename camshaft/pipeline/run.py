@@ -175,8 +175,8 @@ def _execute(
         bar.close()
     seconds = time.perf_counter() - start
     state.remove_temporaries()  # of writers that died while others redid their work (cluster workers lost)
-    images, errors = [assemble([state.rows_path(p, n) for p in partitions], state.method_dir(n) / TABLE_FILE)
-                      for n in names][0]
+    assembled = [assemble([state.rows_path(p, n) for p in partitions], state.method_dir(n) / TABLE_FILE) for n in names]
+    images, errors = assembled[0]  # the methods share their images, and the failures among them
     _assemble_extras(state, explainer, partitions)
     state.save({**state.load(), "complete": True})
     state.drop_previous()
