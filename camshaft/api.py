@@ -18,7 +18,7 @@ from camshaft.errors import ConfigError
 from camshaft.exporters import FORMATS, check_artifact_path, export_prepared
 from camshaft.models.inspect import ModelReport, describe
 from camshaft.models.prepared import prepare_model
-from camshaft.models.sources import ModelSource, model_spec, resolve_model
+from camshaft.models.sources import ModelSource, kind_name, model_spec, resolve_model
 from camshaft.preprocess import Preprocess, overrides
 from camshaft.results import Results, load_results
 
@@ -166,7 +166,7 @@ def inspect(
         model = ModelSource("torch", type(model).__name__, module=model)
     source = model if isinstance(model, ModelSource) else resolve_model(model, weights=weights)
     if source.kind != "torch":
-        raise ConfigError(f"inspect reads torch models; {source.spec!r} is a {source.kind} file")
+        raise ConfigError(f"inspect reads torch models; {source.spec!r} is {kind_name(source.kind)}")
     pre = (source.preprocess or Preprocess()).replace(input_size=overrides(input_size)["input_size"])
     modes = {m: m.training for m in source.module.modules()}
     try:

@@ -58,6 +58,7 @@ def _names(names) -> str:
 def _inspect_artifact(source) -> int:
     from camshaft.exporters import onnx as onnx_export
     from camshaft.exporters import torchscript as ts_export
+    from camshaft.models.sources import kind_name
 
     if source.kind == "onnx":
         import onnx
@@ -74,7 +75,7 @@ def _inspect_artifact(source) -> int:
     else:
         _, meta, cam = ts_export.load(source.path)
     if meta is None:
-        print(f"{source.path}: {source.kind} file without camshaft metadata")
+        print(f"{source.path}: {kind_name(source.kind)} without camshaft metadata")
         if source.kind == "onnx":
             _inspect_foreign_onnx(source.path)
         return 0

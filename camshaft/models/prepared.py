@@ -11,7 +11,7 @@ from torch import nn
 from camshaft.engine.backends.base import ModelInfo
 from camshaft.errors import ConfigError
 from camshaft.models.inspect import CamHead, describe, find_cam_head, input_checked, model_device, probe_input
-from camshaft.models.sources import ModelSource
+from camshaft.models.sources import ModelSource, kind_name
 from camshaft.models.split import SplitModel, split_at_first_tap
 from camshaft.models.taps import TappedModel, plan_taps
 from camshaft.preprocess import Preprocess
@@ -32,7 +32,7 @@ def prepare_model(
 ) -> PreparedModel:
     """Tap ``source`` (a torch model) at ``taps`` (default: its last spatial feature map)."""
     if source.kind != "torch" or source.module is None:
-        raise ConfigError(f"{source.spec!r} is a {source.kind} file, not a torch model")
+        raise ConfigError(f"{source.spec!r} is {kind_name(source.kind)}, not a torch model")
     model = source.module.eval()
     pre = preprocess or source.preprocess or Preprocess()
     plan = plan_taps(model)

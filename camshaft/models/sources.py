@@ -38,6 +38,14 @@ class ModelSource:
     class_names: list[str] | None = field(default=None, repr=False)
 
 
+_KIND_NAMES = {"torch": "a torch model", "torchscript": "a TorchScript file", "onnx": "an ONNX file", "pt2": "a .pt2 file"}
+
+
+def kind_name(kind: str) -> str:
+    """A model kind in a sentence: ``an ONNX file``, ``a TorchScript file``, ``a .pt2 file``, ``a torch model``."""
+    return _KIND_NAMES.get(kind, f"a {kind} file")
+
+
 def classification_models() -> list[str]:
     """torchvision's classification architectures."""
     return sorted(torchvision.models.list_models(module=torchvision.models))

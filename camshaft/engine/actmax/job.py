@@ -19,7 +19,7 @@ from camshaft.engine.actmax.render import RenderConfig, forward_fn, render, tap_
 from camshaft.engine.actmax.spec import parse_objectives
 from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.classes import check_count, read_class_names
-from camshaft.models.sources import ModelSource, resolve_model
+from camshaft.models.sources import ModelSource, kind_name, resolve_model
 from camshaft.preprocess import RESIZE_MODES, Preprocess, overrides, prepare
 from camshaft.writers.atomic import out_folder_problem
 
@@ -94,7 +94,7 @@ def _torch_model(job: ActmaxJob) -> ModelSource:
     if source.kind != "torch":
         raise ConfigError(
             f"actmax differentiates the model w.r.t. its input and runs only live torch models; "
-            f"{source.spec!r} is a {source.kind} file. Use the architecture name or module:factory "
+            f"{source.spec!r} is {kind_name(source.kind)}. Use the architecture name or module:factory "
             "with --weights instead"
         )
     return source

@@ -24,7 +24,7 @@ from camshaft.exporters.metadata import ArtifactMeta
 from camshaft.models.fold import fold_graphs
 from camshaft.models.onnx_graph import open_foreign
 from camshaft.models.prepared import prepare_model
-from camshaft.models.sources import ModelSource
+from camshaft.models.sources import ModelSource, kind_name
 from camshaft.preprocess import Preprocess
 
 
@@ -72,7 +72,7 @@ def _artifact(source: ModelSource, fmt: str, *, taps, preprocess: dict, workdir:
     if source.kind == fmt:
         return source.path
     if source.kind != "torch":
-        raise ConfigError(f"{source.spec!r} is a {source.kind} file; it cannot run on the {fmt} backend")
+        raise ConfigError(f"{source.spec!r} is {kind_name(source.kind)}; it cannot run on the {fmt} backend")
     from camshaft.exporters import export_prepared
 
     if workdir is None:
@@ -104,7 +104,7 @@ def open_eager(
     """
     if source.kind != "torch":
         raise ConfigError(
-            f"the eager backend needs a torch model; {source.spec!r} is a {source.kind} file "
+            f"the eager backend needs a torch model; {source.spec!r} is {kind_name(source.kind)} "
             f"(use --backend {FILE_BACKENDS.get(source.kind, 'torchscript')})"
         )
     pre = (source.preprocess or Preprocess()).replace(**preprocess)

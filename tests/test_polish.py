@@ -1,0 +1,43 @@
+"""Small defects found in a README walkthrough: messages, reprs and the inspect table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from camshaft.api import inspect
+from camshaft.engine.actmax.job import ActmaxJob, _torch_model
+from camshaft.engine.backends.registry import _artifact, open_eager
+from camshaft.errors import ConfigError
+from camshaft.models.prepared import prepare_model
+from camshaft.models.sources import ModelSource, kind_name
+
+
+# --- a model kind in a sentence ---------------------------------------------------------------------
+
+
+def test_each_kind_reads_naturally():
+    assert [kind_name(k) for k in ("onnx", "torchscript", "pt2", "torch")] == [
+        "an ONNX file", "a TorchScript file", "a .pt2 file", "a torch model"]
+
+
+def test_messages_name_the_kind_with_the_right_article(tmp_path):
+    onnx, script, pt2 = (ModelSource(k, f"m.{k}", path=tmp_path / f"m.{k}") for k in ("onnx", "torchscript", "pt2"))
+    with pytest.raises(ConfigError, match=r"'m.onnx' is an ONNX file, not a torch model"):
+        prepare_model(onnx)
+    with pytest.raises(ConfigError, match=r"'m.torchscript' is a TorchScript file; it cannot run on the onnx backend"):
+        _artifact(script, "onnx", taps=None, preprocess={}, workdir=tmp_path)
+    with pytest.raises(ConfigError, match=r"'m.pt2' is a \.pt2 file \(use --backend pt2\)"):
+        open_eager(pt2, preprocess={}, device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(ConfigError, match=r"inspect reads torch models; 'm.onnx' is an ONNX file$"):
+        inspect(onnx)
+
+
+def test_actmax_names_the_kind_with_the_right_article(tmp_path):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"")  # only its suffix is read before the refusal
+    job = ActmaxJob(model=str(path), objectives=("class:0",), out=tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"is an ONNX file\. Use the architecture name"):
+        _torch_model(job)
