@@ -10,6 +10,7 @@ import torch
 from camshaft.api import inspect
 from camshaft.engine.actmax.job import ActmaxJob, _torch_model
 from camshaft.engine.backends.registry import _artifact, open_eager
+from camshaft.engine.targets import Targets
 from camshaft.errors import ConfigError
 from camshaft.models.prepared import prepare_model
 from camshaft.models.sources import ModelSource, kind_name
@@ -41,3 +42,14 @@ def test_actmax_names_the_kind_with_the_right_article(tmp_path):
     job = ActmaxJob(model=str(path), objectives=("class:0",), out=tmp_path / "out")
     with pytest.raises(ConfigError, match=r"is an ONNX file\. Use the architecture name"):
         _torch_model(job)
+
+
+# --- class names in a --targets error -----------------------------------------------------------------
+
+
+def test_unknown_targets_add_an_ellipsis_only_when_names_are_left_out():
+    five = ["circle", "square", "triangle", "cross", "ring"]
+    with pytest.raises(ConfigError, match=r"names such as circle, square, triangle, cross, ring$"):
+        Targets.parse("hexagon", class_names=five, num_classes=5)
+    with pytest.raises(ConfigError, match=r"names such as circle, square, triangle, cross, ring, \.\.\.$"):
+        Targets.parse("hexagon", class_names=[*five, "star"], num_classes=6)

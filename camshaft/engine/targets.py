@@ -42,7 +42,9 @@ class Targets:
             (bad.append(item) if index is None else indices.append(index))
         if bad:
             valid = f"0..{num_classes - 1}" if num_classes else "class indices"
-            names = f" or names such as {', '.join(list(class_names)[:5])}, ..." if class_names else ""
+            listed = list(class_names or [])
+            more = ", ..." if len(listed) > 5 else ""  # only when names are left out
+            names = f" or names such as {', '.join(listed[:5])}{more}" if listed else ""
             raise ConfigError(f"--targets: unknown classes {bad}; use {valid}{names}")
         return cls("classes", len(indices), tuple(indices))
 
