@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from camshaft.api import inspect
 from camshaft.engine.actmax.job import ActmaxJob, _torch_model
 from camshaft.engine.backends.registry import _artifact, open_eager
+from camshaft.engine.featmaps import FeatureMaps
 from camshaft.engine.targets import Targets
 from camshaft.errors import ConfigError
 from camshaft.models.prepared import prepare_model
 from camshaft.models.sources import ModelSource, kind_name
+from camshaft.preprocess import Preprocess
 
 
 # --- a model kind in a sentence ---------------------------------------------------------------------
@@ -53,3 +56,12 @@ def test_unknown_targets_add_an_ellipsis_only_when_names_are_left_out():
         Targets.parse("hexagon", class_names=five, num_classes=5)
     with pytest.raises(ConfigError, match=r"names such as circle, square, triangle, cross, ring, \.\.\.$"):
         Targets.parse("hexagon", class_names=[*five, "star"], num_classes=6)
+
+
+# --- FeatureMaps in a notebook ------------------------------------------------------------------------
+
+
+def test_feature_maps_repr_is_one_short_line():
+    maps = FeatureMaps("layer4", list(range(16)), np.zeros((16, 7, 7), np.float32), Image.new("RGB", (64, 48)),
+                       None, Preprocess())
+    assert repr(maps) == "FeatureMaps('layer4': 16 channels, maps (16, 7, 7), image 64x48)"

@@ -33,6 +33,11 @@ class FeatureMaps:
     geometry: Geometry
     preprocess: Preprocess
 
+    def __repr__(self) -> str:  # a notebook shows this, not the whole array
+        w, h = self.image.size
+        return (f"FeatureMaps({self.tap!r}: {len(self.channels)} channels, maps {tuple(self.maps.shape)}, "
+                f"image {w}x{h})")
+
     def overlays(self, *, alpha: float = 0.4) -> list[Image.Image]:
         """One overlay per channel on the original image (ReLU, [0, 1], bicubic, jet, blend)."""
         return [overlay(self.image, to_original(m, self.geometry, self.preprocess.input_size), alpha=alpha) for m in self.maps]
