@@ -511,8 +511,8 @@ def test_cli_explains_each_architecture_quietly(tmp_path, arch):
     done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines == [f"camshaft: warning: {arch}: no --weights given, using random weights "
-                     "(explanations will be meaningless)"], done.stderr
+    assert lines == [f"camshaft: warning: {arch}: no weights given (--weights, or weights= in Python), "
+                     "using random weights: results are meaningless"], done.stderr
     import zarr
 
     for method in methods.split(","):

@@ -230,7 +230,7 @@ def test_cam_without_cam_head_names_gradcam(cam_without_head):
     assert code == 2
     assert "CAM needs a global-average-pool + linear head" in err and "'vgg11' has none" in err
     assert "Use --method gradcam instead" in err
-    assert any("vgg11: no --weights given, using random weights" in w for w in caught)
+    assert any("vgg11: no weights given (--weights, or weights= in Python), using random weights" in w for w in caught)
 
 
 def test_cam_without_cam_head_writes_nothing(cam_without_head):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from camshaft.api import inspect
+from camshaft.api import feature_maps, inspect
 from camshaft.engine.actmax.job import ActmaxJob, _torch_model
 from camshaft.engine.backends.registry import _artifact, open_eager
 from camshaft.engine.featmaps import FeatureMaps
@@ -65,3 +66,20 @@ def test_feature_maps_repr_is_one_short_line():
     maps = FeatureMaps("layer4", list(range(16)), np.zeros((16, 7, 7), np.float32), Image.new("RGB", (64, 48)),
                        None, Preprocess())
     assert repr(maps) == "FeatureMaps('layer4': 16 channels, maps (16, 7, 7), image 64x48)"
+
+
+# --- the random-weights warning -----------------------------------------------------------------------
+
+NO_WEIGHTS = "resnet18: no weights given (--weights, or weights= in Python), using random weights: results are meaningless"
+
+
+def test_the_no_weights_warning_names_both_ways_and_points_at_the_caller(tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inspect("resnet18", input_size=32)
+        feature_maps("resnet18", image, input_size=32, top=2)
+    mine = [w for w in caught if str(w.message) == NO_WEIGHTS]
+    assert len(mine) == 2, [str(w.message) for w in caught]
+    assert {w.filename for w in mine} == {__file__}

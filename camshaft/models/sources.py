@@ -10,6 +10,7 @@ import importlib
 import inspect
 import os
 import re
+import sys
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from camshaft.models.classes import read_class_names
 from camshaft.preprocess import Preprocess
 
 DEMO = "demo"
+_PACKAGE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "")  # camshaft/, for warnings' stacklevel
 
 
 @dataclass
@@ -38,7 +40,9 @@ class ModelSource:
     class_names: list[str] | None = field(default=None, repr=False)
 
 
-_KIND_NAMES = {"torch": "a torch model", "torchscript": "a TorchScript file", "onnx": "an ONNX file", "pt2": "a .pt2 file"}
+_KIND_NAMES = {
+    "torch": "a torch model", "torchscript": "a TorchScript file", "onnx": "an ONNX file", "pt2": "a .pt2 file",
+}
 
 
 def kind_name(kind: str) -> str:
@@ -134,6 +138,18 @@ def _no_weights(spec: str, weights) -> None:
         raise ConfigError(f"--weights applies to architectures and factories, not to {spec!r}")
 
 
+def _outside_camshaft() -> int:
+    """The ``stacklevel`` (for a warning raised by its caller) of the first frame outside camshaft.
+
+    Computed, not fixed: camshaft reaches ``resolve_model`` by several paths (the API, the CLI, a
+    Dask task), and the warning should point at the user's code whichever one it took.
+    """
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _demo() -> ModelSource:
     from camshaft.demo import model as demo
 
@@ -145,8 +161,9 @@ def _torchvision(name: str, weights) -> ModelSource:
     model = torchvision.models.get_model(name, weights=None)
     if weights is None:
         warnings.warn(
-            f"{name}: no --weights given, using random weights (explanations will be meaningless)",
-            stacklevel=4,
+            f"{name}: no weights given (--weights, or weights= in Python), using random weights: "
+            "results are meaningless",
+            stacklevel=_outside_camshaft(),
         )
     else:
         state = read_state_dict(weights)
