@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from camshaft.api import feature_maps, inspect
+from camshaft.cli import main
 from camshaft.engine.actmax.job import ActmaxJob, _torch_model
 from camshaft.engine.backends.registry import _artifact, open_eager
 from camshaft.engine.featmaps import FeatureMaps
@@ -83,3 +84,15 @@ def test_the_no_weights_warning_names_both_ways_and_points_at_the_caller(tmp_pat
     mine = [w for w in caught if str(w.message) == NO_WEIGHTS]
     assert len(mine) == 2, [str(w.message) for w in caught]
     assert {w.filename for w in mine} == {__file__}
+
+
+# --- the inspect table ------------------------------------------------------------------------------
+
+
+def test_inspect_heads_its_table_with_aligned_column_names(capsys, monkeypatch):
+    monkeypatch.setenv("CAMSHAFT_NO_REEXEC", "1")
+    assert main(["inspect"]) == 0  # the demo model
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split() == ["layer", "type", "output", "shape"]
+    row = next(r for r in rows if r.startswith("features.0 "))
+    assert row.index("Conv2d") == header.index("type") and row.index("16x96x96") == header.index("output shape")

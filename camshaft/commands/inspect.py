@@ -26,7 +26,8 @@ def run(args) -> int:
     tap = report.default_tap
     tap_node = [x.name for x in report.layers if x.name == tap or x.name.startswith(f"{tap}.")][-1:]
     linear = report.cam_head.linear if report.cam_head else None
-    width = max(len(x.name) for x in report.layers)
+    width = max(len("layer"), *(len(x.name) for x in report.layers))
+    print(f"{'layer':<{width}}  {'type':<22} {'output shape':<14}".rstrip())
     for layer in report.layers:
         shape = "x".join(map(str, layer.shape[1:])) if layer.shape else "-"
         mark = f"<- default tap ({tap})" if [layer.name] == tap_node else ("<- CAM head" if layer.name == linear else "")
