@@ -17,7 +17,7 @@ from camshaft.engine.featmaps import FeatureMaps
 from camshaft.engine.targets import Targets
 from camshaft.errors import ConfigError
 from camshaft.models.prepared import prepare_model
-from camshaft.models.sources import ModelSource, kind_name
+from camshaft.models.sources import ModelSource, kind_name, load_weights
 from camshaft.preprocess import Preprocess
 
 
@@ -71,7 +71,8 @@ def test_feature_maps_repr_is_one_short_line():
 
 # --- the random-weights warning -----------------------------------------------------------------------
 
-NO_WEIGHTS = "resnet18: no weights given (--weights, or weights= in Python), using random weights: results are meaningless"
+NO_WEIGHTS = ("resnet18: no weights given (--weights, or weights= in Python), using random weights: "
+              "results are meaningless")
 
 
 def test_the_no_weights_warning_names_both_ways_and_points_at_the_caller(tmp_path):
@@ -96,3 +97,17 @@ def test_inspect_heads_its_table_with_aligned_column_names(capsys, monkeypatch):
     assert header.split() == ["layer", "type", "output", "shape"]
     row = next(r for r in rows if r.startswith("features.0 "))
     assert row.index("Conv2d") == header.index("type") and row.index("16x96x96") == header.index("output shape")
+
+
+# --- weights of other shapes ----------------------------------------------------------------------------
+
+
+def test_weights_of_other_shapes_are_listed_as_text(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(torch.nn.Sequential(*(torch.nn.Linear(3, 3) for _ in range(3))).state_dict(), path)
+    model = torch.nn.Sequential(*(torch.nn.Linear(2, 2) for _ in range(3)))
+    with pytest.raises(ConfigError) as e:
+        load_weights(model, path)
+    assert str(e.value).endswith(
+        "other shapes for 0.weight (3, 3) (the model's: (2, 2)), 0.bias (3,) (the model's: (2,)), "
+        "1.weight (3, 3) (the model's: (2, 2)), 1.bias (3,) (the model's: (2,)) and 2 more")

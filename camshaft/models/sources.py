@@ -258,13 +258,19 @@ def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:
     shapes = [f"{k} {tuple(v.shape)} (the model's: {tuple(own[k].shape)})" for k, v in state.items()
               if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
     if shapes:
-        raise ConfigError(f"weights {path} do not fit the model: other shapes for {shapes[:4]}")
+        raise ConfigError(f"weights {path} do not fit the model: other shapes for {_first(shapes)}")
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(
             f"weights {path} do not fit the model: missing {result.missing_keys[:8]}, "
             f"unexpected {result.unexpected_keys[:8]}"
         )
+
+
+def _first(items: list[str], n: int = 4) -> str:
+    """The first ``n`` of ``items`` as text: ``a, b, c, d and 3 more``."""
+    more = f" and {len(items) - n} more" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
 
 
 def _checkpoint_classes(model: nn.Module, state: dict) -> int | None:
