@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: what was finished is kept, and no traceback
         print(f"camshaft {args.command}: interrupted{_again(args, 'resume')}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (camshaft inspect ... | head): as other tools, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor at the interpreter's exit flush
+        return 141  # 128 + SIGPIPE
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise  # anything else is unexpected: its traceback helps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -111,3 +113,18 @@ def test_weights_of_other_shapes_are_listed_as_text(tmp_path):
     assert str(e.value).endswith(
         "other shapes for 0.weight (3, 3) (the model's: (2, 2)), 0.bias (3,) (the model's: (2,)), "
         "1.weight (3, 3) (the model's: (2, 2)), 1.bias (3,) (the model's: (2,)) and 2 more")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """``camshaft inspect resnet18 | head -1``: was a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone
+    pipe = os.fdopen(write, "w", buffering=1)
+    monkeypatch.setattr(sys, "stdout", pipe)
+    monkeypatch.setenv("CAMSHAFT_NO_REEXEC", "1")
+    try:
+        assert main(["inspect", "demo"]) == 141  # 128 + SIGPIPE, as a shell reports a reader that left
+    finally:
+        monkeypatch.undo()
+        pipe.close()
+    assert "Traceback" not in capsys.readouterr().err
