@@ -10,6 +10,7 @@ import torch
 import torchvision
 from conftest import open_backend, source_of
 from torch import fx, nn
+from torchvision.ops import Conv2dNormActivation
 
 from camshaft.engine.methods import get_method
 from camshaft.models.fold import fold_batchnorms
@@ -140,3 +141,92 @@ def test_activation_maximization_renders_through_folded_norms(objective, monkeyp
     monkeypatch.setattr(module, "fold_batchnorms", lambda gm, **kw: folded.append(fold(gm, **kw)) or folded[-1])
     render(model, objectives, preprocess=pre, config=RenderConfig(steps=1, device="cpu", exact=True))
     assert not folded
+
+
+def _calibrated(name: str) -> nn.Module:
+    """A seeded torchvision model whose running statistics are estimated on one seeded batch (else the
+    activations of a random MobileNet vanish and every comparison holds trivially)."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batch
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    return model.eval()
+
+
+def _tree_norms(gm: nn.Module) -> int:
+    """Norms the graph module's own module tree still holds, inside leaves of the trace included."""
+    return sum(1 for m in gm.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_pairs_inside_torchvision_leaves_are_folded(name):
+    """torchvision traces its ``Conv2dNormActivation`` as one node; its conv -> norm pair folds all the same."""
+    from camshaft.models.taps import TappedModel
+
+    model = _calibrated(name)
+    tapped = TappedModel(model, ["features"])
+    norms = _tree_norms(model)
+    assert _norms(tapped.graph_module) == 0 and _tree_norms(tapped.graph_module) == norms  # all inside leaves
+    assert fold_batchnorms(tapped.graph_module) == norms and _tree_norms(tapped.graph_module) == 0
+    assert _tree_norms(model) == norms
+
+
+def test_a_folded_mobilenet_gives_the_unfolded_logits_taps_and_maps_and_leaves_the_model_alone(tmp_path):
+    model = _calibrated("mobilenet_v3_small")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [(n, type(m)) for n, m in model.named_modules()]
+    taps = ["features.2.block.0", "features"]  # a Conv2dNormActivation's output, and the trunk's
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    plain = open_backend("eager", source_of(copy.deepcopy(model), size=(64, 64)), tmp_path / "a", taps=taps)
+    folded = open_backend("eager", source_of(model, size=(64, 64)), tmp_path / "b", taps=taps, fold=True)
+    graphs = [folded._full.graph_module, folded._full.leaf_module, *(part.gm for part in folded._split)]
+    assert all(_tree_norms(gm) == 0 for gm in graphs) and _tree_norms(plain._full.graph_module) == 34
+    with torch.no_grad():
+        want_logits, want = plain._full(x)
+        got_logits, got = folded._full(x)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())  # noqa: E731
+    close(got_logits, want_logits)
+    assert want_logits.std() > 1e-3 and set(got) == set(taps)
+    for t in taps:
+        close(got[t], want[t])
+    select = lambda logits: torch.tensor([[3, 1], [5, 0]])  # noqa: E731
+    for tap in taps:
+        want_map, _ = get_method("gradcam").run(plain, x, select, tap=tap, options={})
+        got_map, _ = get_method("gradcam").run(folded, x, select, tap=tap, options={})
+        assert want_map.abs().max() > 0
+        close(got_map, want_map)
+    assert [(n, type(m)) for n, m in model.named_modules()] == types  # the user's layers, not the folded ones
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+class _LeafTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, Conv2dNormActivation) or super().is_leaf_module(m, qualname)
+
+
+class Leaves(nn.Module):
+    """A leaf called twice (still folds: its copy computes the same) and one whose weight is also read (must not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.twice = Conv2dNormActivation(4, 4, 3)
+        self.read = Conv2dNormActivation(4, 4, 3)
+
+    def forward(self, x):
+        y = self.twice(self.twice(x))
+        return self.read(y) + nn.functional.conv2d(y, self.read[0].weight, padding=1)
+
+
+def test_a_leaf_folds_where_nothing_reads_inside_it():
+    model = _trained_bn(Leaves())
+    gm = fx.GraphModule(model, _LeafTracer().trace(model))
+    assert fold_batchnorms(gm) == 1  # twice, once: read's conv weight is a node of the graph
+    assert isinstance(model.twice[1], nn.BatchNorm2d) and isinstance(gm.read[1], nn.BatchNorm2d)
+    assert _tree_norms(gm.twice) == 0
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)

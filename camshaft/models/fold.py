@@ -9,6 +9,11 @@ Only the graph modules change: each fold puts a new convolution in the graph mod
 the module tree, and the model the user handed over keeps its layers and values. A pair is folded
 only where nothing else can see the convolution's own output: it feeds the norm alone (a tap on it
 would be an output of the graph, a second user) and its module is called once in the graph.
+
+Pairs inside a leaf of the trace are folded too: torchvision keeps its ``ops`` modules whole, so a
+MobileNet's or EfficientNet's ``Conv2dNormActivation`` (a Sequential: conv, norm, activation) is one
+graph node. No tap can read inside a leaf, so such a leaf is swapped in the graph module for a
+Sequential of the same layers with its pairs folded: the same function, however often it is called.
 """
 
 from __future__ import annotations
@@ -36,21 +41,20 @@ def fold_batchnorms(
     """
     cache = {} if cache is None else cache
     calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    targets = {n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")}
     folded = 0
     for node, src, conv, bn in foldable_pairs(gm):
-        if calls[src.target] != 1:  # the module is replaced, and with it every call of it
+        # one module, one replacement: a second call of it, or a node reading inside it, would change too
+        if calls[src.target] != 1 or not _replaceable(src.target, targets):
             continue
-        key = (id(conv), id(bn))
-        if key not in cache:
-            cache[key] = _fused(conv, bn, memory_format)
-        _replace_submodule(gm, src.target, cache[key])
+        _replace_submodule(gm, src.target, _cached_fused(conv, bn, memory_format, cache))
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         folded += 1
     if folded:
         gm.graph.lint()
         gm.recompile()
-    return folded
+    return folded + _fold_leaves(gm, targets, memory_format, cache)
 
 
 def foldable_pairs(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, nn.Module, nn.Module]]:
@@ -85,6 +89,59 @@ def _foldable(conv, bn) -> bool:
         and bn.running_mean is not None
         and bn.num_features == conv.out_channels
     )
+
+
+def _fold_leaves(gm: fx.GraphModule, targets: set, memory_format: torch.memory_format, cache: dict) -> int:
+    """Swap each Sequential leaf of ``gm`` holding foldable pairs for a folded copy; returns the pairs folded.
+
+    The graph calls the leaf by its path, so the swap needs no recompile; the copy computes what the
+    leaf computes, so a leaf called several times is swapped too.
+    """
+    folded = 0
+    for target in sorted({n.target for n in gm.graph.nodes if n.op == "call_module"}):
+        if not _replaceable(target, targets):
+            continue
+        leaf = gm.get_submodule(target)
+        key = ("leaf", id(leaf))
+        if key not in cache:
+            cache[key] = _folded_sequential(leaf, memory_format, cache)
+        copy, pairs = cache[key]
+        if pairs:
+            _replace_submodule(gm, target, copy)
+            folded += pairs
+    return folded
+
+
+def _folded_sequential(seq: nn.Module, memory_format: torch.memory_format, cache: dict):
+    """``(a Sequential of seq's layers with each foldable pair one convolution, pairs)``; ``(None, 0)``
+    when none folds. Only a module whose forward is Sequential's: it runs its layers in order, so a
+    convolution followed by a norm feeds that norm alone. Its other layers are shared, not copied."""
+    if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+        return None, 0
+    layers, out, pairs, i = list(seq), [], 0, 0
+    while i < len(layers):
+        if i + 1 < len(layers) and _foldable(layers[i], layers[i + 1]):
+            out.append(_cached_fused(layers[i], layers[i + 1], memory_format, cache))
+            pairs, i = pairs + 1, i + 2
+            continue
+        inner, n = _folded_sequential(layers[i], memory_format, cache)  # a Sequential inside the leaf
+        out.append(inner if n else layers[i])
+        pairs, i = pairs + n, i + 1
+    return (nn.Sequential(*out) if pairs else None), pairs
+
+
+def _replaceable(target: str, targets: set) -> bool:
+    """Whether the module at ``target`` can be swapped in the graph module alone: no other node reads
+    inside it (a parameter, a layer) and none calls a module above it, which would be the user's own
+    module (``fx.GraphModule`` shares the modules the graph names and makes new parents for the rest)."""
+    return not any(t.startswith(target + ".") or target.startswith(t + ".") for t in targets)
+
+
+def _cached_fused(conv: nn.Module, bn: nn.Module, memory_format: torch.memory_format, cache: dict) -> nn.Module:
+    key = (id(conv), id(bn))
+    if key not in cache:
+        cache[key] = _fused(conv, bn, memory_format)
+    return cache[key]
 
 
 def _fused(conv: nn.Module, bn: nn.Module, memory_format: torch.memory_format) -> nn.Module:
