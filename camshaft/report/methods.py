@@ -21,10 +21,9 @@ import pandas as pd
 from camshaft.errors import ConfigError
 from camshaft.pipeline.state import MAPS_FILE, STATE_DIR, TABLE_FILE
 from camshaft.report import html as h
-from camshaft.report.build import TABLES_DIR, Report, ReportOptions, build_report, check_out
+from camshaft.report.build import TABLES_DIR, Report, ReportOptions, _atomic, build_report, check_out
 from camshaft.report.drift import drift
 from camshaft.results import load_results
-from camshaft.writers.atomic import atomic_path
 
 
 def method_runs(run: str | Path) -> dict[str, Path]:
@@ -78,9 +77,9 @@ def build_methods_report(
     agreement = _agreement({m: r.audit.results for m, r in reports.items()}, top=options.drift_top)
     alerts = [f"{m}: {a}" for m, r in reports.items() for a in r.alerts]
     result = MethodsReport(out, reports, methods, agreement, alerts)
-    _write(out / TABLES_DIR / "methods.csv", methods.to_csv(index=False))
-    _write(out / TABLES_DIR / "agreement.csv", agreement.to_csv(index=False))
-    _write(out / "index.html", _page(result, run, compare))
+    _atomic(out / TABLES_DIR / "methods.csv", lambda p: methods.to_csv(p, index=False))
+    _atomic(out / TABLES_DIR / "agreement.csv", lambda p: agreement.to_csv(p, index=False))
+    _atomic(out / "index.html", lambda p: p.write_text(_page(result, run, compare), encoding="utf-8"))
     result.seconds = time.perf_counter() - start
     return result
 
@@ -156,8 +155,3 @@ def _page(result: MethodsReport, run: Path, compare) -> str:
     return h.page(title=f"camshaft audit · {run.name} · {len(result.reports)} methods",
                   meta=" · ".join(f"<b>{h.esc(k)}</b> {h.esc(v)}" for k, v in meta), nav=nav, body="".join(body))
 
-
-def _write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")

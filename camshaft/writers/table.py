@@ -53,7 +53,7 @@ def assemble(shards: list[Path], path: Path) -> tuple[int, list[tuple[str, str]]
     """Concatenate partition shards (in order) into the final table, atomically, with at most a row
     group's worth of shards in memory; returns the number of rows and the (path, error) of each row
     that failed."""
-    rows, failed, pending = 0, [], []
+    rows, written, failed, pending = 0, 0, [], []
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, SCHEMA) as writer:
             for shard in shards:
@@ -62,9 +62,9 @@ def assemble(shards: list[Path], path: Path) -> tuple[int, list[tuple[str, str]]
                 bad = table.filter(pc.not_equal(table["status"], "ok"))
                 failed += zip(bad["path"].to_pylist(), bad["error"].to_pylist(), strict=True)
                 pending.append(table)
-                if sum(t.num_rows for t in pending) >= ROW_GROUP:
+                if rows - written >= ROW_GROUP:
                     writer.write_table(pa.concat_tables(pending), row_group_size=ROW_GROUP)
-                    pending = []
+                    pending, written = [], rows
             if pending:
                 writer.write_table(pa.concat_tables(pending))
     return rows, failed
