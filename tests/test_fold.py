@@ -230,3 +230,23 @@ def test_a_leaf_folds_where_nothing_reads_inside_it():
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_convolution_or_norm_the_user_hooked_is_not_folded_and_its_hooks_fire(tmp_path):
+    """A folded copy would run no hook: a hooked conv, norm or leaf keeps its layers (the rest still folds)."""
+    model = _calibrated("mobilenet_v3_small")
+    seen = []
+    hooks = [
+        model.features[0][0].register_forward_hook(lambda m, i, o: seen.append("conv")),  # in a Conv2dNormActivation
+        model.features[1].block[0][1].register_forward_pre_hook(lambda m, i: seen.append("norm")),
+        model.features[2].block[0].register_forward_hook(lambda m, i, o: seen.append("leaf")),
+    ]
+    backend = open_backend("eager", source_of(model, size=(64, 64)), tmp_path, taps=["features"], fold=True)
+    norms = _tree_norms(backend._full.graph_module)
+    assert norms == 3  # the three hooked pairs; mobilenet_v3_small has 34
+    seen.clear()
+    with torch.no_grad():
+        backend._full(torch.randn(1, 3, 64, 64))
+    assert sorted(seen) == ["conv", "leaf", "norm"]
+    for h in hooks:
+        h.remove()

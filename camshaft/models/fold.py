@@ -8,7 +8,8 @@ eager backend does it here, so its forward is not the slowest of the backends.
 Only the graph modules change: each fold puts a new convolution in the graph module's own copy of
 the module tree, and the model the user handed over keeps its layers and values. A pair is folded
 only where nothing else can see the convolution's own output: it feeds the norm alone (a tap on it
-would be an output of the graph, a second user) and its module is called once in the graph.
+would be an output of the graph, a second user) and its module is called once in the graph. A
+module the user put a hook on is never folded: its replacement would not run the hook.
 
 Pairs inside a leaf of the trace are folded too: torchvision keeps its ``ops`` modules whole, so a
 MobileNet's or EfficientNet's ``Conv2dNormActivation`` (a Sequential: conv, norm, activation) is one
@@ -83,6 +84,8 @@ def fold_graphs(graphs, *, memory_format: torch.memory_format = torch.contiguous
 def _foldable(conv, bn) -> bool:
     return (
         type(bn) is _PAIRS.get(type(conv))
+        and not _hooked(conv)
+        and not _hooked(bn)
         and not conv.training
         and not bn.training
         and bn.track_running_stats
@@ -116,7 +119,7 @@ def _folded_sequential(seq: nn.Module, memory_format: torch.memory_format, cache
     """``(a Sequential of seq's layers with each foldable pair one convolution, pairs)``; ``(None, 0)``
     when none folds. Only a module whose forward is Sequential's: it runs its layers in order, so a
     convolution followed by a norm feeds that norm alone. Its other layers are shared, not copied."""
-    if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward:
+    if not isinstance(seq, nn.Sequential) or type(seq).forward is not nn.Sequential.forward or _hooked(seq):
         return None, 0
     layers, out, pairs, i = list(seq), [], 0, 0
     while i < len(layers):
@@ -128,6 +131,14 @@ def _folded_sequential(seq: nn.Module, memory_format: torch.memory_format, cache
         out.append(inner if n else layers[i])
         pairs, i = pairs + n, i + 1
     return (nn.Sequential(*out) if pairs else None), pairs
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether the user put a hook on ``module``: a folded copy would not run it, so it stays as it is."""
+    return any(
+        getattr(module, name, None)
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    )
 
 
 def _replaceable(target: str, targets: set) -> bool:
