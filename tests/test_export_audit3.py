@@ -181,3 +181,36 @@ def test_an_input_too_small_for_any_feature_map_says_so(capsys, monkeypatch, tmp
     out_file = str(tmp_path / "m.pt")
     assert main(["export", "resnet18", "--input-size", "1", "--format", "torchscript", "--out", out_file]) == 2
     assert "no feature map larger than 1x1 at a 1x1 input; choose a larger --input-size" in capsys.readouterr().err
+
+
+class _Convs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def test_a_pt2_of_a_channels_last_live_model_stores_dense_weights_and_loads_without_warnings(tmp_path):
+    """The eager backend lays a live model's weights out channels-last; a .pt2 of it stored them as storage
+    slices, and loading warned once per weight ('No complete tensor found in the group')."""
+    import warnings
+
+    from camshaft.exporters.pt2 import load
+
+    torch.manual_seed(0)
+    model = _Convs().eval().to(memory_format=torch.channels_last)
+    assert not model.features[0].weight.is_contiguous()
+    prepared = prepare_model(source_of(model, size=(12, 12)), taps=("features",), preprocess=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        path = export_prepared(prepared, format="pt2", out=tmp_path / "m.pt2")  # its parity check loads it
+        program, *_ = load(path)
+    x = torch.randn(2, 3, 12, 12)
+    logits, tap = program(x)  # flat: logits, then the taps
+    torch.testing.assert_close(logits, model(x))
+    torch.testing.assert_close(tap, model.features(x))
+    assert not model.features[0].weight.is_contiguous()  # the user's model keeps its own layout

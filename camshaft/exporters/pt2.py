@@ -75,7 +75,26 @@ def build(prepared: PreparedModel, example: torch.Tensor) -> Pt2Artifact:
             f"torch.export cannot export {prepared.info.source!r} ({type(e).__name__}: {first}); models whose "
             "control flow depends on the data cannot become .pt2 programs: use --format torchscript or onnx"
         ) from e
+    for part in (program, head):
+        if part is not None:
+            _dense_weights(part)
     return Pt2Artifact(program, head, taps)
+
+
+def _dense_weights(program: torch.export.ExportedProgram) -> None:
+    """Give ``program`` its own row-major copy of each weight stored in another layout.
+
+    A channels-last convolution weight (the eager backend lays out a live model's weights so) is
+    saved as a slice of its storage, and loading it warns once per weight that weights off the CPU
+    may come back wrong. The values are the same; the model handed over keeps its own tensors.
+    """
+    for table in (program.state_dict, program.constants):
+        for name, value in table.items():
+            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                dense = value.contiguous()
+                if isinstance(value, torch.nn.Parameter):
+                    dense = torch.nn.Parameter(dense, requires_grad=value.requires_grad)
+                table[name] = dense
 
 
 def _b64(data: bytes) -> str:
