@@ -22,7 +22,11 @@ def normalize_map(m: np.ndarray, *, square: bool = False) -> np.ndarray:
     An all-zero (or all-negative) map stays zero; NaN and infinities count as 0.
     Returns a new float32 array in [0, 1] of the same shape.
     """
-    m = np.nan_to_num(np.asarray(m, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    m = np.asarray(m)
+    # scaled in float64 when given float64 (or integers): a cast to float32 first would turn values beyond
+    # float32's range into infinities (shown as 0) and tiny ones into zeros (an all-blue picture)
+    dtype = np.promote_types(m.dtype, np.float32) if m.dtype.kind in "biuf" else np.float64
+    m = np.nan_to_num(m.astype(dtype), nan=0.0, posinf=0.0, neginf=0.0)
     m = np.maximum(m, 0.0)
     peak = float(m.max()) if m.size else 0.0
     if peak > 0.0:

@@ -16,13 +16,17 @@ from camshaft.writers.atomic import atomic_path
 from camshaft.writers.overlay import overlay
 
 
-def overlay_name(index: int, path: str, target: int, class_names) -> str:
-    """``000012_cat_class-281-tabby.png``: sortable, unique per image and target."""
+def overlay_name(index: int, path: str, target: int, class_names, *, k: int | None = None) -> str:
+    """``000012_cat_class-281-tabby.png``: sortable, unique per image and target.
+
+    ``k``, the target's position, is added (``..._k1.png``) for a class listed again among the targets
+    (``--targets 281,tabby`` names one class twice): its map would otherwise overwrite the first one's.
+    """
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem)[:40]
     label = f"class-{target}"
     if class_names:
         label += "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", class_names[target])[:30]
-    return f"{index:06d}_{stem}_{label}.png"
+    return f"{index:06d}_{stem}_{label}{'' if k is None else f'_k{k}'}.png"
 
 
 def write_overlays(folder: Path, rows: list[dict], maps: np.ndarray, *, preprocess: Preprocess, class_names) -> int:
@@ -36,9 +40,11 @@ def write_overlays(folder: Path, rows: list[dict], maps: np.ndarray, *, preproce
         except CamshaftError:
             continue  # vanished since it was explained: its row says ok, only the picture is missing
         geom = geometry(image.size, preprocess)
-        for k, target in enumerate(row["targets"]):
+        targets = list(row["targets"])
+        for k, target in enumerate(targets):
             heat = to_original(np.asarray(image_maps[k]), geom, preprocess.input_size)
-            with atomic_path(folder / overlay_name(row["index"], row["path"], target, class_names)) as tmp:
+            name = overlay_name(row["index"], row["path"], target, class_names, k=k if target in targets[:k] else None)
+            with atomic_path(folder / name) as tmp:
                 overlay(image, heat).save(tmp, format="PNG")
             written += 1
     return written
