@@ -36,6 +36,9 @@ def normalize_map(m: np.ndarray, *, square: bool = False) -> np.ndarray:
     return m.astype(np.float32, copy=False)
 
 
+_BAND_PIXELS = 1 << 18  # pixels coloured and blended at once by ``overlay``
+
+
 def upsample_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bicubic upsampling of a [0, 1] map (h, w) to size = (width, height); clipped to [0, 1].
 
@@ -46,7 +49,8 @@ def upsample_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     up = Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize(  # mode "F"
         (width, height), Image.Resampling.BICUBIC
     )
-    return np.clip(np.asarray(up, dtype=np.float32), 0.0, 1.0)  # bicubic overshoots
+    up = np.array(up, dtype=np.float32)
+    return np.clip(up, 0.0, 1.0, out=up)  # bicubic overshoots
 
 
 def colorize(m01: np.ndarray, *, cmap: str = "jet") -> np.ndarray:
@@ -84,9 +88,16 @@ def overlay(
     base = _as_rgb_array(image)  # (H, W, 3) uint8
     height, width = base.shape[:2]
     m01 = upsample_map(normalize_map(_as_map(heatmap), square=square), (width, height))
-    heat = colorize(m01, cmap=cmap)  # (H, W, 3) uint8
-    blended = (1.0 - alpha) * base.astype(np.float32) + alpha * heat.astype(np.float32)
-    return Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    out = np.empty_like(base)
+    # coloured and blended a band of rows at a time: the float temporaries of a whole photo (12 MP) took
+    # ~0.5 GB per overlay, per writing thread
+    rows = max(1, _BAND_PIXELS // width)
+    for top in range(0, height, rows):
+        band = slice(top, top + rows)
+        heat = colorize(m01[band], cmap=cmap)  # (rows, W, 3) uint8
+        blended = (1.0 - alpha) * base[band].astype(np.float32) + alpha * heat.astype(np.float32)
+        out[band] = np.clip(np.rint(blended), 0, 255)
+    return Image.fromarray(out)
 
 
 def render_grid(
