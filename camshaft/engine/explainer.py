@@ -207,11 +207,19 @@ class Explainer:
         self.decoder.start()
 
     def _black_batch(self, n: int) -> list:
-        """Every method's ``(maps, output)`` for ``n`` black images, targets class 0 (caller holds the lock)."""
+        """Every method's ``(maps, output)`` for ``n`` black images, targets class 0 (caller holds the lock).
+
+        The exemplar taps go through a throwaway collector too: a tap that is no (C, h, w) map or a
+        channel out of range is refused here, before any image is read, not by the first partition.
+        """
         x = torch.zeros(n, 3, *self.preprocess.input_size, device=self.backend.device)
         zeros = torch.zeros(n, self.targets.k, dtype=torch.long, device=self.backend.device)
         shared = SharedBatch(self.backend, x, lambda logits: zeros, gradients=self.gradients)
-        return [r.method.explain(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs]
+        results = [r.method.explain(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs]
+        collector = self._exemplar_collector()
+        if collector is not None:
+            collector.update(shared.forward(x).taps, list(range(n)))
+        return results
 
     def _warm_up(self) -> None:
         """Run a full batch of black images before the clock starts (on a GPU, where it is cheap):

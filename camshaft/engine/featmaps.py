@@ -89,6 +89,8 @@ def feature_maps(
                                                for c in channels)
     ):
         raise ConfigError(f"channels must be channel indices (integers), received {channels!r}")
+    if channels is not None and len(channels) == 0:  # else: no maps, and a grid that cannot be drawn
+        raise ConfigError("channels is empty: give at least one channel index, or top=N")
     if top is not None and (not isinstance(top, numbers.Integral) or isinstance(top, bool) or top < 1):
         raise ConfigError(f"--top must be a positive integer, received {top!r}")
     try:
@@ -122,4 +124,7 @@ def _channels(a: torch.Tensor, channels: Sequence[int] | None, top: int | None) 
             raise ConfigError(f"channels {bad} out of range: this tap has channels 0..{c - 1}")
         return list(channels)
     k = min(top or 16, c)
-    return a.flatten(1).mean(dim=1).topk(k).indices.tolist()
+    # ties (dead ReLU channels all score 0) to the lower channel, as exemplars break theirs: topk's
+    # order among ties is arbitrary; a NaN channel ranks last
+    means = torch.nan_to_num(a.float().flatten(1).mean(dim=1), nan=-torch.inf)
+    return torch.sort(means, descending=True, stable=True).indices[:k].tolist()

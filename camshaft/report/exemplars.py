@@ -36,6 +36,10 @@ class ExemplarSpec:
     tap: str
     channels: tuple[int, ...] | None = None
 
+    def __post_init__(self):
+        if self.channels is not None:  # a channel given twice would list each of its images twice
+            object.__setattr__(self, "channels", tuple(dict.fromkeys(int(c) for c in self.channels)))
+
     @classmethod
     def parse(cls, text: str) -> ExemplarSpec:
         """``TAP`` or ``TAP:C1,C2,...`` (channel indices)."""
@@ -53,8 +57,12 @@ class ExemplarCollector:
 
     def __init__(self, specs: Sequence[ExemplarSpec], *, k: int = 8, reduce: str = "max"):
         taps = [s.tap for s in specs]
-        if not specs or len(set(taps)) != len(taps):
-            raise ConfigError(f"give each tap once, received {taps}")
+        if not specs:
+            raise ConfigError("exemplars: give at least one tap")
+        twice = sorted({t for t in taps if taps.count(t) > 1})
+        if twice:
+            raise ConfigError(f"exemplars: taps {twice} given more than once; give each tap once, its channels "
+                              f"together (e.g. {twice[0]}:0,7)")
         self.accumulators = {s.tap: TopK(k=k, channels=s.channels, reduce=reduce) for s in specs}
 
     def update(self, taps: Mapping[str, torch.Tensor], indices: Sequence[int]) -> None:
@@ -63,10 +71,17 @@ class ExemplarCollector:
         if missing:
             raise ConfigError(f"the batch has no activations for taps {missing}; it has {sorted(taps)}")
         for tap, acc in self.accumulators.items():
-            acc.update(taps[tap], indices)
+            try:
+                acc.update(taps[tap], indices)
+            except ConfigError as e:
+                raise ConfigError(f"exemplars of tap {tap!r}: {e}") from e
 
     def table(self) -> pd.DataFrame:
-        """One row per tap, channel and rank; no rows where no image was added (a partition of bad files)."""
+        """One row per tap, channel and rank; no rows where no image was added (a partition of bad files).
+
+        An image whose score is NaN (a NaN anywhere in its map) is never an exemplar: ``TopK`` ranks
+        it last, and here it is left out, so a channel may have fewer than k rows.
+        """
         rows = []
         for tap, acc in self.accumulators.items():
             if acc.empty:
@@ -75,6 +90,8 @@ class ExemplarCollector:
             h, w = r.maps.shape[2:]
             for c, channel in enumerate(r.channels):
                 for rank in range(r.scores.shape[1]):
+                    if torch.isnan(r.scores[c, rank]):
+                        continue  # ranked after every number: nothing after it either
                     rows.append(
                         {
                             "tap": tap,
@@ -98,9 +115,11 @@ class ExemplarCollector:
 def merge_tables(tables: Sequence[pd.DataFrame], *, k: int) -> pd.DataFrame:
     """Exemplar tables of partitions -> the table of the whole pass (best k per tap and channel).
 
-    Ties go to the lower image index, as in ``TopK``.
+    Ties go to the lower image index, as in ``TopK``; NaN scores are never ranked.
     """
     rows = pd.concat([t for t in tables if len(t)], ignore_index=True) if any(len(t) for t in tables) else pd.DataFrame()
+    if not rows.empty:
+        rows = rows[rows["score"].notna()]
     if rows.empty:
         return pd.DataFrame(columns=COLUMNS)
     rows = rows.sort_values(["tap", "channel", "score", "index"], ascending=[True, True, False, True], kind="stable")

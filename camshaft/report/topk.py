@@ -23,7 +23,7 @@ REDUCTIONS = ("max", "mean")
 class TopKResult:
     """Per channel, the best images first: ``scores``/``indices`` (C, k'), ``maps`` (C, k', h, w).
 
-    k' = min(k, images seen).
+    k' = min(k, images seen); images with a NaN score come after every number (tables leave them out).
     """
 
     channels: tuple[int, ...]
@@ -97,7 +97,12 @@ class TopK:
 
 
 def _best(score: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """Column positions of the k best per row: highest score first, ties to the lower index."""
+    """Column positions of the k best per row: highest score first, ties to the lower index, NaN last.
+
+    (A descending sort alone would put NaN first: a NaN image would push a real exemplar out.)
+    """
     by_id = torch.sort(ids, dim=1, stable=True).indices
-    by_score = torch.sort(score.gather(1, by_id), dim=1, descending=True, stable=True).indices
-    return by_id.gather(1, by_score)[:, :k]
+    s = score.gather(1, by_id)
+    by_score = torch.sort(s, dim=1, descending=True, stable=True).indices
+    nan_last = torch.sort(s.gather(1, by_score).isnan().to(torch.uint8), dim=1, stable=True).indices
+    return by_id.gather(1, by_score.gather(1, nan_last))[:, :k]
