@@ -335,7 +335,13 @@ class Explainer:
         targets_np = launched.targets.numpy().astype(np.int32)
         top_classes, top_scores = launched.top_classes.tolist(), launched.top_scores.tolist()
         names = self.backend.info.class_names
+        # NaN or infinite scores (float16 overflow, a broken checkpoint) explain nothing: such an image
+        # is a failure with its reason, never an 'ok' row of NaN maps
+        finite = torch.isfinite(launched.top_scores).all(dim=1).tolist()
         for i, d in enumerate(good):
+            if not finite[i]:
+                rows[d.index].update(status="error", error=self._not_finite("the model's scores are"))
+                continue
             t = targets_np[i].tolist()
             rows[d.index].update(
                 status="ok",
@@ -349,11 +355,27 @@ class Explainer:
         geometries = {d.index: d.geometry for d in batch}
         for name, maps in launched.maps.items():
             maps_np = maps.numpy()
-            all_maps[name] = {d.index: maps_np[i] for i, d in enumerate(good)}
+            maps_finite = np.isfinite(maps_np.reshape(len(good), -1)).all(axis=1)
+            all_maps[name] = {}
             all_rows[name] = {d.index: dict(rows[d.index]) for d in batch}
-            for index, m in all_maps[name].items():
-                all_rows[name][index].update(map_stats(m, geometries[index], self.preprocess.input_size))
-        return all_rows, all_maps, {d.index: targets_np[i] for i, d in enumerate(good)}, launched.metrics
+            for i, d in enumerate(good):
+                if not finite[i]:
+                    continue
+                if not maps_finite[i]:  # the scores were fine: the map's own arithmetic overflowed
+                    all_rows[name][d.index].update(status="error", error=self._not_finite(f"the {name} map is"))
+                    continue
+                all_maps[name][d.index] = maps_np[i]
+                all_rows[name][d.index].update(map_stats(maps_np[i], geometries[d.index], self.preprocess.input_size))
+        metrics = launched.metrics
+        if not all(finite):  # their curves are NaN: no image of a faithfulness table is left unexplained
+            bad = [d.index for i, d in enumerate(good) if not finite[i]]
+            metrics = {name: [f[~f["index"].isin(bad)] for f in frames] for name, frames in metrics.items()}
+        chosen = {d.index: targets_np[i] for i, d in enumerate(good) if finite[i]}
+        return all_rows, all_maps, chosen, metrics
+
+    def _not_finite(self, what: str) -> str:
+        hint = " (float16 overflows: try --dtype bfloat16)" if getattr(self.backend, "dtype", None) == torch.float16 else ""
+        return f"{what} not finite (NaN or infinity){hint}"
 
 
 def base_row(d: Decoded) -> dict:
