@@ -228,7 +228,13 @@ def _term_spec(weight: float, term: Term) -> str:
         return term.spec
     if weight == -1.0:
         return "-" + term.spec
-    return f"{weight:g}*{term.spec}"
+    return f"{_number(weight)}*{term.spec}"
+
+
+def _number(value: float) -> str:
+    """The shortest text that reads back to ``value`` exactly, with no '+' (it joins terms in a spec)."""
+    short = f"{value:g}"
+    return (short if float(short) == value else repr(value)).replace("e+", "e")
 
 
 def _class_check(c: int) -> Check:

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from camshaft.engine.actmax.render import Rendering
+from camshaft.engine.actmax.render import Rendering, as_saved
 from camshaft.writers.atomic import atomic_path
 from camshaft.writers.overlay import render_grid
 
@@ -27,10 +27,10 @@ SCHEMA = pa.schema(
         ("objective", pa.int64()),  # which objective (index // copies)
         ("copy", pa.int32()),
         ("spec", pa.string()),  # the objective's spec string, as the CLI reads it
-        ("value", pa.float64()),  # -loss of the objective on the final image (what was maximised)
+        ("value", pa.float64()),  # -loss of the objective on the final image as saved (what was maximised)
         ("target", pa.int32()),  # class objectives: the class
         ("target_name", pa.string()),
-        ("target_prob", pa.float64()),  # softmax probability of the target on the final image
+        ("target_prob", pa.float64()),  # softmax probability of the target on the saved PNG
         ("image", pa.string()),  # the PNG's file name
     ]
 )
@@ -43,8 +43,8 @@ def image_name(index: int, spec: str, copy: int | None = None) -> str:
 
 
 def to_pil(image) -> Image.Image:
-    """(3, H, W) float in [0, 1] -> an RGB image."""
-    a = np.clip(np.rint(image.nan_to_num(0.5).permute(1, 2, 0).numpy() * 255.0), 0, 255).astype(np.uint8)
+    """(3, H, W) float in [0, 1] -> an RGB image, rounded as ``as_saved`` rounds (what was measured)."""
+    a = np.clip(np.rint(as_saved(image.nan_to_num(0.5)).permute(1, 2, 0).numpy() * 255.0), 0, 255).astype(np.uint8)
     return Image.fromarray(a)
 
 

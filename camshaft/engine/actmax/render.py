@@ -36,7 +36,8 @@ from camshaft.models.taps import TappedModel
 from camshaft.preprocess import Preprocess
 
 __all__ = [
-    "EXACT_GROUP", "RenderConfig", "Rendering", "batch_invariant", "forward_fn", "grouped", "render", "tap_shapes",
+    "EXACT_GROUP", "RenderConfig", "Rendering", "as_saved", "batch_invariant", "forward_fn", "grouped", "render",
+    "tap_shapes",
 ]
 
 
@@ -138,10 +139,10 @@ def _bad_int(value, low: int) -> bool:
 class Rendering:
     """The images and how well they do. Row i is copy ``i % copies`` of objective ``i // copies``."""
 
-    images: torch.Tensor  # (N * copies, 3, H, W) in [0, 1], float32 on the CPU
+    images: torch.Tensor  # (N * copies, 3, H, W) in [0, 1], float32 on the CPU (saved as ``as_saved`` rounds them)
     objectives: tuple[Objective, ...]  # (N,)
-    values: torch.Tensor  # (N * copies,) -objective(final image), regularizers excluded
-    target_probs: torch.Tensor  # (N * copies,) softmax probability of the target class; NaN without one
+    values: torch.Tensor  # (N * copies,) -objective(final image as saved), regularizers excluded
+    target_probs: torch.Tensor  # (N * copies,) softmax probability of the target class as saved; NaN without one
     losses: torch.Tensor  # (steps, N * copies) each image's loss (regularizers included) at each step
     copies: int = 1
 
@@ -390,11 +391,21 @@ def _render_chunk(model, forward, objectives, full, rows: slice, *, init, config
         bar.update(1)
     with torch.no_grad():
         images = param.image_fn()
-        logits, taps = forward((images - mean) / std)  # the final image, untransformed, in float32
-        acts = Activations(logits.float(), {t: a.float() for t, a in taps.items()}, images)
+        saved = as_saved(images)  # measured as the PNG holds it
+        logits, taps = forward((saved - mean) / std)  # the final image, untransformed, in float32
+        acts = Activations(logits.float(), {t: a.float() for t, a in taps.items()}, saved)
         values = -values_of(acts)
         probs = _target_probs(objectives, logits.float().softmax(-1), k)
     return images.float().cpu(), values.cpu(), probs.cpu(), torch.stack(history).cpu()
+
+
+def as_saved(images: torch.Tensor) -> torch.Tensor:
+    """Images rounded to the 8 bits per channel a PNG holds (NaN stays NaN).
+
+    The final values and target probabilities are measured on these: what the model gives the saved
+    PNG, not a float image that was never saved (rounding moves a pixel render's probability).
+    """
+    return torch.round(images.float() * 255.0) / 255.0
 
 
 def _target_probs(objectives: Sequence[Objective], probs: torch.Tensor, copies: int) -> torch.Tensor:

@@ -66,7 +66,7 @@ def syntax_help() -> str:
     return f"{forms}; prefix '-' to negate, 'W*' to weight, join terms with '+'"
 
 
-_TERM = re.compile(r"\s*(-)?\s*(?:(\d*\.?\d+(?:[eE]-?\d+)?)\s*\*)?\s*(\S.*?)\s*")
+_TERM = re.compile(r"\s*(-)?\s*(?:((?:\d+\.?\d*|\.\d+)(?:[eE]-?\d+)?)\s*\*)?\s*(\S.*?)\s*")
 
 
 def parse_objective(text: str, *, class_names: Sequence[str] | None = None,
@@ -104,6 +104,9 @@ def _parse_term(text: str, term: str, names: Names) -> list[Objective]:
         raise ConfigError(f"objective {text!r}: empty term; valid syntax: {syntax_help()}")
     negate, weight, body = m.groups()
     kind_name, _, rest = body.partition(":")
+    if "*" in kind_name:  # a weight the pattern did not read as a number
+        raise ConfigError(f"objective {text!r}: weight {kind_name.rpartition('*')[0].strip()!r} is not a number "
+                          f"(write e.g. 0.5*{kind_name.rpartition('*')[2].strip()}); valid syntax: {syntax_help()}")
     if kind_name not in _KINDS:
         raise ConfigError(f"objective {text!r}: unknown kind {kind_name!r} (kinds: {', '.join(_KINDS)}); "
                           f"valid syntax: {syntax_help()}")
@@ -155,9 +158,11 @@ def _classes(text: str, names: Names) -> list[int]:
 
 
 def _arity(args: list[str], low: int, high: int) -> None:
-    if not low <= len(args) <= high or any(not a for a in args[:low]):
+    if not low <= len(args) <= high:
         raise ConfigError(f"expected {low}{'' if low == high else f' to {high}'} fields after the kind, "
                           f"received {len(args)}")
+    if empty := [i + 1 for i, a in enumerate(args) if not a.strip()]:
+        raise ConfigError(f"field {empty[0]} after the kind is empty")
 
 
 def _class_kind(make: Callable[[int], Objective]) -> Callable[[list[str], Names], list[Objective]]:
