@@ -4,6 +4,7 @@ success measure: class objectives of the demo model reach a target probability >
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli as _main
@@ -214,3 +215,18 @@ def test_a_rerun_into_the_same_folder_removes_the_earlier_runs_images_only(tmp_p
     table = pq.read_table(out / "results.parquet").to_pandas()
     assert sorted(p.name for p in out.glob("0*.png")) == table["image"].tolist() and len(table) == 1
     assert (out / "mine.png").read_bytes() == b"not ours" and (out / "grid.png").exists()
+
+
+def test_init_from_an_earlier_runs_folder_takes_its_images_in_its_order(tmp_path):
+    """Going on from an earlier render: its table says which PNGs (grid.png is none of them) and their order."""
+    config = RenderConfig(steps=2, device="cpu", param="pixel", pad=0, jitter=0, scale=0.0, rotate=0.0)
+    specs = ["class:2", "class:0", "channel:features:1"]
+    first = actmax("demo", specs, out=tmp_path / "a", config=config, input_size=(24, 24), progress=False)
+    assert (tmp_path / "a" / "grid.png").is_file()
+    still = RenderConfig(steps=1, lr=1e-9, device="cpu", param="pixel", pad=0, jitter=0, scale=0.0, rotate=0.0)
+    again = actmax("demo", specs, out=tmp_path / "b", init=tmp_path / "a", config=still, input_size=(24, 24),
+                   progress=False)
+    for a, b in zip(first.rows, again.rows, strict=True):
+        before = np.asarray(Image.open(tmp_path / "a" / a["image"]), dtype=np.int16)
+        after = np.asarray(Image.open(tmp_path / "b" / b["image"]), dtype=np.int16)
+        assert np.abs(before - after).max() <= 1  # each image goes on from its own start

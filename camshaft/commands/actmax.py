@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--param", choices=param_names(), default=d.param, help=f"image parameterization (default {d.param})")
     g.add_argument("--seed", type=int, default=d.seed, help="image i starts from seed + i (default 0)")
     g.add_argument("--init", type=Path,
-                   help="start from this image, or a folder with one image per output image (objectives x copies)")
+                   help="start from this image, or a folder with one image per output image (objectives x copies); "
+                        "an earlier actmax --out folder gives the images its table lists")
     g.add_argument("--copies", type=positive, default=d.copies, help="images per objective (default 1)")
     g.add_argument("--batch-size", type=positive, default=d.batch_size, help=f"images at once (default {d.batch_size})")
     g.add_argument("--relu-leak", type=_amount, default=d.relu_leak,

@@ -74,19 +74,38 @@ class ActmaxSummary:
 
 
 def load_init(path: Path, preprocess: Preprocess) -> torch.Tensor:
-    """An image or a folder of images -> (M, 3, H, W) in [0, 1] at the model's input size."""
+    """An image or a folder of images -> (M, 3, H, W) in [0, 1] at the model's input size.
+
+    The folder of an earlier actmax run gives the images its table lists, in its order (not its
+    grid.png): a render goes on from where that run stopped.
+    """
     from camshaft.data.decode import load_rgb
     from camshaft.data.sources import list_images
 
     images, problems = [], []
-    for record in list_images(path):
+    for file in _earlier_run(path) or [record.path for record in list_images(path)]:
         try:
-            images.append(prepare(load_rgb(record.path), preprocess)[0].float() / 255.0)
+            images.append(prepare(load_rgb(file), preprocess)[0].float() / 255.0)
         except ImageDecodeError as e:
-            problems.append(f"{record.path}: {e}")
+            problems.append(f"{file}: {e}")
     if problems:
         raise ConfigError("cannot read initial images: " + "; ".join(problems))
     return torch.stack(images)
+
+
+def _earlier_run(path: Path) -> list[Path] | None:
+    """The images an actmax run's results.parquet in folder ``path`` lists, in its order; None if none."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = Path(path) / "results.parquet"
+    if not Path(path).is_dir() or not table.is_file():
+        return None
+    try:
+        names = pq.read_table(table, columns=["image"]).column("image").to_pylist()
+    except (OSError, KeyError, ValueError, pa.ArrowException):  # some other table: the folder's images
+        return None
+    return [Path(path) / name for name in names if name] or None
 
 
 def _torch_model(job: ActmaxJob) -> ModelSource:
