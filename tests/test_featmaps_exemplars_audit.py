@@ -23,6 +23,7 @@ from camshaft.report.topk import TopK
 from conftest import run_cli
 
 PLAIN = {"mean": 0.0, "std": 1.0}  # the input is the [0, 1] pixels: activations are colour values
+COLOUR_MODEL = "test_featmaps_exemplars_audit:build_colour"
 NAN_MODEL = "test_featmaps_exemplars_audit:build_nan"
 NAN = float("nan")
 
@@ -153,7 +154,7 @@ def test_exemplars_rank_exactly_across_partitions_resume_and_fresh_runs(tmp_path
     kw = dict(method="cam", input_size=8, resize="stretch", exemplars="features", exemplar_k=2, progress=False, **PLAIN)
     out = tmp_path / "run"
     s = camshaft.explain(NAN_MODEL, data, out=out, partition_size=4, batch_size=3, **kw)
-    assert (s.images, s.failed) == (11, 1)
+    assert (s.images, s.failed) == (11, 2)  # the bad file, and image 0 (its scores are NaN)
     got, want = _exemplar_rows(out), _expected(2)
     assert [g[:3] for g in got] == [w[:3] for w in want]
     np.testing.assert_allclose([g[3] for g in got], [w[3] for w in want], rtol=1e-6, atol=1e-7)
@@ -303,3 +304,43 @@ def test_featmap_selection_errors_are_clear(tmp_path, capsys, monkeypatch):
         code, _, err = run_cli(capsys, "featmaps", model, path, "--out", out, *flags)
         assert code == 2 and message in err and "Traceback" not in err, err
         assert not out.exists()
+
+
+def test_letterbox_padding_never_scores_an_exemplar(tmp_path):
+    """Channel 3 (= -R) is 0 on the black padding and below 0 on any red image: old code ranked a padded
+    image by its padding (0) above a square one; now only the cells showing an image score, in explain's
+    exemplars and in the report's compute_exemplars alike (as the table's map statistics already did)."""
+    from camshaft.report.exemplars import compute_exemplars
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.new("RGB", (16, 16), (40, 0, 0)).save(data / "a_square.png")  # -0.16 everywhere
+    Image.new("RGB", (32, 8), (200, 0, 0)).save(data / "b_wide.png")  # -0.78 on the image, 0 on the padding
+    kw = dict(method="cam", input_size=8, resize="letterbox", exemplars="features:3", exemplar_k=2,
+              progress=False, **PLAIN)
+    camshaft.explain(COLOUR_MODEL, data, out=tmp_path / "run", **kw)
+    got = _exemplar_rows(tmp_path / "run")
+    assert [g[:3] for g in got] == [[3, 0, 0], [3, 1, 1]]
+    np.testing.assert_allclose([g[3] for g in got], [-40 / 255, -200 / 255], rtol=1e-5)
+    later = compute_exemplars(tmp_path / "run", specs=[ExemplarSpec.parse("features:3")], k=2)
+    assert later[["channel", "rank", "index"]].values.tolist() == [[3, 0, 0], [3, 1, 1]]
+
+
+def build_padding_fan() -> nn.Module:
+    """features: channel 0 = R, channel 1 = 0.5 - R: on black letterbox padding channel 1 is 0.5."""
+    net = ColourNet()
+    with torch.no_grad():
+        net.features.weight.zero_()
+        net.features.weight[0, 0], net.features.weight[1, 0] = 1.0, -1.0
+        net.features.bias.copy_(torch.tensor([0.0, 0.5, 0.0, 0.0]))
+    return net
+
+
+def test_featmaps_top_ranks_channels_by_the_image_not_its_padding(tmp_path):
+    """A wide image letterboxed into 8x8 fills a quarter of it: over the whole map channel 1 (0.35) beat
+    channel 0 (0.15); over the cells showing the image channel 0 (0.6) leads channel 1 (-0.1)."""
+    image = tmp_path / "wide.png"
+    Image.new("RGB", (32, 8), (153, 0, 0)).save(image)
+    fm = camshaft.feature_maps("test_featmaps_exemplars_audit:build_padding_fan", image, tap="features", top=4,
+                               input_size=8, resize="letterbox", **PLAIN)
+    assert fm.channels == [0, 2, 3, 1]  # channels 2 and 3 are 0 everywhere (ties to the lower one)

@@ -315,7 +315,8 @@ class Explainer:
             for name, (maps, _) in results.items():
                 launched.metrics[name] = [metric_rows(self.backend, x, maps, out.targets, ids, specs=self.metric_specs)]
         if exemplars is not None:  # last: a batch retried after out-of-memory is never counted twice
-            exemplars.update(shared.forward(x).taps, ids)
+            exemplars.update(shared.forward(x).taps, ids, geometries=[d.geometry for d in good],
+                             input_size=self.preprocess.input_size)
         if cuda:
             launched.ready = torch.cuda.Event()
             launched.ready.record()

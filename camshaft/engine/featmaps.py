@@ -15,7 +15,7 @@ from PIL import Image
 from camshaft.data.decode import load_rgb
 from camshaft.engine.backends import backend_factory
 from camshaft.engine.backends.base import resolve_device, resolve_dtype
-from camshaft.engine.postprocess import to_original
+from camshaft.engine.postprocess import shown_cells, to_original
 from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.sources import resolve_model
 from camshaft.preprocess import Geometry, Preprocess, normalize, overrides, prepare
@@ -112,11 +112,14 @@ def feature_maps(
         a = be.forward(normalize(tensor[None], be.info.preprocess, device=be.device)).taps[tap][0]  # (C, h, w)
     if a.dim() != 3:
         raise ConfigError(f"tap {tap!r} outputs shape {tuple(a.shape)}, not a (C, h, w) feature map")
-    chosen = _channels(a, channels, top)
+    shown = torch.from_numpy(shown_cells(geom, be.info.preprocess.input_size, tuple(a.shape[1:]))).to(a.device)
+    chosen = _channels(a, channels, top, shown)
     return FeatureMaps(tap, chosen, a[chosen].float().cpu().numpy(), picture, geom, be.info.preprocess)
 
 
-def _channels(a: torch.Tensor, channels: Sequence[int] | None, top: int | None) -> list[int]:
+def _channels(a: torch.Tensor, channels: Sequence[int] | None, top: int | None, shown: torch.Tensor) -> list[int]:
+    """The channels asked for, or the ``top`` with the highest mean over the cells ``shown`` (h, w) that
+    show the image (letterbox padding does not count)."""
     c = a.shape[0]
     if channels is not None:
         bad = [i for i in channels if not 0 <= i < c]
@@ -126,5 +129,5 @@ def _channels(a: torch.Tensor, channels: Sequence[int] | None, top: int | None) 
     k = min(top or 16, c)
     # ties (dead ReLU channels all score 0) to the lower channel, as exemplars break theirs: topk's
     # order among ties is arbitrary; a NaN channel ranks last
-    means = torch.nan_to_num(a.float().flatten(1).mean(dim=1), nan=-torch.inf)
+    means = torch.nan_to_num(a.float()[:, shown].mean(dim=1), nan=-torch.inf)
     return torch.sort(means, descending=True, stable=True).indices[:k].tolist()

@@ -20,9 +20,7 @@ def map_stats(maps: np.ndarray, geom: Geometry, input_size: tuple[int, int]) -> 
     H, W = input_size
     cx = (np.arange(w) + 0.5) * W / w
     cy = (np.arange(h) + 0.5) * H / h
-    x0, y0, x1, y1 = geom.content
-    inside = ((cy >= y0) & (cy < y1))[:, None] & ((cx >= x0) & (cx < x1))[None, :]
-    cells = np.flatnonzero(inside) if inside.any() else np.arange(h * w)
+    cells = np.flatnonzero(shown_cells(geom, input_size, (h, w)))
     flat = maps.reshape(k, -1)[:, cells]
     arg = cells[flat.argmax(axis=1)]
     W0, H0 = geom.original_size
@@ -38,6 +36,18 @@ def map_stats(maps: np.ndarray, geom: Geometry, input_size: tuple[int, int]) -> 
         "map_argmax_x": xs,
         "map_argmax_y": ys,
     }
+
+
+def shown_cells(geom: Geometry, input_size: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+    """(h, w) bool: the cells of an (h, w) map whose centre shows the image (with letterbox, not the
+    padding); every cell when none does (a map too coarse for the image it is on)."""
+    h, w = shape
+    H, W = input_size
+    cx = (np.arange(w) + 0.5) * W / w
+    cy = (np.arange(h) + 0.5) * H / h
+    x0, y0, x1, y1 = geom.content
+    inside = ((cy >= y0) & (cy < y1))[:, None] & ((cx >= x0) & (cx < x1))[None, :]
+    return inside if inside.any() else np.ones((h, w), dtype=bool)
 
 
 def to_original(m: np.ndarray, geom: Geometry, input_size: tuple[int, int], *, normalize: bool = True) -> np.ndarray:

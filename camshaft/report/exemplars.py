@@ -17,8 +17,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from camshaft.engine.postprocess import shown_cells
 from camshaft.errors import ConfigError
-from camshaft.preprocess import normalize
+from camshaft.preprocess import Geometry, geometry, normalize
 from camshaft.report.rerun import image_batches, open_run_backend
 from camshaft.report.scan import ok_rows
 from camshaft.report.topk import TopK
@@ -65,14 +66,23 @@ class ExemplarCollector:
                               f"together (e.g. {twice[0]}:0,7)")
         self.accumulators = {s.tap: TopK(k=k, channels=s.channels, reduce=reduce) for s in specs}
 
-    def update(self, taps: Mapping[str, torch.Tensor], indices: Sequence[int]) -> None:
-        """Add a batch: ``taps`` maps each tap to its activations (B, C, h, w)."""
+    def update(self, taps: Mapping[str, torch.Tensor], indices: Sequence[int], *,
+               geometries: Sequence[Geometry] | None = None, input_size: tuple[int, int] | None = None) -> None:
+        """Add a batch: ``taps`` maps each tap to its activations (B, C, h, w).
+
+        With the images' ``geometries`` (and the model's ``input_size``), only the cells that show an
+        image score it: letterbox padding never does (as in the table's map statistics).
+        """
         missing = [t for t in self.accumulators if t not in taps]
         if missing:
             raise ConfigError(f"the batch has no activations for taps {missing}; it has {sorted(taps)}")
         for tap, acc in self.accumulators.items():
+            a = taps[tap]
+            shown = None
+            if geometries is not None and a.dim() == 4:
+                shown = _shown(geometries, input_size, tuple(a.shape[2:]))
             try:
-                acc.update(taps[tap], indices)
+                acc.update(a, indices, shown=shown)
             except ConfigError as e:
                 raise ConfigError(f"exemplars of tap {tap!r}: {e}") from e
 
@@ -110,6 +120,12 @@ class ExemplarCollector:
     def write(self, run_dir: str | Path) -> Path:
         """Write ``exemplars.parquet`` into ``run_dir`` atomically."""
         return write_exemplars(self.table(), run_dir)
+
+
+def _shown(geometries: Sequence[Geometry], input_size: tuple[int, int], shape: tuple[int, int]) -> torch.Tensor | None:
+    """(B, h, w) bool of the cells that show each image; None when all do (no letterbox padding)."""
+    masks = np.stack([shown_cells(g, input_size, shape) for g in geometries])
+    return None if masks.all() else torch.from_numpy(masks)
 
 
 def merge_tables(tables: Sequence[pd.DataFrame], *, k: int) -> pd.DataFrame:
@@ -152,10 +168,12 @@ def compute_exemplars(
     backend = open_run_backend(results, taps=[s.tap for s in specs], device=device)
     pre = results.preprocess
     rows = ok_rows(results.table)
+    sizes = dict(zip(rows["index"], zip(rows["width"], rows["height"], strict=True), strict=True))
     bar = tqdm(total=len(rows), unit="img", desc="exemplars", disable=not progress)
     for indices, images in image_batches(rows, pre, batch_size=batch_size):
         out = backend.forward(normalize(images, pre, device=backend.device))
-        collector.update(out.taps, indices)
+        geometries = [geometry((int(sizes[i][0]), int(sizes[i][1])), pre) for i in indices]
+        collector.update(out.taps, indices, geometries=geometries, input_size=pre.input_size)
         bar.update(len(indices))
     bar.close()
     collector.write(run_dir)

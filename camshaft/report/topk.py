@@ -49,8 +49,14 @@ class TopK:
         """Whether no image has been added yet."""
         return self._scores is None
 
-    def update(self, activations: torch.Tensor, indices: Sequence[int] | torch.Tensor) -> None:
-        """Add a batch: ``activations`` (B, C, h, w) of the images ``indices`` (B,)."""
+    def update(
+        self, activations: torch.Tensor, indices: Sequence[int] | torch.Tensor, *, shown: torch.Tensor | None = None
+    ) -> None:
+        """Add a batch: ``activations`` (B, C, h, w) of the images ``indices`` (B,).
+
+        ``shown`` (B, h, w) bool: the cells that show each image (``postprocess.shown_cells``); only
+        they score, so a channel that answers letterbox padding does not rank images by their padding.
+        """
         a = activations.detach().float()
         if a.dim() != 4:
             raise ConfigError(f"activations must be (B, C, h, w), received shape {tuple(a.shape)}")
@@ -58,8 +64,16 @@ class TopK:
         if idx.shape != (a.shape[0],):
             raise ConfigError(f"got {idx.numel()} indices for a batch of {a.shape[0]} images")
         a = self._select(a).transpose(0, 1)  # (C, B, h, w)
-        score = a.amax(dim=(2, 3)) if self.reduce == "max" else a.mean(dim=(2, 3))  # (C, B)
-        self._fold(score, idx.expand(a.shape[0], -1), a)
+        self._fold(self._score(a, shown), idx.expand(a.shape[0], -1), a)
+
+    def _score(self, a: torch.Tensor, shown: torch.Tensor | None) -> torch.Tensor:
+        """(C, B) scores of activations (C, B, h, w): their max or mean over the cells shown."""
+        if shown is None:
+            return a.amax(dim=(2, 3)) if self.reduce == "max" else a.mean(dim=(2, 3))
+        shown = shown.to(a.device)
+        if self.reduce == "max":
+            return a.masked_fill(~shown, -torch.inf).amax(dim=(2, 3))
+        return (a * shown).sum(dim=(2, 3)) / shown.sum(dim=(1, 2))
 
     def merge(self, other: TopKResult) -> None:
         """Fold in another accumulator's result (a partition's): as if its images came here."""
