@@ -44,6 +44,8 @@ class Method:
     # (run's maps, input (H, W), options) -> maps whose cell (i, j) covers input pixels
     # [i H/h, (i+1) H/h) x [j W/w, (j+1) W/w), as every output places cells; None: the run's already do
     tiles: Callable[[torch.Tensor, tuple[int, int], dict], torch.Tensor] | None = None
+    # the resolved options checked together (occlusion: stride against window); raises ConfigError
+    check: Callable[[dict], None] | None = None
 
     def resolve_options(self, given: dict | None) -> dict:
         """Defaults completed with ``given``; unknown names fail with the valid ones."""
@@ -56,8 +58,10 @@ class Method:
             )
         resolved, problems = {}, []
         for name, o in valid.items():
-            value = given.get(name, o.default)
-            if name in given and value is not None:  # as the CLI parses its flags: job files and the API too
+            value = given.get(name)
+            if value is None:  # as an unset CLI flag: the method's own default
+                value = o.default
+            else:  # parsed as the CLI parses its flags: job files and the API too
                 try:
                     value = o.parse(value)
                 except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
@@ -65,6 +69,8 @@ class Method:
             resolved[name] = value
         if problems:
             raise ConfigError(f"invalid options of method {self.name!r}: " + "; ".join(problems))
+        if self.check is not None:
+            self.check(resolved)
         return resolved
 
     def run(self, backend: Backend, x: torch.Tensor, select: Selector, *, tap: str | None, options: dict | None = None):

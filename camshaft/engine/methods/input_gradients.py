@@ -14,7 +14,7 @@ import torch
 
 from camshaft.engine.backends.base import FORWARD, INPUT_GRADIENTS, Backend, Output, Selector
 from camshaft.engine.methods.base import Method, Option, register_method
-from camshaft.engine.methods.options import non_negative_float, positive_int
+from camshaft.engine.methods.options import finite_float, non_negative_float, positive_int, seed
 
 SampleFn = Callable[[torch.Tensor, int, int], torch.Tensor]  # (x, first, last) -> (B, S, 3, H, W)
 
@@ -62,7 +62,12 @@ def _saliency(backend: Backend, x: torch.Tensor, select: Selector, tap, options:
 
 
 def _smoothgrad(backend: Backend, x: torch.Tensor, select: Selector, tap, options: dict):
-    """Smilkov et al. 2017, "SmoothGrad": the saliency of noisy copies, averaged."""
+    """Smilkov et al. 2017, "SmoothGrad": the saliency of noisy copies, averaged.
+
+    The noise is added in the model's normalised input space, with std ``noise * (max - min)`` of
+    the image there (over all its channels): the paper's noise level sigma / (x_max - x_min), as
+    its reference code computes it on the model's input.
+    """
     n = options["samples"]
     spread = (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, 1, 1, 1, 1)  # per image
     gen = torch.Generator(device=x.device).manual_seed(options["seed"])
@@ -118,16 +123,19 @@ def _baseline(text: str) -> str | float:
     if text in ("zero", "blur"):
         return text
     try:
-        return float(text)
+        return finite_float(text)
     except ValueError as e:
-        raise ValueError(f"baseline must be zero, blur or a number, received {text!r}") from e
+        raise ValueError(f"baseline must be zero, blur or a finite number, received {text!r}") from e
 
 
 PER_FORWARD = Option("samples_per_forward", positive_int, 32, "noisy or interpolated images per forward (memory)")
 NEEDS = frozenset({FORWARD, INPUT_GRADIENTS})
 
 register_method(
-    Method("saliency", frozenset({INPUT_GRADIENTS}), _saliency, "|d score / d pixel|, max over channels", uses_tap=False, paper="Simonyan et al. 2013")
+    Method(
+        "saliency", frozenset({INPUT_GRADIENTS}), _saliency, "|d score / d pixel|, max over channels",
+        uses_tap=False, paper="Simonyan et al. 2013",
+    )
 )
 register_method(
     Method(
@@ -137,8 +145,12 @@ register_method(
         "saliency averaged over noisy copies",
         options=(
             Option("samples", positive_int, 16, "noisy copies per image"),
-            Option("noise", non_negative_float, 0.15, "noise std as a fraction of the image's value range"),
-            Option("seed", int, 0, "seed of the noise (the same noise for every image)"),
+            Option(
+                "noise", non_negative_float, 0.15,
+                "noise std as a fraction of the image's value range (max - min over its channels, in the model's "
+                "normalised input space, where the noise is added)",
+            ),
+            Option("seed", seed, 0, "seed of the noise (the same noise for every image)"),
             PER_FORWARD,
         ),
         uses_tap=False,

@@ -22,5 +22,11 @@ def _compute(backend: Backend, out: Output, tap: str, options: dict) -> torch.Te
 
 
 register_method(
-    Method("layercam", frozenset({TAP_GRADIENTS}), tap_method(_compute, gradients=True), "LayerCAM", paper="Jiang et al. 2021")
+    Method(
+        "layercam",
+        frozenset({TAP_GRADIENTS}),
+        tap_method(_compute, gradients=True),
+        "LayerCAM",
+        paper="Jiang et al. 2021",
+    )
 )

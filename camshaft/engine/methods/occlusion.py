@@ -26,6 +26,7 @@ import torch
 
 from camshaft.engine.backends.base import FORWARD, MODULE_HOOKS, Backend, Selector
 from camshaft.engine.methods.base import Method, Option, register_method
+from camshaft.engine.methods.options import finite_float, positive_int
 from camshaft.engine.occlusion.fills import FILL_MODES, fill_values
 from camshaft.engine.occlusion.incremental import IncrementalModel, incremental_evaluator
 from camshaft.engine.occlusion.refine import coarse_to_fine
@@ -38,10 +39,10 @@ MODES = ("plain", "incremental", "coarse-to-fine")
 
 def parse_pair(text) -> tuple[int, int]:
     """``N`` or ``N,M`` (height, width) positive pixel counts; ints and pairs pass through."""
-    items = [text] if isinstance(text, int) else (text.split(",") if isinstance(text, str) else list(text))
     try:
-        values = tuple(int(str(v).strip()) for v in items)
-    except ValueError:
+        items = [text] if isinstance(text, int) else (text.split(",") if isinstance(text, str) else list(text))
+        values = () if isinstance(text, bool) else tuple(int(str(v).strip()) for v in items)
+    except (TypeError, ValueError):
         values = ()
     if len(values) == 1:
         values = values * 2
@@ -51,16 +52,14 @@ def parse_pair(text) -> tuple[int, int]:
 
 
 def parse_fill(text) -> str | float:
-    """``zero``, ``mean``, ``blur`` or a number (a constant in the model's input space)."""
-    if isinstance(text, int | float) and not isinstance(text, bool):
-        return float(text)
-    if text in FILL_MODES:
+    """``zero``, ``mean``, ``blur`` or a finite number (a constant in the model's input space)."""
+    if isinstance(text, str) and text in FILL_MODES:
         return text
     try:
-        return float(text)
-    except (TypeError, ValueError):
+        return finite_float(text)
+    except ValueError:
         choices = ", ".join(FILL_MODES)
-        raise argparse.ArgumentTypeError(f"fill must be {choices} or a number, received {text!r}") from None
+        raise argparse.ArgumentTypeError(f"fill must be {choices} or a number (finite), received {text!r}") from None
 
 
 def _choice(choices: tuple[str, ...], what: str):
@@ -74,12 +73,9 @@ def _choice(choices: tuple[str, ...], what: str):
 
 def parse_count(text) -> int:
     try:
-        value = int(text)
-    except (TypeError, ValueError):
-        value = 0
-    if value < 1 or isinstance(text, float):
-        raise argparse.ArgumentTypeError(f"expected a positive integer, received {text!r}")
-    return value
+        return positive_int(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_fraction(text) -> float:
@@ -94,7 +90,10 @@ def parse_fraction(text) -> float:
 
 OPTIONS = (
     Option("window", parse_pair, (32, 32), "occlusion window in input pixels: N or N,M (height,width)"),
-    Option("stride", parse_pair, None, "step between occlusion windows in input pixels: N or N,M (None: half window)"),
+    Option(
+        "stride", parse_pair, None,
+        "step between occlusion windows in input pixels, at most the window: N or N,M (None: half window)",
+    ),
     Option(
         "fill", parse_fill, "zero",
         "what covers the occlusion window, in the model's normalised input space: zero | mean (the image's "
@@ -141,11 +140,28 @@ class OcclusionSettings:
                 values[o.name] = raw if raw is None else o.parse(raw)
             except (argparse.ArgumentTypeError, TypeError, ValueError) as e:
                 problems.append(f"{o.name}: {e}")
+        if not problems and values["stride"] is not None:
+            problems += stride_problems(values["window"], values["stride"])
         if problems:
             raise ConfigError("invalid occlusion options: " + "; ".join(problems))
         if values["stride"] is None:
             values["stride"] = tuple(max(1, w // 2) for w in values["window"])
         return cls(**values)
+
+
+def stride_problems(window: tuple[int, int], stride: tuple[int, int]) -> list[str]:
+    """A stride longer than the window leaves pixels between windows that none covers (captum refuses it too)."""
+    if all(s <= w for s, w in zip(stride, window, strict=True)):
+        return []
+    return [
+        f"stride {stride[0]},{stride[1]} is longer than the window {window[0]},{window[1]}: pixels between windows "
+        "would be covered by none; use a stride at most the window"
+    ]
+
+
+def check_options(options: dict) -> None:
+    """The options against each other, when they are resolved (before any work): see ``from_options``."""
+    OcclusionSettings.from_options(options)
 
 
 def _check_incremental(backend: Backend) -> None:
@@ -207,5 +223,6 @@ OCCLUSION = register_method(
         uses_tap=False,
         paper="Zeiler & Fergus 2014; incremental: Nakandala et al. 2019",
         tiles=occlusion_tiles,
+        check=check_options,
     )
 )

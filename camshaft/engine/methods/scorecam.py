@@ -2,8 +2,14 @@
 
 Forward only: each channel of the tap, upsampled to the input and scaled to [0, 1], masks the
 input; the softmax probability of the target on the masked input weighs the channel:
-``M = ReLU(sum_k p_c(x * mask_k) A_k)``. Masks of all channels and images are batched, at most
-``masks_per_forward`` masked images per forward.
+``M = ReLU(sum_k p_c(x * mask_k) A_k)``. This is the authors' released code (haofanwang/Score-CAM):
+no baseline score is subtracted and the weights are not normalised over channels. pytorch-grad-cam
+and torchcam differ: their weights are the softmax over channels of the masked images' logits
+(torchcam subtracts a baseline's logit first, which that softmax cancels), so their maps are not
+comparable to these. As in the authors' code, a channel constant over the map has no mask (its
+min-max scaling would divide by zero) and weight 0, and costs no forward. Masks are built and
+scored in chunks of at most ``masks_per_forward`` (image, channel) pairs: memory is bounded by the
+option, not by batch x channels x input pixels.
 """
 
 from __future__ import annotations
@@ -17,28 +23,38 @@ from camshaft.engine.methods.options import positive_int
 
 
 def channel_masks(a: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, C, h, w) activations -> (B, C, H, W) masks in [0, 1] (min-max per channel)."""
+    """(N, C, h, w) activations -> (N, C, H, W) masks in [0, 1] (min-max per channel; a constant one is 0)."""
     up = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
     lo = up.amin(dim=(-2, -1), keepdim=True)
     hi = up.amax(dim=(-2, -1), keepdim=True)
-    return (up - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return (up - lo) / torch.where(hi > lo, hi - lo, torch.inf)
+
+
+def channel_scores(backend: Backend, x: torch.Tensor, a: torch.Tensor, targets: torch.Tensor, per: int) -> torch.Tensor:
+    """p_target(x_b * mask_bk) for each image b, channel k and target: (B, K, C), ``per`` masked images a forward.
+
+    A channel constant over the map has no mask and weight 0, without a forward. Constancy is read
+    before upsampling: bilinear weights round, so an upsampled constant differs by an ulp here and
+    there, which min-max scaling would blow up into a mask of rounding noise.
+    """
+    b, c = a.shape[:2]
+    pairs = a.flatten(0, 1).unsqueeze(1)  # (B C, 1, h, w): pair i is image i // C, channel i % C
+    live = (pairs.amax(dim=(-2, -1)) > pairs.amin(dim=(-2, -1))).flatten().nonzero().squeeze(1)
+    scores = torch.zeros(b * c, targets.shape[1], device=a.device)
+    for first in range(0, len(live), per):  # never an empty batch (live.split would give one)
+        chunk = live[first : first + per]  # (n,) pairs
+        image = chunk // c
+        masked = x[image] * channel_masks(pairs[chunk], x.shape[-2:])  # (n, 3, H, W)
+        probs = torch.softmax(backend.forward(masked).logits, dim=-1)  # (n, N)
+        scores[chunk] = probs.gather(1, targets[image])  # (n, K)
+    return scores.view(b, c, -1).transpose(1, 2)
 
 
 def _scorecam(backend: Backend, x: torch.Tensor, select: Selector, tap: str, options: dict):
     out = backend.forward(x)
-    targets = select(out.logits)
-    out.targets = targets
-    a = out.taps[tap]
-    b, c = a.shape[:2]
-    masks = channel_masks(a, x.shape[-2:])  # (B, C, H, W)
-    scores = torch.empty(b, c, targets.shape[1], device=x.device)
-    per = max(1, options["masks_per_forward"] // b)
-    for first in range(0, c, per):
-        m = masks[:, first : first + per]  # (B, c', H, W)
-        masked = (x.unsqueeze(1) * m.unsqueeze(2)).flatten(0, 1)  # (B c', 3, H, W)
-        probs = torch.softmax(backend.forward(masked).logits, dim=-1).view(b, m.shape[1], -1)
-        scores[:, first : first + per] = probs.gather(2, targets.unsqueeze(1).expand(-1, m.shape[1], -1))
-    weights = scores.transpose(1, 2)  # (B, K, C)
+    out.targets = select(out.logits)
+    a = out.taps[tap]  # (B, C, h, w)
+    weights = channel_scores(backend, x, a, out.targets.to(a.device), options["masks_per_forward"])  # (B, K, C)
     return torch.relu(torch.einsum("bkc,bchw->bkhw", weights, a)), out
 
 

@@ -1,7 +1,8 @@
 """XGrad-CAM (Fu et al. 2020, "Axiom-based Grad-CAM").
 
 Channel weights are gradients averaged with the activation as the weight:
-``w_k = sum_xy (A_k / sum_xy A_k) * g_k``, ``M = ReLU(sum_k w_k A_k)``.
+``w_k = sum_xy (A_k / sum_xy A_k) * g_k``, ``M = ReLU(sum_k w_k A_k)``. The paper assumes A >= 0
+(a tap after a ReLU); a channel whose activations sum to 0 gets weight 0.
 """
 
 from __future__ import annotations
@@ -25,5 +26,11 @@ def _compute(backend: Backend, out: Output, tap: str, options: dict) -> torch.Te
 
 
 register_method(
-    Method("xgradcam", frozenset({TAP_GRADIENTS}), tap_method(_compute, gradients=True), "XGrad-CAM", paper="Fu et al. 2020")
+    Method(
+        "xgradcam",
+        frozenset({TAP_GRADIENTS}),
+        tap_method(_compute, gradients=True),
+        "XGrad-CAM",
+        paper="Fu et al. 2020",
+    )
 )

@@ -38,6 +38,12 @@ class Grid:
                 f"window {self.window[0]}x{self.window[1]} is larger than the {self.size[0]}x{self.size[1]} "
                 "model input; use a smaller --window"
             )
+        gaps = [a for a in (0, 1) if not problems and self.stride[a] > self.window[a] < self.size[a]]
+        if gaps:  # captum's rule: pixels between windows would be covered by none (their map: 0 / 0)
+            problems.append(
+                f"stride {self.stride[0]},{self.stride[1]} is longer than the window {self.window[0]},"
+                f"{self.window[1]}: pixels between windows would be covered by none; use a stride at most the window"
+            )
         if problems:
             raise ConfigError("invalid occlusion grid: " + "; ".join(problems))
 
