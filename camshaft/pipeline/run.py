@@ -8,6 +8,7 @@ changed explains only new or changed files and copies the rest from the previous
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 import uuid
@@ -24,7 +25,7 @@ from camshaft.errors import ConfigError
 from camshaft.exporters.metadata import version
 from camshaft.pipeline import plan as planning
 from camshaft.pipeline.lock import run_lock
-from camshaft.pipeline.schedule import LOCAL, check_scheduler, run_tasks
+from camshaft.pipeline.schedule import LOCAL, check_scheduler, connected, run_tasks
 from camshaft.pipeline.state import ARTIFACTS_DIR, MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
 from camshaft.pipeline.tasks import TaskContext, load_summary, register, release
 from camshaft.writers import maps_store
@@ -87,33 +88,38 @@ def _run(job: ExplainJob, out: Path, *, created: Path | None, progress: bool) ->
     """``created``: the topmost folder this run made for ``out`` (a refused job removes it again)."""
     artifacts = out / ARTIFACTS_DIR
     had = set(artifacts.iterdir()) if artifacts.is_dir() else None  # a refused job takes back its export
-    try:
-        check_scheduler(job.scheduler)
-        records = list_images(job.data, labels_from_folders=job.labels_from_folders, exclude=out)
-        if job.targets.strip() == "label" and not any(r.label is not None for r in records):
-            raise ConfigError(f"--targets label needs labels, and {job.data} has none: use a manifest with a label column")
-        explainer = build_explainer(job, workdir=out / ARTIFACTS_DIR)
-        explainer.probe()
-    except Exception:
-        if created is not None:
-            shutil.rmtree(created, ignore_errors=True)
-        elif had is None:
-            shutil.rmtree(artifacts, ignore_errors=True)
-        else:
-            for path in set(artifacts.iterdir()) - had if artifacts.is_dir() else ():
-                path.unlink(missing_ok=True)
-        raise
-    state = RunState(out, job.methods)
-    model = planning.model_fingerprint(explainer)
-    identity = {
-        "job": planning.job_fingerprint(explainer, model),
-        "listing": planning.listing_fingerprint(records),
-        "partition_size": job.partition_size,
-        "overlays": job.overlays,  # asked for later: an update writes them, reusing every map
-        "methods": list(job.methods),
-    }
-    mode = _prepare(state, job, identity, explainer, len(records))
-    return _execute(state, job, explainer, records, mode, model=model, progress=progress)
+    with contextlib.ExitStack() as stack:  # a cluster's client, open for the whole run
+        try:
+            check_scheduler(job.scheduler)
+            # connected before anything in ``out`` changes: an unreachable cluster leaves the last results alone
+            scheduler = stack.enter_context(connected(job.scheduler))
+            records = list_images(job.data, labels_from_folders=job.labels_from_folders, exclude=out)
+            if job.targets.strip() == "label" and not any(r.label is not None for r in records):
+                raise ConfigError(f"--targets label needs labels, and {job.data} has none: "
+                                  "use a manifest with a label column")
+            explainer = build_explainer(job, workdir=out / ARTIFACTS_DIR)
+            explainer.probe()
+        except Exception:
+            if created is not None:
+                shutil.rmtree(created, ignore_errors=True)
+            elif had is None:
+                shutil.rmtree(artifacts, ignore_errors=True)
+            else:
+                for path in set(artifacts.iterdir()) - had if artifacts.is_dir() else ():
+                    path.unlink(missing_ok=True)
+            raise
+        state = RunState(out, job.methods)
+        model = planning.model_fingerprint(explainer)
+        identity = {
+            "job": planning.job_fingerprint(explainer, model),
+            "listing": planning.listing_fingerprint(records),
+            "partition_size": job.partition_size,
+            "overlays": job.overlays,  # asked for later: an update writes them, reusing every map
+            "methods": list(job.methods),
+        }
+        mode = _prepare(state, job, identity, explainer, len(records))
+        return _execute(state, job, explainer, records, mode, model=model, progress=progress,
+                        scheduler=scheduler)
 
 
 def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explainer, n: int) -> str:
@@ -153,14 +159,17 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
 
 
 def _execute(
-    state: RunState, job: ExplainJob, explainer: Explainer, records, mode: str, *, model: str, progress: bool
+    state: RunState, job: ExplainJob, explainer: Explainer, records, mode: str, *, model: str, progress: bool,
+    scheduler=None,
 ) -> RunSummary:
+    """``scheduler``: what ``run_tasks`` takes (a connected client for a cluster); None: ``job.scheduler``."""
     partitions = planning.plan(len(records), job.partition_size)
     todo = [p for p in partitions if not state.is_done(p)]
     stored = state.load() or {}
     reuse = mode == "update" or stored.get("mode") == "update"
     shapes = tuple(run.map_shape for run in explainer.runs)
-    ctx = TaskContext(_worker_job(job, explainer, state), state.out, shapes, reuse, model, stored.get("previous_id"))
+    worker_job = _worker_job(job, explainer, state)
+    ctx = TaskContext(worker_job, Path(worker_job.out), shapes, reuse, model, stored.get("previous_id"))
     if job.scheduler in LOCAL:
         register(ctx, explainer)
     start = time.perf_counter()
@@ -168,7 +177,7 @@ def _execute(
     names = [run.name for run in explainer.runs]
     bar = tqdm(total=len(records), initial=done_images, unit="img", desc=f"{'+'.join(names)} ({explainer.backend.name})", disable=not progress)
     try:
-        summaries = run_tasks(ctx, [(p, records[p.start : p.stop]) for p in todo], scheduler=job.scheduler,
+        summaries = run_tasks(ctx, [(p, records[p.start : p.stop]) for p in todo], scheduler=scheduler or job.scheduler,
                               on_done=lambda s: bar.update(s["images"]))
     finally:
         release(ctx)
@@ -219,14 +228,19 @@ def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> Expla
     """
     if job.scheduler in LOCAL:
         return job
+    from camshaft.engine.backends.registry import ARTIFACT_NAMES, FILE_BACKENDS
+
+    # absolute: a worker started in another folder (dask worker, a service) reads and writes the same files
+    state = RunState(state.out.absolute(), state.methods)
+    job = replace(job, out=state.out, data=Path(job.data).absolute())
+    if explainer.source.kind in FILE_BACKENDS:  # an exported model: a path (a name or module:factory stays)
+        job = replace(job, model=str(Path(job.model).absolute()))
     if job.class_names is not None:
         path = state.dir / "class_names.json"
         write_json(path, list(explainer.backend.info.class_names))
         job = replace(job, class_names=path)
     source = explainer.source
     if source.kind == "torch" and job.backend != "eager":
-        from camshaft.engine.backends.registry import ARTIFACT_NAMES
-
         return replace(job, model=str(state.out / ARTIFACTS_DIR / ARTIFACT_NAMES[job.backend]), weights=None)
     if source.kind == "torch" and source.spec != "demo":  # random weights too: every worker gets the same ones
         path = state.dir / "weights.pt"

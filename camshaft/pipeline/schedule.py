@@ -7,7 +7,8 @@ tasks of a worker that dies are rescheduled on the others (a partition is idempo
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
 import dask
 from dask.callbacks import Callback
@@ -29,9 +30,11 @@ class _Progress(Callback):
             self.on_done(result)
 
 
-def run_tasks(ctx, work: list, *, scheduler: str, on_done: Callable[[dict], None]) -> list[dict]:
-    """Run ``run_partition(ctx, part, records)`` for each ``(part, records)`` in ``work``."""
-    if scheduler in LOCAL:
+def run_tasks(ctx, work: list, *, scheduler, on_done: Callable[[dict], None]) -> list[dict]:
+    """Run ``run_partition(ctx, part, records)`` for each ``(part, records)`` in ``work``.
+
+    ``scheduler``: threads, sync, a dask.distributed address or a connected ``Client``."""
+    if isinstance(scheduler, str) and scheduler in LOCAL:
         tasks = [dask.delayed(run_partition, pure=False)(ctx, part, records) for part, records in work]
         stop = stop_event(ctx.out)
         stop.clear()
@@ -44,32 +47,48 @@ def run_tasks(ctx, work: list, *, scheduler: str, on_done: Callable[[dict], None
     return _distributed(ctx, work, scheduler, on_done)
 
 
-def _distributed(ctx, work: list, address, on_done) -> list[dict]:
-    try:
-        from dask.distributed import Client, as_completed
-    except ImportError as e:
-        raise ConfigError(
-            f"--scheduler {address!r} needs dask.distributed: pip install 'camshaft[distributed]'"
-        ) from e
-    try:
-        client = address if isinstance(address, Client) else Client(address, timeout="30s")
-    except OSError as e:
-        raise ConfigError(
-            f"cannot reach the dask.distributed scheduler at {address!r} ({e}): start it (dask scheduler), "
-            "check the address, or use --scheduler threads"
-        ) from e
-    try:
+def _distributed(ctx, work: list, scheduler, on_done) -> list[dict]:
+    with connected(scheduler) as client:
+        from dask.distributed import as_completed
+
+        futures = [client.submit(run_partition, ctx, part, records, pure=False, retries=2) for part, records in work]
         results = []
-        for future in as_completed([client.submit(run_partition, ctx, part, records, pure=False, retries=2)
-                                    for part, records in work]):
+        for future in as_completed(futures, loop=client.loop):  # this client's, whichever one is the default
             summary = future.result()
             future.release()  # or a worker lost later takes this result along and the cluster runs it again
             on_done(summary)
             results.append(summary)
         return results
+
+
+@contextlib.contextmanager
+def connected(scheduler) -> Iterator:
+    """``scheduler`` as :func:`run_tasks` takes it: a local name as it is, an address as a connected
+    ``Client`` (closed on leaving; a ``Client`` given stays open). A run connects before it touches its
+    output folder, so an unreachable cluster is refused while the previous results are still there."""
+    if isinstance(scheduler, str) and scheduler in LOCAL:
+        yield scheduler
+        return
+    try:
+        from dask.distributed import Client
+    except ImportError as e:
+        raise ConfigError(
+            f"--scheduler {scheduler!r} needs dask.distributed: pip install 'camshaft[distributed]'"
+        ) from e
+    if isinstance(scheduler, Client):
+        yield scheduler
+        return
+    try:
+        client = Client(scheduler, timeout="30s", set_as_default=False)  # the caller's own client stays the default
+    except OSError as e:
+        raise ConfigError(
+            f"cannot reach the dask.distributed scheduler at {scheduler!r} ({e}): start it (dask scheduler), "
+            "check the address, or use --scheduler threads"
+        ) from e
+    try:
+        yield client
     finally:
-        if client is not address:
-            client.close()
+        client.close()
 
 
 def check_scheduler(scheduler: str) -> None:

@@ -49,6 +49,12 @@ class TaskContext:
 _EXPLAINERS: dict[str, Explainer] = {}
 _PREVIOUS: dict[str, tuple[PreviousRows, object]] = {}
 _LOCK = threading.Lock()
+# a dask.distributed worker outlives its runs (a nightly job's model changes every night) and no run tells
+# it when it ended: it keeps the explainers (models) it built, and the previous rows of updates, of the
+# latest runs only
+KEEP_ON_WORKERS = 2
+_BUILT: list[str] = []  # keys of the explainers this process built for tasks, oldest first
+_UPDATES: list[str] = []  # previous_id of the updates whose previous rows this process read, oldest first
 _STOPS: dict[Path, threading.Event] = {}
 
 
@@ -73,7 +79,19 @@ def _explainer(ctx: TaskContext) -> Explainer:
             for run, shape in zip(explainer.runs, ctx.map_shapes, strict=True):
                 run.map_shape = shape
             _EXPLAINERS[ctx.key] = explainer
+            for key in _latest(_BUILT, ctx.key):
+                _EXPLAINERS.pop(key, None)
         return _EXPLAINERS[ctx.key]
+
+
+def _latest(order: list[str], key: str) -> list[str]:
+    """Note ``key`` as the newest in ``order``; returns the keys beyond ``KEEP_ON_WORKERS`` (to forget)."""
+    if key in order:
+        order.remove(key)
+    order.append(key)
+    dropped = order[:-KEEP_ON_WORKERS]
+    del order[:-KEEP_ON_WORKERS]
+    return dropped
 
 
 def release(ctx: TaskContext) -> None:
@@ -113,6 +131,9 @@ def _previous(ctx: TaskContext, method: str) -> tuple[PreviousRows, object]:
     with _LOCK:
         if key not in _PREVIOUS:
             _PREVIOUS[key] = (PreviousRows(folder / TABLE_FILE), maps_store.open_maps(folder / MAPS_FILE))
+            for old in _latest(_UPDATES, str(ctx.previous_id)):
+                for stale in [k for k in _PREVIOUS if k.startswith(f"{old} ")]:
+                    del _PREVIOUS[stale]
         return _PREVIOUS[key]
 
 
