@@ -215,6 +215,7 @@ def _collect(*argv) -> subprocess.CompletedProcess:
     return subprocess.run([*cmd, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # 22 s: two pytest subprocesses; test_bench_suites keeps one refusal in the default run
 def test_the_suites_refuse_bad_settings_and_an_unusable_bench_json_as_usage_errors(tmp_path):
     """Was: an INTERNALERROR traceback; and --bench-json into a folder crashed after every benchmark ran."""
     bad = _collect("--bench-model", "nonsense")
@@ -248,3 +249,19 @@ def test_a_limit_set_by_another_variant_is_listed():
     after = run_of(figures())
     assert "limit set by onnxruntime -> eager" in format_comparison(compare(before, after))
     assert "limit set by" not in format_comparison(compare(after, after))
+
+
+def test_the_torchscript_limit_runs_in_bfloat16_as_the_backend_does():
+    """Was: skipped ('measured in float32 only') while the TorchScript backend runs its frozen float32 trace under
+    autocast: a bfloat16 run had no TorchScript limit to compare with."""
+    import torch
+    from torch import nn
+
+    from camshaft.bench.limits import _torchscript, _traced
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    traced = _traced(model, x, torch.bfloat16)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert traced(x).dtype == torch.bfloat16  # autocast reaches the frozen trace
+    _torchscript(model, x, torch.bfloat16)()

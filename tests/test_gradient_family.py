@@ -193,10 +193,11 @@ def test_scorecam_equals_a_plain_loop_over_channels(resnet, tmp_path):
     expected = torch.zeros(2, 1, *a.shape[-2:])
     with torch.no_grad():
         for b, c in enumerate((3, 5)):
+            masks = []
             for k in range(a.shape[1]):
                 up = F.interpolate(a[b : b + 1, k : k + 1], size=(64, 64), mode="bilinear", align_corners=False)
-                mask = (up - up.min()) / (up.max() - up.min()) if up.max() > up.min() else up - up.min()
-                p = torch.softmax(resnet(x[b : b + 1] * mask), dim=-1)[0, c]
-                expected[b, 0] += p * a[b, k]
+                masks.append((up - up.min()) / (up.max() - up.min()) if up.max() > up.min() else up - up.min())
+            p = torch.softmax(resnet(x[b : b + 1] * torch.cat(masks)), dim=-1)[:, c]  # one masked image per channel
+            expected[b, 0] = (p[:, None, None] * a[b]).sum(dim=0)
     torch.testing.assert_close(maps["eager"], torch.relu(expected), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(maps["onnxruntime"], maps["eager"], rtol=1e-3, atol=1e-4)

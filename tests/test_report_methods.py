@@ -94,6 +94,7 @@ def test_metrics_are_computed_for_every_method(runs, tmp_path, capsys):
     assert "deletion_auc" in pd.read_csv(tmp_path / "report" / "tables" / "methods.csv").columns
 
 
+@pytest.mark.slow  # 12 s; the main report's browser check (test_report_runs) stays in the default run
 @pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("google-chrome") is None,
                     reason="no Chromium installed")
 def test_the_page_comparing_methods_opens_in_chromium_and_links_to_each_report(runs, tmp_path, capsys):

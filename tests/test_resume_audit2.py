@@ -120,6 +120,7 @@ def test_a_file_system_without_locks_runs_with_a_warning(data, tmp_path, monkeyp
     assert summary.ok == 6 and not (tmp_path / "run" / ".camshaft.lock").exists()
 
 
+@pytest.mark.slow  # 15 s; test_pipeline's killed-worker test keeps the distributed kill in the default run
 def test_a_lost_worker_costs_only_its_unfinished_partitions(data, tmp_path, monkeypatch):
     distributed = pytest.importorskip("distributed")
     import os

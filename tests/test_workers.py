@@ -137,6 +137,7 @@ def test_a_script_without_a_main_guard_is_told_how_to_fix_it(tmp_path):
 
 
 
+@pytest.mark.slow  # 12 s: a script's smoke run
 def test_the_gil_contention_script_runs(tmp_path):
     """The measurement behind ``--decode auto`` stays runnable (what it prints is not asserted: no timing in tests)."""
     script = os.path.join(os.path.dirname(os.path.dirname(camshaft.__file__)), "scripts", "gil_contention.py")

@@ -94,11 +94,12 @@ def _cl_copy(model: nn.Module) -> nn.Module:
 
 
 def _traced(model: nn.Module, x: torch.Tensor, dtype: torch.dtype):
-    if dtype != torch.float32:
-        raise _Unavailable("frozen TorchScript limit is measured in float32 only")
+    """Traced in float32 and frozen, as the TorchScript backend holds a model (``dtype`` is its autocast;
+    on a GPU it freezes only a float32 run, and so does this)."""
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        return torch.jit.freeze(torch.jit.trace(model, x).eval())
+        traced = torch.jit.trace(model, x).eval()
+        return torch.jit.freeze(traced) if x.device.type == "cpu" or dtype == torch.float32 else traced
 
 
 def _graphed(model, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
@@ -121,7 +122,7 @@ def _torchscript(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Calla
     traced = _traced(model, x, dtype)
 
     def fn():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(x.device, dtype):  # as the TorchScript backend runs it
             traced(x)
 
     return fn

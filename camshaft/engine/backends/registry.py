@@ -171,8 +171,8 @@ def open_torchscript(source: ModelSource, *, taps=None, preprocess: dict, device
     if hasattr(module, "trunk") and hasattr(module, "head"):
         split = (module.trunk, _head_runner(module.head, meta.taps))
     frozen = module
-    # frozen: batch norms folded (on a GPU at small batches, 53 fewer launches for resnet50; the bench's
-    # frozen TorchScript limit runs so there too), in float32 only there, as that limit is measured
+    # frozen: batch norms folded (on a GPU at small batches, 53 fewer launches for resnet50), on a GPU in
+    # float32 only; the bench's TorchScript limit is held the same way, under the same autocast
     if device.type == "cpu" or dtype == torch.float32:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # freeze is deprecated upstream but still the fastest CPU path
