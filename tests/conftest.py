@@ -46,6 +46,16 @@ def source_of(model: nn.Module, *, size=(8, 8), names=None) -> ModelSource:
     return ModelSource("torch", type(model).__name__, module=model.eval(), preprocess=pre, class_names=names)
 
 
+def fixed(targets):
+    """A target selector that ignores the logits: always ``targets`` (B, K), on the logits' device."""
+    t = torch.as_tensor(targets)
+    return lambda logits: t.to(logits.device)
+
+
+def randn(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 def open_backend(name: str, source: ModelSource, tmp_path, *, taps=None, **options):
     return backend_factory(name)(
         source, taps=taps, preprocess={}, device=torch.device("cpu"), dtype=torch.float32, workdir=tmp_path, **options

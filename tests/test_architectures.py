@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import fixed
 from torch import nn
 
 from camshaft.engine.backends import backend_factory
@@ -100,11 +101,6 @@ def eager(tmp_path_factory):
 @pytest.fixture(scope="module")
 def x() -> torch.Tensor:
     return torch.randn(2, 3, *SIZE, generator=torch.Generator().manual_seed(2))  # (B, 3, H, W)
-
-
-def fixed(targets):
-    t = torch.as_tensor(targets)
-    return lambda logits: t.to(logits.device)
 
 
 TOP3 = Targets.parse("top:3").selector()

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from conftest import TinyCam, Untraceable, open_backend, source_of
+from conftest import TinyCam, Untraceable, fixed, open_backend, source_of
 from test_methods import closed_form_cam
 
 from camshaft.cli import main
@@ -27,10 +27,6 @@ from camshaft.models.taps import TappedModel, plan_taps
 
 BACKENDS = ["eager", "torchscript", "pt2", "onnxruntime"]
 
-
-def fixed(targets):
-    t = torch.tensor(targets)
-    return lambda logits: t
 
 
 @pytest.fixture(scope="module")

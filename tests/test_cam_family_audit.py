@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import open_backend, source_of
+from conftest import fixed, open_backend, source_of
 from torch import nn
 
 from camshaft.engine.methods import get_method
@@ -28,10 +28,6 @@ W_CONV = torch.tensor([[1.0, 0.5, -1.0], [-0.5, 1.0, 0.25]])  # (C=2, 3)
 W_FC = torch.tensor([[1.0, -1.0], [0.5, 2.0], [-2.0, 0.25]])  # (N=3, C=2)
 V = torch.tensor([[1.0, -0.5, 2.0, 0.0], [0.25, 1.5, -1.0, 0.5], [0.0, 1.0, 0.75, -2.0], [3.0, -0.25, 0.5, 1.0]])
 
-
-def fixed(targets):
-    t = torch.as_tensor(targets)
-    return lambda logits: t.to(logits.device)
 
 
 class SpatialHead(nn.Module):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torchvision
-from conftest import TinyCam, open_backend, source_of
+from conftest import TinyCam, fixed, open_backend, source_of
 from torch import nn
 
 from camshaft.engine.methods import check_backend, get_method
@@ -17,10 +17,6 @@ from camshaft.errors import CapabilityError
 W_CONV = torch.tensor([[1.0, 0, -1], [0, 1, 0]])  # TinyCam: A0 = R - B, A1 = G
 W_FC = torch.tensor([[1.0, -1.0], [0.5, 2.0], [-2.0, 0.25]])
 
-
-def fixed(targets):
-    t = torch.tensor(targets)
-    return lambda logits: t
 
 
 @pytest.fixture(scope="module")

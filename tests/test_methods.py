@@ -5,16 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from conftest import TinyCam, Untraceable, open_backend, source_of
+from conftest import TinyCam, Untraceable, fixed, open_backend, source_of
 
 from camshaft.engine.methods import check_backend, get_method
 from camshaft.engine.targets import Targets
 from camshaft.errors import CapabilityError, ConfigError
 
-
-def fixed(targets):
-    t = torch.tensor(targets)
-    return lambda logits: t
 
 
 def closed_form_cam(x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

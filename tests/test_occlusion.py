@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 import torchvision
-from conftest import open_backend, source_of
+from conftest import fixed, open_backend, randn, source_of
 from torch import nn
 
 import camshaft
 from camshaft.engine.methods import get_method
 from camshaft.engine.methods.occlusion import OcclusionSettings, parse_fill, parse_pair
-from camshaft.engine.occlusion import Grid, fill_values, gaussian_blur, plain_evaluator, sweep_drops
+from camshaft.engine.occlusion import Grid, fill_values, gaussian_blur, plain_evaluator
 from camshaft.engine.occlusion.incremental import IncrementalModel, fold_batch_norms, incremental_evaluator, trace
 from camshaft.engine.occlusion import incremental
 from camshaft.engine.occlusion.refine import coarse_to_fine
@@ -25,13 +25,6 @@ from camshaft.errors import CapabilityError, ConfigError
 OCCLUSION = get_method("occlusion")
 
 
-def fixed(targets):
-    t = torch.as_tensor(targets)
-    return lambda logits: t
-
-
-def randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 class Linear(nn.Module):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import open_backend, source_of
+from conftest import fixed, open_backend, randn, source_of
 from torch import nn
 
 from camshaft.engine.job import ExplainJob
@@ -25,13 +25,6 @@ from camshaft.errors import ConfigError
 OCCLUSION = get_method("occlusion")
 
 
-def fixed(targets):
-    t = torch.as_tensor(targets)
-    return lambda logits: t
-
-
-def randn(*shape, seed):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 class ReluNet(nn.Module):
