@@ -104,12 +104,14 @@ def test_nan_scores_make_the_image_a_failure_with_its_reason(red_nan, tmp_path):
 def test_a_map_that_overflows_fails_its_method_only(red_nan, tmp_path):
     _, data = red_nan
     camshaft.explain("nonfinite_models:red_spike", data, out=tmp_path / "run", method=["cam", "gradcam"],
-                     input_size=16, mean=0.0, std=1.0, progress=False, workers=1)
+                     input_size=16, mean=0.0, std=1.0, progress=False, workers=1, metrics="deletion", metric_steps=4)
     status = {}
     for method in ("cam", "gradcam"):
         r = load_results(tmp_path / "run" / method)
         table = r.table.set_index(r.table["path"].map(lambda p: p.rsplit("/", 1)[-1]))
         status[method] = dict(table["status"])
+        curves = pd.read_parquet(tmp_path / "run" / method / "metrics.parquet")
+        assert set(curves["index"]) == set(table.loc[table["status"] == "ok", "index"])  # none for a failed map
         if method == "cam":
             assert table.loc["b_red.png", "error"] == "the cam map is not finite (NaN or infinity)"
             assert np.isnan(r.maps[int(table.loc["b_red.png", "index"])]).all()

@@ -354,28 +354,28 @@ class Explainer:
             )
         all_rows, all_maps = {}, {}
         geometries = {d.index: d.geometry for d in batch}
+        metrics = dict(launched.metrics)
         for name, maps in launched.maps.items():
             maps_np = maps.numpy()
             maps_finite = np.isfinite(maps_np.reshape(len(good), -1)).all(axis=1)
             all_maps[name] = {}
             all_rows[name] = {d.index: dict(rows[d.index]) for d in batch}
+            failed = []
             for i, d in enumerate(good):
-                if not finite[i]:
-                    continue
-                if not maps_finite[i]:  # the scores were fine: the map's own arithmetic overflowed
+                if finite[i] and not maps_finite[i]:  # the scores were fine: the map's own arithmetic overflowed
                     all_rows[name][d.index].update(status="error", error=self._not_finite(f"the {name} map is"))
+                if not (finite[i] and maps_finite[i]):
+                    failed.append(d.index)
                     continue
                 all_maps[name][d.index] = maps_np[i]
                 all_rows[name][d.index].update(map_stats(maps_np[i], geometries[d.index], self.preprocess.input_size))
-        metrics = launched.metrics
-        if not all(finite):  # their curves are NaN: no image of a faithfulness table is left unexplained
-            bad = [d.index for i, d in enumerate(good) if not finite[i]]
-            metrics = {name: [f[~f["index"].isin(bad)] for f in frames] for name, frames in metrics.items()}
+            if failed and name in metrics:  # a failed image has no faithfulness curves (they would be NaN)
+                metrics[name] = [f[~f["index"].isin(failed)] for f in metrics[name]]
         chosen = {d.index: targets_np[i] for i, d in enumerate(good) if finite[i]}
         return all_rows, all_maps, chosen, metrics
 
     def _not_finite(self, what: str) -> str:
-        hint = " (float16 overflows: try --dtype bfloat16)" if getattr(self.backend, "dtype", None) == torch.float16 else ""
+        hint = " (float16 overflows: try --dtype bfloat16)" if self.backend.dtype == torch.float16 else ""
         return f"{what} not finite (NaN or infinity){hint}"
 
 
