@@ -48,10 +48,11 @@ def few(tmp_path_factory) -> Path:
 
 
 def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation of two maps (ties get their mean rank)."""
-    from scipy.stats import rankdata
+    """Spearman's rank correlation of two maps (ties get their mean rank; the report's own, not scipy's:
+    CI installs the dev extra, which has no scipy)."""
+    from camshaft.report.similarity import spearman
 
-    return float(np.corrcoef(rankdata(a.ravel()), rankdata(b.ravel()))[0, 1])
+    return float(spearman(a.reshape(1, -1), b.reshape(1, -1))[0])
 
 
 def _precision_runs(data: Path, tmp_path: Path, methods, *, backend: str, dtype: str, model=None, **kw):
