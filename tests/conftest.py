@@ -62,6 +62,15 @@ def open_backend(name: str, source: ModelSource, tmp_path, *, taps=None, **optio
     )
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny images parallelise badly, far worse on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny():
     torch.manual_seed(0)

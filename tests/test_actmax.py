@@ -50,13 +50,7 @@ from camshaft.preprocess import Preprocess
 STILL = {"pad": 0, "jitter": 0, "scale": 0.0, "rotate": 0.0}  # no transforms: losses fall monotonically
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny images parallelise badly: one thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread for this module
 
 
 @pytest.fixture(scope="module")

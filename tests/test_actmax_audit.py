@@ -40,12 +40,7 @@ from camshaft.preprocess import Preprocess
 STILL = {"pad": 0, "jitter": 0, "scale": 0.0, "rotate": 0.0, "relu_leak": 0.0, "device": "cpu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread for this module
 
 
 class _Linear(nn.Module):

@@ -22,13 +22,7 @@ def _no_reexec(monkeypatch):
     monkeypatch.setenv("CAMSHAFT_NO_REEXEC", "1")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny images parallelise badly: one thread is faster, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on one thread for this module
 
 
 def test_cli_writes_pngs_grid_and_table(tmp_path, capsys):
