@@ -152,6 +152,18 @@ def test_overlay_peak_lands_in_the_right_region():
     assert 100 <= x < 120 and 10 <= y < 20
 
 
+def test_overlay_normalises_a_float64_map_beyond_float32_range_in_float64():
+    # a float32 cast before normalising made 1e39 an infinity (counted as 0): an all-blue overlay
+    heatmap = np.zeros((7, 7))
+    heatmap[1, 5] = 1e39
+    heatmap[5, 1] = 5e38
+    got = overlay(_image(), heatmap, alpha=1.0)
+    np.testing.assert_array_equal(np.asarray(got), colorize(upsample_map(normalize_map(heatmap), (140, 70))))
+    red_minus_blue = np.asarray(got).astype(int) @ np.array([1, 0, -1])
+    y, x = np.unravel_index(np.argmax(red_minus_blue), red_minus_blue.shape)
+    assert 100 <= x < 120 and 10 <= y < 20
+
+
 def test_overlay_colours_a_band_of_rows_at_a_time_with_the_same_pixels(monkeypatch):
     """Bands of rows bound the float temporaries of a large photo; they must not shift or seam the blend."""
     import camshaft.writers.overlay as module

@@ -44,7 +44,7 @@ def upsample_map(m: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     Returns float32 (height, width).
     """
-    m = _as_map(m)
+    m = _as_map(m)  # the float32 cast below is safe: a [0, 1] map
     width, height = _check_size(size)
     up = Image.fromarray(np.ascontiguousarray(m, dtype=np.float32)).resize(  # mode "F"
         (width, height), Image.Resampling.BICUBIC
@@ -150,7 +150,8 @@ def _fit(text: str, font, width: int) -> str:
 
 
 def _as_map(m: np.ndarray) -> np.ndarray:
-    m = np.asarray(m, dtype=np.float32)
+    """``m`` as an array, checked to be a 2-D map; its dtype is kept (a float64 map is normalised in float64)."""
+    m = np.asarray(m)
     if m.ndim != 2 or m.size == 0:
         raise ConfigError(f"a heatmap must be a non-empty 2-D array (h, w), got shape {m.shape}")
     return m
