@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from camshaft.data.sources import path_text
 from camshaft.engine.postprocess import to_original
@@ -97,4 +98,13 @@ def load_results(out: str | Path) -> Results:
             choices = ", ".join(str(out / m) for m in methods)
             raise ConfigError(f"{out} holds a run of several methods: load one of {choices}")
         raise ConfigError(f"{out} is not a finished camshaft run: missing {', '.join(missing)}")
-    return Results(out, pd.read_parquet(table), open_maps(maps))
+    return Results(out, _read_table(table), open_maps(maps))
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """The table as a data frame; ``width`` and ``height`` are nullable integers (Int32), so that they stay
+    integers whatever the run: numpy integers have no missing value, and pandas would read them as float64
+    whenever a failed image (unreadable: no size) left them empty."""
+    sizes = {"width": pd.Int32Dtype(), "height": pd.Int32Dtype()}
+    frame = pq.read_table(path).to_pandas()
+    return frame.astype({k: v for k, v in sizes.items() if k in frame.columns})

@@ -171,6 +171,15 @@ def test_recorded_sizes_are_as_displayed(bad_run):
     assert sizes == {"exif_rotated.jpg": (80, 120), "tiny_1x1.png": (1, 1), "wide_400x40.png": (400, 40), "a_ok.jpg": (96, 96)}
 
 
+def test_sizes_read_back_as_integers_with_failed_rows(bad_run):
+    # numpy integers have no missing value: pandas read the int32 columns as float64 once a row lacked a size
+    table = camshaft.load_results(bad_run[1]).table
+    assert table["width"].isna().any()  # an unreadable file has no size
+    for column in ("width", "height"):
+        assert table[column].dtype == "Int32", column
+        assert all(isinstance(v, (int, np.integer)) for v in table[column].dropna()), column
+
+
 def test_inputs_unchanged(bad_run):
     folder, _, _, before = bad_run
     assert _snapshot(folder) == before
