@@ -6,7 +6,7 @@ import pytest
 
 from camshaft.engine.explainer import build_explainer
 from camshaft.engine.job import ExplainJob
-from camshaft.errors import CapabilityError
+from camshaft.errors import CapabilityError, ConfigError
 
 
 @pytest.mark.parametrize("backend", ["torchscript", "onnxruntime"])
@@ -30,3 +30,24 @@ def test_a_model_that_can_serve_cam_is_exported_unchanged(tmp_path):
     assert explainer.backend.name == "onnxruntime" and explainer.runs[0].tap == "layer4"
     weight = explainer.source.module.conv1.weight
     assert weight.is_contiguous() and weight.device.type == "cpu"
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("input_size, window", [(None, 120), ((64, 64), 80), ((64, 64), "32,70")])
+def test_an_occlusion_window_larger_than_the_input_is_refused_before_the_backend(backend, input_size, window, tmp_path,
+                                                                              monkeypatch):
+    """Was: refused by the start-up probe, after the backend was built (and the model exported for ONNX)."""
+    monkeypatch.setattr("camshaft.engine.explainer.backend_factory", lambda *a, **k: pytest.fail("backend built"))
+    (tmp_path / "images").mkdir()
+    job = ExplainJob(None, tmp_path / "images", tmp_path / "out", method=("gradcam", "occlusion"), backend=backend,
+                     input_size=input_size, options={"window": window})
+    size = "96x96" if input_size is None else "64x64"  # the demo model's input, or the run's override
+    with pytest.raises(ConfigError, match=f"is larger than the {size} model input"):
+        build_explainer(job, workdir=tmp_path / "work")
+
+
+def test_an_occlusion_window_that_fits_the_overridden_input_is_accepted(tmp_path):
+    (tmp_path / "images").mkdir()
+    job = ExplainJob(None, tmp_path / "images", tmp_path / "out", method="occlusion", input_size=(128, 128),
+                     options={"window": 120})  # larger than the demo model's 96 px, not than the run's input
+    assert build_explainer(job, workdir=tmp_path / "work").runs[0].method.name == "occlusion"

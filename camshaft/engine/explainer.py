@@ -401,6 +401,7 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
     source = resolve_model(job.model, weights=job.weights, class_names=job.class_names)
     device, dtype = resolve_device(job.device), resolve_dtype(job.dtype)
     methods = [get_method(m) for m in job.methods]
+    _check_input_size(source, methods, job)
     if source.kind == "torch" and job.backend != "eager" and any(m.validate for m in methods):
         _validate_before_export(source, methods, job)
     backend = backend_factory(job.backend)(
@@ -446,6 +447,18 @@ def _method_tap(method, job: ExplainJob, info) -> str | None:
     if not method.uses_tap:
         return None
     return job.tap or (info.cam_tap if method.name == "cam" and info.cam_tap else info.taps[-1])
+
+
+def _check_input_size(source, methods, job: ExplainJob) -> None:
+    """Options that must fit the model input (an occlusion window), checked on the input size the run will use,
+    before any export or image. A file's input size is in its metadata, read by its backend: the start-up probe
+    checks those (no export runs for a file)."""
+    if source.kind != "torch":
+        return
+    input_size = (source.preprocess or Preprocess()).replace(**job.preprocess_overrides()).input_size
+    for method in methods:
+        if method.check_input is not None:
+            method.check_input(input_size, job.options_for(method.name))
 
 
 def _validate_before_export(source, methods, job: ExplainJob) -> None:

@@ -46,6 +46,9 @@ class Method:
     tiles: Callable[[torch.Tensor, tuple[int, int], dict], torch.Tensor] | None = None
     # the resolved options checked together (occlusion: stride against window); raises ConfigError
     check: Callable[[dict], None] | None = None
+    # the resolved options against the model input (H, W), once the model is loaded and before an export or
+    # any image (occlusion: a window larger than the input); raises ConfigError
+    check_input: Callable[[tuple[int, int], dict], None] | None = None
 
     def resolve_options(self, given: dict | None) -> dict:
         """Defaults completed with ``given``; unknown names fail with the valid ones."""

@@ -164,6 +164,13 @@ def check_options(options: dict) -> None:
     OcclusionSettings.from_options(options)
 
 
+def check_input(input_size: tuple[int, int], options: dict) -> None:
+    """The window and stride against the model input: a window larger than the input is refused here, after the
+    model loads and before an export or any image (the start-up probe refused it only after both)."""
+    s = OcclusionSettings.from_options(options)
+    Grid(size=tuple(input_size), window=s.window, stride=s.stride)
+
+
 def _check_incremental(backend: Backend) -> None:
     if MODULE_HOOKS not in backend.capabilities or getattr(backend, "module", None) is None:
         raise CapabilityError(
@@ -224,5 +231,6 @@ OCCLUSION = register_method(
         paper="Zeiler & Fergus 2014; incremental: Nakandala et al. 2019",
         tiles=occlusion_tiles,
         check=check_options,
+        check_input=check_input,
     )
 )
