@@ -181,6 +181,21 @@ def test_scorecam_never_runs_or_builds_more_masks_than_asked(tmp_path, monkeypat
     torch.testing.assert_close(small, whole, rtol=1e-5, atol=1e-7)
 
 
+def test_scorecam_pads_its_last_chunk_when_the_forward_replays_cuda_graphs(tmp_path):
+    """Under --cuda-graphs one graph is recorded per input shape: a last chunk whose size follows the batch's live
+    channels recorded a graph per batch. It is padded to ``masks_per_forward``; the scores stay those unpadded."""
+    backend = open_backend("eager", source_of(Pointwise()), tmp_path, taps=["features"])
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    plain, graphed = _Spy(backend), _Spy(backend)
+    graphed.graphs = {"full": None}  # what a backend opened with cuda_graphs=True holds (CUDA only)
+    options = {"masks_per_forward": 4}
+    ref, _ = get_method("scorecam").run(plain, x, fixed([[0, 2]] * 5), tap="features", options=options)
+    got, _ = get_method("scorecam").run(graphed, x, fixed([[0, 2]] * 5), tap="features", options=options)
+    assert plain.sizes == [5, 4, 4, 2]  # 10 live (image, channel) pairs
+    assert graphed.sizes == [5, 4, 4, 4]
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
 # --- K targets per image ----------------------------------------------------------------------------------
 
 
