@@ -269,6 +269,20 @@ def test_cuda_graphs_replay_the_same_forward_and_tap_gradients(backend, tmp_path
 
 
 @needs_cuda
+def test_scorecam_chunks_replay_one_graph_under_cuda_graphs(tmp_path, no_tf32):
+    """Score-CAM's last chunk (live channels modulo masks_per_forward) varies by batch; padded, it replays the
+    graph of the full chunks: two graphs in all (the batch, the chunk), whatever the batches."""
+    kw = dict(taps=None, preprocess={}, device=torch.device(DEVICE), dtype=torch.float32, fold=True)
+    graphed = backend_factory("eager")(resolve_model("demo"), workdir=tmp_path, cuda_graphs=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    select = Targets.parse("0").selector()
+    for scale in (1.0, 3.0, 0.3, 2.0):
+        x = (scale * torch.randn(4, 3, *graphed.info.preprocess.input_size, generator=g)).to(DEVICE)
+        get_method("scorecam").run(graphed, x, select, tap=graphed.info.taps[-1], options={"masks_per_forward": 7})
+    assert graphed.graphs["full"].captures == 2
+
+
+@needs_cuda
 def test_explain_with_cuda_graphs_gives_the_same_maps(data, tmp_path, no_tf32):
     methods = ["cam", "gradcam", "occlusion"]
     want = _explain(data, tmp_path / "plain", methods, device=DEVICE)
