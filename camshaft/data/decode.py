@@ -3,11 +3,13 @@
 Decisions, in one place:
 
 - EXIF orientation is applied, so the map lines up with the image as people see it.
-- Transparency (RGBA, LA, PA, palette or grey with a transparent colour) is composited onto
-  white, not dropped: the colour under a transparent pixel is often arbitrary (black or stale).
-- 16-bit grey (``I;16*``) is scaled by 255/65535; 32-bit ``I`` the same when its values fit in
-  0..65535 (16-bit PNG/PGM/TIFF), else stretched min..max; float ``F`` is taken as 0..1 when its
-  values lie there, else stretched min..max. Non-finite floats count as 0.
+- Transparency (RGBA, LA, PA, and palette, grey (8 or 16 bits) or RGB with a transparent colour)
+  is composited onto white, not dropped: the colour under a transparent pixel is often arbitrary
+  (black or stale).
+- 16-bit grey (``I;16*``) is scaled by 255/65535 (rounded to the nearest level, in integers: a
+  16-bit image costs no float copies); 32-bit ``I`` the same when its values fit in 0..65535
+  (16-bit PNG/PGM/TIFF), else stretched min..max; float ``F`` is taken as 0..1 when its values lie
+  there, else stretched min..max. Non-finite floats count as 0.
 - CMYK goes through its embedded ICC profile when it has one (LittleCMS, to sRGB), else through
   Pillow's ``(255 - C)(255 - K) / 255`` formula. ICC profiles of RGB images are ignored, as the
   torchvision training pipelines ignore them.
@@ -17,6 +19,8 @@ Decisions, in one place:
   (``Image.MAX_IMAGE_PIXELS``) applies: past twice the limit the image is refused.
 - Only regular files are opened: a named pipe, socket or device is refused (opening a pipe would
   wait for a writer, and the run with it).
+- PostScript (EPS) is not read, whatever the file's name: Pillow hands it to Ghostscript, an
+  external interpreter that runs the file's program (which may never end) with no time limit.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "PA"})
 _HIGH_DEPTH_MODES = frozenset({"I", "F", "I;16", "I;16L", "I;16B", "I;16N"})
 _CORRUPT = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
+_NOT_READ = frozenset({"EPS"})  # formats Pillow reads through an external program
 
 
 def load_rgb(path: str | os.PathLike) -> Image.Image:
@@ -55,7 +60,7 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         if not _openable(path):
             raise ImageDecodeError("not a regular file (a pipe, socket or device)")
-        with Image.open(path) as im:  # positioned on the first frame
+        with Image.open(path, formats=_formats()) as im:  # positioned on the first frame
             im.load()  # decode every pixel now: truncation surfaces here
             out = _to_rgb(_orient(im))
             return out if out is not im else im.copy()  # never hand out the open file
@@ -63,6 +68,12 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise
     except Exception as e:  # noqa: BLE001 - every failure becomes one results-table reason
         raise ImageDecodeError(_reason(path, e)) from e
+
+
+def _formats() -> list[str]:
+    """Every format Pillow knows (plugins registered since included), in its order, but those in ``_NOT_READ``."""
+    Image.init()
+    return [f for f in Image.ID if f not in _NOT_READ]
 
 
 def _openable(path: str) -> bool:
@@ -114,7 +125,7 @@ def _orient(im: Image.Image) -> Image.Image:
 
 def _to_rgb(im: Image.Image) -> Image.Image:
     mode = im.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in im.info:
         return im
     if mode in _HIGH_DEPTH_MODES:
         return _high_depth_to_rgb(im)
@@ -134,15 +145,25 @@ def _flatten_on_white(im: Image.Image) -> Image.Image:
 
 
 def _high_depth_to_rgb(im: Image.Image) -> Image.Image:
-    a = np.asarray(im).astype(np.float64)  # (H, W)
-    if im.mode == "F":
-        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-        a = a * 255.0 if a.size and a.min() >= 0.0 and a.max() <= 1.0 else _stretch(a)
-    elif im.mode.startswith("I;16") or (a.size and a.min() >= 0 and a.max() <= 65535):
-        a = a * (255.0 / 65535.0)
+    a = np.asarray(im)  # (H, W) uint16, int32 or float32
+    if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
+        grey = a.astype(np.uint32)
+        grey *= 255
+        grey += 32767  # round half up: v * 255 / 65535 is never a whole number and a half
+        grey //= 65535
+        grey = grey.astype(np.uint8)
     else:
-        a = _stretch(a)
-    grey = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        f = a.astype(np.float64)
+        if im.mode == "F":
+            np.nan_to_num(f, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        if im.mode == "F" and f.size and f.min() >= 0.0 and f.max() <= 1.0:
+            f *= 255.0
+        else:
+            f = _stretch(f)
+        grey = np.clip(np.rint(f, out=f), 0, 255, out=f).astype(np.uint8)
+    key = im.info.get("transparency")
+    if isinstance(key, int) and not isinstance(key, bool):  # a grey level that means "transparent"
+        grey[a == key] = 255  # composited onto white
     return Image.fromarray(grey).convert("RGB")
 
 

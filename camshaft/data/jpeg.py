@@ -10,8 +10,9 @@ take that path; every other file goes through :func:`camshaft.data.workers.decod
 - a baseline, extended or progressive frame with Huffman coding at 8 bits per sample (SOF0-2):
   lossless, hierarchical, arithmetic-coded and 12-bit frames are Pillow's;
 - one component (grey) or three (YCbCr). Four-component (CMYK / YCCK) files need the colour
-  conversions of :mod:`camshaft.data.decode`, and a three-component file whose Adobe marker says
-  its channels are stored as RGB, not YCbCr, is left to Pillow;
+  conversions of :mod:`camshaft.data.decode`, and a three-component file whose channels may be
+  stored as RGB, not YCbCr, is left to Pillow: its Adobe marker says so, or its components are
+  named ``R``, ``G``, ``B`` (libjpeg, and so Pillow, reads such a file without JFIF marker as RGB);
 - no more pixels than Pillow's decompression-bomb limit allows without a warning;
 - one picture: a multi-picture file (MPO, an APP2 ``MPF`` segment) is Pillow's;
 - no orientation in XMP metadata (Pillow reads one there when EXIF has none): such a file is Pillow's.
@@ -67,7 +68,7 @@ def device_decodable(data: bytes | np.ndarray) -> JpegInfo | None:
             i += 2
             continue
         if marker == 0xDA:  # the first scan: Pillow has read every header it reads (some may follow the frame's)
-            if frame is None or (frame[2] == 3 and adobe_rgb):
+            if frame is None or (frame[2] == 3 and (adobe_rgb or frame[3])):
                 return None
             return JpegInfo(frame[0], frame[1], orientation or 1)
         length = (data[i + 2] << 8) | data[i + 3]
@@ -91,7 +92,8 @@ def device_decodable(data: bytes | np.ndarray) -> JpegInfo | None:
                 return None
             if not height or not width or (Image.MAX_IMAGE_PIXELS and height * width > Image.MAX_IMAGE_PIXELS):
                 return None
-            frame = (height, width, components)
+            rgb_ids = components == 3 and bytes(segment[6:15:3]) == b"RGB"  # component ids 'R', 'G', 'B'
+            frame = (height, width, components, rgb_ids)
         elif (0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xD9:
             return None  # another kind of frame, or the end before any scan
         i += 2 + length

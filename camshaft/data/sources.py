@@ -197,6 +197,8 @@ def _read_manifest(manifest: str) -> list[ImageRecord]:
 def _check_header(manifest: str, fieldnames: list[str] | None) -> list[str]:
     columns = [c.strip().lower() for c in fieldnames or []]
     expected = "expected a header with 'path' and optionally 'label' and 'x0,y0,x1,y1'"
+    if not columns:
+        raise ConfigError(f"manifest {manifest!r} is empty (no header, no rows); {expected}")
     if "path" not in columns:
         raise ConfigError(
             f"manifest {manifest!r} has no 'path' column (columns: {columns}); {expected}"
@@ -246,18 +248,40 @@ def _parse_rows(rows, *, root: str, has_box: bool) -> tuple[list[ImageRecord], l
     problems: list[str] = []
     for line, row in rows:
         where = f"line {line}"
-        path = (row.get("path") or "").strip()
+        path = _row_path(row.get("path") or "", root)
         box, box_problem = _parse_box(row) if has_box else (None, None)
-        if not path:
-            problems.append(f"{where}: empty path")
-        if box_problem:
-            problems.append(f"{where}: {box_problem}")
-        if path and not box_problem:
+        row_problems = [p for p in (_path_problem(path), _extra_cells(row), box_problem) if p]
+        problems += [f"{where}: {p}" for p in row_problems]
+        if not row_problems:
             label = (row.get("label") or "").strip() or None
             full = os.path.normpath(os.path.join(root, path))
             outside = None if _inside(root, full) else f"outside the dataset root {root}: not read"
             records.append(ImageRecord(full, label, box, error=outside))
     return records, problems
+
+
+def _row_path(cell: str, root: str) -> str:
+    """The cell without the blanks around it, unless the file is named with them (`` a.jpg`` exists)."""
+    path = cell.strip()
+    if path != cell and "\0" not in cell and os.path.lexists(os.path.join(root, cell)):
+        return cell
+    return path
+
+
+def _path_problem(path: str) -> str | None:
+    if not path:
+        return "empty path"
+    if "\0" in path:
+        return f"path {path!r} holds a NUL character, which no file name can hold"
+    return None
+
+
+def _extra_cells(row: dict) -> str | None:
+    """More cells than the header names: an unquoted comma in a path (csv.DictReader keeps them under None)."""
+    extra = [c for c in row.get(None) or () if c.strip()]
+    if not extra:
+        return None
+    return f"more cells than the header has columns (extra: {extra}); quote a path that holds a comma"
 
 
 def _parse_box(row: dict) -> tuple[tuple[float, float, float, float] | None, str | None]:
