@@ -67,6 +67,15 @@ def test_a_run_of_several_methods_prints_where_each_one_is(capsys, tmp_path):
     assert f"gradcam: {dirs[1]} (maps.zarr, results.parquet, overlays)\n" in out
 
 
+def test_a_failed_file_is_one_line_of_the_summary_whatever_its_name(capsys, tmp_path):
+    errors = [("/data/two\nlines.png", "empty file (0 bytes)"), ("/data/café.png", "file not found")]
+    summary = RunSummary(out=tmp_path, images=2, ok=0, failed=2, seconds=1.0, method="gradcam", tap="layer4",
+                         backend="eager", explained=2, errors=errors, result_dirs=[tmp_path])
+    print_summary(summary)
+    failed = [line for line in capsys.readouterr().out.splitlines() if "failed:" in line]
+    assert failed == ["  failed: '/data/two\\nlines.png': empty file (0 bytes)", "  failed: /data/café.png: file not found"]
+
+
 def test_the_readme_job_file_is_a_valid_job(tmp_path):
     toml = re.search(r"```toml\n(.*?)```", README.read_text(), re.S).group(1)
     job_file = tmp_path / "nightly.toml"

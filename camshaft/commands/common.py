@@ -100,8 +100,8 @@ def print_summary(s) -> None:
                 f"{k.replace('_', ' ')} {v:.2f} s" for k, v in s.stages.items() if v or k != "decoding_on_device"
             )
         )
-    for path, reason in s.errors[:10]:
-        print(f"  failed: {path}: {reason}")
+    for path, reason in s.errors[:10]:  # a name with a newline (or another control character) quoted: one line
+        print(f"  failed: {path if path.isprintable() else repr(path)}: {reason}")
     if len(s.errors) > 10:
         print(f"  ... and {len(s.errors) - 10} more (see the table)")
     if len(s.result_dirs) > 1:  # several methods: one run directory each
