@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pyarrow.parquet as pq
 import pytest
@@ -176,3 +177,29 @@ def test_an_onnx_file_from_elsewhere_gets_names_only_from_the_user(tmp_path):
         assert named.info.class_names == ("red", "green", "blue")
         with pytest.raises(ConfigError, match="4 class names for .*plain.onnx, which has 3 classes"):
             open_backend("onnxruntime", resolve_model(str(path), class_names=tmp_path / "four.txt"), tmp_path)
+
+
+def test_numeric_class_names_in_folder_order_are_read_as_names_for_labels(data, tmp_path):
+    """An ImageFolder tree of numeric folders (1..5) sorted as text, as torchvision does: the label "3" is the
+    class named "3". It was read as index 3 first: the class named "4", a silently wrong target."""
+    import shutil
+
+    from camshaft.report.scan import label_indices
+
+    numeric = ["1", "10", "2", "3", "4"]  # text order of the folders 1, 2, 3, 4, 10
+    names = tmp_path / "numeric.txt"
+    names.write_text("\n".join(numeric) + "\n")
+    tree = tmp_path / "tree"
+    for i, image in enumerate(sorted(p for p in data.rglob("*") if p.is_file())[:4]):
+        (tree / ["3", "10", "1", "2"][i]).mkdir(parents=True)
+        shutil.copy(image, tree / ["3", "10", "1", "2"][i] / image.name)
+    camshaft.explain(None, tree, out=tmp_path / "run", class_names=names, targets="label", labels_from_folders=True,
+                     progress=False)
+    table = _table(tmp_path / "run")
+    assert (table["status"] == "ok").all()
+    assert [t[0] for t in table["targets"]] == [numeric.index(label) for label in table["label"]]
+    assert list(table["label"]) == ["1", "10", "2", "3"]  # listed in path order
+    np.testing.assert_array_equal(label_indices(table, numeric), [0, 1, 2, 3])
+    # --targets digits stay indices: "3" is index 3 (the class named "3" here too), "1" is index 1 ("10")
+    assert camshaft.explain(None, tree, out=tmp_path / "t", class_names=names, targets="1", progress=False).ok == 4
+    assert {t[0] for t in _table(tmp_path / "t")["targets"]} == {1}

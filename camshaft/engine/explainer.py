@@ -263,7 +263,9 @@ class Explainer:
 
     def _label(self, d: Decoded) -> int | None:
         info = self.backend.info
-        return None if d.record.label is None else class_index(d.record.label, class_names=info.class_names, num_classes=info.num_classes)
+        if d.record.label is None:
+            return None
+        return class_index(d.record.label, class_names=info.class_names, num_classes=info.num_classes, names_first=True)
 
     def _launch(self, batch: list[Decoded], *, exemplars=None) -> list[Launched]:
         """Queue one batch's device work, every method on one shared forward (the caller holds the lock).

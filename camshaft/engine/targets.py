@@ -72,8 +72,16 @@ class Targets:
         return "label" if self.kind == "label" else ",".join(map(str, self.classes))
 
 
-def class_index(item: str, *, class_names: Sequence[str] | None, num_classes: int | None) -> int | None:
-    """A class given by index or by name -> its index, or None if it is not a class."""
+def class_index(item: str, *, class_names: Sequence[str] | None, num_classes: int | None,
+                names_first: bool = False) -> int | None:
+    """A class given by index or by name -> its index, or None if it is not a class.
+
+    Digits are an index (``--targets 3``), unless ``names_first`` and a class is named so: a label names its
+    class, and an ImageFolder tree of numeric folders sorts them as text (0, 1, 10, 2, ...), so the label "10"
+    is the class named "10" (index 2), not index 10.
+    """
+    if names_first and class_names and item in class_names:
+        return list(class_names).index(item)
     if item.lstrip("-").isdigit():
         index = int(item)
         return index if num_classes is None or 0 <= index < num_classes else None

@@ -53,7 +53,8 @@ def label_indices(table: pd.DataFrame, class_names) -> np.ndarray:
     num = len(class_names) if class_names else None
     out = []
     for label in table["label"]:
-        idx = None if pd.isna(label) else class_index(str(label), class_names=class_names, num_classes=num)
+        idx = None if pd.isna(label) else class_index(str(label), class_names=class_names, num_classes=num,
+                                                      names_first=True)
         out.append(-1 if idx is None else idx)
     return np.asarray(out, dtype=np.int64)
 
