@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from camshaft.errors import ConfigError
-from camshaft.exporters.metadata import ArtifactMeta, cam_from_bytes, cam_to_bytes
+from camshaft.exporters.metadata import ArtifactMeta, cam_from_bytes, cam_to_bytes, check_graph, parse_meta
 from camshaft.exporters.torchscript import FlatHead, FlatTapped
 from camshaft.models.prepared import PreparedModel
 
@@ -159,10 +159,37 @@ def write_metadata(path: Path, meta: ArtifactMeta, cam_weight: torch.Tensor | No
     onnx.save(model, str(path))
 
 
-def read_metadata(custom: dict[str, str]):
+def read_session(session, path: Path):
+    """``(meta or None, cam_weight or None, head module or None)`` of an open ONNX Runtime session, checked
+    against its graph: the input, the logits and each tap output (the batch axis is dynamic)."""
+    meta, cam, head = read_metadata(session.get_modelmeta().custom_metadata_map, where=str(path))
+    if meta is None:
+        return meta, cam, head
+    outputs = {o.name: list(o.shape) for o in session.get_outputs()}
+    taps = {t: outputs[tap_output(t)][1:] if tap_output(t) in outputs else None for t in meta.taps}
+    logits = outputs.get(LOGITS) or [None]
+    check_graph(meta, where=str(path), input_size=list(session.get_inputs()[0].shape)[-2:], num_classes=logits[-1],
+                tap_shapes=taps)
+    if head is not None:  # gradient methods differentiate it: its logits must be the same classes
+        try:
+            with torch.no_grad(), torch.jit.optimized_execution(False):  # not one of the runs it profiles
+                outs = head(torch.zeros(1, *meta.tap_shapes[meta.taps[0]]))
+        except Exception as e:  # noqa: BLE001 - whatever the head raises, it does not take the first tap
+            raise ConfigError(f"{path}: its head does not take tap {meta.taps[0]!r} as the metadata gives it "
+                              f"({type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]})") from e
+        shapes = dict(zip(meta.taps[1:], (tuple(o.shape[1:]) for o in outs[1:])))
+        check_graph(meta, where=f"{path} (its head)", num_classes=outs[0].shape[-1], tap_shapes=shapes)
+    return meta, cam, head
+
+
+def read_metadata(custom: dict[str, str], *, where: str = "the ONNX file"):
     """``(meta or None, cam_weight or None, head module or None)`` from metadata properties."""
-    meta = ArtifactMeta.from_json(custom[META_KEY]) if META_KEY in custom else None
-    cam = cam_from_bytes(base64.b64decode(custom[CAM_KEY])) if CAM_KEY in custom else None
+    cam = base64.b64decode(custom[CAM_KEY]) if CAM_KEY in custom else None
+    meta = None
+    if META_KEY in custom:
+        meta, cam = parse_meta(custom[META_KEY], cam, where=where)
+    elif cam is not None:
+        cam = cam_from_bytes(cam)
     head = None
     if HEAD_KEY in custom:
         with warnings.catch_warnings():

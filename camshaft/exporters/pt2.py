@@ -12,6 +12,7 @@ import base64
 import contextlib
 import functools
 import io
+import itertools
 import json
 import os
 import pickle
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from camshaft.errors import ConfigError
-from camshaft.exporters.metadata import ArtifactMeta, cam_from_bytes, cam_to_bytes
+from camshaft.exporters.metadata import ArtifactMeta, cam_from_bytes, cam_to_bytes, check_graph, parse_meta
 from camshaft.exporters.torchscript import FlatHead, FlatTapped
 from camshaft.models.prepared import PreparedModel
 
@@ -189,7 +190,49 @@ def load(path: Path, *, device: torch.device | str = "cpu"):
     program = _load_program(str(path), path, extra)
     head = None
     if extra[HEAD_FILE]:
-        head = _load_program(io.BytesIO(base64.b64decode(extra[HEAD_FILE])), path).module().to(device)
-    meta = ArtifactMeta.from_json(extra[META_FILE]) if extra[META_FILE] else None
-    cam = cam_from_bytes(base64.b64decode(extra[CAM_FILE])) if extra[CAM_FILE] else None
-    return program.module().to(device), head, meta, cam
+        head = _load_program(io.BytesIO(base64.b64decode(extra[HEAD_FILE])), path)
+    cam = base64.b64decode(extra[CAM_FILE]) if extra[CAM_FILE] else None
+    meta = None
+    if extra[META_FILE]:
+        meta, cam = parse_meta(extra[META_FILE], cam, where=str(path))
+        _check_programs(program, head, meta, path)
+    elif cam is not None:
+        cam = cam_from_bytes(cam)
+    return program.module().to(device), None if head is None else head.module().to(device), meta, cam
+
+
+def _check_programs(program, head, meta: ArtifactMeta, path: Path) -> None:
+    """The programs' static shapes against the metadata: ``x -> [logits, taps...]``, ``a -> [logits, later...]``."""
+    size, outs = _signature(program)
+    check_graph(meta, where=str(path), input_size=size[-2:], num_classes=_classes(outs),
+                tap_shapes=_per_image(meta.taps, outs[1:]))
+    if head is not None:  # gradient methods differentiate it: its logits must be the same classes
+        size, outs = _signature(head)
+        shapes = {meta.taps[0]: size[1:], **_per_image(meta.taps[1:], outs[1:])}
+        check_graph(meta, where=f"{path} (its head)", num_classes=_classes(outs), tap_shapes=shapes)
+
+
+def _classes(outs: list[list]):
+    return outs[0][-1] if outs and outs[0] else None
+
+
+def _per_image(taps: list[str], shapes: list[list]) -> dict:
+    """``{tap: its shape without the batch axis}``; None for a tap the program does not output."""
+    return {t: None if s is None else s[1:] for t, s in itertools.zip_longest(taps, shapes) if t is not None}
+
+
+def _signature(program: torch.export.ExportedProgram) -> tuple[list, list[list]]:
+    """The shape of a program's user input and of each user output (a dynamic size is not an int)."""
+    user = set(program.graph_signature.user_inputs)
+    inputs, outputs = [], []
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            inputs.append(_shape(node))
+        elif node.op == "output":
+            outputs = [_shape(a) for a in node.args[0]][-len(program.graph_signature.user_outputs):]
+    return (inputs[0] if inputs else []), outputs
+
+
+def _shape(node) -> list:
+    shape = getattr(getattr(node, "meta", {}).get("val"), "shape", None)
+    return [] if shape is None else [d if type(d) is int else None for d in shape]

@@ -12,7 +12,16 @@ from typing import Dict, List, Tuple  # noqa: UP035 - TorchScript needs the typi
 import torch
 from torch import nn
 
-from camshaft.exporters.metadata import ArtifactMeta, cam_from_bytes, cam_to_bytes
+from camshaft.errors import ConfigError
+from camshaft.exporters.metadata import (
+    REEXPORT,
+    ArtifactMeta,
+    cam_from_bytes,
+    cam_to_bytes,
+    check_graph,
+    parse_meta,
+    shape_text,
+)
 from camshaft.models.prepared import PreparedModel
 
 META_FILE = "camshaft/meta.json"
@@ -102,6 +111,25 @@ def load(path: Path, *, device: torch.device | str = "cpu"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    meta = ArtifactMeta.from_json(extra[META_FILE]) if extra[META_FILE] else None
-    cam = cam_from_bytes(extra[CAM_FILE]) if extra[CAM_FILE] else None
-    return module.eval(), meta, cam
+    if not extra[META_FILE]:
+        return module.eval(), None, cam_from_bytes(extra[CAM_FILE]) if extra[CAM_FILE] else None
+    meta, cam = parse_meta(extra[META_FILE], extra[CAM_FILE] or None, where=str(path))
+    _check_outputs(module.eval(), meta, path, device)
+    return module, meta, cam
+
+
+def _check_outputs(module: torch.jit.ScriptModule, meta: ArtifactMeta, path: Path, device) -> None:
+    """One forward at the metadata's input size: a TorchScript file has no static shapes to compare.
+
+    It runs unoptimized: the profiling executor would otherwise count it among the runs it profiles before it
+    specializes the graph (the backend's warm-up gives it the run's own batch shape and dtype)."""
+    x = torch.zeros(1, 3, *meta.preprocess.input_size, device=device)
+    try:
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            logits, taps = module(x)
+    except Exception as e:  # noqa: BLE001 - whatever the graph raises, the file and its metadata disagree
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(f"{path}: its model does not run on the {shape_text(x.shape)} input its camshaft "
+                          f"metadata names ({type(e).__name__}: {reason}); {REEXPORT}") from e
+    shapes = {t: tuple(taps[t].shape[1:]) if t in taps else None for t in meta.taps}
+    check_graph(meta, where=str(path), num_classes=logits.shape[-1], tap_shapes=shapes)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from onnx import numpy_helper, shape_inference
+from onnx import external_data_helper, numpy_helper, shape_inference
 
 from camshaft.errors import ConfigError, UnknownNameError
 
@@ -43,6 +43,41 @@ def spatial_tensors(model: onnx.ModelProto) -> dict[str, tuple]:
             if len(shapes.get(name, ())) == 4:
                 out[name] = shapes[name]
     return out
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse an ONNX file whose weights are stored outside its folder: an absolute path, ``..`` or a link out.
+
+    A model file from elsewhere must not make camshaft read other files (``../../etc/passwd`` as
+    weights). onnx and ONNX Runtime refuse such paths too (recent versions), each with its own
+    error; this refuses them once, clearly, before anything reads the weights.
+    """
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX model: whoever opens it says so
+        return
+    folder = path.absolute().parent.resolve()
+    outside = []
+    every = getattr(external_data_helper, "_get_all_tensors", None)  # onnx's own walk (subgraphs, attributes)
+    for tensor in every(model) if every is not None else model.graph.initializer:
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if not _inside(folder, location):
+            outside.append(f"{tensor.name!r} in {location!r}")
+    if outside:
+        more = f" and {len(outside) - 3} more" if len(outside) > 3 else ""
+        raise ConfigError(f"{path} stores weights outside its folder ({', '.join(outside[:3])}{more}); camshaft reads "
+                          "an ONNX file's external data only from files beside it (a relative path, no links out)")
+
+
+def _inside(folder: Path, location: str) -> bool:
+    if not location or Path(location).is_absolute():
+        return False
+    try:
+        return (folder / location).resolve().is_relative_to(folder)
+    except (OSError, ValueError):  # a NUL byte, a link loop
+        return False
 
 
 def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:

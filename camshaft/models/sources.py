@@ -93,6 +93,9 @@ def _resolve(spec: str | Path | None, weights) -> ModelSource:
     if path.is_file():
         _no_weights(spec, weights)
         if path.suffix.lower() == ".onnx":
+            from camshaft.models.onnx_graph import check_external_data
+
+            check_external_data(path)
             return ModelSource("onnx", spec, path=path)
         if zipfile.is_zipfile(path):
             return ModelSource(_archive_kind(path, spec), spec, path=path)

@@ -249,7 +249,7 @@ def open_onnxruntime(
         raise ConfigError("the onnxruntime backend runs float32 models; export in half precision is not supported yet")
     path = _artifact(source, "onnx", taps=taps, preprocess=preprocess, workdir=workdir)
     session = open_session(path, device)
-    meta, cam, head = onnx_export.read_metadata(session.get_modelmeta().custom_metadata_map)
+    meta, cam, head = onnx_export.read_session(session, path)
     if meta is None:
         return _foreign_onnx(path, source, taps=taps, preprocess=preprocess, device=device)
     _check_taps(meta, taps, path)
