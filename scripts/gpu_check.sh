@@ -63,7 +63,7 @@ bench() {  # bench SECONDS ARGS...: camshaft bench on the device, as one step
     step bench "$limit" python3 -m camshaft bench --device "$device" "${quick[@]}" "$@"
 }
 
-step tests 120 python3 -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider -q -rs
+step tests 120 python3 -m pytest -m gpu tests/test_gpu.py tests/test_determinism_audit.py -p no:cacheprovider -q -rs
 # float32: Grad-CAM and CAM at batch 16 and 64, and the decode + explain + write pipeline (decoding
 # in worker processes, explain's default on a GPU)
 bench 210 --model "$model" --backend "${backends[@]}" --method cam gradcam --targets top:1 top:5 \
