@@ -2,7 +2,10 @@
 its store or take its partitions' markers for its own (mixing two jobs' results).
 
 The lock is the operating system's (``flock`` on ``OUT/.camshaft.lock``), so a run killed at any
-moment releases it; the file goes when the run ends.
+moment releases it; the file goes when the run ends. It names the holder's process and machine. On
+NFS, Linux takes ``flock`` as a lock the server keeps, so runs on two machines exclude each other (a
+client killed outright holds it until the server's lease ends, a minute or two); a mount with
+``nolock`` or ``local_lock=flock`` excludes only runs on the same machine.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import socket
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +34,7 @@ def run_lock(out: str | Path) -> Iterator[None]:
     fd = _acquire(path)
     try:
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())  # a shared folder: another machine's
         yield
     finally:
         if _still_at(fd, path):
@@ -44,7 +48,7 @@ def _acquire(path: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            holder = os.read(fd, 300).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise ConfigError(
                 f"another camshaft run (process {holder}) is writing into {path.parent}: "

@@ -117,13 +117,20 @@ def _run(job: ExplainJob, out: Path, *, created: Path | None, progress: bool) ->
             "overlays": job.overlays,  # asked for later: an update writes them, reusing every map
             "methods": list(job.methods),
         }
-        mode = _prepare(state, job, identity, explainer, len(records))
+        run_id = uuid.uuid4().hex  # this run's: a late task of an earlier one commits nothing from now on
+        mode = _prepare(state, job, identity, explainer, len(records), run_id=run_id)
         return _execute(state, job, explainer, records, mode, model=model, progress=progress,
-                        scheduler=scheduler)
+                        scheduler=scheduler, run_id=run_id)
 
 
-def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explainer, n: int) -> str:
-    """Decide fresh / resume / update from what ``out`` holds, and set the folder up for it."""
+def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explainer, n: int, *,
+             run_id: str | None = None) -> str:
+    """Decide fresh / resume / update from what ``out`` holds, and set the folder up for it.
+
+    ``run_id`` takes the folder over first: tasks of earlier runs still running elsewhere write nothing.
+    """
+    if run_id is not None:
+        state.claim(run_id)
     state.remove_temporaries()  # a killed run's half-written files: never results, never left behind
     stored = state.load()
     before = RunState(state.out, tuple((stored or {}).get("methods") or job.methods))  # the methods on disk
@@ -134,7 +141,9 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
         stored = None
     previous = None if job.overwrite else stored
     same_job = previous is not None and previous.get("job") == identity["job"]
-    if same_job and all(previous.get(k) == v for k, v in identity.items()):
+    stores = all(maps_store.is_whole(state.method_dir(r.name) / MAPS_FILE, n_images=n, map_shape=r.map_shape)
+                 for r in explainer.runs)  # not so when an update was killed as it moved them aside
+    if same_job and stores and all(previous.get(k) == v for k, v in identity.items()):
         return "resume"
     reusable = not job.exemplars  # a dataset's exemplars need every image again
     finished = all((state.method_dir(m) / TABLE_FILE).exists() for m in job.methods)
@@ -146,7 +155,9 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
     elif same_job and reusable and state.previous.exists():  # an interrupted update, and the data changed again
         mode = "update"
         state.clear_partitions()
-        previous_id = previous.get("previous_id") or uuid.uuid4().hex
+        # the id of the update that set ``previous`` aside; a complete run.json is older than ``previous`` (an
+        # update killed just after the move): its id named other rows, which a cluster worker may still hold
+        previous_id = (None if previous.get("complete") else previous.get("previous_id")) or uuid.uuid4().hex
     else:
         mode = "fresh"
         state.reset()
@@ -160,16 +171,17 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
 
 def _execute(
     state: RunState, job: ExplainJob, explainer: Explainer, records, mode: str, *, model: str, progress: bool,
-    scheduler=None,
+    scheduler=None, run_id: str | None = None,
 ) -> RunSummary:
-    """``scheduler``: what ``run_tasks`` takes (a connected client for a cluster); None: ``job.scheduler``."""
+    """``scheduler``: what ``run_tasks`` takes (a connected client for a cluster); None: ``job.scheduler``.
+    ``run_id``: the id the run claimed the folder with (its tasks check it before they write)."""
     partitions = planning.plan(len(records), job.partition_size)
     todo = [p for p in partitions if not state.is_done(p)]
     stored = state.load() or {}
     reuse = mode == "update" or stored.get("mode") == "update"
     shapes = tuple(run.map_shape for run in explainer.runs)
     worker_job = _worker_job(job, explainer, state)
-    ctx = TaskContext(worker_job, Path(worker_job.out), shapes, reuse, model, stored.get("previous_id"))
+    ctx = TaskContext(worker_job, Path(worker_job.out), shapes, reuse, model, stored.get("previous_id"), run_id)
     if job.scheduler in LOCAL:
         register(ctx, explainer)
     start = time.perf_counter()

@@ -53,12 +53,24 @@ def _distributed(ctx, work: list, scheduler, on_done) -> list[dict]:
 
         futures = [client.submit(run_partition, ctx, part, records, pure=False, retries=2) for part, records in work]
         results = []
-        for future in as_completed(futures, loop=client.loop):  # this client's, whichever one is the default
-            summary = future.result()
-            future.release()  # or a worker lost later takes this result along and the cluster runs it again
-            on_done(summary)
-            results.append(summary)
+        try:
+            for future in as_completed(futures, loop=client.loop):  # this client's, whichever one is the default
+                summary = future.result()
+                future.release()  # or a worker lost later takes this result along and the cluster runs it again
+                on_done(summary)
+                results.append(summary)
+        except BaseException:  # Ctrl-C (or a failed partition): closing the client cancels only the queued ones
+            _disown(ctx)
+            raise
         return results
+
+
+def _disown(ctx) -> None:
+    """Make the partitions still running on workers stop at their next batch and write nothing (their run
+    no longer owns the folder): a worker cannot be told otherwise, and the same command resumes them."""
+    if ctx.run_id is not None:
+        with contextlib.suppress(OSError):  # a full disk: the error that stopped the run is the one to tell
+            ctx.state.claim(f"{ctx.run_id} stopped")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,9 @@
 maps chunk, table shard and overlays are complete (written last, atomically), ``rows/PART.parquet``
 holds its table shard. A partition without a marker is recomputed, overwriting whatever a killed
 run left of it (a run starts by deleting the half-written temporaries of killed writes); the final
-table appears only when every partition is done.
+table appears only when every partition is done. ``owner`` names the run that last took the folder:
+a partition of an earlier run still going on a cluster worker after its run ended writes nothing
+once another run took the folder over.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import shutil
 from pathlib import Path
 
 from camshaft.pipeline.plan import Partition
-from camshaft.writers.atomic import remove_temporaries, write_json
+from camshaft.writers.atomic import atomic_path, remove_temporaries, write_json
 from camshaft.writers.maps_store import remove_partial_writes
 
 STATE_DIR = "_camshaft"
@@ -24,6 +26,7 @@ MAPS_FILE, TABLE_FILE, OVERLAYS_DIR = "maps.zarr", "results.parquet", "overlays"
 # may stay beside the new results: exemplars ranked the old images)
 RESULT_FILES = (TABLE_FILE, "metrics.parquet", "exemplars.parquet")
 ARTIFACTS_DIR = "artifacts"  # models exported for the job's backend
+OWNER_FILE = "owner"  # the id of the run that last took the folder
 
 
 class RunState:
@@ -55,6 +58,19 @@ class RunState:
     def save(self, info: dict) -> None:
         write_json(self.dir / "run.json", info)
 
+    def claim(self, run_id: str) -> None:
+        """Make ``run_id`` the folder's owner: tasks of any other run commit nothing from now on."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.dir / OWNER_FILE) as tmp:
+            tmp.write_text(run_id)
+
+    def owner(self) -> str | None:
+        """The run that last claimed the folder (None: none, or a reset under way)."""
+        try:
+            return (self.dir / OWNER_FILE).read_text()
+        except OSError:
+            return None
+
     def is_done(self, part: Partition) -> bool:
         return (self.dir / "done" / f"{part.name}.json").exists()
 
@@ -77,8 +93,11 @@ class RunState:
         return removed
 
     def reset(self) -> None:
-        """Forget everything a run wrote in ``out`` (and nothing else)."""
+        """Forget everything a run wrote in ``out`` (and nothing else) but who owns it."""
+        owner = self.owner()
         shutil.rmtree(self.dir, ignore_errors=True)
+        if owner is not None:
+            self.claim(owner)
         for folder in self.result_dirs:
             for name in (MAPS_FILE, OVERLAYS_DIR):
                 shutil.rmtree(folder / name, ignore_errors=True)

@@ -2,7 +2,9 @@
 
 Tasks receive a picklable context (the job, the output folder) and a list of records, never live
 objects; each process builds its explainer once and keeps it. The done-marker is written last, so
-a task killed at any moment leaves a partition that the next run simply recomputes.
+a task killed at any moment leaves a partition that the next run simply recomputes. A task whose
+run no longer owns the folder (Ctrl-C on a cluster run, or another run took the folder over while a
+worker still ran it) stops at its next batch and writes nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pyarrow.parquet as pq
 from camshaft.data.sources import ImageRecord, path_text
 from camshaft.engine.explainer import STAGES, Explainer, build_explainer
 from camshaft.engine.job import ExplainJob
+from camshaft.errors import Interrupted
 from camshaft.pipeline.plan import Partition, file_key
 from camshaft.pipeline.state import MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
 from camshaft.writers import maps_store
@@ -36,6 +39,7 @@ class TaskContext:
     reuse: bool  # an update: copy unchanged images from the previous run
     model: str = ""  # the model's content fingerprint: a file replaced at the same path is another model
     previous_id: str | None = None  # names the previous run kept aside for this update
+    run_id: str | None = None  # the run these tasks belong to (None: not checked): see RunState.claim
 
     @property
     def state(self) -> RunState:
@@ -151,6 +155,7 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
     """Explain ``records`` (rows ``part.start:part.stop``) and write the partition's shards."""
     start = time.perf_counter()
     state = ctx.state
+    _check_owner(ctx, state)
     if state.is_done(part):  # run again on a cluster (its first worker died after the marker): nothing to redo
         return load_summary(state, part)
     explainer = _explainer(ctx)
@@ -176,14 +181,17 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
     todo = [i for i in range(len(records)) if any(rows[n][i] is None for n in names)]
     metrics = {name: [_previous_metrics(ctx, name, rows[name], todo)] for name in names} if explainer.metric_specs else {}
     if todo:
-        out = explainer.explain([records[i] for i in todo], [indices[i] for i in todo], stop=stop_event(ctx.out).is_set)
+        stop = stop_event(ctx.out)
+        out = explainer.explain([records[i] for i in todo], [indices[i] for i in todo],
+                                stop=lambda: stop.is_set() or not _owns(ctx, state))
         for name in names:
             for j, i in enumerate(todo):
                 rows[name][i], maps[name][i], targets[name][i] = out.rows[name][j], out.maps[name][j], out.targets[j]
             if name in metrics:
                 metrics[name].append(out.metrics[name])
-        if out.exemplars is not None:
-            _write_frame(out.exemplars, state.dir / "exemplars" / f"{part.name}.parquet")
+    _check_owner(ctx, state)  # before its first write: the explaining took a while
+    if todo and out.exemplars is not None:
+        _write_frame(out.exemplars, state.dir / "exemplars" / f"{part.name}.parquet")
     for name, parts in metrics.items():
         _write_frame(pd.concat([p for p in parts if len(p)], ignore_index=True) if any(len(p) for p in parts) else pd.DataFrame(), state.dir / "metrics" / name / f"{part.name}.parquet")
     info = explainer.backend.info
@@ -209,8 +217,20 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
         "seconds": time.perf_counter() - start,
         "stages": stages,
     }
+    _check_owner(ctx, state)
     state.mark_done(part, summary)
     return summary
+
+
+def _owns(ctx: TaskContext, state: RunState) -> bool:
+    """Whether the run of ``ctx`` still owns its folder (a task of a run that was not given an id: yes)."""
+    return ctx.run_id is None or state.owner() == ctx.run_id
+
+
+def _check_owner(ctx: TaskContext, state: RunState) -> None:
+    """Raise :class:`Interrupted` when another run took the folder over: this task's results must not enter it."""
+    if not _owns(ctx, state):
+        raise Interrupted(f"another run took {ctx.out} over: this partition of an earlier run writes nothing")
 
 
 def _previous_metrics(ctx: TaskContext, name: str, rows: list, todo: list[int]):

@@ -44,6 +44,16 @@ def write_rows(path: Path, start: int, maps: np.ndarray, targets: np.ndarray) ->
     group[TARGETS][start : start + len(targets)] = targets
 
 
+def is_whole(path: Path, *, n_images: int, map_shape: tuple[int, int, int]) -> bool:
+    """Whether ``path`` holds a store as :func:`create_store` makes it for these sizes (a resume writes into it;
+    an update killed as it moved the last results aside left none, or only its beginning)."""
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        return group[MAPS].shape == (n_images, *map_shape) and group[TARGETS].shape == (n_images, map_shape[0])
+    except (OSError, KeyError, ValueError):  # no folder, no group, no array
+        return False
+
+
 def remove_partial_writes(path: Path) -> int:
     """Delete the chunk files that writes killed mid-way left in the store; returns how many."""
     return remove_named(path, "*.partial", _PARTIAL)
