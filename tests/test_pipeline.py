@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -71,6 +72,20 @@ def test_rerun_resumes_without_recomputing(data, tmp_path):
     assert (again.mode, again.explained, again.images) == ("resume", 0, 14)
     over = camshaft.explain(None, data, out=tmp_path / "run", partition_size=4, overwrite=True, progress=False)
     assert (over.mode, over.explained) == ("fresh", 14)
+
+
+def test_a_memory_option_changed_on_rerun_resumes_and_a_result_option_starts_over(data, tmp_path):
+    """``--samples-per-forward`` sets how much runs at once, as the batch size: a run stopped for memory resumes
+    with a smaller one. It used to start over. ``--samples`` changes the maps: that run starts over."""
+    out = tmp_path / "run"
+    run = functools.partial(camshaft.explain, None, data, out=out, method="smoothgrad", partition_size=7,
+                            progress=False)
+    run(options={"samples": 4, "samples_per_forward": 8})
+    (out / "_camshaft" / "done" / "part-000001.json").unlink()  # that partition was cut short
+    again = run(options={"samples": 4, "samples_per_forward": 2})
+    assert (again.mode, again.explained) == ("resume", 7)
+    other = run(options={"samples": 3, "samples_per_forward": 2})
+    assert (other.mode, other.explained) == ("fresh", 14)
 
 
 def test_a_rerun_removes_what_killed_writers_left_half_written(data, reference, tmp_path):

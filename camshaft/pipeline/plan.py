@@ -49,7 +49,7 @@ def job_fingerprint(explainer: Explainer, model: str) -> str:
         "model": model,
         "backend": job.backend,
         "dtype": job.dtype,
-        "methods": [(r.name, r.tap, {k: repr(v) for k, v in r.options.items()}, list(r.map_shape)) for r in explainer.runs],
+        "methods": [(r.name, r.tap, _result_options(r), list(r.map_shape)) for r in explainer.runs],
         "targets": str(explainer.targets),
         "preprocess": explainer.preprocess.to_dict(),
         "metrics": [repr(s) for s in explainer.metric_specs],
@@ -58,6 +58,13 @@ def job_fingerprint(explainer: Explainer, model: str) -> str:
     if job.class_names is not None:  # the table's names come from the file (runs without one keep their identity)
         identity["class_names"] = list(explainer.backend.info.class_names or ())
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _result_options(run) -> dict:
+    """The options the maps depend on: not those that only set how much runs at once (``Option.memory``, as the
+    batch size): a run stopped for memory resumes with a smaller ``--samples-per-forward``, not from scratch."""
+    memory = {o.name for o in run.method.options if o.memory}
+    return {k: repr(v) for k, v in run.options.items() if k not in memory}
 
 
 def file_key(record: ImageRecord) -> tuple:

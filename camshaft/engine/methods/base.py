@@ -29,6 +29,9 @@ class Option:
     parse: Callable[[str], Any]  # CLI string -> value
     default: Any
     help: str
+    # True: it sets only how much work runs at once (memory); the maps depend on it by float rounding at most,
+    # as on the batch size, so a run resumes or updates across a change of it
+    memory: bool = False
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,8 @@ def _baseline(text: str) -> str | float:
         raise ValueError(f"baseline must be zero, blur or a finite number, received {text!r}") from e
 
 
-PER_FORWARD = Option("samples_per_forward", positive_int, 32, "noisy or interpolated images per forward (memory)")
+PER_FORWARD = Option("samples_per_forward", positive_int, 32, "noisy or interpolated images per forward (memory)",
+                     memory=True)
 NEEDS = frozenset({FORWARD, INPUT_GRADIENTS})
 
 register_method(

@@ -103,6 +103,7 @@ OPTIONS = (
     Option(
         "positions_per_forward", parse_count, 64,
         "occluded images per forward pass, over all images of a batch (memory vs speed; results do not change)",
+        memory=True,
     ),
     Option(
         "occlusion_mode", _choice(MODES, "occlusion mode"), "plain",

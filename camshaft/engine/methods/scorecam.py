@@ -75,7 +75,7 @@ register_method(
         frozenset({FORWARD}),
         _scorecam,
         "Score-CAM (forward only, one masked forward per channel)",
-        options=(Option("masks_per_forward", positive_int, 64, "masked images per forward (memory)"),),
+        options=(Option("masks_per_forward", positive_int, 64, "masked images per forward (memory)", memory=True),),
         paper="Wang et al. 2020",
     )
 )
