@@ -58,7 +58,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flag-entropy", type=_inside(0, 1), default=0.95,
                    help="diffuse at this normalised entropy (default: 0.95)")
     g.add_argument("--examples", type=int, default=4, help="best and worst examples per class page (default: 4)")
-    g.add_argument("--class-pages", type=int, default=100, help="pages for at most this many classes, flagged first (default: 100)")
+    g.add_argument(
+        "--class-pages",
+        type=int,
+        default=100,
+        help="pages for at most this many classes, flagged first; the index's class tables show as many "
+        "(default: 100; every class is in tables/classes.csv)",
+    )
     g = p.add_argument_group("drift alerts (exit code 1 when crossed)")
     g.add_argument("--min-rank-corr", type=_unit, help="alert when the mean rank correlation is below this")
     g.add_argument("--min-iou", type=_unit, help="alert when the mean top-region IoU is below this")

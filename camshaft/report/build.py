@@ -42,7 +42,7 @@ class ReportOptions:
     changed: int = 12  # most-changed images shown in the drift section
     channels: int = 8  # exemplar channels shown per tap
     thumb: int = 176  # thumbnail size, pixels
-    class_pages: int | None = 100  # pages for at most this many classes, worst first (None: all)
+    class_pages: int | None = 100  # pages for (and index rows of) at most this many classes, worst first; None: all
 
     def __post_init__(self):
         counts = {"examples": self.examples, "flagged": self.flagged, "changed": self.changed, "channels": self.channels}

@@ -7,7 +7,7 @@ import pandas as pd
 from camshaft.report import html as h
 from camshaft.report import plots
 from camshaft.report.samples import IMG_DIR, Sampler
-from camshaft.report.sections import UNIT
+from camshaft.report.sections import UNIT, more_note
 from camshaft.results import load_results
 
 
@@ -31,8 +31,12 @@ def drift_section(ctx, compare) -> str:
     ]
     hist = plots.histograms(ctx.out / IMG_DIR / "plot_drift_hist.png", panels, columns=2)
     body += h.plots([f"{IMG_DIR}/{hist.name}"])
-    body += "<h3>Per class (lowest similarity first)</h3>" + h.table(
-        d.classes,
+    limit = ctx.options.class_pages
+    rows = d.classes if limit is None else d.classes.head(limit)
+    body += "<h3>Per class (lowest similarity first)</h3>"
+    body += more_note(len(rows), len(d.classes), table="tables/drift_classes.csv")
+    body += h.table(
+        rows,
         [
             ("class", lambda r: ctx.class_link(r["class"], r["class_name"])),
             ("maps", "maps"),

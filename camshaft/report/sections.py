@@ -66,8 +66,9 @@ def flags(ctx) -> str:
     if not len(a.images):
         return h.section("flags", "Flags", '<p class="note">No image was explained.</p>')
     fc = a.flagged_classes
+    shown = fc if ctx.options.class_pages is None else fc.head(ctx.options.class_pages)
     cls = h.table(
-        fc,
+        shown,
         [
             ("class", lambda r: ctx.class_link(r["class"], r["class_name"])),
             ("mean map", lambda r: _mini(ctx, r["class"])),
@@ -88,7 +89,7 @@ def flags(ctx) -> str:
         extra = h.badges(",".join(tags["flag"])) + stats
         figs.append(h.figure(ctx.sampler.overlay(row), ctx.caption(row, extra=extra)))
     n_img = a.flags["index"].nunique() if len(a.flags) else 0
-    body = f"<h3>Flagged classes ({len(fc)}), worst first</h3>{cls}"
+    body = f"<h3>Flagged classes ({len(fc):,}), worst first</h3>{more_note(len(shown), len(fc))}{cls}"
     body += f"<h3>Flagged images ({n_img:,}), worst first — showing {len(figs)}</h3>{h.gallery(figs)}"
     rules = ctx.options.rules
     note = (
@@ -96,6 +97,13 @@ def flags(ctx) -> str:
         "mass. A class is flagged on the mean over its maps (empty: all of them). All flags: tables/flags.csv."
     )
     return h.section("flags", "Flags: explanations that look off", body, note=note)
+
+
+def more_note(shown: int, total: int, *, table: str = "tables/classes.csv") -> str:
+    """A note when a class table shows only the worst rows: the page stays small whatever the class count."""
+    if shown >= total:
+        return ""
+    return f'<p class="note">Showing the {shown:,} worst of {total:,} classes; all are in {table}.</p>'
 
 
 def _mini(ctx, c: int) -> str:
