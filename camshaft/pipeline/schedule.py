@@ -14,7 +14,7 @@ import dask
 from dask.callbacks import Callback
 
 from camshaft.errors import ConfigError
-from camshaft.pipeline.tasks import run_partition, stop_event
+from camshaft.pipeline.tasks import forget_stop, run_partition, stop_event
 
 LOCAL = ("threads", "sync")
 PARALLEL_PARTITIONS = 2
@@ -40,10 +40,12 @@ def run_tasks(ctx, work: list, *, scheduler, on_done: Callable[[dict], None]) ->
         stop.clear()
         try:
             with _Progress(on_done):
-                return list(dask.compute(*tasks, scheduler=scheduler, num_workers=PARALLEL_PARTITIONS))
+                results = list(dask.compute(*tasks, scheduler=scheduler, num_workers=PARALLEL_PARTITIONS))
         except BaseException:  # Ctrl-C (or a failed partition): the one still in flight stops at its next batch
-            stop.set()
+            stop.set()  # kept until the next run into the folder: a partition still in flight must see it
             raise
+        forget_stop(ctx.out, stop)  # every partition ended: a service explaining into a new folder per request
+        return results  # must not keep one event per folder for as long as it lives
     return _distributed(ctx, work, scheduler, on_done)
 
 
@@ -107,4 +109,6 @@ def check_scheduler(scheduler: str) -> None:
     """Fail fast on a scheduler that is neither local nor a plausible address."""
     if scheduler in LOCAL or "://" in scheduler or ":" in scheduler:
         return
-    raise ConfigError(f"unknown scheduler {scheduler!r}: use threads, sync or a dask.distributed address such as tcp://host:8786")
+    raise ConfigError(
+        f"unknown scheduler {scheduler!r}: use threads, sync or a dask.distributed address such as tcp://host:8786"
+    )

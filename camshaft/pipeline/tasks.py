@@ -70,6 +70,13 @@ def stop_event(out: Path) -> threading.Event:
         return _STOPS.setdefault(Path(out), threading.Event())
 
 
+def forget_stop(out: Path, event: threading.Event) -> None:
+    """Drop the stop event of a run into ``out`` that ended with none of its partitions left running."""
+    with _LOCK:
+        if _STOPS.get(Path(out)) is event:
+            del _STOPS[Path(out)]
+
+
 def register(ctx: TaskContext, explainer: Explainer) -> None:
     """Hand this process's explainer to the tasks that run here (local schedulers)."""
     with _LOCK:
