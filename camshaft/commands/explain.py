@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--backend",
         choices=backend_names(),
         default="eager",
-        help="runtime (default: eager); a file from camshaft export runs on the backend of its format",
+        help="runtime (default: eager); a file from camshaft export needs the backend of its format: "
+        "torchscript (.pt), pt2 (.pt2) or onnxruntime (.onnx)",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (mixed precision)")

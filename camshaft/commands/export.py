@@ -25,9 +25,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     add_model(p)
     p.add_argument("--format", choices=FORMATS, required=True, help="artifact format")
-    p.add_argument("--tap", action="append", help="layer to expose (repeatable; default: the last feature map)")
+    p.add_argument(
+        "--tap", action="append", help="layer to expose (repeatable; default: the CAM tap or the last feature map)"
+    )
     p.add_argument("--out", type=Path, required=True, help="artifact path")
-    p.add_argument("--rtol", type=_tolerance, default=1e-3, help="parity tolerance relative to each output's scale")
+    p.add_argument(
+        "--rtol", type=_tolerance, default=1e-3, help="parity tolerance relative to each output's scale (default: 1e-3)"
+    )
     p.add_argument(
         "--head",
         action=argparse.BooleanOptionalAction,

@@ -35,8 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--channels", type=_channels, help="channel indices, e.g. 0,20,40")
     which.add_argument("--top", type=positive, help="the N channels with the highest mean activation (default 16)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--backend", choices=backend_names(), default="eager")
-    p.add_argument("--device", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--backend",
+        choices=backend_names(),
+        default="eager",
+        help="runtime (default: eager); a file from camshaft export needs the backend of its format",
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_preprocess(p)
 
 
