@@ -45,7 +45,7 @@ def explain(
     tap: str | None = None,
     weights: str | Path | None = None,
     class_names: str | Path | None = None,
-    backend: str = "eager",
+    backend: str = "auto",
     device: str | None = None,
     dtype: str = "float32",
     cuda_graphs: bool = False,

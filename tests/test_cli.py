@@ -213,6 +213,27 @@ def test_explain_onnx_gradcam_matches_eager(capsys, tmp_path, onnx_file, images)
     np.testing.assert_allclose(onnx.maps[:], eager.maps[:], rtol=1e-3, atol=1e-4)
 
 
+def test_an_exported_file_runs_on_its_formats_backend_by_default(capsys, tmp_path, onnx_file, images):
+    out = tmp_path / "auto"
+    code, text, err = _main(capsys, "explain", onnx_file, images, "--out", out, "--method", "cam", "--no-progress")
+    assert code == 0, err
+    assert "cam on onnxruntime, tap features: 3 images, 3 ok, 0 failed" in text
+    assert camshaft.load_results(out).attrs["backend"] == "onnxruntime"  # the backend that ran, not "auto"
+    before = (out / "maps.zarr").stat().st_mtime_ns, sorted(p.name for p in out.rglob("*"))
+    code, text, err = _main(capsys, "explain", onnx_file, images, "--out", out, "--method", "cam", "--no-progress",
+                            "--backend", "onnxruntime")  # the same job named in full: finished, nothing redone
+    assert code == 0, err
+    assert "0 explained" in text and "resumed from earlier work" in text, text
+    assert ((out / "maps.zarr").stat().st_mtime_ns, sorted(p.name for p in out.rglob("*"))) == before
+
+
+def test_featmaps_of_an_exported_file_runs_on_its_formats_backend_by_default(capsys, tmp_path, onnx_file, images):
+    code, _, err = _main(capsys, "featmaps", onnx_file, images / "0.png", "--top", "4", "--out", tmp_path / "f")
+    assert code == 0, err
+    eager = camshaft.feature_maps(None, images / "0.png", top=4)
+    np.testing.assert_allclose(np.load(tmp_path / "f" / "featmaps.npy"), eager.maps, rtol=1e-3, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def cam_without_head(tmp_path_factory, images):
     """``explain vgg11 --method cam`` (random weights, 64 px): (code, stderr, warnings, out folder)."""

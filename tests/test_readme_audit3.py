@@ -106,18 +106,19 @@ def _help_of(command: str, flag: str) -> str:
 
 
 @pytest.mark.parametrize("command", ["explain", "featmaps"])
-def test_the_backend_help_says_an_exported_file_needs_its_backend_as_it_does(command, tmp_path):
+def test_the_backend_help_says_a_file_runs_on_its_formats_backend_as_it_does(command, tmp_path):
     from camshaft.engine.backends import backend_factory
+    from camshaft.engine.backends.registry import auto_backend, open_onnxruntime
     from camshaft.models.sources import ModelSource
 
     text = _help_of(command, "--backend")
-    assert "runs on the backend of its format" not in text  # it did not: the eager default refuses a file
-    assert "needs the backend of its format" in text and "(default: eager)" in text
+    assert "default: auto" in text and _command(command).get_default("backend") == "auto"
     source = ModelSource("onnx", "model.onnx")
-    with pytest.raises(ConfigError, match=r"eager backend needs a torch model.*use --backend onnxruntime"):
+    assert auto_backend(source) == "onnxruntime" and backend_factory("auto", source) is open_onnxruntime
+    with pytest.raises(ConfigError, match=r"eager backend needs a torch model.*use --backend onnxruntime, or auto"):
         backend_factory("eager")(source, taps=None, preprocess={}, device=torch.device("cpu"), dtype=torch.float32,
-                                 workdir=tmp_path)
-    assert "`--backend torchscript|pt2|onnxruntime` to run it" in TEXT
+                                 workdir=tmp_path)  # asked for by name: refused, not switched
+    assert "run on the backend of its format (`--backend auto`, the default" in TEXT
 
 
 def test_help_states_the_defaults_it_applies():

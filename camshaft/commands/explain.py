@@ -13,8 +13,7 @@ RESUMABLE = True  # Ctrl-C keeps the finished partitions; the same command resum
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from camshaft.data.workers import DECODERS
-    from camshaft.engine.backends import backend_names
-    from camshaft.engine.backends.base import DTYPES
+    from camshaft.engine.backends.base import DTYPES, backend_choices
     from camshaft.engine.methods import method_names
 
     add_model(p)
@@ -34,10 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tap", help="layer to explain (default: the CAM tap or the last feature map)")
     p.add_argument(
         "--backend",
-        choices=backend_names(),
-        default="eager",
-        help="runtime (default: eager); a file from camshaft export needs the backend of its format: "
-        "torchscript (.pt), pt2 (.pt2) or onnxruntime (.onnx)",
+        choices=backend_choices(),
+        default="auto",
+        help="runtime (default: auto: eager for a torch model; a file from camshaft export runs on the "
+        "backend of its format: torchscript (.pt), pt2 (.pt2) or onnxruntime (.onnx))",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (mixed precision)")

@@ -26,7 +26,7 @@ def _channels(text: str) -> list[int]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from camshaft.engine.backends import backend_names
+    from camshaft.engine.backends.base import backend_choices
 
     add_model(p, class_names=False)
     p.add_argument("image", type=Path, help="the image")
@@ -37,9 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument(
         "--backend",
-        choices=backend_names(),
-        default="eager",
-        help="runtime (default: eager); a file from camshaft export needs the backend of its format",
+        choices=backend_choices(),
+        default="auto",
+        help="runtime (default: auto: eager for a torch model, a file from camshaft export on its format's)",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     add_preprocess(p)

@@ -13,7 +13,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ import torch
 from camshaft.data.sources import ImageRecord, path_text
 from camshaft.data.workers import Decoder, Resized, decoder
 from camshaft.engine.backends import Backend, backend_factory
-from camshaft.engine.backends.base import TAP_GRADIENTS, resolve_device, resolve_dtype
+from camshaft.engine.backends.base import AUTO, TAP_GRADIENTS, resolve_device, resolve_dtype
 from camshaft.engine.job import ExplainJob
 from camshaft.engine.methods import Method, check_backend, get_method
 from camshaft.engine.postprocess import map_stats
@@ -401,6 +401,10 @@ def base_row(d: Decoded) -> dict:
 def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
     """Everything that can be checked before the first image: model, backend, method, targets."""
     source = resolve_model(job.model, weights=job.weights, class_names=job.class_names)
+    if job.backend == AUTO:  # the job the run records and fingerprints names the backend that runs
+        from camshaft.engine.backends.registry import auto_backend
+
+        job = replace(job, backend=auto_backend(source))
     device, dtype = resolve_device(job.device), resolve_dtype(job.dtype)
     methods = [get_method(m) for m in job.methods]
     _check_input_size(source, methods, job)

@@ -60,7 +60,7 @@ def feature_maps(
     channels: Sequence[int] | None = None,
     top: int | None = None,
     weights: str | Path | None = None,
-    backend: str = "eager",
+    backend: str = "auto",
     device: str | None = None,
     dtype: str = "float32",
     input_size: int | tuple[int, int] | None = None,
@@ -99,7 +99,7 @@ def feature_maps(
         raise ImageDecodeError(f"cannot read image {str(image)!r}: {e}") from e
     source = resolve_model(model, weights=weights)
     with tempfile.TemporaryDirectory(prefix="camshaft-featmaps-") as workdir:  # file backends export torch models
-        be = backend_factory(backend)(
+        be = backend_factory(backend, source)(
             source,
             taps=[tap] if tap else None,
             preprocess=preprocess,

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from camshaft.data.workers import DECODERS
-from camshaft.engine.backends.base import CUDA_GRAPHS_BACKENDS, DTYPES, backend_names, resolve_device
+from camshaft.engine.backends.base import AUTO, CUDA_GRAPHS_BACKENDS, DTYPES, backend_choices, resolve_device
 from camshaft.engine.methods import get_method, method_names
 from camshaft.errors import ConfigError
 from camshaft.models.classes import read_class_names
@@ -38,7 +38,7 @@ class ExplainJob:
     tap: str | None = None  # default: the CAM tap, else the model's last feature map
     weights: Path | None = None  # local state_dict for architectures and factories
     class_names: Path | None = None  # a file of class names replacing the model's (camshaft.models.classes)
-    backend: str = "eager"  # eager | torchscript | pt2 | onnxruntime
+    backend: str = AUTO  # auto (eager for a torch model, a file's own format) | eager | torchscript | pt2 | onnxruntime
     device: str | None = None  # cpu | cuda[:N]; None = cuda when available
     dtype: str = "float32"  # float16 / bfloat16 autocast on CUDA
     cuda_graphs: bool = False  # forward-only parts replayed from CUDA graphs (eager, torchscript, pt2 on CUDA)
@@ -86,8 +86,8 @@ class ExplainJob:
                     self.options_for(m)
                 except ConfigError as e:
                     problems.append(str(e))
-        if self.backend not in backend_names():
-            problems.append(f"unknown backend {self.backend!r} (choose from {', '.join(backend_names())})")
+        if self.backend not in backend_choices():
+            problems.append(f"unknown backend {self.backend!r} (choose from {', '.join(backend_choices())})")
         if self.dtype not in DTYPES:
             problems.append(f"unknown dtype {self.dtype!r} (choose from {', '.join(DTYPES)})")
         if self.batch_size < 1:
@@ -118,7 +118,7 @@ class ExplainJob:
             raise ConfigError("invalid explain job: " + "; ".join(problems))
 
     def _check_cuda_graphs(self) -> list[str]:
-        if self.backend == "onnxruntime":
+        if self.backend == "onnxruntime" or (self.backend == AUTO and str(self.model).lower().endswith(".onnx")):
             return [CUDA_GRAPHS_BACKENDS]
         try:
             device = resolve_device(self.device)

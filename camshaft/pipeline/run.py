@@ -98,6 +98,7 @@ def _run(job: ExplainJob, out: Path, *, created: Path | None, progress: bool) ->
                 raise ConfigError(f"--targets label needs labels, and {job.data} has none: "
                                   "use a manifest with a label column")
             explainer = build_explainer(job, workdir=out / ARTIFACTS_DIR)
+            job = explainer.job  # its backend named (``auto`` resolved for the model)
             explainer.probe()
         except Exception:
             if created is not None:

@@ -20,7 +20,7 @@ from camshaft.data.decode import load_rgb
 from camshaft.data.sources import file_path
 from camshaft.engine.backends import backend_factory
 from camshaft.engine.backends.base import resolve_device
-from camshaft.engine.backends.registry import FILE_BACKENDS
+from camshaft.engine.backends.registry import auto_backend
 from camshaft.errors import CamshaftError
 from camshaft.models.sources import resolve_model
 from camshaft.pipeline.state import ARTIFACTS_DIR
@@ -32,7 +32,7 @@ def open_run_backend(results: Results, *, taps: Sequence[str] | None = None, dev
     """The run's model on its backend (eager for torch models), with the run's preprocessing."""
     attrs = results.attrs
     source = resolve_model(attrs.get("model_spec"), weights=attrs.get("weights"))
-    name = "eager" if source.kind == "torch" else FILE_BACKENDS[source.kind]  # an exported file: its own backend
+    name = auto_backend(source)  # eager, or an exported file's own backend
     pre = results.preprocess
     overrides = {"input_size": tuple(pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std), "resize": pre.resize}
     wanted = list(taps) if taps else ([attrs["tap"]] if attrs.get("tap") else None)

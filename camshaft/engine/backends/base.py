@@ -85,13 +85,26 @@ def _builtin() -> None:
     import camshaft.engine.backends.registry  # noqa: F401
 
 
+AUTO = "auto"  # eager for a torch model, the backend of its format for an exported file (``auto_backend``)
+
+
 def backend_names() -> list[str]:
     _builtin()
     return list(_REGISTRY)
 
 
-def backend_factory(name: str) -> BackendFactory:
+def backend_choices() -> list[str]:
+    """What ``--backend`` takes: ``auto`` and every backend's name."""
+    return [AUTO, *backend_names()]
+
+
+def backend_factory(name: str, source=None) -> BackendFactory:
+    """The factory of backend ``name``; ``auto`` needs the model's ``source`` (see ``auto_backend``)."""
     _builtin()
+    if name == AUTO and source is not None:
+        from camshaft.engine.backends.registry import auto_backend
+
+        name = auto_backend(source)
     if name not in _REGISTRY:
         raise UnknownNameError("backend", name, _REGISTRY)
     return _REGISTRY[name]

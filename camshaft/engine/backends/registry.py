@@ -32,6 +32,11 @@ FILE_BACKENDS = {"onnx": "onnxruntime", "torchscript": "torchscript", "pt2": "pt
 ARTIFACT_NAMES = {"onnxruntime": "model.onnx", "torchscript": "model.torchscript.pt", "pt2": "model.pt2"}
 
 
+def auto_backend(source: ModelSource) -> str:
+    """The backend ``auto`` stands for: eager for a torch model, the backend of its format for an exported file."""
+    return "eager" if source.kind == "torch" else FILE_BACKENDS[source.kind]
+
+
 def _check_taps(meta: ArtifactMeta, taps: Sequence[str] | None, path: Path) -> None:
     unknown = [t for t in taps or () if t not in meta.taps]
     if unknown:
@@ -105,7 +110,7 @@ def open_eager(
     if source.kind != "torch":
         raise ConfigError(
             f"the eager backend needs a torch model; {source.spec!r} is {kind_name(source.kind)} "
-            f"(use --backend {FILE_BACKENDS.get(source.kind, 'torchscript')})"
+            f"(use --backend {FILE_BACKENDS.get(source.kind, 'torchscript')}, or auto, the default)"
         )
     pre = (source.preprocess or Preprocess()).replace(**preprocess)
     p = prepare_model(source, taps=taps, preprocess=pre)
