@@ -174,3 +174,17 @@ def test_a_name_that_is_not_utf8_is_text_for_the_tables_and_back(tmp_path):
     assert path_text("/d/caf\u00e9.png") == "/d/caf\u00e9.png" == file_path("/d/caf\u00e9.png")  # UTF-8: unchanged
     literal = _touch(tmp_path, "x\\xff.png")  # a name with a backslash in it, as written
     assert file_path(literal) == literal
+
+
+def test_the_output_folders_of_camshaft_runs_inside_the_data_are_not_data(tmp_path):
+    from camshaft.data.sources import RUN_STATE_DIR
+    from camshaft.pipeline.state import STATE_DIR
+
+    assert RUN_STATE_DIR == STATE_DIR
+    for rel in ["a.png", "cats/b.png", "runs/monday/overlays/a_0.png", "runs/monday/_camshaft/run.json",
+                "multi/gradcam/overlays/a_0.png", "multi/_camshaft/done/p0.json", "multi_but_not/c.png"]:
+        _touch(tmp_path, rel)
+    names = [os.path.relpath(r.path, tmp_path) for r in list_images(tmp_path)]
+    assert names == ["a.png", "cats/b.png", "multi_but_not/c.png"]
+    run = tmp_path / "runs" / "monday"  # a run's folder given as the data itself is read: that was asked for
+    assert [os.path.relpath(r.path, run) for r in list_images(run)] == ["overlays/a_0.png"]

@@ -90,7 +90,8 @@ def list_images(
 
     With ``labels_from_folders`` a folder is read as an ImageFolder tree: each image's label is
     the name of its top-level sub-folder. ``exclude``: a folder inside it whose files are not listed
-    (a run's output folder, whose overlays are images).
+    (a run's output folder, whose overlays are images); the output folders of other runs (those holding
+    a ``_camshaft`` folder) are not listed either.
 
     Raises:
         ConfigError: the argument does not exist, is of an unsupported kind, the folder holds
@@ -122,16 +123,22 @@ def _first(items: list[str], sep: str) -> str:
     return sep.join(items[:_MAX_LISTED]) + more
 
 
+RUN_STATE_DIR = "_camshaft"  # the bookkeeping folder of a camshaft explain run (camshaft.pipeline.state.STATE_DIR)
+
+
 def _list_folder(folder: str, *, labels_from_folders: bool = False, exclude=None) -> list[ImageRecord]:
-    """Recursive listing in path order; hidden entries skipped, symlinked folders not followed."""
+    """Recursive listing in path order; hidden entries skipped, symlinked folders not followed, and a
+    camshaft run's output folder (its overlays are PNG files: explaining them is never what was meant)
+    skipped, this run's or another's (last night's run written into the dataset's folder)."""
     root = os.path.abspath(folder)
     skip = None if exclude is None else os.path.abspath(exclude)
     found: list[tuple[str, ...]] = []
     unlisted: list[OSError] = []  # folders that could not be listed: their images would vanish unseen
     linked: list[str] = []  # symlinked folders, not followed (a link may loop): said, not silently dropped
     for current, dirs, files in os.walk(root, onerror=unlisted.append):
-        # prune hidden folders (and the excluded one) in place
-        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.join(current, d) != skip]
+        # prune hidden folders, the excluded one and the output folders of camshaft runs in place
+        dirs[:] = [d for d in dirs if not d.startswith(".") and os.path.join(current, d) != skip
+                   and not os.path.isdir(os.path.join(current, d, RUN_STATE_DIR))]
         linked += [os.path.join(current, d) for d in dirs if os.path.islink(os.path.join(current, d))]
         rel = os.path.relpath(current, root)
         parts = () if rel == os.curdir else tuple(rel.split(os.sep))
@@ -154,7 +161,7 @@ def _list_folder(folder: str, *, labels_from_folders: bool = False, exclude=None
     if not found:
         raise ConfigError(
             f"no images found in folder {folder!r} (searched recursively for "
-            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; hidden files and folders, and links to folders, are skipped)"
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}; hidden files and folders, links to folders and camshaft run folders are skipped)"
         )
     if labels_from_folders:
         loose = [os.path.join(*p) for p in found if len(p) == 1]
