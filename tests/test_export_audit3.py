@@ -89,6 +89,17 @@ def test_an_input_the_model_cannot_take_is_a_clear_error_with_an_explicit_tap():
         prepare_model(source_of(Pooled(), size=(2, 2)), taps=["conv"])
 
 
+class Broken(Pooled):
+    def forward(self, x):
+        raise RuntimeError("index_put_ is not implemented for this model's own reasons")
+
+
+def test_a_model_that_fails_for_another_reason_is_not_told_to_change_its_input_size():
+    with pytest.raises(ConfigError, match=r"the model failed on a 8x8 test input: index_put_ is not") as caught:
+        prepare_model(source_of(Broken()), taps=["conv"])
+    assert "--input-size" not in str(caught.value) and "cannot run on" not in str(caught.value)
+
+
 def test_an_out_that_is_a_folder_or_cannot_be_written_is_refused_first(tmp_path, capsys):
     assert main(["export", "demo", "--format", "torchscript", "--out", str(tmp_path)]) == 2
     assert f"--out {str(tmp_path)!r} is a folder" in capsys.readouterr().err

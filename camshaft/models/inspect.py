@@ -184,8 +184,17 @@ def input_checked(x: torch.Tensor):
         if _out_of_memory(e):
             raise ConfigError(f"a {h}x{w} input needs more memory than {x.device} has "
                               "(choose a smaller --input-size)") from e
-        hint = "camshaft feeds it RGB images, 3 channels" if "channels" in str(e) else "choose another --input-size"
-        raise ConfigError(f"the model cannot run on a {h}x{w} input ({hint}): {e}") from e
+        text = str(e)
+        if "channels" in text:
+            raise ConfigError(f"the model cannot run on a {h}x{w} input (camshaft feeds it RGB images, 3 channels): "
+                              f"{e}") from e
+        if any(word in text for word in _SHAPE_WORDS):
+            raise ConfigError(f"the model cannot run on a {h}x{w} input (choose another --input-size): {e}") from e
+        # not about the input's shape (a bug in the model's code, a dtype it does not take): no advice on size
+        raise ConfigError(f"the model failed on a {h}x{w} test input: {e}") from e
+
+
+_SHAPE_WORDS = ("size", "shape", "mat1 and mat2", "dimension")  # torch's words for an input of the wrong size
 
 
 def probe_input(input_size: tuple[int, int], device) -> torch.Tensor:
