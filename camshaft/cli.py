@@ -65,11 +65,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _import_from_cwd() -> None:
+    """``--model mymodels:build`` imports from the current folder, as under ``python -m camshaft`` (the
+    re-executed CLI), also where the allocator is not tuned (the console script alone does not)."""
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console entry point; re-executes with a tuned allocator only when run as a program."""
     if argv is None:
         argv = sys.argv[1:]
         _tune_allocator(argv)
+        _import_from_cwd()
     try:
         args = build_parser(argv).parse_args(argv)  # imports torch: Ctrl-C often lands here
     except KeyboardInterrupt:

@@ -193,3 +193,28 @@ def test_an_input_size_beyond_memory_is_one_clear_error(tmp_path, capsys, monkey
         assert code == 2 and f"a {huge}x{huge} input needs more memory than cpu has" in err, (argv, err)
         assert "Traceback" not in err
     assert not any(p.name.startswith("out") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("env", [{"CAMSHAFT_NO_REEXEC": "1"}, {}], ids=["console-script", "re-executed"])
+def test_the_command_imports_a_module_factory_from_the_current_folder(tmp_path, env):
+    """``camshaft inspect mymodels:build`` in the folder of mymodels.py works whether or not the CLI re-executes
+    itself as ``python -m camshaft`` (which puts the current folder on the path; the console script did not)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = shutil.which("camshaft") or str(Path(sys.executable).parent / "camshaft")
+    if not os.path.exists(script):
+        pytest.skip("the camshaft console script is not installed")
+    (tmp_path / "mymodels.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "CAMSHAFT_NO_REEXEC", "GLIBC_TUNABLES")}
+    done = subprocess.run([script, "inspect", "mymodels:build"], cwd=tmp_path, env={**clean, **env},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "CAM head: global average pool of 1 -> 4 (3, 4)" in done.stdout
