@@ -55,6 +55,7 @@ def explain(
     mean: float | tuple[float, float, float] | None = None,
     std: float | tuple[float, float, float] | None = None,
     resize: str | None = None,
+    crop_fraction: float | None = None,
     workers: int | None = None,
     decode: str = "auto",
     options: dict | None = None,
@@ -75,7 +76,8 @@ def explain(
     workers: give its ``module:factory``). ``data``: an image folder (recursive), a CSV or Parquet
     manifest, or one image. ``targets``: ``"top:K"``, ``"label"`` or classes by index or name
     (``"3,tabby"`` or ``[3, "tabby"]``). ``input_size`` (H, W) or one number for a square;
-    ``mean``/``std`` (R, G, B) or one number for all channels; None keeps the model's.
+    ``mean``/``std`` (R, G, B) or one number for all channels; None keeps the model's. ``crop_fraction``
+    (center-crop): the centred fraction of the largest region kept, 0.875 for torchvision's eval transform.
     ``options`` are the methods' own settings, e.g. ``{"window": (32, 32)}`` for occlusion.
     Several methods (``method=["cam", "gradcam"]``) share the forwards they can and write one run
     directory each, ``out/METHOD``. ``metrics`` (deletion, insertion) and ``exemplars`` (taps) are
@@ -100,6 +102,7 @@ def explain(
         overlays=overlays,
         **overrides(input_size, mean, std),
         resize=resize,
+        crop_fraction=crop_fraction,
         workers=workers,
         decode=decode,
         options=dict(options or {}),
@@ -127,6 +130,7 @@ def export(
     mean: float | tuple[float, float, float] | None = None,
     std: float | tuple[float, float, float] | None = None,
     resize: str | None = None,
+    crop_fraction: float | None = None,
     rtol: float = 1e-3,
     head: bool | None = None,
 ) -> Path:
@@ -135,16 +139,27 @@ def export(
     ``model``: a torchvision architecture, ``package.module:factory`` or None (the demo model).
     ``taps``: one module path or several (default: the last feature map). ``head``: whether an ONNX
     file carries the differentiable head for gradient methods (default: when the head is small next
-    to the model). ``input_size``, ``mean`` and ``std`` as in ``explain``.
+    to the model). ``input_size``, ``mean``, ``std``, ``resize`` and ``crop_fraction`` as in ``explain``: the
+    artifact carries them.
     """
     if format not in FORMATS:
         from camshaft.errors import UnknownNameError
 
         raise UnknownNameError("export format", format, FORMATS)
     check_artifact_path(format, _path("out", out))
-    source = resolve_model(model, weights=weights, class_names=class_names)
-    pre = (source.preprocess or Preprocess()).replace(**overrides(input_size, mean, std), resize=resize)
+    given = {**overrides(input_size, mean, std), "resize": resize, "crop": crop_fraction}
+    source = resolve_model(model, weights=weights, class_names=class_names, preprocess=given)
     taps = None if taps is None else _names("taps", (taps,) if isinstance(taps, str) else taps)
+    if source.kind == "onnx":  # a file from elsewhere: its graph, with taps as outputs and metadata
+        from camshaft.exporters.foreign_onnx import export_foreign_onnx
+
+        if format != "onnx":
+            raise ConfigError(f"{source.spec!r} is an ONNX file: it exports to ONNX only (its taps as outputs, and "
+                              "metadata); export the original torch model to TorchScript or .pt2")
+        tap_list = None if taps is None else ([taps] if isinstance(taps, str) else list(taps))
+        return export_foreign_onnx(source.path, spec=source.spec, out=Path(out), taps=tap_list, preprocess=given,
+                                   class_names=source.class_names, rtol=rtol)
+    pre = (source.preprocess or Preprocess()).replace(**given)
     prepared = prepare_model(source, taps=taps, preprocess=pre)
     return export_prepared(prepared, format=format, out=out, rtol=rtol, head=head)
 
@@ -164,10 +179,14 @@ def inspect(
         raise ConfigError("weights apply to a model name or module:factory; load them into the module yourself")
     if isinstance(model, nn.Module):
         model = ModelSource("torch", type(model).__name__, module=model)
-    source = model if isinstance(model, ModelSource) else resolve_model(model, weights=weights)
+    size = overrides(input_size)["input_size"]
+    source = model if isinstance(model, ModelSource) else resolve_model(model, weights=weights,
+                                                                          preprocess={"input_size": size})
     if source.kind != "torch":
         raise ConfigError(f"inspect reads torch models; {source.spec!r} is {kind_name(source.kind)}")
-    pre = (source.preprocess or Preprocess()).replace(input_size=overrides(input_size)["input_size"])
+    pre = (source.preprocess or Preprocess()).replace(input_size=size)
+    if source.check is not None:  # a graph converted from a file: it must hold, and match the file, at this size
+        source.check(pre.input_size)
     modes = {m: m.training for m in source.module.modules()}
     try:
         return describe(source.module.eval(), input_size=pre.input_size)

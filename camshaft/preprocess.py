@@ -33,6 +33,7 @@ class Preprocess:
     mean: tuple[float, float, float] = IMAGENET_MEAN  # per channel, on [0, 1] pixels
     std: tuple[float, float, float] = IMAGENET_STD
     resize: str = "center-crop"  # stretch | center-crop | letterbox
+    crop: float = 1.0  # center-crop: the centred fraction of the largest region kept (torchvision's eval: 0.875)
 
     def __post_init__(self):
         problems = [f"{name} must be a sequence of numbers, received {getattr(self, name)!r}"
@@ -50,12 +51,21 @@ class Preprocess:
             problems.append(f"std must be positive, received {self.std}")
         if self.resize not in RESIZE_MODES:
             problems.append(f"resize must be one of {', '.join(RESIZE_MODES)}, received {self.resize!r}")
+        if (why := crop_problem(self.crop, self.resize if self.resize in RESIZE_MODES else None)) is not None:
+            problems.append(why)
         if problems:
             raise ConfigError("; ".join(problems))
+        object.__setattr__(self, "crop", float(self.crop))  # a numpy number or 1 -> a float, as JSON writes it
 
     def replace(self, **changes) -> Preprocess:
-        """A copy with the given fields changed; None values keep the current field."""
+        """A copy with the given fields changed; None values keep the current field.
+
+        A crop belongs to center-crop: another resize mode drops the crop it would inherit (a model
+        exported with a crop fraction still letterboxes on ``resize="letterbox"``); one given with it is checked.
+        """
         fields = {k: v for k, v in changes.items() if v is not None}
+        if fields.get("resize", "center-crop") != "center-crop" and "crop" not in fields:
+            fields["crop"] = 1.0
         return Preprocess(**{**self.__dict__, **fields})
 
     @property
@@ -64,11 +74,25 @@ class Preprocess:
         return tuple(int(round(255 * m)) for m in self.mean)
 
     def to_dict(self) -> dict:
-        return {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
+        """The fields as JSON values; ``crop`` only when it crops, so that runs and artifacts from before it
+        existed keep their fingerprints (they resume rather than start over)."""
+        d = {"input_size": list(self.input_size), "mean": list(self.mean), "std": list(self.std), "resize": self.resize}
+        return d if self.crop == 1 else {**d, "crop": self.crop}
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        return cls(tuple(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("resize", "stretch"))
+        return cls(tuple(d["input_size"]), tuple(d["mean"]), tuple(d["std"]), d.get("resize", "stretch"),
+                   d.get("crop", 1.0))
+
+
+def crop_problem(crop, resize: str | None = None) -> str | None:
+    """What is wrong with a crop fraction under ``resize`` (None: not known yet), or None when nothing is."""
+    if not isinstance(crop, numbers.Real) or isinstance(crop, bool) or not 0 < crop <= 1:  # NaN fails too
+        return f"crop fraction (--crop-fraction) must be a number in (0, 1], received {crop!r}"
+    if crop != 1 and resize is not None and resize != "center-crop":
+        return (f"crop fraction {crop} keeps a centred part of a center-crop, but resize is {resize!r}: "
+                "use --resize center-crop, or leave out --crop-fraction")
+    return None
 
 
 def overrides(input_size=None, mean=None, std=None) -> dict:
@@ -118,7 +142,7 @@ def geometry(original_size: tuple[int, int], pre: Preprocess) -> Geometry:
     if pre.resize == "stretch":
         return Geometry((w0, h0), (0, 0, w, h), (0, 0, w0, h0))
     if pre.resize == "center-crop":
-        scale = max(w / w0, h / h0)
+        scale = max(w / w0, h / h0) / pre.crop  # a crop of 0.875: torchvision's resize to 256, crop 224
         cw, ch = w / scale, h / scale  # the seen region, in original pixels
         x0, y0 = (w0 - cw) / 2, (h0 - ch) / 2
         return Geometry((w0, h0), (0, 0, w, h), (x0, y0, x0 + cw, y0 + ch))

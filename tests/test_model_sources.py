@@ -69,12 +69,19 @@ def test_files_are_recognised(tmp_path):
     onnx_path = tmp_path / "m.onnx"
     onnx_path.write_bytes(b"not checked here")
     assert resolve_model(str(onnx_path)).kind == "onnx"
-    ts_path = tmp_path / "m.pt"
+    import camshaft
+
+    for fmt, suffix in (("torchscript", "pt"), ("pt2", "pt2")):  # written by camshaft export: run as they are
+        path = camshaft.export("demo", format=fmt, out=tmp_path / f"m.{suffix}")
+        assert resolve_model(str(path)).kind == fmt
+    ts_path = tmp_path / "foreign.pt"  # from elsewhere: a torch model converted from the file (test_foreign_files)
     torch.jit.save(torch.jit.script(TinyCam()), str(ts_path))
-    assert resolve_model(str(ts_path)).kind == "torchscript"
-    pt2_path = tmp_path / "m.pt2"
+    with pytest.warns(UserWarning, match="carries no camshaft metadata"):
+        assert resolve_model(str(ts_path), preprocess={"input_size": (8, 8)}).kind == "torch"
+    pt2_path = tmp_path / "foreign.pt2"
     torch.export.save(torch.export.export(TinyCam().eval(), (torch.zeros(1, 3, 4, 4),)), str(pt2_path))
-    assert resolve_model(str(pt2_path)).kind == "pt2"
+    with pytest.raises(ConfigError, match="exported for batches of exactly 1"):
+        resolve_model(str(pt2_path))
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"junk")
     with pytest.raises(ModelSourceError, match="not an ONNX file"):

@@ -37,7 +37,7 @@ def test_messages_name_the_kind_with_the_right_article(tmp_path):
         prepare_model(onnx)
     with pytest.raises(ConfigError, match=r"'m.torchscript' is a TorchScript file; it cannot run on the onnx backend"):
         _artifact(script, "onnx", taps=None, preprocess={}, workdir=tmp_path)
-    with pytest.raises(ConfigError, match=r"'m.pt2' is a \.pt2 file \(use --backend pt2\)"):
+    with pytest.raises(ConfigError, match=r"'m.pt2' is a \.pt2 file \(use --backend pt2, or auto"):
         open_eager(pt2, preprocess={}, device=torch.device("cpu"), dtype=torch.float32)
     with pytest.raises(ConfigError, match=r"inspect reads torch models; 'm.onnx' is an ONNX file$"):
         inspect(onnx)

@@ -118,7 +118,7 @@ def test_the_backend_help_says_a_file_runs_on_its_formats_backend_as_it_does(com
     with pytest.raises(ConfigError, match=r"eager backend needs a torch model.*use --backend onnxruntime, or auto"):
         backend_factory("eager")(source, taps=None, preprocess={}, device=torch.device("cpu"), dtype=torch.float32,
                                  workdir=tmp_path)  # asked for by name: refused, not switched
-    assert "run on the backend of its format (`--backend auto`, the default" in TEXT
+    assert "run on the backend of its format (`--backend auto`, the default" in " ".join(TEXT.split())
 
 
 def test_help_states_the_defaults_it_applies():

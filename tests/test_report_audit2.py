@@ -162,7 +162,7 @@ KINDS = [("torch", "eager"), ("torchscript", "torchscript"), ("onnx", "onnxrunti
 def test_metrics_reopen_every_kind_of_model_on_its_backend(run, monkeypatch, kind, backend):
     opened = []
     source = ModelSource(kind, f"model.{kind}", path=Path(f"model.{kind}"))
-    monkeypatch.setattr(rerun, "resolve_model", lambda spec, weights=None: source)
+    monkeypatch.setattr(rerun, "resolve_model", lambda spec, weights=None, preprocess=None: source)
     monkeypatch.setattr(rerun, "backend_factory", lambda name: lambda *args, **kw: opened.append(name))
     rerun.open_run_backend(camshaft.load_results(run), device="cpu")
     assert opened == [backend] and backend in backend_names()

@@ -27,6 +27,17 @@ def triple(text: str) -> tuple[float, float, float]:
     return tuple(values * 3) if len(values) == 1 else tuple(values)
 
 
+def fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value <= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], e.g. 0.875, received {text!r}")
+    return value
+
+
 def count(text: str) -> int:
     try:
         value = int(text)
@@ -80,10 +91,19 @@ def add_preprocess(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mean", type=triple, metavar="R,G,B", help="normalisation mean on [0,1] pixels")
     g.add_argument("--std", type=triple, metavar="R,G,B", help="normalisation std on [0,1] pixels")
     g.add_argument("--resize", choices=RESIZE_MODES, help="how images are fitted to the input size")
+    g.add_argument(
+        "--crop-fraction",
+        type=fraction,
+        metavar="F",
+        help="center-crop: keep this centred fraction of the largest region (torchvision's eval: 0.875 = 224/256; "
+        "default 1)",
+    )
 
 
 def preprocess(args) -> dict:
-    return {"input_size": args.input_size, "mean": args.mean, "std": args.std, "resize": args.resize}
+    """The preprocessing flags, keyed as the jobs and the API take them."""
+    return {"input_size": args.input_size, "mean": args.mean, "std": args.std, "resize": args.resize,
+            "crop_fraction": args.crop_fraction}
 
 
 def print_summary(s) -> None:

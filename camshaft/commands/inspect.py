@@ -19,7 +19,7 @@ def run(args) -> int:
     from camshaft.api import inspect
     from camshaft.models.sources import resolve_model
 
-    source = resolve_model(args.model, weights=args.weights)
+    source = resolve_model(args.model, weights=args.weights, preprocess={"input_size": args.input_size})
     if source.kind != "torch":
         return _inspect_artifact(source)
     report = inspect(source, input_size=args.input_size)

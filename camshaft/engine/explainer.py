@@ -400,7 +400,8 @@ def base_row(d: Decoded) -> dict:
 
 def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
     """Everything that can be checked before the first image: model, backend, method, targets."""
-    source = resolve_model(job.model, weights=job.weights, class_names=job.class_names)
+    source = resolve_model(job.model, weights=job.weights, class_names=job.class_names,
+                           preprocess=job.preprocess_overrides())
     if job.backend == AUTO:  # the job the run records and fingerprints names the backend that runs
         from camshaft.engine.backends.registry import auto_backend
 

@@ -18,7 +18,7 @@ from camshaft.engine.backends.base import resolve_device, resolve_dtype
 from camshaft.engine.postprocess import shown_cells, to_original
 from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.sources import resolve_model
-from camshaft.preprocess import Geometry, Preprocess, normalize, overrides, prepare
+from camshaft.preprocess import Geometry, Preprocess, crop_problem, normalize, overrides, prepare
 from camshaft.writers.overlay import colorize, normalize_map, overlay, render_grid, upsample_map
 
 
@@ -67,21 +67,27 @@ def feature_maps(
     mean: float | tuple[float, float, float] | None = None,
     std: float | tuple[float, float, float] | None = None,
     resize: str | None = None,
+    crop_fraction: float | None = None,
     preprocess: dict | None = None,
 ) -> FeatureMaps:
     """Channels of ``tap`` (default: the last feature map) for one image.
 
     ``channels`` picks them by index (or one index); ``top`` picks the N with the highest mean
-    activation (default: the top 16). ``input_size``, ``mean``, ``std`` and ``resize`` as in
-    ``camshaft.explain`` (None keeps the model's); ``preprocess``, a dict of the same keys, is the
+    activation (default: the top 16). ``input_size``, ``mean``, ``std``, ``resize`` and ``crop_fraction`` as
+    in ``camshaft.explain`` (None keeps the model's); ``preprocess``, a dict of the same keys, is the
     older way to give them.
     """
     if channels is not None and top is not None:
         raise ConfigError("give --channels or --top, not both")
-    given = {k: v for k, v in {**overrides(input_size, mean, std), "resize": resize}.items() if v is not None}
+    given = {**overrides(input_size, mean, std), "resize": resize, "crop_fraction": crop_fraction}
+    given = {k: v for k, v in given.items() if v is not None}
     if given and preprocess:
-        raise ConfigError("give preprocess or input_size/mean/std/resize, not both")
+        raise ConfigError("give preprocess or input_size/mean/std/resize, not both (crop_fraction is one of those)")
     preprocess = dict(preprocess or given)
+    if "crop_fraction" in preprocess:  # the flag's name -> the field of Preprocess
+        preprocess["crop"] = preprocess.pop("crop_fraction")
+    if preprocess.get("crop") is not None and (why := crop_problem(preprocess["crop"], preprocess.get("resize"))):
+        raise ConfigError(why)  # before the image and the model
     if isinstance(channels, numbers.Integral) and not isinstance(channels, bool):
         channels = [channels]  # one channel
     if channels is not None and not (
@@ -97,7 +103,7 @@ def feature_maps(
         picture = load_rgb(image)  # before the model: a bad image costs nothing
     except ImageDecodeError as e:
         raise ImageDecodeError(f"cannot read image {str(image)!r}: {e}") from e
-    source = resolve_model(model, weights=weights)
+    source = resolve_model(model, weights=weights, preprocess=preprocess)
     with tempfile.TemporaryDirectory(prefix="camshaft-featmaps-") as workdir:  # file backends export torch models
         be = backend_factory(backend, source)(
             source,

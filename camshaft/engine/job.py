@@ -11,7 +11,7 @@ from camshaft.engine.backends.base import AUTO, CUDA_GRAPHS_BACKENDS, DTYPES, ba
 from camshaft.engine.methods import get_method, method_names
 from camshaft.errors import ConfigError
 from camshaft.models.classes import read_class_names
-from camshaft.preprocess import RESIZE_MODES
+from camshaft.preprocess import RESIZE_MODES, crop_problem
 
 
 def split_names(text: str) -> tuple[str, ...]:
@@ -48,6 +48,7 @@ class ExplainJob:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     resize: str | None = None
+    crop_fraction: float | None = None  # center-crop: the centred fraction kept (torchvision's eval: 0.875)
     workers: int | None = None  # decode workers, shared by the partitions (None: see `default_workers`)
     decode: str = "auto"  # processes | threads | device | auto (processes for a GPU): see camshaft.data.workers
     options: dict = field(default_factory=dict)  # the method's options (see `Method.options`)
@@ -105,6 +106,9 @@ class ExplainJob:
             problems.append("scheduler must be threads, sync or a dask.distributed address (tcp://host:8786)")
         if self.resize is not None and self.resize not in RESIZE_MODES:
             problems.append(f"unknown resize mode {self.resize!r} (choose from {', '.join(RESIZE_MODES)})")
+        resize = self.resize if self.resize in RESIZE_MODES else None  # an unknown mode is reported above
+        if self.crop_fraction is not None and (why := crop_problem(self.crop_fraction, resize)) is not None:
+            problems.append(why)
         if not Path(self.data).exists():
             problems.append(f"data not found: {self.data}")
         if self.weights is not None and not Path(self.weights).is_file():
@@ -158,4 +162,6 @@ class ExplainJob:
         return get_method(method).resolve_options({k: v for k, v in self.options.items() if k in declared})
 
     def preprocess_overrides(self) -> dict:
-        return {"input_size": self.input_size, "mean": self.mean, "std": self.std, "resize": self.resize}
+        """The preprocessing fields given, as ``Preprocess.replace`` takes them (None keeps the model's)."""
+        return {"input_size": self.input_size, "mean": self.mean, "std": self.std, "resize": self.resize,
+                "crop": self.crop_fraction}

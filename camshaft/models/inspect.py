@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -133,8 +134,7 @@ def find_cam_head(model: nn.Module, tap: str, *, plan: TapPlan | None = None, x:
     a = taps[tap]
     if a.dim() != 4:
         return None
-    num_classes = logits.shape[-1]
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.out_features == num_classes and m.in_features == a.shape[1]]
+    linears = _linear_weights(model, (logits.shape[-1], a.shape[1]))
     if not linears:
         return None
     name, linear = linears[-1]
@@ -153,6 +153,20 @@ def find_cam_head(model: nn.Module, tap: str, *, plan: TapPlan | None = None, x:
             return None
     bias = None if linear.bias is None else linear.bias.detach().clone()
     return CamHead(tap, name, linear.weight.detach().clone(), bias)
+
+
+def _linear_weights(model: nn.Module, shape: tuple[int, int]) -> list[tuple[str, nn.Module | SimpleNamespace]]:
+    """The linear layers (name, module with ``weight`` and ``bias``) whose weight has ``shape`` (classes, C):
+    ``nn.Linear`` modules, or the plain modules holding a graph's weights (a model converted from a file)."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and tuple(m.weight.shape) == shape]
+    if found:
+        return found
+    for n, m in model.named_modules():  # a converted graph holds its weights as buffers
+        weight = m._parameters.get("weight", m._buffers.get("weight"))
+        bias = m._parameters.get("bias", m._buffers.get("bias"))
+        if weight is not None and tuple(weight.shape) == shape and (bias is None or tuple(bias.shape) == shape[:1]):
+            found.append((n, SimpleNamespace(weight=weight, bias=bias)))
+    return found
 
 
 def _head_function(tapped: TappedModel, model: nn.Module, tap: str, x: torch.Tensor):

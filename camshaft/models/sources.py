@@ -13,6 +13,7 @@ import re
 import sys
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,9 @@ class ModelSource:
     path: Path | None = None
     preprocess: Preprocess | None = None  # defaults this source implies, if any
     class_names: list[str] | None = field(default=None, repr=False)
+    # a model converted from a file (camshaft.models.foreign): raises a ConfigError for an input size
+    # (H, W) its graph does not hold at; prepare_model calls it
+    check: Callable[[tuple[int, int]], None] | None = field(default=None, repr=False, compare=False)
 
 
 _KIND_NAMES = {
@@ -56,15 +60,21 @@ def classification_models() -> list[str]:
 
 
 def resolve_model(
-    spec: str | Path | None, *, weights: str | Path | None = None, class_names: str | Path | None = None
+    spec: str | Path | None,
+    *,
+    weights: str | Path | None = None,
+    class_names: str | Path | None = None,
+    preprocess: dict | None = None,
 ) -> ModelSource:
     """Resolve ``spec``; the error lists every interpretation tried and why it failed.
 
     ``class_names``: a file of the model's class names (see `camshaft.models.classes`), replacing
     the ones the model or artifact carries; checked against the model's outputs when it is opened.
+    ``preprocess``: the run's preprocessing overrides (``input_size``, ``mean``, ...), for a TorchScript
+    or .pt2 file that ``camshaft export`` did not write: it is converted at that input size.
     """
     names = None if class_names is None else read_class_names(class_names)  # a bad file fails before loading
-    source = _resolve(spec, weights)
+    source = _resolve(spec, weights, preprocess or {})
     if names is not None:
         source.class_names = list(names)
     return source
@@ -83,7 +93,7 @@ def model_spec(spec) -> str:
     return spec or DEMO
 
 
-def _resolve(spec: str | Path | None, weights) -> ModelSource:
+def _resolve(spec: str | Path | None, weights, preprocess: dict) -> ModelSource:
     spec = model_spec(spec)
     if spec == DEMO:
         _no_weights(spec, weights)
@@ -98,7 +108,12 @@ def _resolve(spec: str | Path | None, weights) -> ModelSource:
             check_external_data(path)
             return ModelSource("onnx", spec, path=path)
         if zipfile.is_zipfile(path):
-            return ModelSource(_archive_kind(path, spec), spec, path=path)
+            kind = _archive_kind(path, spec)
+            from camshaft.models import foreign
+
+            if not foreign.has_camshaft_meta(path):
+                return _foreign(path, kind, spec, preprocess)
+            return ModelSource(kind, spec, path=path)
         raise ModelSourceError(
             spec, [f"file {path}: not an ONNX file (.onnx), a TorchScript archive or a torch.export archive (.pt2)"]
         )
@@ -134,6 +149,23 @@ def _archive_kind(path: Path, spec: str) -> str:
             f"module:factory and --weights {path}"
         ])
     raise ModelSourceError(spec, [f"file {path}: a zip archive, but neither a TorchScript nor a .pt2 model"])
+
+
+def _foreign(path: Path, kind: str, spec: str, preprocess: dict) -> ModelSource:
+    """A TorchScript or .pt2 file from elsewhere, as a torch model (``camshaft.models.foreign``)."""
+    from camshaft.models import foreign
+
+    pre = Preprocess().replace(input_size=preprocess.get("input_size"))
+    module, check, fixed = foreign.convert(path, kind, pre.input_size)
+    pre = pre.replace(input_size=None if preprocess.get("input_size") else fixed)  # the one size a file takes
+    if preprocess.get("mean") is None or preprocess.get("std") is None:
+        h, w = pre.input_size
+        warnings.warn(
+            f"{spec} carries no camshaft metadata: assuming ImageNet mean/std, center-crop and a {h}x{w} input; "
+            "set --mean, --std, --resize and --input-size to match how the model was trained",
+            stacklevel=_outside_camshaft(),
+        )
+    return ModelSource("torch", spec, module=module, path=path, preprocess=pre, check=check)
 
 
 def _no_weights(spec: str, weights) -> None:

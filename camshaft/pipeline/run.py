@@ -246,7 +246,8 @@ def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> Expla
     # absolute: a worker started in another folder (dask worker, a service) reads and writes the same files
     state = RunState(state.out.absolute(), state.methods)
     job = replace(job, out=state.out, data=Path(job.data).absolute())
-    if explainer.source.kind in FILE_BACKENDS:  # an exported model: a path (a name or module:factory stays)
+    from_file = explainer.source.kind in FILE_BACKENDS or explainer.source.path is not None  # or converted from one
+    if from_file:  # an exported model: a path (a name or module:factory stays)
         job = replace(job, model=str(Path(job.model).absolute()))
     if job.class_names is not None:
         path = state.dir / "class_names.json"
@@ -255,7 +256,7 @@ def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> Expla
     source = explainer.source
     if source.kind == "torch" and job.backend != "eager":
         return replace(job, model=str(state.out / ARTIFACTS_DIR / ARTIFACT_NAMES[job.backend]), weights=None)
-    if source.kind == "torch" and source.spec != "demo":  # random weights too: every worker gets the same ones
+    if source.kind == "torch" and source.spec != "demo" and not from_file:  # random weights too: the same for all
         path = state.dir / "weights.pt"
         with atomic_path(path) as tmp:
             torch.save(source.module.state_dict(), tmp)

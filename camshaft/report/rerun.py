@@ -31,10 +31,11 @@ from camshaft.results import Results
 def open_run_backend(results: Results, *, taps: Sequence[str] | None = None, device: str | None = None):
     """The run's model on its backend (eager for torch models), with the run's preprocessing."""
     attrs = results.attrs
-    source = resolve_model(attrs.get("model_spec"), weights=attrs.get("weights"))
-    name = auto_backend(source)  # eager, or an exported file's own backend
     pre = results.preprocess
-    overrides = {"input_size": tuple(pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std), "resize": pre.resize}
+    overrides = {"input_size": tuple(pre.input_size), "mean": tuple(pre.mean), "std": tuple(pre.std),
+                 "resize": pre.resize, "crop": pre.crop}
+    source = resolve_model(attrs.get("model_spec"), weights=attrs.get("weights"), preprocess=overrides)
+    name = auto_backend(source)  # eager, or an exported file's own backend
     wanted = list(taps) if taps else ([attrs["tap"]] if attrs.get("tap") else None)
     return backend_factory(name)(
         source,

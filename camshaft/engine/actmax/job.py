@@ -20,7 +20,7 @@ from camshaft.engine.actmax.spec import parse_objectives
 from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.classes import check_count, read_class_names
 from camshaft.models.sources import ModelSource, kind_name, resolve_model
-from camshaft.preprocess import RESIZE_MODES, Preprocess, overrides, prepare
+from camshaft.preprocess import RESIZE_MODES, Preprocess, crop_problem, overrides, prepare
 from camshaft.writers.atomic import out_folder_problem
 
 __all__ = ["ActmaxJob", "ActmaxSummary", "actmax", "load_init", "run_actmax"]
@@ -41,6 +41,7 @@ class ActmaxJob:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     resize: str | None = None  # how --init images are fitted to the input size
+    crop_fraction: float | None = None  # center-crop of --init images: the centred fraction kept
     columns: int | None = None  # grid columns (default: about square, or one row per objective)
 
     def __post_init__(self):
@@ -58,6 +59,9 @@ class ActmaxJob:
             problems.append(f"initial image or folder not found: {self.init}")
         if self.resize is not None and self.resize not in RESIZE_MODES:
             problems.append(f"unknown resize mode {self.resize!r} (choose from {', '.join(RESIZE_MODES)})")
+        resize = self.resize if self.resize in RESIZE_MODES else None  # an unknown mode is reported above
+        if self.crop_fraction is not None and (why := crop_problem(self.crop_fraction, resize)) is not None:
+            problems.append(why)
         if self.columns is not None and self.columns < 1:
             problems.append(f"columns must be at least 1, received {self.columns}")
         if (why := out_folder_problem(self.out)) is not None:
@@ -109,7 +113,8 @@ def _earlier_run(path: Path) -> list[Path] | None:
 
 
 def _torch_model(job: ActmaxJob) -> ModelSource:
-    source = resolve_model(job.model, weights=job.weights, class_names=job.class_names)
+    source = resolve_model(job.model, weights=job.weights, class_names=job.class_names,
+                           preprocess={"input_size": job.input_size, "mean": job.mean, "std": job.std})
     if source.kind != "torch":
         raise ConfigError(
             f"actmax differentiates the model w.r.t. its input and runs only live torch models; "
@@ -124,7 +129,9 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
     start = time.perf_counter()
     source = _torch_model(job)
     pre = (source.preprocess or Preprocess()).replace(input_size=job.input_size, mean=job.mean,
-                                                      std=job.std, resize=job.resize)
+                                                      std=job.std, resize=job.resize, crop=job.crop_fraction)
+    if source.check is not None:  # a graph converted from a file: it must hold, and match the file, at this size
+        source.check(pre.input_size)
     try:
         _, num_classes = tap_shapes(forward_fn(source.module, []), pre, torch.device("cpu"))
     except ConfigError:
@@ -155,10 +162,11 @@ def actmax(model: str | Path | None, objectives: str | Sequence[str], *, out: st
            class_names: str | Path | None = None, init: str | Path | None = None,
            input_size: int | tuple[int, int] | None = None, mean: float | tuple[float, float, float] | None = None,
            std: float | tuple[float, float, float] | None = None, resize: str | None = None,
-           columns: int | None = None, progress: bool = True) -> ActmaxSummary:
+           crop_fraction: float | None = None, columns: int | None = None, progress: bool = True) -> ActmaxSummary:
     """Visualize ``objectives`` (spec strings, or one) of ``model``; writes PNGs, grid and table to ``out``.
 
-    ``input_size`` (H, W) or one number for a square; ``mean``/``std`` (R, G, B) or one number.
+    ``input_size`` (H, W) or one number for a square; ``mean``/``std`` (R, G, B) or one number;
+    ``resize`` and ``crop_fraction`` fit ``init`` images to the input as ``camshaft.explain`` fits its images.
     """
     if isinstance(objectives, str):
         objectives = (objectives,)  # one spec (its commas are its own: class:0,3)
@@ -170,5 +178,5 @@ def actmax(model: str | Path | None, objectives: str | Sequence[str], *, out: st
                     weights=None if weights is None else Path(weights),
                     class_names=None if class_names is None else Path(class_names),
                     init=None if init is None else Path(init),
-                    resize=resize, columns=columns, **pre)
+                    resize=resize, crop_fraction=crop_fraction, columns=columns, **pre)
     return run_actmax(job, progress=progress)

@@ -260,7 +260,10 @@ def open_onnxruntime(
     _check_taps(meta, taps, path)
     _check_size(meta.preprocess.input_size, preprocess, path)
     info = _info(meta, None if cam is None else cam.to(device), preprocess, source)
-    return OnnxBackend(session, info, head=head, device=device, tap_outputs={t: onnx_export.tap_output(t) for t in info.taps})
+    batch = session.get_inputs()[0].shape[0]  # a fixed batch size (a file from elsewhere, with taps added)
+    outputs = {t: onnx_export.tap_output(t) for t in info.taps}
+    return OnnxBackend(session, info, head=head, device=device, tap_outputs=outputs,
+                       batch=batch if isinstance(batch, int) and batch > 0 else None)
 
 
 register_backend("eager", open_eager)
