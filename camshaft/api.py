@@ -136,8 +136,9 @@ def export(
 ) -> Path:
     """Export ``model`` with ``taps`` to a TorchScript, ONNX or .pt2 artifact at ``out`` (parity-checked).
 
-    ``model``: a torchvision architecture, ``package.module:factory`` or None (the demo model).
-    ``taps``: one module path or several (default: the last feature map). ``head``: whether an ONNX
+    ``model``: a torchvision architecture, ``package.module:factory``, a TorchScript or .pt2 file from
+    elsewhere, or None (the demo model); an ONNX file from elsewhere exports to ONNX only (its taps as
+    outputs, and metadata). ``taps``: one module path or several (default: the last feature map). ``head``: whether an ONNX
     file carries the differentiable head for gradient methods (default: when the head is small next
     to the model). ``input_size``, ``mean``, ``std``, ``resize`` and ``crop_fraction`` as in ``explain``: the
     artifact carries them.
@@ -156,6 +157,9 @@ def export(
         if format != "onnx":
             raise ConfigError(f"{source.spec!r} is an ONNX file: it exports to ONNX only (its taps as outputs, and "
                               "metadata); export the original torch model to TorchScript or .pt2")
+        if head:
+            raise ConfigError(f"{source.spec!r} is an ONNX file: camshaft cannot add a differentiable head to it "
+                              "(--head); export the original torch model for gradient methods")
         tap_list = None if taps is None else ([taps] if isinstance(taps, str) else list(taps))
         return export_foreign_onnx(source.path, spec=source.spec, out=Path(out), taps=tap_list, preprocess=given,
                                    class_names=source.class_names, rtol=rtol)

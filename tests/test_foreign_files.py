@@ -272,6 +272,8 @@ def test_a_foreign_onnx_file_is_refused_where_it_cannot_be_exported(tmp_path):
     plain = _plain_onnx(tmp_path / "plain.onnx")
     with pytest.raises(ConfigError, match="exports to ONNX only"):
         camshaft.export(plain, format="torchscript", out=tmp_path / "m.pt")
+    with pytest.raises(ConfigError, match="cannot add a differentiable head"):
+        camshaft.export(plain, format="onnx", out=tmp_path / "m.onnx", head=True)
     with pytest.raises(ConfigError, match="takes 32x32 inputs only"):
         camshaft.export(plain, format="onnx", out=tmp_path / "m.onnx", input_size=48)
     artifact = camshaft.export("demo", format="onnx", out=tmp_path / "demo.onnx")
