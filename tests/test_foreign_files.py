@@ -178,6 +178,29 @@ def test_a_file_made_for_one_input_size_takes_that_size_and_refuses_others(files
     assert prepare_model(bound, preprocess=bound.preprocess.replace(input_size=(16, 16))).info.num_classes == 3
 
 
+class VggLike(nn.Module):
+    """Features, then adaptive pooling to a fixed 3x3 (as VGG's 7x7) and a linear classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.avgpool, self.fc = nn.AdaptiveAvgPool2d(3), nn.Linear(4 * 9, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_the_default_tap_is_the_last_feature_map_not_the_adaptive_pooling_after_it(tmp_path):
+    path = tmp_path / "vgg.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(VggLike().eval(), torch.zeros(1, 3, 16, 16)), str(path))
+    source = _source(path, input_size=(16, 16))
+    prepared = prepare_model(source, preprocess=source.preprocess)
+    assert prepared.tap_shapes[prepared.info.taps[0]] == [4, 8, 8]  # the max pool's map, not the 3x3 pooled one
+    assert prepared.info.taps[0].startswith("max_pool2d")
+
+
 class Two(nn.Module):
     """Two outputs: not a classifier's logits."""
 

@@ -105,11 +105,15 @@ def _record_all(model: nn.Module, shapes: dict, same: dict):
 
 
 def _default_tap(layers: list[Layer], plan: TapPlan, same: dict[str, str]) -> str | None:
-    """The last spatial (N, C, h, w) map before global pooling, named by the shortest module path ending there."""
+    """The last spatial (N, C, h, w) map before global pooling, named by the shortest module path ending there.
+
+    Adaptive pooling is not a feature map (VGG's resizes any map to 7x7): an ``nn.Adaptive*`` module, or
+    the ``adaptive_*`` function node of a traced function or of a graph converted from a file."""
     spatial = [
         lay.name
         for lay in layers
         if lay.shape and len(lay.shape) == 4 and min(lay.shape[2:]) > 1 and not lay.kind.startswith("Adaptive")
+        and not (lay.kind == "function" and lay.name.startswith("adaptive_"))
     ]
     if not spatial:
         return None
