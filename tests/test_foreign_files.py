@@ -250,20 +250,22 @@ def test_activation_maximization_and_feature_maps_take_a_foreign_file(files, ima
 # --- ONNX files from elsewhere: exported to camshaft artifacts (taps as outputs, metadata) --------------------
 
 
-def _plain_onnx(path, *, batch: int | None = None):
+def _plain_onnx(path, *, batch: int | None = None, output: str | None = None):
     """``build()`` exported by torch alone: a dynamic batch, or a fixed one (torch.onnx.export's default)."""
     axes = {} if batch else {"dynamic_axes": {"x": {0: "b"}}}
+    names = {"output_names": [output]} if output else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(build(), (torch.randn(batch or 1, 3, SIZE, SIZE),), str(path), dynamo=False,
-                          input_names=["x"], **axes)
+                          input_names=["x"], **axes, **names)
     return path
 
 
-@pytest.mark.parametrize("batch", [None, 2], ids=["dynamic-batch", "fixed-batch"])
-def test_a_foreign_onnx_file_exports_to_an_artifact_that_explains_as_the_file(images, tmp_path, batch):
+@pytest.mark.parametrize(("batch", "output"), [(None, None), (2, None), (None, "logits")],
+                         ids=["dynamic-batch", "fixed-batch", "output-named-logits"])
+def test_a_foreign_onnx_file_exports_to_an_artifact_that_explains_as_the_file(images, tmp_path, batch, output):
     pytest.importorskip("onnxruntime")
-    plain = _plain_onnx(tmp_path / "plain.onnx", batch=batch)
+    plain = _plain_onnx(tmp_path / "plain.onnx", batch=batch, output=output)
     names = tmp_path / "names.txt"
     names.write_text("zero\none\ntwo\nthree\n")
     with pytest.warns(UserWarning, match="records ImageNet mean/std"):

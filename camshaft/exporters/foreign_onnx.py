@@ -104,9 +104,14 @@ def _renamed_outputs(graph) -> onnx.ModelProto:
     model = graph.model
     inferred = {o.name: o for o in model.graph.output}
     wanted = [(graph.logits, onnx_export.LOGITS), *((t, onnx_export.tap_output(t)) for t in graph.taps)]
+    taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    clash = [name for source, name in wanted if name != source and name in taken]
+    if clash:
+        raise ConfigError(f"the graph has tensors named {clash} already, the names camshaft gives its outputs")
     del model.graph.output[:]
     for source, name in wanted:
-        model.graph.node.append(onnx.helper.make_node("Identity", [source], [name], name=f"camshaft_{name}"))
+        if source != name:  # an output already named ``logits`` stays as it is
+            model.graph.node.append(onnx.helper.make_node("Identity", [source], [name], name=f"camshaft_{name}"))
         elem = inferred[source].type.tensor_type.elem_type if source in inferred else onnx.TensorProto.FLOAT
         model.graph.output.append(onnx.helper.make_tensor_value_info(name, elem or onnx.TensorProto.FLOAT, None))
     return model
