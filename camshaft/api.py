@@ -189,8 +189,7 @@ def inspect(
     if source.kind != "torch":
         raise ConfigError(f"inspect reads torch models; {source.spec!r} is {kind_name(source.kind)}")
     pre = (source.preprocess or Preprocess()).replace(input_size=size)
-    if source.check is not None:  # a graph converted from a file: it must hold, and match the file, at this size
-        source.check(pre.input_size)
+    source.check_input_size(pre.input_size)
     modes = {m: m.training for m in source.module.modules()}
     try:
         return describe(source.module.eval(), input_size=pre.input_size)

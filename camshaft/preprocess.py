@@ -51,7 +51,7 @@ class Preprocess:
             problems.append(f"std must be positive, received {self.std}")
         if self.resize not in RESIZE_MODES:
             problems.append(f"resize must be one of {', '.join(RESIZE_MODES)}, received {self.resize!r}")
-        if (why := crop_problem(self.crop, self.resize if self.resize in RESIZE_MODES else None)) is not None:
+        if (why := crop_problem(self.crop, self.resize)) is not None:
             problems.append(why)
         if problems:
             raise ConfigError("; ".join(problems))
@@ -86,10 +86,11 @@ class Preprocess:
 
 
 def crop_problem(crop, resize: str | None = None) -> str | None:
-    """What is wrong with a crop fraction under ``resize`` (None: not known yet), or None when nothing is."""
+    """What is wrong with a crop fraction under ``resize`` (None: not known yet; an unknown mode is the
+    caller's to report), or None when nothing is."""
     if not isinstance(crop, numbers.Real) or isinstance(crop, bool) or not 0 < crop <= 1:  # NaN fails too
         return f"crop fraction (--crop-fraction) must be a number in (0, 1], received {crop!r}"
-    if crop != 1 and resize is not None and resize != "center-crop":
+    if crop != 1 and resize in RESIZE_MODES and resize != "center-crop":
         return (f"crop fraction {crop} keeps a centred part of a center-crop, but resize is {resize!r}: "
                 "use --resize center-crop, or leave out --crop-fraction")
     return None

@@ -106,8 +106,7 @@ class ExplainJob:
             problems.append("scheduler must be threads, sync or a dask.distributed address (tcp://host:8786)")
         if self.resize is not None and self.resize not in RESIZE_MODES:
             problems.append(f"unknown resize mode {self.resize!r} (choose from {', '.join(RESIZE_MODES)})")
-        resize = self.resize if self.resize in RESIZE_MODES else None  # an unknown mode is reported above
-        if self.crop_fraction is not None and (why := crop_problem(self.crop_fraction, resize)) is not None:
+        if self.crop_fraction is not None and (why := crop_problem(self.crop_fraction, self.resize)) is not None:
             problems.append(why)
         if not Path(self.data).exists():
             problems.append(f"data not found: {self.data}")

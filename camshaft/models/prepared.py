@@ -35,8 +35,7 @@ def prepare_model(
         raise ConfigError(f"{source.spec!r} is {kind_name(source.kind)}, not a torch model")
     model = source.module.eval()
     pre = preprocess or source.preprocess or Preprocess()
-    if source.check is not None:  # a graph converted from a file: it must hold, and match the file, at this size
-        source.check(pre.input_size)
+    source.check_input_size(pre.input_size)
     plan = plan_taps(model)
     if not taps:
         report = describe(model, input_size=pre.input_size)

@@ -43,6 +43,11 @@ class ModelSource:
     # (H, W) its graph does not hold at; prepare_model calls it
     check: Callable[[tuple[int, int]], None] | None = field(default=None, repr=False, compare=False)
 
+    def check_input_size(self, input_size: tuple[int, int]) -> None:
+        """A graph converted from a file must hold, and match the file, at ``input_size`` (else a ConfigError)."""
+        if self.check is not None:
+            self.check(input_size)
+
 
 _KIND_NAMES = {
     "torch": "a torch model", "torchscript": "a TorchScript file", "onnx": "an ONNX file", "pt2": "a .pt2 file",

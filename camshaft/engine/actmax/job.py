@@ -59,8 +59,7 @@ class ActmaxJob:
             problems.append(f"initial image or folder not found: {self.init}")
         if self.resize is not None and self.resize not in RESIZE_MODES:
             problems.append(f"unknown resize mode {self.resize!r} (choose from {', '.join(RESIZE_MODES)})")
-        resize = self.resize if self.resize in RESIZE_MODES else None  # an unknown mode is reported above
-        if self.crop_fraction is not None and (why := crop_problem(self.crop_fraction, resize)) is not None:
+        if self.crop_fraction is not None and (why := crop_problem(self.crop_fraction, self.resize)) is not None:
             problems.append(why)
         if self.columns is not None and self.columns < 1:
             problems.append(f"columns must be at least 1, received {self.columns}")
@@ -130,8 +129,7 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
     source = _torch_model(job)
     pre = (source.preprocess or Preprocess()).replace(input_size=job.input_size, mean=job.mean,
                                                       std=job.std, resize=job.resize, crop=job.crop_fraction)
-    if source.check is not None:  # a graph converted from a file: it must hold, and match the file, at this size
-        source.check(pre.input_size)
+    source.check_input_size(pre.input_size)
     try:
         _, num_classes = tap_shapes(forward_fn(source.module, []), pre, torch.device("cpu"))
     except ConfigError:
