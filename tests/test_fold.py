@@ -250,3 +250,77 @@ def test_a_convolution_or_norm_the_user_hooked_is_not_folded_and_its_hooks_fire(
     assert sorted(seen) == ["conv", "leaf", "norm"]
     for h in hooks:
         h.remove()
+
+
+# --- graphs of ATen calls (a TorchScript or .pt2 file from elsewhere): norms are function calls -----------
+
+
+def _calls(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.batch_norm.default)
+
+
+def test_norm_calls_of_an_exported_graph_fold_where_the_convolution_call_feeds_them_alone():
+    """In ATen form a module called twice is two convolution calls, each feeding its own norm: both fold.
+    A convolution whose output is read twice does not; the tensors the graph read keep their values."""
+    model = _trained_bn(Pairs())
+    gm = torch.export.export(model, (torch.zeros(2, 3, 8, 8),)).module()
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    assert _calls(gm) == 4
+    assert fold_batchnorms(gm) == 3 and _calls(gm) == 1  # bn_seen stays: its convolution's output is read twice
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(gm.state_dict()[k], v) for k, v in before.items())
+    assert not any(t.requires_grad for name, t in gm.named_buffers() if name.startswith("_camshaft_folded"))
+
+
+class _Transposed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.bn = nn.ConvTranspose2d(3, 4, 2, stride=2), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.up(x))
+
+
+def test_a_transposed_convolution_or_a_norm_in_training_mode_is_not_folded():
+    gm = torch.export.export(_trained_bn(_Transposed()), (torch.zeros(2, 3, 4, 4),)).module()
+    assert _calls(gm) == 1 and fold_batchnorms(gm) == 0  # its weight is laid out (in, out): another formula
+    gm = torch.export.export(_resnet18().train(), (torch.zeros(2, 3, 32, 32),)).module()
+    assert fold_batchnorms(gm) == 0
+
+
+def test_a_converted_torchscript_file_runs_folded_on_the_eager_backend_with_the_unfolded_maps(tmp_path):
+    """A TorchScript file from elsewhere: its norms fold in the backend's graphs (the forward, and the trunk and
+    head of gradient methods) to the same logits and maps, and the converted model's tensors keep their values."""
+    from camshaft.models.sources import resolve_model
+
+    model = _trained_bn(_resnet18())
+    path = tmp_path / "r18.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated upstream
+        torch.jit.trace(model, torch.zeros(1, 3, 64, 64)).save(str(path))
+
+    def backend(folder, fold):
+        source = resolve_model(path, preprocess={"input_size": (64, 64), "mean": (0.0,) * 3, "std": (1.0,) * 3})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return open_backend("eager", source, tmp_path / folder, fold=fold)
+
+    plain, folded = backend("a", False), backend("b", True)
+    # its convolutions are aten.convolution calls: images still enter channels-last (was: contiguous, 1.3x slower)
+    assert folded.memory_format == torch.channels_last
+    graphs = [folded._full.graph_module, folded._full.leaf_module, *(part.gm for part in folded._split)]
+    assert _calls(plain._full.graph_module) == 20 and all(_calls(gm) == 0 for gm in graphs)
+    before = {k: v.clone() for k, v in folded.module.state_dict().items()}
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    want, got = plain.forward(x), folded.forward(x)
+    torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-4 * want.logits.abs().max().item())
+    select = lambda logits: torch.tensor([[3, 1], [5, 0]])  # noqa: E731
+    tap = folded.info.taps[0]
+    for method in ("cam", "gradcam"):
+        want_map, _ = get_method(method).run(plain, x, select, tap=tap, options={})
+        got_map, _ = get_method(method).run(folded, x, select, tap=tap, options={})
+        assert want_map.abs().max() > 0
+        torch.testing.assert_close(got_map, want_map, rtol=1e-4, atol=1e-4 * want_map.abs().max().item())
+    assert all(torch.equal(v, folded.module.state_dict()[k]) for k, v in before.items())

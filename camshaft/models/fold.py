@@ -15,18 +15,29 @@ Pairs inside a leaf of the trace are folded too: torchvision keeps its ``ops`` m
 MobileNet's or EfficientNet's ``Conv2dNormActivation`` (a Sequential: conv, norm, activation) is one
 graph node. No tap can read inside a leaf, so such a leaf is swapped in the graph module for a
 Sequential of the same layers with its pairs folded: the same function, however often it is called.
+
+A graph of ATen operations (a TorchScript or .pt2 file from elsewhere, converted by
+``camshaft.models.foreign``) holds no layers: its convolutions and norms are function calls on
+tensors the graph reads (``get_attr``). Such a pair folds into the same call on new weight and bias
+tensors, kept as buffers of the graph module itself (the tensors it read stay as they are).
 """
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 # exact types: a subclass may compute something else (a weight-standardised convolution, say)
 _PAIRS = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+_aten = torch.ops.aten
+# convolution calls in an ATen graph: (input, weight, bias, ...); aten.convolution has a ``transposed`` flag (arg 6)
+_CONV_CALLS = (_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default, _aten.convolution.default)
+_NORM_CALL = _aten.batch_norm.default  # (input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
+FOLDED_PREFIX = "_camshaft_folded"  # the graph module's own buffers that hold folded weights
 
 
 def fold_batchnorms(
@@ -52,6 +63,7 @@ def fold_batchnorms(
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
         folded += 1
+    folded += _fold_calls(gm, memory_format, cache)
     if folded:
         gm.graph.lint()
         gm.recompile()
@@ -131,6 +143,82 @@ def _folded_sequential(seq: nn.Module, memory_format: torch.memory_format, cache
         out.append(inner if n else layers[i])
         pairs, i = pairs + n, i + 1
     return (nn.Sequential(*out) if pairs else None), pairs
+
+
+def _fold_calls(gm: fx.GraphModule, memory_format: torch.memory_format, cache: dict) -> int:
+    """Fold each ``batch_norm`` call (inference) on a convolution call whose output nothing else reads;
+    returns how many. The graph is recompiled by the caller."""
+    folded = 0
+    for norm in list(gm.graph.nodes):
+        pair = _call_pair(gm, norm)
+        if pair is None:
+            continue
+        conv, tensors = pair
+        key = ("calls", *(id(t) for t in tensors))
+        if key not in cache:
+            cache[key] = _fused_tensors(*tensors, eps=float(norm.args[7]), memory_format=memory_format)
+        args = list(conv.args) + [None] * (3 - len(conv.args))  # a conv2d call may leave its bias out
+        old = [a for a in args[1:3] if isinstance(a, fx.Node)]
+        with gm.graph.inserting_before(conv):
+            args[1], args[2] = (gm.graph.get_attr(_own_buffer(gm, t)) for t in cache[key])
+        conv.args = tuple(args)
+        norm.replace_all_uses_with(conv)
+        stale = old + [a for a in norm.args[1:5] if isinstance(a, fx.Node)]
+        gm.graph.erase_node(norm)
+        for node in stale:  # the weights it read, unless another call still reads them
+            if node.op == "get_attr" and not node.users:
+                gm.graph.erase_node(node)
+        folded += 1
+    return folded
+
+
+def _call_pair(gm: fx.GraphModule, norm: fx.Node):
+    """``(conv node, (weight, bias, mean, var, gamma, beta))`` when ``norm`` is an inference ``batch_norm``
+    call on a convolution call that feeds it alone, every tensor read from the graph module (bias,
+    gamma and beta may be None); else None."""
+    if norm.op != "call_function" or norm.target is not _NORM_CALL or len(norm.args) < 8 or norm.kwargs:
+        return None
+    conv, training = norm.args[0], norm.args[5]
+    if training is not False or not isinstance(conv, fx.Node) or conv.op != "call_function":
+        return None
+    if conv.target not in _CONV_CALLS or conv.kwargs or len(conv.users) != 1 or len(conv.args) < 2:
+        return None
+    if conv.target is _aten.convolution.default and conv.args[6] is not False:  # a transposed convolution
+        return None
+    bias = conv.args[2] if len(conv.args) > 2 else None
+    nodes = (conv.args[1], bias, norm.args[3], norm.args[4], norm.args[1], norm.args[2])
+    tensors = tuple(None if n is None else _read(gm, n) for n in nodes)
+    if any(t is None for i, t in enumerate(tensors) if nodes[i] is not None or i in (0, 2, 3)):
+        return None  # a tensor computed in the graph, not read from it
+    if tensors[0].dim() < 3 or tensors[2].shape != (tensors[0].shape[0],):
+        return None
+    return conv, tensors
+
+
+def _read(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    value = operator.attrgetter(node.target)(gm)
+    return value if isinstance(value, torch.Tensor) and value.is_floating_point() else None
+
+
+def _fused_tensors(weight, bias, mean, var, gamma, beta, *, eps: float, memory_format: torch.memory_format):
+    """The convolution's weight and bias with the norm applied (torch's own folding formula)."""
+    with torch.no_grad():
+        w, b = fuse_conv_bn_weights(weight, bias, mean, var, eps, gamma, beta)
+    w, b = w.detach(), b.detach()
+    return (w.contiguous(memory_format=memory_format) if w.dim() == 4 else w), b
+
+
+def _own_buffer(gm: fx.GraphModule, tensor: torch.Tensor) -> str:
+    """The name of a buffer of ``gm`` holding ``tensor`` (one per tensor: graphs sharing a cache share them)."""
+    for name, held in gm.named_buffers(recurse=False):
+        if held is tensor:
+            return name
+    n = sum(1 for name, _ in gm.named_buffers(recurse=False) if name.startswith(FOLDED_PREFIX))
+    name = f"{FOLDED_PREFIX}_{n}"
+    gm.register_buffer(name, tensor)
+    return name
 
 
 def _hooked(module: nn.Module) -> bool:

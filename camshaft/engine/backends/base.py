@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -175,11 +176,25 @@ def _has_conv2d(module: torch.nn.Module) -> bool:
     for m in module.modules():
         if isinstance(m, torch.nn.Conv2d) or getattr(m, "original_name", None) == "Conv2d":
             return True
-        if isinstance(m, torch.fx.GraphModule) and any(
-            n.op == "call_function" and "conv2d" in str(n.target) for n in m.graph.nodes
-        ):
+        if isinstance(m, torch.fx.GraphModule) and any(_conv2d_call(m, n) for n in m.graph.nodes):
             return True
     return False
+
+
+def _conv2d_call(gm: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    """A 2-d convolution op: ``aten.conv2d``, or ``aten.convolution`` (a converted TorchScript file's) on a 4-d weight."""
+    if node.op != "call_function":
+        return False
+    if "conv2d" in str(node.target):
+        return True
+    if node.target is not torch.ops.aten.convolution.default or len(node.args) < 2:
+        return False
+    weight = node.args[1]
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+        weight = operator.attrgetter(weight.target)(gm)
+    elif isinstance(weight, torch.fx.Node):
+        weight = weight.meta.get("val")
+    return isinstance(weight, torch.Tensor) and weight.dim() == 4
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:
