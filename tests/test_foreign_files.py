@@ -163,6 +163,26 @@ def test_a_pt2_file_with_a_static_batch_is_refused_naming_the_fix(tmp_path):
         _source(path)
 
 
+@pytest.mark.parametrize("bounds", [{"min": 2}, {"max": 2}])
+def test_a_pt2_file_with_bounds_on_its_batch_is_checked_and_explains_any_batch(images, tmp_path, bounds):
+    """``Dim("batch", min=2)`` (the usual answer to torch.export's 0/1 specialisation), or a highest batch: was
+    refused as "does not hold for a 32x32 input", the check on batches of 1 and 3 failing on the program's guard."""
+    model, path = build(), tmp_path / "bounded.pt2"
+    dim = torch.export.Dim("batch", **bounds)
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 3, SIZE, SIZE),), dynamic_shapes=({0: dim},)),
+                      str(path))
+    source = _source(path)
+    prepare_model(source, preprocess=source.preprocess)  # the check, on batches of 1 and 3
+    for n in (1, 5):
+        x = torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            np.testing.assert_allclose(source.module(x), model(x), rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        camshaft.explain(path, images, out=tmp_path / "out", method="gradcam", batch_size=3, progress=False)
+    assert (camshaft.load_results(tmp_path / "out").table["status"] == "ok").sum() == 3
+
+
 def test_a_file_made_for_one_input_size_takes_that_size_and_refuses_others(files, tmp_path):
     source = _source(files / "dynamic.pt2", input_size=None)
     assert source.preprocess.input_size == (SIZE, SIZE)  # the size the program was exported at: its only one

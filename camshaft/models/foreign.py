@@ -16,6 +16,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import sympy
 import torch
 from torch import fx, nn
 
@@ -59,11 +60,12 @@ def convert(path: Path, kind: str, input_size: tuple[int, int]) -> tuple[nn.Modu
     fixed = (h, w) if isinstance(h, int) and isinstance(w, int) else None
     guarded = program.module()  # with torch.export's shape guards: the reference the plain graph is checked on
     plain = _plain(guarded, path)
+    batches = _batch_range(program, batch)
     checked: set[tuple[int, int]] = set()
 
     def check(size: tuple[int, int]) -> None:
         if tuple(size) not in checked:
-            _check(plain, guarded, original, tuple(size), path)
+            _check(plain, guarded, original, tuple(size), path, batches)
             checked.add(tuple(size))
 
     return plain, check, fixed
@@ -79,6 +81,33 @@ def _input_shape(program, path: Path) -> list:
         raise ConfigError(f"{path}: the model takes {len(inputs)} input(s) of shape(s) {shapes}; camshaft feeds a "
                           "classifier one image batch (N, 3, H, W)")
     return [int(d) if isinstance(d, int) else d for d in shapes[0]]
+
+
+def _batch_range(program, batch) -> tuple[int, int | None]:
+    """The batch sizes the program's guards accept, ``(lowest, highest or None)``: an export with
+    ``Dim("batch", min=2)`` (the usual way round torch.export's 0/1 specialisation) refuses a batch of 1."""
+    expr = getattr(getattr(batch, "node", None), "expr", None)
+    bounds = program.range_constraints.get(expr) if expr is not None else None
+    if bounds is None:
+        return 1, None
+    lo = int(bounds.lower) if isinstance(bounds.lower, sympy.Integer) else 1
+    hi = int(bounds.upper) if isinstance(bounds.upper, sympy.Integer) else None
+    return max(lo, 1), hi
+
+
+def _within(guarded: nn.Module, lo: int, hi: int | None) -> Callable:
+    """``guarded`` on any batch: a smaller batch than it accepts is padded with copies of its first image (the
+    images of a batch are independent in inference), a larger one runs in parts; the extra rows are dropped."""
+
+    def run(x: torch.Tensor):
+        n = x.shape[0]
+        if n < lo:
+            return guarded(torch.cat([x, x[:1].expand(lo - n, *x.shape[1:])]))[:n]
+        if hi is not None and n > hi:
+            return torch.cat([run(part) for part in x.split(hi)])
+        return guarded(x)
+
+    return run
 
 
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -200,8 +229,10 @@ def _aliasing(node: fx.Node) -> bool:
     return bool(returns) and returns[0].alias_info is not None
 
 
-def _check(plain: nn.Module, guarded: nn.Module, original, input_size: tuple[int, int], path: Path) -> None:
-    """``plain`` against the file at ``input_size``, on batches of 1 and 3 (the graph was made on 2)."""
+def _check(plain: nn.Module, guarded: nn.Module, original, input_size: tuple[int, int], path: Path,
+           batches: tuple[int, int | None] = (1, None)) -> None:
+    """``plain`` against the file at ``input_size``, on batches of 1 and 3 (the graph was made on 2); the file
+    runs a batch its guards refuse padded or in parts (``_within``)."""
     h, w = input_size
     device = next((t.device for t in [*plain.parameters(), *plain.buffers()]), torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
@@ -209,7 +240,7 @@ def _check(plain: nn.Module, guarded: nn.Module, original, input_size: tuple[int
         x = torch.randn(batch, 3, h, w, generator=gen).to(device)
         with torch.no_grad():
             try:
-                reference = guarded.to(device)(x)
+                reference = _within(guarded.to(device), *batches)(x)
             except AssertionError as e:  # a guard: the graph was made for sizes this one is not
                 raise ConfigError(f"{path}: the model's graph does not hold for a {h}x{w} input ({e}); give the "
                                   "input size it takes with --input-size") from e
