@@ -79,6 +79,11 @@ def export_foreign_onnx(
         session = _session(tmp)
         wanted = [onnx_export.LOGITS, *map(onnx_export.tap_output, meta.taps)]
         input_name = session.get_inputs()[0].name
+        if any(not isinstance(d, int) for shape in meta.tap_shapes.values() for d in shape):
+            # a graph that takes any input size has symbolic tap shapes: the artifact records them at its size
+            probe = np.zeros((batch, 3, *pre.input_size), dtype=np.float32)
+            outs = session.run(wanted[1:], {input_name: probe})
+            meta.tap_shapes = {t: list(a.shape[1:]) for t, a in zip(meta.taps, outs, strict=True)}
 
         def artifact(x):
             parts = [session.run(wanted, {input_name: part.numpy()}) for part in x.split(batch)]

@@ -50,7 +50,10 @@ def convert(path: Path, kind: str, input_size: tuple[int, int]) -> tuple[nn.Modu
 
         program = _load_program(str(path), path)
         original = None
-    batch, *_, h, w = _input_shape(program, path)
+    batch, channels, h, w = _input_shape(program, path)
+    if isinstance(channels, int) and channels != 3:
+        raise ConfigError(f"{path}: the model takes {channels}-channel images; camshaft feeds a classifier RGB images "
+                          "(N, 3, H, W)")
     if isinstance(batch, int):
         raise ConfigError(
             f"{path}: exported for batches of exactly {batch} image(s) (torch.export's shapes are static unless "
@@ -102,12 +105,19 @@ def _within(guarded: nn.Module, lo: int, hi: int | None) -> Callable:
     def run(x: torch.Tensor):
         n = x.shape[0]
         if n < lo:
-            return guarded(torch.cat([x, x[:1].expand(lo - n, *x.shape[1:])]))[:n]
+            return _only_tensor(guarded(torch.cat([x, x[:1].expand(lo - n, *x.shape[1:])])))[:n]
         if hi is not None and n > hi:
             return torch.cat([run(part) for part in x.split(hi)])
-        return guarded(x)
+        return _only_tensor(guarded(x))
 
     return run
+
+
+def _only_tensor(out):
+    """The logits of a forward that returns them alone in a container (``{"logits": t}``, ``(t,)``), as the
+    converted graph returns them; any other value as it is."""
+    leaves = torch.utils._pytree.tree_leaves(out)
+    return leaves[0] if len(leaves) == 1 and isinstance(leaves[0], torch.Tensor) else out
 
 
 def _load_torchscript(path: Path) -> torch.jit.ScriptModule:
@@ -134,6 +144,9 @@ def _torchscript_program(module: torch.jit.ScriptModule, sample: torch.Tensor, p
             return TS2EPConverter(module, (sample,)).convert()
     except Exception as e:  # noqa: BLE001 - the converter raises many types; each is the same refusal
         reason = (str(e).strip().splitlines() or [""])[0][:300]
+        if "channels" in reason:
+            raise ConfigError(f"{path}: the model does not take 3-channel images at a {h}x{w} input ({reason}); "
+                              "camshaft feeds a classifier RGB images (N, 3, H, W)") from e
         raise ConfigError(
             f"{path}: a TorchScript file without camshaft metadata, which camshaft converts to a graph it can tap; "
             f"the conversion failed at a {h}x{w} input ({type(e).__name__}: {reason}). If the model takes another "
@@ -145,10 +158,10 @@ def _torchscript_program(module: torch.jit.ScriptModule, sample: torch.Tensor, p
 
 def _plain(guarded: fx.GraphModule, path: Path) -> fx.GraphModule:
     """``guarded``'s graph as a plain module: one tensor in, the logits out, no shape guards (they would stop
-    symbolic tracing, which tapping uses), every tensor it reads a parameter or a buffer (moved with ``.to``)."""
+    symbolic tracing, which tapping uses), every tensor it reads a buffer (moved with ``.to``), its ReLUs modules."""
     graph, env = fx.Graph(), {}
     for node in guarded.graph.nodes:
-        if node.op == "call_module" and node.target == "_guards_fn":
+        if (node.op == "call_module" and node.target == "_guards_fn") or _runtime_assertion(node):
             continue
         if node.op == "output":
             outs = node.args[0]
@@ -163,16 +176,78 @@ def _plain(guarded: fx.GraphModule, path: Path) -> fx.GraphModule:
     if len(inputs) != 1:
         raise ConfigError(f"{path}: the model takes {len(inputs)} inputs; camshaft feeds a classifier one image batch")
     _out_of_place(graph)
+    _sizes_as_methods(graph)
+    graph.eliminate_dead_code()  # what only the assertions read
     module = fx.GraphModule(guarded, graph)
-    for node in graph.nodes:  # lifted constants are plain attributes: buffers go to the device with the module
+    # every tensor it reads a buffer: lifted constants go to the device with the module, and a .pt2 file's
+    # parameters are not listed as layers and taps (torchvision's tracer makes a node of each parameter it reads)
+    for node in graph.nodes:
         if node.op == "get_attr":
             owner_name, _, name = node.target.rpartition(".")
             owner = module.get_submodule(owner_name)
             value = getattr(owner, name)
-            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and name not in owner._buffers:
+            if isinstance(value, torch.Tensor) and name not in owner._buffers:
                 delattr(owner, name)
-                owner.register_buffer(name, value)
+                owner.register_buffer(name, value.detach())
+    _relu_modules(module)
     return module.eval()
+
+
+def _sizes_as_methods(graph: fx.Graph) -> None:
+    """``aten.sym_size`` calls, and the shape operations reading them, as tensor methods (``x.size(0)``,
+    ``x.view(...)``): ``torch.jit.trace`` (the TorchScript export) records a method's sizes as the input's, where
+    an ATen call's sizes are plain numbers, so a traced ShuffleNet kept the batch size of its probe.
+    Runs after ``_out_of_place``, which reads views from their ATen schemas."""
+    for node in list(graph.nodes):
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload) or node.kwargs:
+            continue
+        name = target.overloadpacket.__name__
+        if target is torch.ops.aten.sym_size.int:
+            method = "size"
+        elif (name in _SHAPE_METHODS and target._overloadname == "default" and len(node.args) == 2
+              and isinstance(node.args[1], (list, tuple)) and any(isinstance(a, fx.Node) for a in node.args[1])):
+            method = _SHAPE_METHODS[name]
+        else:
+            continue
+        with graph.inserting_before(node):
+            call = graph.call_method(method, node.args)
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+
+
+_SHAPE_METHODS = {"view": "view", "_unsafe_view": "view", "reshape": "reshape", "expand": "expand"}
+
+
+def _runtime_assertion(node: fx.Node) -> bool:
+    """A shape assertion torch.export put in the graph (``_assert_scalar``): impure to FX, so a head cut at a tap
+    would keep it, and the input sizes it reads. The plain graph runs only at input sizes it was checked on."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and target.overloadpacket.__name__ in _ASSERTIONS)
+
+
+_ASSERTIONS = frozenset({"_assert_scalar", "_assert_async", "_assert_tensor_metadata", "sym_constrain_range",
+                         "sym_constrain_range_for_size"})
+
+
+def _relu_modules(module: fx.GraphModule) -> None:
+    """Each ``relu`` call becomes a call of its own ``nn.ReLU``, which guided backpropagation rewires (it reaches
+    ReLU modules only). The modules take the names torchvision's tracer gives the calls, so taps keep theirs."""
+    relus = [n for n in module.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.relu.default
+             and len(n.args) == 1 and not n.kwargs]
+    for i, node in enumerate(relus):
+        name = "relu_default" if i == 0 else f"relu_default_{i}"
+        if hasattr(module, name):  # a module of the model's own by that name: the call stays a call
+            continue
+        module.add_submodule(name, nn.ReLU())
+        with module.graph.inserting_before(node):
+            call = module.graph.call_module(name, node.args)
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        module.graph.erase_node(node)
+    module.recompile()
 
 
 def _out_of_place(graph: fx.Graph) -> None:
@@ -247,7 +322,8 @@ def _check(plain: nn.Module, guarded: nn.Module, original, input_size: tuple[int
             except RuntimeError as e:
                 raise ConfigError(f"the model cannot run on a {h}x{w} input (choose another --input-size): "
                                   f"{e}") from e
-            want = reference if original is None else original.to(device)(x)  # a .pt2's program is the model
+            # a .pt2's program is the model; a TorchScript file is checked against itself
+            want = reference if original is None else _only_tensor(original.to(device)(x))
             got = plain(x)
         if not isinstance(want, torch.Tensor) or want.shape != got.shape:
             shape = tuple(want.shape) if isinstance(want, torch.Tensor) else type(want).__name__

@@ -133,7 +133,7 @@ def _cam_head(model: onnx.ModelProto, logits: str):
     current = producers.get(node.input[0])
     while current is not None and current.op_type in _PASS_THROUGH:
         current = producers.get(current.input[0])
-    if current is None or not _is_global_mean(current, inits):
+    if current is None or not _is_global_mean(current, {**_constants(model), **inits}):
         return None
     return current.input[0], torch.from_numpy(np.array(weight, dtype=np.float32, copy=True))
 
@@ -148,6 +148,19 @@ def _linear_weight(node, inits) -> np.ndarray | None:
             return None
         return w if attrs.get("transB", 0) else w.T
     return w.T  # MatMul: x @ W with W (C, N)
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """The values of the graph's Constant nodes by output name (torch.onnx gives ReduceMean its axes so)."""
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.output) == 1:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if isinstance(attrs.get("value"), onnx.TensorProto):
+                found[node.output[0]] = numpy_helper.to_array(attrs["value"])
+            elif "value_ints" in attrs:
+                found[node.output[0]] = np.array(attrs["value_ints"])
+    return found
 
 
 def _is_global_mean(node, inits) -> bool:
