@@ -51,3 +51,23 @@ def test_an_occlusion_window_that_fits_the_overridden_input_is_accepted(tmp_path
     job = ExplainJob(None, tmp_path / "images", tmp_path / "out", method="occlusion", input_size=(128, 128),
                      options={"window": 120})  # larger than the demo model's 96 px, not than the run's input
     assert build_explainer(job, workdir=tmp_path / "work").runs[0].method.name == "occlusion"
+
+
+@pytest.mark.parametrize("backend", ["eager", "torchscript"])
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++", "layercam", "xgradcam", "scorecam"])
+def test_a_tap_without_a_spatial_map_is_refused_with_its_shape_before_any_image(method, backend, tmp_path):
+    """Was: an einsum traceback (``--tap flatten --method gradcam``) from the start-up probe. The probe
+    runs on a black image, so nothing of the dataset is read and no output is written."""
+    from PIL import Image
+
+    from camshaft.api import explain
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 40), "white").save(tmp_path / "images" / "a.png")
+    expected = (CapabilityError, "there is none after 'flatten'") if method == "cam" else (
+        ConfigError, r"tap 'flatten' outputs 80 per image, not a \(C, h, w\) feature map")
+    with pytest.raises(expected[0], match=expected[1]):
+        explain(None, tmp_path / "images", out=tmp_path / "out", method=method, tap="flatten", backend=backend,
+                progress=False)
+    assert not (tmp_path / "out" / "results.parquet").exists()
+    assert not (tmp_path / "out" / "maps.zarr").exists()

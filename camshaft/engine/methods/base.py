@@ -92,8 +92,24 @@ class Method:
         return (maps if self.tiles is None else self.tiles(maps, tuple(x.shape[-2:]), options)), out
 
 
-def tap_method(compute: Callable[[Backend, Output, str, dict], torch.Tensor], *, gradients: bool) -> RunFn:
-    """A method computed from one forward (and one batched backward to the tap when ``gradients``)."""
+def feature_map(out: Output, tap: str, method: str) -> torch.Tensor:
+    """The tap's activations (B, C, h, w); a tap of another shape (a flattened or pooled vector) is refused
+    with its shape, from the probe run on a black image before any image is read."""
+    a = out.taps[tap]
+    if a.dim() != 4:
+        shape = "x".join(str(n) for n in a.shape[1:]) or "a scalar"
+        raise ConfigError(
+            f"tap {tap!r} outputs {shape} per image, not a (C, h, w) feature map, which {method} needs: "
+            "choose a layer with a spatial output (camshaft inspect MODEL lists the layers and their shapes)"
+        )
+    return a
+
+
+def tap_method(
+    compute: Callable[[Backend, Output, str, dict], torch.Tensor], *, gradients: bool, name: str = "this method"
+) -> RunFn:
+    """A method computed from one forward (and one batched backward to the tap when ``gradients``)
+    on a tap whose activations are (B, C, h, w) feature maps."""
 
     def fn(backend: Backend, x: torch.Tensor, select: Selector, tap: str, options: dict):
         if gradients:
@@ -101,6 +117,7 @@ def tap_method(compute: Callable[[Backend, Output, str, dict], torch.Tensor], *,
         else:
             out = backend.forward(x)
             out.targets = select(out.logits)
+        feature_map(out, tap, name)
         return compute(backend, out, tap, options), out
 
     return fn
@@ -155,5 +172,6 @@ __all__ = [
     "get_method",
     "check_backend",
     "tap_method",
+    "feature_map",
     "all_options",
 ]

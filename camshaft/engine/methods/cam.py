@@ -22,9 +22,10 @@ def class_activation_maps(a: torch.Tensor, weight: torch.Tensor, targets: torch.
 def _validate(backend: Backend, tap: str | None) -> None:
     info = backend.info
     if info.cam_weight is None:
+        after = f"after {tap!r} in" if tap else "in"
         raise CapabilityError(
-            f"CAM needs a global-average-pool + linear head after the tap; {info.source!r} has none "
-            "(camshaft inspect shows the CAM head when there is one). Use --method gradcam instead"
+            f"CAM needs a global-average-pool + linear head after the tap; there is none {after} {info.source!r} "
+            "(camshaft inspect shows the CAM head and its tap when there is one). Use --method gradcam instead"
         )
     if tap != info.cam_tap:
         raise CapabilityError(f"CAM reads the tap before the linear head, {info.cam_tap!r}, not {tap!r}")
@@ -39,7 +40,7 @@ CAM = register_method(
     Method(
         "cam",
         frozenset({FORWARD}),
-        tap_method(_compute, gradients=False),
+        tap_method(_compute, gradients=False, name="CAM"),
         "class activation maps (forward only)",
         validate=_validate,
         paper="Zhou et al. 2016",

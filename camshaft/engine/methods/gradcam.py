@@ -26,7 +26,7 @@ GRADCAM = register_method(
     Method(
         "gradcam",
         frozenset({TAP_GRADIENTS}),
-        tap_method(_compute, gradients=True),
+        tap_method(_compute, gradients=True, name="Grad-CAM"),
         "Grad-CAM (tap gradients)",
         paper="Selvaraju et al. 2017",
     )

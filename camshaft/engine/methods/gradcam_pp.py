@@ -35,7 +35,7 @@ register_method(
     Method(
         "gradcam++",
         frozenset({TAP_GRADIENTS}),
-        tap_method(_compute, gradients=True),
+        tap_method(_compute, gradients=True, name="Grad-CAM++"),
         "Grad-CAM++",
         paper="Chattopadhay et al. 2018",
     )

@@ -25,7 +25,7 @@ register_method(
     Method(
         "layercam",
         frozenset({TAP_GRADIENTS}),
-        tap_method(_compute, gradients=True),
+        tap_method(_compute, gradients=True, name="LayerCAM"),
         "LayerCAM",
         paper="Jiang et al. 2021",
     )

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from camshaft.engine.backends.base import FORWARD, Backend, Selector
-from camshaft.engine.methods.base import Method, Option, register_method
+from camshaft.engine.methods.base import Method, Option, feature_map, register_method
 from camshaft.engine.methods.options import positive_int
 
 
@@ -64,7 +64,7 @@ def _replays_graphs(backend: Backend) -> bool:
 def _scorecam(backend: Backend, x: torch.Tensor, select: Selector, tap: str, options: dict):
     out = backend.forward(x)
     out.targets = select(out.logits)
-    a = out.taps[tap]  # (B, C, h, w)
+    a = feature_map(out, tap, "Score-CAM")  # (B, C, h, w)
     weights = channel_scores(backend, x, a, out.targets.to(a.device), options["masks_per_forward"])  # (B, K, C)
     return torch.relu(torch.einsum("bkc,bchw->bkhw", weights, a)), out
 

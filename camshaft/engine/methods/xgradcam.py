@@ -29,7 +29,7 @@ register_method(
     Method(
         "xgradcam",
         frozenset({TAP_GRADIENTS}),
-        tap_method(_compute, gradients=True),
+        tap_method(_compute, gradients=True, name="XGrad-CAM"),
         "XGrad-CAM",
         paper="Fu et al. 2020",
     )
