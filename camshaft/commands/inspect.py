@@ -100,7 +100,12 @@ def _inspect_foreign_onnx(path) -> None:
         print(f"{name}  {'x'.join(map(str, shape[1:]))}")
     try:
         graph = open_foreign(path, None)
-        print(f"default tap / CAM head: global average pool of {graph.cam_tap} -> linear {tuple(graph.cam_weight.shape)}")
-    except Exception as e:  # noqa: BLE001 - informative only
-        print(f"CAM head: none ({e})")
+    except ConfigError as e:  # informative only: no default tap, or no class count
+        print(f"default tap: none ({e})")
+    else:
+        print(f"default tap: {graph.taps[0]}")
+        if graph.cam_weight is None:
+            print("CAM head: none")
+        else:
+            print(f"CAM head: global average pool of {graph.cam_tap} -> linear {tuple(graph.cam_weight.shape)}")
     print("taps are tensor names (--tap NAME); set --mean/--std/--resize to the model's preprocessing")

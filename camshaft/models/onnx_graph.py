@@ -1,7 +1,7 @@
 """ONNX files camshaft did not write: tap intermediate tensors by name, find a CAM head.
 
 A tap is any tensor of the graph (``camshaft inspect model.onnx`` lists the 4-D ones); it becomes
-an extra output. The CAM head is found by pattern: tap -> GlobalAveragePool (or ReduceMean over
+an extra output. The default tap is the CAM head's, else the last 4-D tensor larger than 1x1. The CAM head is found by pattern: tap -> GlobalAveragePool (or ReduceMean over
 H, W) -> Flatten/Reshape/Squeeze -> Gemm or MatMul (+ Add) producing the first graph output.
 """
 
@@ -86,12 +86,11 @@ def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
     spatial = spatial_tensors(model)
     head = _cam_head(model, logits)
     if not taps:
-        if head is None:
-            raise ConfigError(
-                f"{path}: no CAM head found to pick a default tap; name one with --tap (4-D tensors: "
-                f"{', '.join(list(spatial)[-8:])})"
-            )
-        taps = [head[0]]
+        default = head[0] if head is not None else default_tap(model, spatial)
+        if default is None:
+            raise ConfigError(f"{path}: no 4-D tensor larger than 1x1 to pick a default tap; name one with --tap "
+                              f"(4-D tensors: {', '.join(list(spatial)[-8:]) or 'none'})")
+        taps = [default]
     for t in taps:
         if t not in spatial:
             raise UnknownNameError("ONNX tap", t, list(spatial), hint="a tap is a 4-D tensor of the graph")
@@ -111,6 +110,29 @@ def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
     shapes = {t: tuple(spatial[t][1:]) for t in taps}
     batch = in_dims[0] if in_dims and isinstance(in_dims[0], int) and in_dims[0] > 0 else None
     return ForeignGraph(model, logits, taps, shapes, num_classes, size, cam_w, cam_tap, batch)
+
+
+def default_tap(model: onnx.ModelProto, spatial: dict[str, tuple]) -> str | None:
+    """Without a CAM head, the last 4-D tensor larger than 1x1 (a symbolic size counts as larger), as for a torch
+    model; the classifier's pooling is not one: an AveragePool whose output goes only to Flatten/Reshape (VGG's
+    adaptive pool to 7x7 exports so), which would otherwise be picked over the feature map it pools."""
+    consumers: dict[str, list[str]] = {}
+    producers = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+        for name in node.output:
+            producers[name] = node.op_type
+
+    def pools_for_classifier(name: str) -> bool:
+        after = consumers.get(name, [])
+        return producers.get(name) == "AveragePool" and bool(after) and set(after) <= {"Flatten", "Reshape"}
+
+    candidates = [
+        name for name, dims in spatial.items()
+        if not all(isinstance(d, int) and d == 1 for d in dims[2:]) and not pools_for_classifier(name)
+    ]
+    return candidates[-1] if candidates else None
 
 
 def _dims(value_info) -> tuple:
