@@ -123,6 +123,25 @@ def test_a_module_path_of_a_converted_file_is_refused_listing_its_nodes(tmp_path
     assert "conv1," not in str(e.value)
 
 
+def test_actmax_on_a_converted_file_refuses_a_module_path_listing_its_nodes(tmp_path):
+    """actmax listed the module paths as valid choices too, ``conv2`` among them, while refusing ``conv2``;
+    a node of the graph is taken, and nothing is written for the refused one."""
+    from camshaft.engine.actmax import RenderConfig, actmax
+
+    path = _save(build(), tmp_path / "m.pt", "scripted")
+    config = RenderConfig(steps=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no camshaft metadata
+        with pytest.raises(ConfigError, match=r"unknown tap 'conv2'; valid choices: mean_dim, relu_default_1, "
+                                              r".*a tap is one of its nodes") as e:
+            actmax(path, ["channel:conv2:0"], out=tmp_path / "refused", config=config, input_size=(SIZE, SIZE),
+                   progress=False)
+        assert "conv1," not in str(e.value) and not (tmp_path / "refused").exists()
+        summary = actmax(path, ["channel:relu_default_1:0"], out=tmp_path / "am", config=config,
+                         input_size=(SIZE, SIZE), progress=False)
+    assert len(summary.rows) == 1
+
+
 def _onnx(path, axes: dict | None = None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -38,7 +38,7 @@ def prepare_model(
     source.check_input_size(pre.input_size)
     plan = plan_taps(model)
     if taps and source.path is not None:
-        _check_graph_taps(source, plan, taps)
+        check_graph_taps(source, plan, taps)
     if not taps:
         report = describe(model, input_size=pre.input_size)
         if report.default_tap is None:
@@ -71,7 +71,7 @@ def prepare_model(
     return PreparedModel(model, tapped, split_at_first_tap(tapped), head, shapes, info)
 
 
-def _check_graph_taps(source: ModelSource, plan: TapPlan, taps: Sequence[str]) -> None:
+def check_graph_taps(source: ModelSource, plan: TapPlan, taps: Sequence[str]) -> None:
     """A model converted from a file (``camshaft.models.foreign``) is tapped by node name: its module paths
     (``layer4``) only hold its weights, and the valid choices are its nodes, not those paths."""
     nodes = [n for n in plan.nodes if n != plan.output]

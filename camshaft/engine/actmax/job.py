@@ -19,7 +19,9 @@ from camshaft.engine.actmax.render import RenderConfig, forward_fn, render, tap_
 from camshaft.engine.actmax.spec import parse_objectives
 from camshaft.errors import ConfigError, ImageDecodeError
 from camshaft.models.classes import check_count, read_class_names
+from camshaft.models.prepared import check_graph_taps
 from camshaft.models.sources import ModelSource, kind_name, resolve_model
+from camshaft.models.taps import plan_taps
 from camshaft.preprocess import RESIZE_MODES, Preprocess, crop_problem, overrides, prepare
 from camshaft.writers.atomic import out_folder_problem
 
@@ -141,6 +143,9 @@ def run_actmax(job: ActmaxJob, *, progress: bool = True) -> ActmaxSummary:
         check_count(source.class_names, num_classes, model=job.model or "demo")
     names = source.class_names if source.class_names and len(source.class_names) == num_classes else None
     objectives = parse_objectives(job.objectives, class_names=names, num_classes=num_classes)
+    taps = sorted(set().union(*(o.taps for o in objectives)))
+    if taps and source.path is not None:  # a graph converted from a file: tapped by node, not module path
+        check_graph_taps(source, plan_taps(source.module), taps)
     init = None if job.init is None else load_init(job.init, pre)
     n = len(objectives) * job.config.copies
     if init is not None and init.shape[0] not in (1, n):
