@@ -31,6 +31,7 @@ from camshaft.engine.backends.base import DTYPES, resolve_device, resolve_dtype,
 from camshaft.engine.backends.torch_backend import frozen
 from camshaft.errors import ConfigError
 from camshaft.models.fold import fold_graphs
+from camshaft.models.pointwise import convert_graphs
 from camshaft.models.inspect import probe_input
 from camshaft.models.taps import TappedModel
 from camshaft.preprocess import Preprocess
@@ -157,7 +158,8 @@ def forward_fn(
 
     With ``fold``, where the model traces, batch norms are folded into the convolutions of the
     traced graph (``fold_batchnorms``; the model itself is left alone): a render's weights are
-    frozen for its duration, and every step's forward and backward then skip the norms.
+    frozen for its duration, and every step's forward and backward then skip the norms. Linear
+    layers on channels-last maps run as 1x1 convolutions on the CPU too (``camshaft.models.pointwise``).
     """
     if not taps:
         if not fold:
@@ -167,10 +169,12 @@ def forward_fn(
         except Exception:  # noqa: BLE001 - any tracing failure: the model as it is
             return lambda x: (model(x), {})
         fold_graphs([gm], memory_format=layout)
+        convert_graphs([gm])
         return lambda x: (gm(x), {})
     tapped = TappedModel(model, sorted(taps))
     if fold and tapped.traceable:
         fold_graphs([tapped.graph_module, tapped.leaf_module], memory_format=layout)
+        convert_graphs([tapped.graph_module, tapped.leaf_module])
     return tapped
 
 
