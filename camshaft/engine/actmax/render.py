@@ -30,8 +30,8 @@ from camshaft.engine.actmax.transforms import Compose, Jitter, Pad, Rotate, Scal
 from camshaft.engine.backends.base import DTYPES, resolve_device, resolve_dtype, resolve_memory_format
 from camshaft.engine.backends.torch_backend import frozen
 from camshaft.errors import ConfigError
+from camshaft.models.cpu_linear import cpu_linears
 from camshaft.models.fold import fold_graphs
-from camshaft.models.pointwise import convert_graphs
 from camshaft.models.inspect import probe_input
 from camshaft.models.taps import TappedModel
 from camshaft.preprocess import Preprocess
@@ -158,8 +158,7 @@ def forward_fn(
 
     With ``fold``, where the model traces, batch norms are folded into the convolutions of the
     traced graph (``fold_batchnorms``; the model itself is left alone): a render's weights are
-    frozen for its duration, and every step's forward and backward then skip the norms. Linear
-    layers on channels-last maps run as 1x1 convolutions on the CPU too (``camshaft.models.pointwise``).
+    frozen for its duration, and every step's forward and backward then skip the norms.
     """
     if not taps:
         if not fold:
@@ -169,12 +168,10 @@ def forward_fn(
         except Exception:  # noqa: BLE001 - any tracing failure: the model as it is
             return lambda x: (model(x), {})
         fold_graphs([gm], memory_format=layout)
-        convert_graphs([gm])
         return lambda x: (gm(x), {})
     tapped = TappedModel(model, sorted(taps))
     if fold and tapped.traceable:
         fold_graphs([tapped.graph_module, tapped.leaf_module], memory_format=layout)
-        convert_graphs([tapped.graph_module, tapped.leaf_module])
     return tapped
 
 
@@ -215,6 +212,14 @@ def _in_layout(forward: Forward, layout: torch.memory_format) -> Forward:
     if layout == torch.contiguous_format:
         return forward
     return lambda x: forward(x.contiguous(memory_format=layout))
+
+
+def _with_cpu_linears(forward: Forward, device: torch.device) -> Forward:
+    def run(x: torch.Tensor):
+        with cpu_linears(device):
+            return forward(x)
+
+    return run
 
 
 EXACT_GROUP = 8  # images per model call under exact kernels on the CPU
@@ -309,6 +314,8 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
         # folding skips a batch norm whose convolution a tap reads, so exact runs do not fold: an image's
         # result must not depend on the taps of the other objectives in its run (~3% slower, resnet18)
         forward = _in_layout(forward_fn(model, taps, fold=not exact, layout=layout), layout)
+        if not exact:  # linears through oneDNN on the CPU (camshaft.models.cpu_linear), as the eager backend
+            forward = _with_cpu_linears(forward, device)
         _check(objectives + full, forward, preprocess, device)
         per_chunk = config.batch_size // config.copies  # objectives per chunk
         chunks = [range(i, min(i + per_chunk, len(objectives))) for i in range(0, len(objectives), per_chunk)]

@@ -22,7 +22,6 @@ from camshaft.exporters import pt2 as pt2_export
 from camshaft.exporters import torchscript as ts_export
 from camshaft.exporters.metadata import ArtifactMeta
 from camshaft.models.fold import fold_graphs
-from camshaft.models.pointwise import convert_graphs
 from camshaft.models.onnx_graph import open_foreign
 from camshaft.models.prepared import prepare_model
 from camshaft.models.sources import ModelSource, kind_name
@@ -106,8 +105,8 @@ def open_eager(
 
     The backend follows the live model: weights changed in place show in the next call. With
     ``fold``, for a model nobody else holds (one camshaft loaded itself), batch norms are folded
-    into the convolutions of the backend's graphs once (``fold_batchnorms``): faster, and frozen; on the
-    CPU, linear layers on channels-last maps run as 1x1 convolutions (``camshaft.models.pointwise``).
+    into the convolutions of the backend's graphs once (``fold_batchnorms``): faster, and frozen. On the
+    CPU, linear layers run through oneDNN as 1x1 convolutions (``camshaft.models.cpu_linear``).
     """
     if source.kind != "torch":
         raise ConfigError(
@@ -134,7 +133,6 @@ def open_eager(
         graphs = [tapped.graph_module, tapped.leaf_module] if tapped.traceable else []
         graphs += [part.gm for part in split or ()]  # the trunk and head of gradient methods
         fold_graphs(graphs, memory_format=layout)
-        convert_graphs(graphs)  # on the CPU, linears on (N, H, W, C) maps as 1x1 convolutions: faster
     info = dataclasses.replace(
         p.info, cam_weight=None if p.info.cam_weight is None else p.info.cam_weight.to(device)
     )
@@ -149,6 +147,7 @@ def open_eager(
         owner=p.module,
         memory_format=layout,
         cuda_graphs=cuda_graphs,
+        cpu_linears=True,
     )
 
 

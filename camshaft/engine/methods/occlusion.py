@@ -181,6 +181,10 @@ def _check_incremental(backend: Backend) -> None:
 
 
 def _autocast(backend: Backend):
+    """The context the backend runs its model in (mixed precision, CPU linears), for the incremental model."""
+    running = getattr(backend, "running", None)
+    if running is not None:
+        return running
     dtype = getattr(backend, "dtype", torch.float32)
     return lambda: torch.autocast(backend.device.type, dtype=dtype, enabled=dtype != torch.float32)
 

@@ -1,0 +1,94 @@
+"""Linear layers through oneDNN on the CPU (``camshaft.models.cpu_linear``): the values of ``F.linear`` to float
+rounding, for every rank and call style; hooks still fire; gradients flow; the eager backend takes the route."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import open_backend, source_of
+from torch import nn
+
+from camshaft.engine.methods import get_method
+from camshaft.models.cpu_linear import LinearsThroughOneDnn, cpu_linears, linear_as_convolution
+
+
+def _convolutions(fn) -> int:
+    """How many oneDNN convolutions ``fn()`` ran."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::mkldnn_convolution")
+
+
+@pytest.mark.parametrize("shape", [(300, 96), (2, 150, 96), (2, 12, 13, 96), (1, 2, 3, 4, 96)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_convolution_gives_the_linear_values_for_every_rank(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(shape, generator=g), torch.randn(40, 96, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    got = linear_as_convolution(x, w, b)
+    assert got.shape == (*shape[:-1], 40) and got.is_contiguous()
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_the_mode_routes_large_float32_cpu_linears_only():
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(96, 40)
+    big, few = torch.randn(2, 16, 16, 96, generator=g), torch.randn(16, 96, generator=g)
+    with LinearsThroughOneDnn():
+        assert _convolutions(lambda: layer(big)) == 1
+        assert _convolutions(lambda: F.linear(input=big, weight=layer.weight, bias=layer.bias)) == 1
+        assert _convolutions(lambda: layer(few)) == 0  # a classifier's rows: the BLAS
+        assert _convolutions(lambda: layer.double()(big.double())) == 0
+        torch.testing.assert_close(layer.float()(big), F.linear(big, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert _convolutions(lambda: layer(big)) == 0  # only while the mode is active
+
+
+def test_hooks_fire_and_gradients_flow_through_the_route():
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 40)
+    seen = []
+    layer.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(4, 10, 10, 96, requires_grad=True)
+    want = torch.autograd.grad(layer(x).square().sum(), [x, layer.weight])
+    with cpu_linears("cpu"):
+        got = torch.autograd.grad(layer(x).square().sum(), [x, layer.weight])
+    assert seen == [torch.Size([4, 10, 10, 40])] * 2
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def _convnext() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.convnext_tiny(num_classes=10).eval()
+    for m in model.modules():  # layer scales away from their 1e-6 start, so the pointwise layers count
+        if hasattr(m, "layer_scale"):
+            m.layer_scale.data.fill_(0.5)
+    return model
+
+
+@pytest.mark.parametrize("method", ["gradcam", "occlusion"])
+def test_the_eager_backend_runs_convnext_linears_through_onednn_with_the_same_maps(method, tmp_path):
+    model = _convnext()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    select = lambda logits: torch.tensor([[3, 1], [5, 0]])  # noqa: E731
+    backend = open_backend("eager", source_of(copy.deepcopy(model), size=(64, 64)), tmp_path, fold=True)
+    options = {"window": 32, "stride": 32} if method == "occlusion" else {}
+
+    def run():
+        return get_method(method).run(backend, x, select, tap="features", options=options)
+
+    fast = _convolutions(run)
+    got, out = run()
+    backend._cpu_linears = False  # the BLAS, for the reference
+    slow = _convolutions(run)
+    want, out_want = run()
+    if method == "gradcam":  # one forward of the trunk: at 64 px only the first stage's maps (2 x 16 x 16 rows)
+        assert fast - slow == 6  # reach MIN_ROWS: its 3 blocks, 2 pointwise layers each
+    assert fast > slow > 0
+    assert want.abs().max() > 0
+    torch.testing.assert_close(out.logits, out_want.logits, rtol=1e-4, atol=1e-4 * out_want.logits.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
