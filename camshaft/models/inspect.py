@@ -65,7 +65,7 @@ def _layers(model: nn.Module, plan: TapPlan, x: torch.Tensor):
         if plan.traceable:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                gm = create_feature_extractor(model, return_nodes=list(plan.nodes))
+                gm = create_feature_extractor(model, return_nodes={plan.fx(n): n for n in plan.nodes})
             outputs = gm(x)
             for name, value in outputs.items():
                 shapes[name] = tuple(value.shape) if isinstance(value, torch.Tensor) else None

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections import Counter
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+from torchvision.models import feature_extraction
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from camshaft.errors import ConfigError, UnknownNameError
 
@@ -26,11 +28,22 @@ _TAP_COPY = "camshaft_tap_copy"  # meta flag of the copies ``_keep_tap_values`` 
 
 @dataclass(frozen=True)
 class TapPlan:
-    """How taps are read from a model: FX node names in execution order, or hooked modules."""
+    """How taps are read from a model: FX nodes in execution order, or hooked modules.
 
-    nodes: tuple[str, ...]  # execution order; FX node names, or module paths for hooks
+    A node's name is the path of the module it calls (``_1``, ``_2`` added for its second and third calls:
+    ``layer1.0.relu_1``), else torchvision's name for it (``add``: a function). torchvision's own names drop a module
+    path's ``_N`` ending (ViT's ``ln_1`` is its node ``ln``, ``ln_2`` its node ``ln_1``), so a module
+    path could name another layer; ``fx_names`` maps a name back to torchvision's where they differ.
+    """
+
+    nodes: tuple[str, ...]  # execution order; node names as above, or module paths for hooks
     output: str | None  # the FX node producing the logits (None with hooks)
     traceable: bool
+    fx_names: dict[str, str] = field(default_factory=dict)  # name -> torchvision's node name, where they differ
+
+    def fx(self, name: str) -> str:
+        """torchvision's name of the node named ``name`` (what ``create_feature_extractor`` takes)."""
+        return self.fx_names.get(name, name)
 
 
 def plan_taps(model: nn.Module) -> TapPlan:
@@ -38,11 +51,40 @@ def plan_taps(model: nn.Module) -> TapPlan:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, nodes = get_graph_node_names(model)
-        return TapPlan(nodes=tuple(nodes), output=nodes[-1], traceable=True)
+            nodes, fx_names = _node_names(model)
+        return TapPlan(nodes=tuple(nodes), output=nodes[-1], traceable=True, fx_names=fx_names)
     except Exception:  # noqa: BLE001 - any tracing failure means: use hooks
         paths = tuple(name for name, _ in model.named_modules() if name)
         return TapPlan(nodes=paths, output=None, traceable=False)
+
+
+def _node_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
+    """The eval-mode graph's node names in execution order (a module call named by the module's path), and
+    the names that differ from torchvision's. torchvision's tracer, with the leaves and wrapped functions
+    ``get_graph_node_names`` and ``create_feature_extractor`` give it, so that the graphs are the same."""
+    tracer = feature_extraction.NodePathTracer(**feature_extraction._set_default_tracer_kwargs(None))
+    training = model.training
+    try:
+        tracer.trace(model.eval())
+    finally:
+        model.train(training)
+    names: list[str] = []
+    fx_names: dict[str, str] = {}
+    calls: Counter = Counter()
+    for node, qualname in tracer.node_to_qualname.items():
+        name = qualname
+        if node.op == "call_module":  # the path; a repeated call numbered as torchvision numbers them: relu_1
+            name = f"{node.target}_{calls[node.target]}" if calls[node.target] else node.target
+            calls[node.target] += 1
+        taken = set(names)
+        if name in taken:  # a path torchvision named another node by: the node keeps torchvision's name
+            name = qualname
+        while name in taken:
+            name += "'"
+        names.append(name)
+        if name != qualname:
+            fx_names[name] = qualname
+    return names, fx_names
 
 
 def module_paths(model: nn.Module, *, depth: int = 2) -> list[str]:
@@ -100,8 +142,8 @@ class TappedModel(nn.Module):
                     f"tap {logits[0]!r} is the layer that outputs the logits, not a feature map: tap a layer "
                     "before it (camshaft inspect lists them)"
                 )
-            return_nodes = {node: tap for tap, node in self._nodes.items()}
-            return_nodes[plan.output] = LOGITS
+            return_nodes = {plan.fx(node): tap for tap, node in self._nodes.items()}
+            return_nodes[plan.fx(plan.output)] = LOGITS
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.graph_module = _keep_tap_values(create_feature_extractor(model, return_nodes=return_nodes))

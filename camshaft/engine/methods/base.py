@@ -9,6 +9,7 @@ need from a backend (``needs``) and their options (``options``: the CLI's flags 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,16 +94,40 @@ class Method:
 
 
 def feature_map(out: Output, tap: str, method: str) -> torch.Tensor:
-    """The tap's activations (B, C, h, w); a tap of another shape (a flattened or pooled vector) is refused
-    with its shape, from the probe run on a black image before any image is read."""
+    """The tap's activations as (B, C, h, w) feature maps (its gradients, when the output has them, follow).
+
+    A transformer's tokens (B, T, C) are a map when they tile a square: T = 1 + h * h (a class token
+    first, dropped: ViT) or T = h * h. Any other shape (a flattened or pooled vector) is refused with
+    that shape, by the probe run on a black image before any image is read."""
     a = out.taps[tap]
+    grid = token_grid(a.shape[1]) if a.dim() == 3 else None
+    if grid is not None:
+        a = out.taps[tap] = tokens_as_maps(a, grid)
+        if out.grads is not None and tap in out.grads and out.grads[tap].dim() == 4:  # (B, K, T, C)
+            out.grads[tap] = tokens_as_maps(out.grads[tap], grid)
     if a.dim() != 4:
         shape = "x".join(str(n) for n in a.shape[1:]) or "a scalar"
         raise ConfigError(
-            f"tap {tap!r} outputs {shape} per image, not a (C, h, w) feature map, which {method} needs: "
-            "choose a layer with a spatial output (camshaft inspect MODEL lists the layers and their shapes)"
+            f"tap {tap!r} outputs {shape} per image, not a (C, h, w) feature map nor tokens (T, C) that tile a "
+            f"square (T = h*h, or 1 + h*h with a class token), which {method} needs: choose a layer with a spatial "
+            "output (camshaft inspect MODEL lists the layers and their shapes)"
         )
     return a
+
+
+def token_grid(tokens: int) -> tuple[int, int] | None:
+    """``(tokens skipped, side)`` when ``tokens`` tile a square after a class token, or without one."""
+    for skip in (1, 0):
+        side = math.isqrt(max(tokens - skip, 0))
+        if side > 1 and side * side == tokens - skip:
+            return skip, side
+    return None
+
+
+def tokens_as_maps(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(..., T, C) tokens -> (..., C, side, side) maps, row-major (as a patch embedding lays them out)."""
+    skip, side = grid
+    return t[..., skip:, :].transpose(-1, -2).reshape(*t.shape[:-2], t.shape[-1], side, side)
 
 
 def tap_method(
