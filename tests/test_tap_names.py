@@ -96,8 +96,8 @@ def test_gradcam_at_a_numbered_layer_is_that_layers(tmp_path):
     torch.testing.assert_close(maps, want.detach(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("tokens, grid", [(197, (1, 14)), (196, (0, 14)), (17, (1, 4)), (50, (1, 7)), (10, (1, 3)), (12, None),
-                                          (2, None), (1, None)])
+@pytest.mark.parametrize("tokens, grid", [(197, (1, 14)), (196, (0, 14)), (17, (1, 4)), (50, (1, 7)), (10, (1, 3)),
+                                          (12, None), (2, None), (1, None)])
 def test_token_grids(tokens, grid):
     assert token_grid(tokens) == grid
 
