@@ -92,3 +92,34 @@ def test_the_eager_backend_runs_convnext_linears_through_onednn_with_the_same_ma
     assert want.abs().max() > 0
     torch.testing.assert_close(out.logits, out_want.logits, rtol=1e-4, atol=1e-4 * out_want.logits.abs().max())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+class Pointwise(nn.Module):
+    """ConvNeXt's pattern: a linear layer on (N, H, W, C), then a classifier on pooled vectors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pw, self.fc = nn.Conv2d(3, 96, 3, padding=1), nn.Linear(96, 96), nn.Linear(96, 3)
+
+    def forward(self, x):
+        x = self.pw(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_limit_has_a_onednn_variant_only_for_a_model_whose_linears_take_that_route():
+    from camshaft.bench.limits import forward_limits
+    from camshaft.bench.report import _limit_variants
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    attrs = {"model": "m"}
+    with_pointwise = forward_limits(Pointwise().eval(), x, dtype=torch.float32, onnx_path=None, key="p", attrs=attrs)
+    classifier = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(1), nn.Linear(8 * 14 * 14, 3)).eval()  # 2 rows
+    classifier_only = forward_limits(classifier, x, dtype=torch.float32, onnx_path=None, key="c", attrs=attrs)
+    variants = {w.key.rsplit("/", 1)[-1] for w in with_pointwise}
+    assert "cl_onednn" in variants and "cl_onednn" not in {w.key.rsplit("/", 1)[-1] for w in classifier_only}
+    onednn = next(w for w in with_pointwise if w.key.endswith("/cl_onednn"))
+    channels_last = next(w for w in with_pointwise if w.key.endswith("/channels_last"))
+    assert _convolutions(onednn.fn) > _convolutions(channels_last.fn)
+    figures = [{"role": "limit", "variant": "cl_onednn"}]
+    assert _limit_variants(figures)[-1] == "cl_onednn" and "cl_onednn" not in _limit_variants([])

@@ -4,10 +4,11 @@
 under inference mode: the best of eager, channels_last, frozen TorchScript (``torch.jit.trace`` +
 ``torch.jit.freeze``, fed contiguous and channels-last batches) and ONNX Runtime (the session
 options camshaft itself uses, the input and outputs bound where they lie, as the backend binds
-them). Gradient methods are also compared with *the gradient limit*: that best forward plus the
-head above the tap run forward with a batched backward of the K target scores to the tap
-(``head_backward``). Methods on input gradients are compared with a forward and a batched backward
-to the pixels (``input_backward``). With ``cuda_graphs`` (a run whose backends replay
+them); on a CPU, for a model whose linear layers the eager backend runs as oneDNN convolutions,
+channels_last with those too (``cl_onednn``). Gradient methods are also compared with *the
+gradient limit*: that best forward plus the head above the tap run forward with a batched backward
+of the K target scores to the tap (``head_backward``). Methods on input gradients are compared with
+a forward and a batched backward to the pixels (``input_backward``). With ``cuda_graphs`` (a run whose backends replay
 CUDA graphs) the two fastest variants are also replayed from CUDA graphs (``GRAPH_VARIANTS``), so
 graphed methods are held to a graphed forward.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from contextlib import nullcontext
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,9 +30,13 @@ from torch import nn
 from camshaft.bench.workload import Skipped, Workload
 from camshaft.errors import CamshaftError
 from camshaft.exporters.onnx import quiet
+from camshaft.models.cpu_linear import LinearsThroughOneDnn, cpu_linears
 
 VARIANTS = ("eager", "channels_last", "torchscript", "torchscript_cl", "onnxruntime")
 GRAPH_VARIANTS = ("channels_last_graph", "torchscript_cl_graph")  # only in runs with CUDA graphs
+# only on a CPU, for a model with linear layers that camshaft.models.cpu_linear runs as oneDNN convolutions (the
+# eager backend does): channels-last with those, so that the limit is no slower than what the backend runs
+CPU_VARIANTS = ("cl_onednn",)
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -61,6 +67,8 @@ def forward_limits(
         "torchscript_cl": lambda: _torchscript(model, x_cl, dtype),
         "onnxruntime": lambda: _onnxruntime(onnx_path, x, dtype),
     }
+    if x.device.type == "cpu" and _routes_linears(model, x_cl, dtype):
+        builders["cl_onednn"] = lambda: _eager(_cl_copy(model), x_cl, dtype, linears=True)
     if cuda_graphs:
         builders["channels_last_graph"] = lambda: _graphed(_cl_copy(model), x_cl, dtype)
         builders["torchscript_cl_graph"] = lambda: _graphed(_traced(model, x_cl, dtype), x_cl, dtype)
@@ -81,12 +89,23 @@ class _Unavailable(Exception):
     """A limit variant that cannot run here (dtype, missing runtime, failed export)."""
 
 
-def _eager(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+def _eager(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, *, linears: bool = False) -> Callable[[], object]:
     def fn():
-        with torch.inference_mode(), autocast(x.device, dtype):
+        with torch.inference_mode(), autocast(x.device, dtype), (cpu_linears(x.device) if linears else nullcontext()):
             model(x)
 
     return fn
+
+
+def _routes_linears(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a forward of ``x`` runs any linear layer through oneDNN (``cpu_linear``): one forward of a copy."""
+    mode = LinearsThroughOneDnn()
+    try:
+        with torch.inference_mode(), autocast(x.device, dtype), mode:
+            _cl_copy(model)(x)
+    except Exception:  # noqa: BLE001 - a model that fails here fails in the other variants, with its reason
+        return False
+    return mode.routed > 0
 
 
 def _cl_copy(model: nn.Module) -> nn.Module:

@@ -58,12 +58,17 @@ def _fits(x, weight, bias) -> bool:
 class LinearsThroughOneDnn(TorchFunctionMode):
     """``F.linear`` on float32 CPU tensors of at least ``MIN_ROWS`` rows as a 1x1 convolution (oneDNN)."""
 
+    def __init__(self):
+        super().__init__()
+        self.routed = 0  # linear calls that took the convolution while active
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
             x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
             if _fits(x, weight, bias):
+                self.routed += 1
                 return linear_as_convolution(x, weight, bias)
         return func(*args, **kwargs)
 
