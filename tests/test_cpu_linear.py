@@ -123,3 +123,26 @@ def test_the_limit_has_a_onednn_variant_only_for_a_model_whose_linears_take_that
     assert _convolutions(onednn.fn) > _convolutions(channels_last.fn)
     figures = [{"role": "limit", "variant": "cl_onednn"}]
     assert _limit_variants(figures)[-1] == "cl_onednn" and "cl_onednn" not in _limit_variants([])
+
+
+def test_a_converted_torchscript_file_runs_its_linear_calls_through_onednn(tmp_path):
+    """A file from elsewhere becomes a graph of ATen calls (``aten.linear``), which take the route too."""
+    import warnings
+
+    from camshaft.models.sources import resolve_model
+
+    torch.manual_seed(0)
+    model = Pointwise().eval()
+    path = tmp_path / "pw.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated upstream
+        torch.jit.trace(model, torch.zeros(1, 3, 16, 16)).save(str(path))
+        source = resolve_model(path, preprocess={"input_size": (16, 16), "mean": (0.0,) * 3, "std": (1.0,) * 3})
+        backend = open_backend("eager", source, tmp_path / "work", fold=True)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    fast = _convolutions(lambda: backend.forward(x))
+    got = backend.forward(x).logits
+    backend._cpu_linears = False
+    assert fast == _convolutions(lambda: backend.forward(x)) + 1  # the pointwise layer: 2 x 16 x 16 rows
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)

@@ -14,10 +14,10 @@ convolution's output is channels-last again, and permuted back it is the contigu
 result. The values agree with the BLAS's to float rounding (another summation order).
 
 ``LinearsThroughOneDnn`` is a ``TorchFunctionMode``: while it is active, every ``F.linear`` call
-that fits (float32 CPU tensors, at least ``MIN_ROWS`` rows and more than ``ONEDNN_MIN_VALUES``
-values) takes this route: ``nn.Linear``
-layers (hooks still fire), functional calls inside leaf modules and attention functions alike.
-Autograd records the convolution, so gradients flow as through the linear.
+(``aten.linear`` in a graph converted from a TorchScript or .pt2 file) that fits (float32 CPU
+tensors, at least ``MIN_ROWS`` rows and more than ``ONEDNN_MIN_VALUES`` values) takes this route:
+``nn.Linear`` layers (hooks still fire), functional calls inside leaf modules and attention
+functions alike. Autograd records the convolution, so gradients flow as through the linear.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+_ATEN_LINEAR = torch.ops.aten.linear.default
 MIN_ROWS = 256  # below: a classifier's few rows, where the BLAS is as fast
 # torch's rule for a convolution of one image with a 1x1 kernel: oneDNN above this many input values, its own
 # GEMM (the BLAS again, after a copy) at or below
@@ -64,7 +65,7 @@ class LinearsThroughOneDnn(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear:
+        if func is F.linear or func is _ATEN_LINEAR:  # a layer or call; a graph converted from a file
             given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
             x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
             if _fits(x, weight, bias):
