@@ -1,8 +1,9 @@
 """ONNX files camshaft did not write: tap intermediate tensors by name, find a CAM head.
 
 A tap is any tensor of the graph (``camshaft inspect model.onnx`` lists the 4-D ones); it becomes
-an extra output. The default tap is the CAM head's, else the last 4-D tensor larger than 1x1. The CAM head is found by pattern: tap -> GlobalAveragePool (or ReduceMean over
-H, W) -> Flatten/Reshape/Squeeze -> Gemm or MatMul (+ Add) producing the first graph output.
+an extra output. The default tap is the CAM head's, else the last 4-D tensor larger than 1x1. The
+CAM head is found by pattern: tap -> GlobalAveragePool (or ReduceMean over H, W) ->
+Flatten/Reshape/Squeeze -> Gemm or MatMul (+ Add) producing the first graph output.
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections import Counter
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -30,10 +30,11 @@ _TAP_COPY = "camshaft_tap_copy"  # meta flag of the copies ``_keep_tap_values`` 
 class TapPlan:
     """How taps are read from a model: FX nodes in execution order, or hooked modules.
 
-    A node's name is the path of the module it calls (``_1``, ``_2`` added for its second and third calls:
-    ``layer1.0.relu_1``), else torchvision's name for it (``add``: a function). torchvision's own names drop a module
-    path's ``_N`` ending (ViT's ``ln_1`` is its node ``ln``, ``ln_2`` its node ``ln_1``), so a module
-    path could name another layer; ``fx_names`` maps a name back to torchvision's where they differ.
+    A node's name is the path of the module it calls (``_1``, ``_2`` added for its second and third
+    calls: ``layer1.0.relu_1``), else torchvision's name for it (``add``: a function). torchvision's
+    own names drop a module path's ``_N`` ending (ViT's ``ln_1`` is its node ``ln``, ``ln_2`` its node
+    ``ln_1``), so a module path could name another layer; ``fx_names`` maps a name back to
+    torchvision's where they differ.
     """
 
     nodes: tuple[str, ...]  # execution order; node names as above, or module paths for hooks
@@ -62,7 +63,10 @@ def _node_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     """The eval-mode graph's node names in execution order (a module call named by the module's path), and
     the names that differ from torchvision's. torchvision's tracer, with the leaves and wrapped functions
     ``get_graph_node_names`` and ``create_feature_extractor`` give it, so that the graphs are the same."""
-    tracer = feature_extraction.NodePathTracer(**feature_extraction._set_default_tracer_kwargs(None))
+    defaults = getattr(feature_extraction, "_set_default_tracer_kwargs", None)  # torchvision's own, private
+    if defaults is None:  # another torchvision: its names as they are
+        return list(feature_extraction.get_graph_node_names(model)[1]), {}
+    tracer = feature_extraction.NodePathTracer(**defaults(None))
     training = model.training
     try:
         tracer.trace(model.eval())
@@ -71,17 +75,18 @@ def _node_names(model: nn.Module) -> tuple[list[str], dict[str, str]]:
     names: list[str] = []
     fx_names: dict[str, str] = {}
     calls: Counter = Counter()
+    taken: set[str] = set()
     for node, qualname in tracer.node_to_qualname.items():
         name = qualname
         if node.op == "call_module":  # the path; a repeated call numbered as torchvision numbers them: relu_1
             name = f"{node.target}_{calls[node.target]}" if calls[node.target] else node.target
             calls[node.target] += 1
-        taken = set(names)
-        if name in taken:  # a path torchvision named another node by: the node keeps torchvision's name
+        if name in taken:  # a name another node has: this one keeps torchvision's
             name = qualname
         while name in taken:
             name += "'"
         names.append(name)
+        taken.add(name)
         if name != qualname:
             fx_names[name] = qualname
     return names, fx_names
