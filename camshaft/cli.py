@@ -10,9 +10,13 @@ import sys
 import importlib
 
 # glibc returns large freed blocks to the kernel and faults them back on every forward; raising
-# its thresholds made CPU forwards ~30% faster here (shared/DESIGN.md). It must be set before the
+# its thresholds made CPU forwards ~30% faster here (shared/DESIGN.md). Only the main arena keeps
+# to them: a thread's arena serves large blocks with mmap whatever the threshold, so the pipeline's
+# worker threads ran resnet50 30% slower than the main thread until every thread shared the main
+# arena (arena_max=1; convnext_tiny's pipeline 22 -> 31 images/s). It must be set before the
 # process starts, so the CLI re-executes itself once with it.
-GLIBC_TUNING = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+GLIBC_TUNING = ("glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+                ":glibc.malloc.arena_max=1")
 
 
 def _tune_allocator(argv: list[str]) -> None:

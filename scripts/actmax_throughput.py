@@ -19,7 +19,7 @@ import time
 
 # glibc's default malloc returns large blocks to the kernel on every forward (shared/DESIGN.md);
 # both runs get the tuned setting, as the CLI does.
-GLIBC_TUNING = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
+from camshaft.cli import GLIBC_TUNING  # light: imports no torch
 
 
 def _reexec_tuned() -> None:
