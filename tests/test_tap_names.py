@@ -16,9 +16,10 @@ from torchvision.models import VisionTransformer
 from camshaft.cli import main
 from camshaft.engine.backends.base import Output
 from camshaft.engine.methods import get_method
-from camshaft.engine.methods.base import feature_map, token_grid
+from camshaft.engine.methods.base import feature_map
 from camshaft.errors import ConfigError
 from camshaft.models.inspect import describe
+from camshaft.models.layout import token_grid
 from camshaft.models.taps import TappedModel, plan_taps
 
 
@@ -105,7 +106,7 @@ def test_token_grids(tokens, grid):
 def test_tokens_that_tile_no_square_are_refused_with_their_shape():
     out = Output(torch.zeros(1, 3), {"t": torch.zeros(1, 12, 8)})
     with pytest.raises(ConfigError, match=r"tap 't' outputs 12x8 per image, not a \(C, h, w\) feature map nor tokens"):
-        feature_map(out, "t", "Grad-CAM")
+        feature_map(out, "t", "Grad-CAM", (224, 224))
 
 
 @pytest.mark.parametrize("method", ["gradcam", "layercam"])

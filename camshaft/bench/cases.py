@@ -16,6 +16,7 @@ from camshaft.engine.backends.base import INPUT_GRADIENTS, TAP_GRADIENTS, Backen
 from camshaft.engine.methods import Method, check_backend, get_method
 from camshaft.engine.targets import Targets
 from camshaft.errors import CamshaftError
+from camshaft.models.layout import map_shape
 
 # Options the benchmark sets where the issue fixes them; the rest keep each method's defaults. A
 # method with several entries is benchmarked once per variant (occlusion: plain and incremental).
@@ -134,6 +135,13 @@ def evaluations_per_image(
     return 1
 
 
+def tap_channels(backend: Backend, tap: str | None, size: tuple[int, int]) -> int | None:
+    """The channels of ``tap`` as the methods read it (a channels-last map's last axis, a token's features)."""
+    shape = backend.info.tap_shapes.get(tap) if tap else None
+    grid = map_shape(shape, size) if shape else None
+    return grid[0] if grid else None
+
+
 def method_tap(method: Method, backend: Backend) -> str | None:
     """The tap a method reads by default (as ``camshaft explain`` picks it)."""
     if not method.uses_tap:
@@ -167,7 +175,7 @@ def method_workload(case: Case, backend: Backend, x: torch.Tensor) -> Workload |
         method.run(backend, x, select, tap=tap, options=options)
 
     b, k = x.shape[0], targets.k
-    channels = (backend.info.tap_shapes.get(tap) or (None,))[0] if tap else None
+    channels = tap_channels(backend, tap, case.group.input_size)
     evals = b * evaluations_per_image(method.name, options, case.group.input_size, channels=channels)
     attrs = {**case.attrs(), "k": k, "tap": tap, "gradient": gradient_kind(method), "options": _jsonable(options)}
     return Workload(case.key, "method", fn, b, b * k, evals, attrs)

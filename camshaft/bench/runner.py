@@ -29,6 +29,7 @@ from camshaft.bench.cases import (
     input_batch,
     method_tap,
     method_workload,
+    tap_channels,
     target_count,
 )
 from camshaft.bench.machine import machine_info
@@ -339,7 +340,7 @@ def peer_workloads(mb: ModelBench, group: Group, x: torch.Tensor) -> list[Worklo
         except CamshaftError:
             continue  # the method's own entry says why
         tap = method_tap(method, backend)
-        channels = (backend.info.tap_shapes.get(tap) or (None,))[0] if tap else None
+        channels = tap_channels(backend, tap, group.input_size)
         evals = group.batch * evaluations_per_image(name, options, group.input_size, channels=channels)
         out += peers.peer_workloads(
             name,

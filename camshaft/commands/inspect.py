@@ -17,7 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from camshaft.api import inspect
+    from camshaft.models.layout import channels_last
     from camshaft.models.sources import resolve_model
+    from camshaft.preprocess import Preprocess
 
     source = resolve_model(args.model, weights=args.weights, preprocess={"input_size": args.input_size})
     if source.kind != "torch":
@@ -28,15 +30,17 @@ def run(args) -> int:
     linear = report.cam_head.linear if report.cam_head else None
     width = max(len("layer"), *(len(x.name) for x in report.layers))
     print(f"{'layer':<{width}}  {'type':<22} {'output shape':<14}".rstrip())
+    h, w = args.input_size or (source.preprocess or Preprocess()).input_size
     for layer in report.layers:
         shape = "x".join(map(str, layer.shape[1:])) if layer.shape else "-"
-        mark = f"<- default tap ({tap})" if [layer.name] == tap_node else ("<- CAM head" if layer.name == linear else "")
-        print(f"{layer.name:<{width}}  {layer.kind:<22} {shape:<14} {mark}".rstrip())
+        marks = ["(channels last: h x w x C)"] if layer.shape and channels_last(layer.shape[1:], (h, w)) else []
+        if [layer.name] == tap_node:
+            marks.append(f"<- default tap ({tap})")
+        elif layer.name == linear:
+            marks.append("<- CAM head")
+        print(f"{layer.name:<{width}}  {layer.kind:<22} {shape:<14} {' '.join(marks)}".rstrip())
     print(f"\nclasses: {report.num_classes}" + _names(source.class_names))
     if report.default_tap is None:
-        from camshaft.preprocess import Preprocess
-
-        h, w = args.input_size or (source.preprocess or Preprocess()).input_size
         print(f"default tap: none (no feature map larger than 1x1 at a {h}x{w} input; choose a larger --input-size)")
     else:
         print(f"default tap: {report.default_tap}")

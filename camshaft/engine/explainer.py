@@ -218,7 +218,7 @@ class Explainer:
         results = [r.method.explain(shared, x, shared._select, tap=r.tap, options=r.options) for r in self.runs]
         collector = self._exemplar_collector()
         if collector is not None:
-            collector.update(shared.forward(x).taps, list(range(n)))
+            collector.update(shared.forward(x).taps, list(range(n)), input_size=self.preprocess.input_size)
         return results
 
     def _warm_up(self) -> None:

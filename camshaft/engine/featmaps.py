@@ -17,6 +17,7 @@ from camshaft.engine.backends import backend_factory
 from camshaft.engine.backends.base import resolve_device, resolve_dtype
 from camshaft.engine.postprocess import shown_cells, to_original
 from camshaft.errors import ConfigError, ImageDecodeError
+from camshaft.models.layout import as_maps
 from camshaft.models.sources import resolve_model
 from camshaft.preprocess import Geometry, Preprocess, crop_problem, normalize, overrides, prepare
 from camshaft.writers.overlay import colorize, normalize_map, overlay, render_grid, upsample_map
@@ -115,9 +116,11 @@ def feature_maps(
         )
         tap = tap or be.info.taps[-1]
         tensor, geom = prepare(picture, be.info.preprocess)
-        a = be.forward(normalize(tensor[None], be.info.preprocess, device=be.device)).taps[tap][0]  # (C, h, w)
+        a = be.forward(normalize(tensor[None], be.info.preprocess, device=be.device)).taps[tap]
+    a = as_maps(a, be.info.preprocess.input_size)[0]  # (C, h, w): channels-last maps and tokens too
     if a.dim() != 3:
-        raise ConfigError(f"tap {tap!r} outputs shape {tuple(a.shape)}, not a (C, h, w) feature map")
+        raise ConfigError(f"tap {tap!r} outputs shape {tuple(a.shape)}, not a (C, h, w) feature map "
+                          "nor tokens (T, C) that tile a square")
     shown = torch.from_numpy(shown_cells(geom, be.info.preprocess.input_size, tuple(a.shape[1:]))).to(a.device)
     chosen = _channels(a, channels, top, shown)
     return FeatureMaps(tap, chosen, a[chosen].float().cpu().numpy(), picture, geom, be.info.preprocess)

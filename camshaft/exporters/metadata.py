@@ -19,6 +19,7 @@ import torch
 
 from camshaft.errors import ConfigError
 from camshaft.models.classes import check_names
+from camshaft.models.layout import map_shape
 from camshaft.preprocess import Preprocess
 
 SCHEMA = 1
@@ -139,7 +140,8 @@ def _cam_problems(meta: ArtifactMeta, cam: torch.Tensor, shapes: Mapping) -> lis
     if meta.cam_tap is None:
         return ["CAM head weights without the tap they read (cam_tap)"]
     shape = shapes.get(meta.cam_tap)
-    channels = shape[0] if isinstance(shape, list) and shape else None
+    grid = map_shape(shape, meta.preprocess.input_size, tokens=False) if isinstance(shape, list) and shape else None
+    channels = grid[0] if grid else shape[0] if isinstance(shape, list) and shape else None  # channels last: (h, w, C)
     if channels is None:
         return []  # the tap's shape is already reported
     if tuple(cam.shape) != (meta.num_classes, channels):

@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from camshaft.errors import ConfigError
+from camshaft.models.layout import as_maps, map_shape, token_grid
 from camshaft.models.split import split_at_first_tap
 from camshaft.models.taps import TapPlan, TappedModel, plan_taps
 
@@ -51,7 +52,7 @@ def describe(model: nn.Module, *, input_size: tuple[int, int]) -> ModelReport:
     plan = plan_taps(model)
     x = probe_input(input_size, model_device(model))
     layers, logits, same = _layers(model, plan, x)
-    default = _default_tap(layers, plan, same)
+    default = _default_tap(model, layers, plan, same, x)
     head = find_cam_head(model, default, plan=plan, x=x) if default else None
     return ModelReport(layers, default, head, int(logits.shape[-1]))
 
@@ -104,22 +105,36 @@ def _record_all(model: nn.Module, shapes: dict, same: dict):
             h.remove()
 
 
-def _default_tap(layers: list[Layer], plan: TapPlan, same: dict[str, str]) -> str | None:
-    """The last spatial (N, C, h, w) map before global pooling, named by the shortest module path ending there.
+def _default_tap(model: nn.Module, layers: list[Layer], plan: TapPlan, same: dict[str, str],
+                 x: torch.Tensor) -> str | None:
+    """The last spatial map before global pooling, named by the shortest module path ending there.
 
+    A spatial map is (N, C, h, w), or channels last (N, h, w, C: ``camshaft.models.layout``), with h, w > 1.
     Adaptive pooling is not a feature map (VGG's resizes any map to 7x7): an ``nn.Adaptive*`` module, or
-    the ``adaptive_*`` function node of a traced function or of a graph converted from a file."""
-    spatial = [
-        lay.name
-        for lay in layers
-        if lay.shape and len(lay.shape) == 4 and min(lay.shape[2:]) > 1 and not lay.kind.startswith("Adaptive")
-        and not (lay.kind == "function" and lay.name.startswith("adaptive_"))
-    ]
-    if not spatial:
+    the ``adaptive_*`` function node of a traced function or of a graph converted from a file.
+
+    A transformer's tokens after that map (ViT's blocks after its patch embedding) are the map instead:
+    the last tokens that tile a square and whose patch tokens still reach the logits (``_reaching``).
+    ViT reads its class token alone after the last block's attention, so that is the last block's
+    ``ln_1`` (the layer pytorch-grad-cam's ViT example taps); a model pooling all its tokens, the last.
+    """
+    size = tuple(x.shape[-2:])
+
+    def spatial(lay: Layer) -> bool:
+        grid = map_shape(lay.shape[1:], size, tokens=False) if lay.shape and len(lay.shape) == 4 else None
+        return (grid is not None and min(grid[1:]) > 1 and not lay.kind.startswith("Adaptive")
+                and not (lay.kind == "function" and lay.name.startswith("adaptive_")))
+
+    places = [i for i, lay in enumerate(layers) if spatial(lay)]
+    if not places:
         return None
-    last = spatial[-1]
+    last = layers[places[-1]].name
     if not plan.traceable:
         return same.get(last, last)
+    tokens = [lay.name for lay in layers[places[-1] + 1:]
+              if lay.shape and len(lay.shape) == 3 and map_shape(lay.shape[1:], size) is not None]
+    if tokens:
+        last = next((t for t in reversed(_reaching(model, plan, tokens, x)) if t), last)
     parts = last.split(".")
     for i in range(1, len(parts) + 1):
         prefix = ".".join(parts[:i])
@@ -127,6 +142,37 @@ def _default_tap(layers: list[Layer], plan: TapPlan, same: dict[str, str]) -> st
         if inside and inside[-1] == last:
             return prefix
     return last
+
+
+def _reaching(model: nn.Module, plan: TapPlan, tokens: list[str], x: torch.Tensor) -> list[str | None]:
+    """Each token node whose patch tokens (all but a class token) move what the classifier reads, or None.
+
+    The gradient, for one random image, of a random projection of the last layer's input: not of the
+    logits, which a randomly initialised torchvision ViT's zero head leaves flat (and not of a plain sum,
+    which a LayerNorm's output keeps constant)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = create_feature_extractor(model, return_nodes={plan.fx(n): n for n in [*tokens, plan.output]})
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    outputs = dict(out_node.args[0])
+    read = {f"camshaft_read_{i}": n for i, n in enumerate(outputs[plan.output].all_input_nodes)}
+    out_node.args = ({**outputs, **read},)
+    gm.recompile()
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=gen).to(x.device)
+    with torch.inference_mode(False), torch.enable_grad():
+        out = gm(noise.requires_grad_())  # frozen weights or not, everything below the input is on the tape
+        inputs = [out[k] for k in read if isinstance(out[k], torch.Tensor) and out[k].grad_fn is not None]
+        values = [out[t] for t in tokens]
+        grads = [None] * len(values)
+        if inputs:
+            target = sum((t * torch.randn(t.shape, generator=gen).to(t)).sum() for t in inputs)
+            grads = torch.autograd.grad(target, values, allow_unused=True)
+    reached = []
+    for t, g in zip(tokens, grads, strict=True):
+        skip = token_grid(out[t].shape[1])[0]
+        reached.append(t if g is not None and bool(g[:, skip:].abs().amax() > 0) else None)
+    return reached
 
 
 def find_cam_head(model: nn.Module, tap: str, *, plan: TapPlan | None = None, x: torch.Tensor) -> CamHead | None:
@@ -138,7 +184,9 @@ def find_cam_head(model: nn.Module, tap: str, *, plan: TapPlan | None = None, x:
     a = taps[tap]
     if a.dim() != 4:
         return None
-    linears = _linear_weights(model, (logits.shape[-1], a.shape[1]))
+    size = x.shape[-2:]
+    channels = as_maps(a, size, tokens=False).shape[1]  # a channels-last map's are its last axis
+    linears = _linear_weights(model, (logits.shape[-1], channels))
     if not linears:
         return None
     name, linear = linears[-1]
@@ -150,7 +198,7 @@ def find_cam_head(model: nn.Module, tap: str, *, plan: TapPlan | None = None, x:
         probe = torch.randn((2, *a.shape[1:]), generator=gen).to(a.device) * a.abs().mean().clamp_min(1e-3)
         with torch.inference_mode():
             got = head(probe)
-            want = probe.mean(dim=(2, 3)) @ linear.weight.T
+            want = as_maps(probe, size, tokens=False).mean(dim=(2, 3)) @ linear.weight.T
             if linear.bias is not None:
                 want = want + linear.bias
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * (1 + want.abs().max().item())):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from camshaft.engine.postprocess import shown_cells
 from camshaft.errors import ConfigError
+from camshaft.models.layout import as_maps
 from camshaft.preprocess import Geometry, geometry, normalize
 from camshaft.report.rerun import image_batches, open_run_backend
 from camshaft.report.scan import ok_rows
@@ -70,14 +71,15 @@ class ExemplarCollector:
                geometries: Sequence[Geometry] | None = None, input_size: tuple[int, int] | None = None) -> None:
         """Add a batch: ``taps`` maps each tap to its activations (B, C, h, w).
 
-        With the images' ``geometries`` (and the model's ``input_size``), only the cells that show an
-        image score it: letterbox padding never does (as in the table's map statistics).
+        With the model's ``input_size``, channels-last maps and a transformer's tokens are read as
+        (B, C, h, w) too (``camshaft.models.layout``). With the images' ``geometries`` as well, only the
+        cells that show an image score it: letterbox padding never does (as in the table's map statistics).
         """
         missing = [t for t in self.accumulators if t not in taps]
         if missing:
             raise ConfigError(f"the batch has no activations for taps {missing}; it has {sorted(taps)}")
         for tap, acc in self.accumulators.items():
-            a = taps[tap]
+            a = taps[tap] if input_size is None else as_maps(taps[tap], input_size)
             shown = None
             if geometries is not None and a.dim() == 4:
                 shown = _shown(geometries, input_size, tuple(a.shape[2:]))

@@ -56,12 +56,12 @@ def frequency_penalty() -> Objective:
 
 
 def _similarity(t: torch.Tensor, group: int) -> torch.Tensor:
-    """(R, C, ...) in groups of ``group`` consecutive images -> (R,): each image's mean cosine
-    similarity of its Gram matrix to those of the others in its group."""
+    """(R, C, h, w) maps or (R, T, C) tokens in groups of ``group`` consecutive images -> (R,): each image's
+    mean cosine similarity of its Gram matrix (C, C) to those of the others in its group."""
     r = t.shape[0]
     if group < 2:
         return t.new_zeros(r) + 0.0 * t.sum()  # nothing to differ from
-    f = t.flatten(2)  # (R, C, hw)
+    f = t.transpose(1, 2) if t.dim() == 3 else t.flatten(2)  # (R, C, hw); a transformer's tokens (R, T, C) too
     gram = torch.nn.functional.normalize((f @ f.transpose(1, 2)).flatten(1), dim=1)  # (R, C*C)
     gram = gram.view(r // group, group, -1)
     sim = gram @ gram.transpose(1, 2)  # (R / group, group, group)

@@ -33,6 +33,7 @@ from camshaft.errors import ConfigError
 from camshaft.models.cpu_linear import cpu_linears
 from camshaft.models.fold import fold_graphs
 from camshaft.models.inspect import probe_input
+from camshaft.models.layout import as_maps
 from camshaft.models.taps import TappedModel
 from camshaft.preprocess import Preprocess
 
@@ -222,6 +223,17 @@ def _with_cpu_linears(forward: Forward, device: torch.device) -> Forward:
     return run
 
 
+def _channels_first(forward: Forward) -> Forward:
+    """Channels-last maps (B, h, w, C), Swin's, as (B, C, h, w): channel objectives index axis 1
+    (``camshaft.models.layout``; a transformer's tokens stay tokens, which those objectives refuse)."""
+
+    def run(x: torch.Tensor):
+        logits, taps = forward(x)
+        return logits, {t: as_maps(a, x.shape[-2:], tokens=False) for t, a in taps.items()}
+
+    return run
+
+
 EXACT_GROUP = 8  # images per model call under exact kernels on the CPU
 
 
@@ -316,6 +328,7 @@ def render(model: nn.Module, objectives: Sequence[Objective], *, preprocess: Pre
         forward = _in_layout(forward_fn(model, taps, fold=not exact, layout=layout), layout)
         if not exact:  # linears through oneDNN on the CPU (camshaft.models.cpu_linear), as the eager backend
             forward = _with_cpu_linears(forward, device)
+        forward = _channels_first(forward)
         _check(objectives + full, forward, preprocess, device)
         per_chunk = config.batch_size // config.copies  # objectives per chunk
         chunks = [range(i, min(i + per_chunk, len(objectives))) for i in range(0, len(objectives), per_chunk)]

@@ -129,9 +129,10 @@ def require(backend: Backend, needs: frozenset[str], *, method: str) -> None:
     missing = sorted(needs - backend.capabilities)
     if missing:
         able = "; ".join(f"{m}: {ABLE[m]}" for m in missing)
+        at = f" at tap {backend.info.taps[0]!r}" if TAP_GRADIENTS in missing and backend.info.taps else ""
         raise CapabilityError(
             f"method {method!r} needs {', '.join(missing)}, which the {backend.name} backend cannot "
-            f"give for {backend.info.source!r}. Backends that can: {able}"
+            f"give for {backend.info.source!r}{at}. Backends that can: {able}"
         )
 
 

@@ -9,8 +9,7 @@ need from a backend (``needs``) and their options (``options``: the CLI's flags 
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ import torch
 
 from camshaft.engine.backends.base import FORWARD, INPUT_GRADIENTS, TAP_GRADIENTS, Backend, Output, Selector, require
 from camshaft.errors import CapabilityError, ConfigError, UnknownNameError
+from camshaft.models.layout import as_maps
 
 RunFn = Callable[[Backend, torch.Tensor, Selector, "str | None", dict], "tuple[torch.Tensor, Output]"]
 
@@ -93,18 +93,17 @@ class Method:
         return (maps if self.tiles is None else self.tiles(maps, tuple(x.shape[-2:]), options)), out
 
 
-def feature_map(out: Output, tap: str, method: str) -> torch.Tensor:
-    """The tap's activations as (B, C, h, w) feature maps (its gradients, when the output has them, follow).
+def feature_map(out: Output, tap: str, method: str, size: Sequence[int]) -> torch.Tensor:
+    """The tap's activations as (B, C, h, w) feature maps for inputs of ``size`` (H, W); its gradients,
+    when the output has them, follow (``camshaft.models.layout``).
 
-    A transformer's tokens (B, T, C) are a map when they tile a square: T = 1 + h * h (a class token
-    first, dropped: ViT) or T = h * h. Any other shape (a flattened or pooled vector) is refused with
-    that shape, by the probe run on a black image before any image is read."""
-    a = out.taps[tap]
-    grid = token_grid(a.shape[1]) if a.dim() == 3 else None
-    if grid is not None:
-        a = out.taps[tap] = tokens_as_maps(a, grid)
-        if out.grads is not None and tap in out.grads and out.grads[tap].dim() == 4:  # (B, K, T, C)
-            out.grads[tap] = tokens_as_maps(out.grads[tap], grid)
+    Channels-last maps (B, h, w, C) are moved to (B, C, h, w); a transformer's tokens (B, T, C) are a
+    map when they tile a square: T = 1 + h * h (a class token first, dropped: ViT) or T = h * h. Any other
+    shape (a flattened or pooled vector) is refused with that shape, by the probe run on a black image
+    before any image is read."""
+    a = out.taps[tap] = as_maps(out.taps[tap], size)
+    if out.grads is not None and tap in out.grads:
+        out.grads[tap] = as_maps(out.grads[tap], size, lead=2)
     if a.dim() != 4:
         shape = "x".join(str(n) for n in a.shape[1:]) or "a scalar"
         raise ConfigError(
@@ -113,21 +112,6 @@ def feature_map(out: Output, tap: str, method: str) -> torch.Tensor:
             "output (camshaft inspect MODEL lists the layers and their shapes)"
         )
     return a
-
-
-def token_grid(tokens: int) -> tuple[int, int] | None:
-    """``(tokens skipped, side)`` when ``tokens`` tile a square after a class token, or without one."""
-    for skip in (1, 0):
-        side = math.isqrt(max(tokens - skip, 0))
-        if side > 1 and side * side == tokens - skip:
-            return skip, side
-    return None
-
-
-def tokens_as_maps(t: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(..., T, C) tokens -> (..., C, side, side) maps, row-major (as a patch embedding lays them out)."""
-    skip, side = grid
-    return t[..., skip:, :].transpose(-1, -2).reshape(*t.shape[:-2], t.shape[-1], side, side)
 
 
 def tap_method(
@@ -142,7 +126,7 @@ def tap_method(
         else:
             out = backend.forward(x)
             out.targets = select(out.logits)
-        feature_map(out, tap, name)
+        feature_map(out, tap, name, x.shape[-2:])
         return compute(backend, out, tap, options), out
 
     return fn

@@ -64,7 +64,7 @@ def _replays_graphs(backend: Backend) -> bool:
 def _scorecam(backend: Backend, x: torch.Tensor, select: Selector, tap: str, options: dict):
     out = backend.forward(x)
     out.targets = select(out.logits)
-    a = feature_map(out, tap, "Score-CAM")  # (B, C, h, w)
+    a = feature_map(out, tap, "Score-CAM", x.shape[-2:])  # (B, C, h, w)
     weights = channel_scores(backend, x, a, out.targets.to(a.device), options["masks_per_forward"])  # (B, K, C)
     return torch.relu(torch.einsum("bkc,bchw->bkhw", weights, a)), out
 
