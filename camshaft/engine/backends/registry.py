@@ -244,6 +244,7 @@ def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype,
         split=split,
         memory_format=resolve_memory_format(memory_format, program),
         cuda_graphs=cuda_graphs,
+        cpu_linears=True,  # its aten.linear calls, as the eager backend's (convnext_tiny b16 cl: 1.33 -> 0.92 s)
     )
 
 

@@ -4,8 +4,8 @@ Gradients are asked only w.r.t. the taps: the trunk below the first tap runs wit
 no weight gradient is ever computed. Where the model splits at its first tap the trunk runs under
 ``no_grad`` and only the head records a graph.
 
-On the CPU the eager backend runs linear layers as 1x1 convolutions (``cpu_linears``): oneDNN ran
-them 2x faster than the BLAS (ConvNeXt, Swin and ViT forwards 1.5-1.8x faster).
+On the CPU the eager and pt2 backends run linear layers as 1x1 convolutions (``cpu_linears``): oneDNN
+ran them 2x faster than the BLAS (ConvNeXt, Swin and ViT forwards 1.5-1.8x faster).
 
 Image batches enter in channels-last layout (``memory_format``): oneDNN's convolutions (CPU) and
 cuDNN's tensor-core kernels (CUDA, half precision) run fastest on it; measured on 2 CPU cores,
