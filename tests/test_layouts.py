@@ -227,3 +227,21 @@ def test_actmax_diversity_on_tokens_compares_the_gram_of_their_features():
     assert maps.shape == (4, 8, 4, 4)
     torch.testing.assert_close(_similarity(tokens, 2), _similarity(maps, 2))
     assert not torch.allclose(_similarity(tokens, 2), _similarity(tokens.transpose(1, 2), 2))
+
+
+def test_feature_maps_of_vits_default_tap_are_its_patch_tokens_on_their_grid(tmp_path):
+    from camshaft.preprocess import normalize, prepare
+
+    path = tmp_path / "v.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path)
+    plain = {"input_size": 32, "mean": 0.0, "std": 1.0, "resize": "stretch", "device": "cpu"}
+    fm = camshaft.feature_maps(f"{__name__}:tiny_vit", path, channels=[3, 0], **plain)
+    assert fm.tap == "encoder.layers.encoder_layer_1.ln_1" and fm.maps.shape == (2, 4, 4)
+    model, seen = tiny_vit(), {}
+    model.encoder.layers.encoder_layer_1.ln_1.register_forward_hook(lambda m, i, o: seen.setdefault("t", o.detach()))
+    x, _ = prepare(Image.open(path).convert("RGB"), fm.preprocess)
+    with torch.no_grad():
+        model(normalize(x[None], fm.preprocess))
+    tokens = seen["t"][0]  # (1 + 16, 16): the class token, then the patches row by row
+    want = tokens[1:, [3, 0]].T.reshape(2, 4, 4).numpy()
+    np.testing.assert_allclose(fm.maps, want, rtol=1e-5, atol=1e-6)
