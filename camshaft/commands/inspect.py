@@ -107,6 +107,8 @@ def _inspect_foreign_onnx(path) -> None:
     except ConfigError as e:  # informative only: no default tap, or no class count
         print(f"default tap: none ({e})")
     else:
+        if graph.channels_last_input:
+            print("input: channels last (N, H, W, 3); camshaft feeds it its (N, 3, H, W) batches transposed")
         print(f"default tap: {graph.taps[0]}")
         if graph.cam_weight is None:
             print("CAM head: none")

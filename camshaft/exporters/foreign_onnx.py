@@ -56,7 +56,8 @@ def export_foreign_onnx(
     logits = original.get_outputs()[0].name
     first_input = original.get_inputs()[0].name
 
-    def reference(x):
+    def reference(x):  # the file as it is: a Keras model's takes (N, H, W, 3)
+        x = x.permute(0, 2, 3, 1).contiguous() if graph.channels_last_input else x
         outs = [original.run([logits], {first_input: part.numpy()})[0] for part in x.split(batch)]
         return torch.from_numpy(np.concatenate(outs)), {}
 

@@ -4,6 +4,10 @@ A tap is any tensor of the graph (``camshaft inspect model.onnx`` lists the 4-D 
 an extra output. The default tap is the CAM head's, else the last 4-D tensor larger than 1x1. The
 CAM head is found by pattern: tap -> GlobalAveragePool (or ReduceMean over H, W) ->
 Flatten/Reshape/Squeeze -> Gemm or MatMul (+ Add) producing the first graph output.
+
+A file taking channels-last images (N, H, W, 3) gets a Transpose before its input, so that it takes
+camshaft's (N, 3, H, W) batches like any other; its channels-last maps are read by
+``camshaft.models.layout``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch
 from onnx import external_data_helper, numpy_helper, shape_inference
 
 from camshaft.errors import ConfigError, UnknownNameError
+from camshaft.models.layout import channels_last
 
 _PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity", "Dropout"}
 
@@ -32,6 +37,7 @@ class ForeignGraph:
     cam_weight: torch.Tensor | None
     cam_tap: str | None
     batch: int | None = None  # a fixed batch size (torch.onnx.export's default), else None
+    channels_last_input: bool = False  # the file takes (N, H, W, 3) (Keras's); ``model`` takes (N, 3, H, W)
 
 
 def spatial_tensors(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -83,9 +89,18 @@ def _inside(folder: Path, location: str) -> bool:
 
 def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
     model = onnx.load(str(path))
+    channels_last_input = _channels_last_input(model, path)
+    if channels_last_input:
+        model = _with_nchw_input(model)
     logits = model.graph.output[0].name
     spatial = spatial_tensors(model)
+    in_dims = _dims(model.graph.input[0])
+    size = tuple(in_dims[2:]) if len(in_dims) == 4 and all(isinstance(d, int) and d > 0 for d in in_dims[2:]) else None
     head = _cam_head(model, logits)
+    if head is not None and head[2]:  # a mean over axes 1, 2: CAM reads that tap channels last, so it must look so
+        dims = spatial.get(head[0], ())[1:]
+        if size is None or len(dims) != 3 or not all(isinstance(d, int) for d in dims) or not channels_last(dims, size):
+            head = None
     if not taps:
         default = head[0] if head is not None else default_tap(model, spatial)
         if default is None:
@@ -101,8 +116,6 @@ def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
             model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
     order = list(spatial)
     taps = sorted(taps, key=order.index)
-    in_dims = _dims(model.graph.input[0])
-    size = tuple(in_dims[2:]) if len(in_dims) == 4 and all(isinstance(d, int) and d > 0 for d in in_dims[2:]) else None
     out_dims = _dims(shape_inference.infer_shapes(onnx.load(str(path))).graph.output[0])
     num_classes = out_dims[-1] if out_dims and isinstance(out_dims[-1], int) else None
     if num_classes is None:
@@ -110,7 +123,50 @@ def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
     cam_w, cam_tap = (head[1], head[0]) if head is not None and head[0] in taps else (None, None)
     shapes = {t: tuple(spatial[t][1:]) for t in taps}
     batch = in_dims[0] if in_dims and isinstance(in_dims[0], int) and in_dims[0] > 0 else None
-    return ForeignGraph(model, logits, taps, shapes, num_classes, size, cam_w, cam_tap, batch)
+    return ForeignGraph(model, logits, taps, shapes, num_classes, size, cam_w, cam_tap, batch, channels_last_input)
+
+
+def _channels_last_input(model: onnx.ModelProto, path: Path) -> bool:
+    """Whether the image input is (N, H, W, 3), as a Keras model's exported by tf2onnx; (N, 3, H, W) is False.
+    Any other input is refused here, with its shape (ONNX Runtime's own error names index 1 of an input)."""
+    first = model.graph.input[0]
+    dims = _dims(first)
+    shape = "x".join(str(d) for d in dims) or "a scalar"
+    if len(dims) != 4:
+        raise ConfigError(f"{path}: its input {first.name!r} has shape {shape}; camshaft feeds a classifier one "
+                          "batch of RGB images, (N, 3, H, W) or (N, H, W, 3)")
+    if dims[1] == 3 or not isinstance(dims[1], int) and dims[3] != 3:
+        return False  # channels first, or channels of no fixed count (ONNX Runtime will say if 3 do not fit)
+    if dims[3] == 3:
+        return True
+    raise ConfigError(f"{path}: its input {first.name!r} has shape {shape}, neither (N, 3, H, W) nor (N, H, W, 3): "
+                      "camshaft feeds a classifier RGB images (a grey-scale model needs its own input layer)")
+
+
+def _with_nchw_input(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` taking (N, 3, H, W): a new input, transposed to the (N, H, W, 3) tensor the graph reads."""
+    graph = model.graph
+    old = graph.input[0]
+    taken = {v for n in graph.node for v in (*n.input, *n.output)} | {v.name for v in (*graph.input, *graph.output)}
+    name = old.name + "_nchw"
+    while name in taken:
+        name += "_"
+    n, h, w, c = (onnx.TensorShapeProto.Dimension() for _ in range(4))
+    n.CopyFrom(old.type.tensor_type.shape.dim[0])
+    h.CopyFrom(old.type.tensor_type.shape.dim[1])
+    w.CopyFrom(old.type.tensor_type.shape.dim[2])
+    c.CopyFrom(old.type.tensor_type.shape.dim[3])
+    new = onnx.ValueInfoProto()
+    new.CopyFrom(old)
+    new.name = name
+    dims = new.type.tensor_type.shape.dim
+    for i, d in enumerate((n, c, h, w)):
+        dims[i].CopyFrom(d)
+    transpose = onnx.helper.make_node("Transpose", [name], [old.name], perm=[0, 2, 3, 1], name=f"camshaft_{name}")
+    graph.input.remove(old)
+    graph.input.insert(0, new)
+    graph.node.insert(0, transpose)
+    return model
 
 
 def default_tap(model: onnx.ModelProto, spatial: dict[str, tuple]) -> str | None:
@@ -142,7 +198,8 @@ def _dims(value_info) -> tuple:
 
 
 def _cam_head(model: onnx.ModelProto, logits: str):
-    """``(tap, weight (N, C))`` when logits = W · mean_hw(tap) + b, else None."""
+    """``(tap, weight (N, C), channels last)`` when logits = W · mean_hw(tap) + b, else None; the mean is over
+    axes 2, 3 of an (N, C, h, w) tap, or 1, 2 of an (N, h, w, C) one (a Keras model's ReduceMean)."""
     producers = {o: n for n in model.graph.node for o in n.output}
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     node = producers.get(logits)
@@ -156,9 +213,10 @@ def _cam_head(model: onnx.ModelProto, logits: str):
     current = producers.get(node.input[0])
     while current is not None and current.op_type in _PASS_THROUGH:
         current = producers.get(current.input[0])
-    if current is None or not _is_global_mean(current, {**_constants(model), **inits}):
+    axes = None if current is None else _global_mean_axes(current, {**_constants(model), **inits})
+    if axes is None:
         return None
-    return current.input[0], torch.from_numpy(np.array(weight, dtype=np.float32, copy=True))
+    return current.input[0], torch.from_numpy(np.array(weight, dtype=np.float32, copy=True)), axes == [1, 2]
 
 
 def _linear_weight(node, inits) -> np.ndarray | None:
@@ -186,13 +244,15 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return found
 
 
-def _is_global_mean(node, inits) -> bool:
+def _global_mean_axes(node, inits) -> list[int] | None:
+    """The axes ([2, 3] or [1, 2]) a 4-D global mean ``node`` averages, else None."""
     if node.op_type == "GlobalAveragePool":
-        return True
+        return [2, 3]
     if node.op_type == "ReduceMean":
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         axes = attrs.get("axes")
         if axes is None and len(node.input) > 1 and node.input[1] in inits:
             axes = inits[node.input[1]].tolist()
-        return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]
-    return False
+        axes = None if axes is None else sorted(int(a) % 4 for a in axes)
+        return axes if axes in ([2, 3], [1, 2]) else None
+    return None
