@@ -130,3 +130,14 @@ def test_a_grey_scale_file_is_refused_with_its_shape_before_any_work(files, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "neither (N, 3, H, W) nor (N, H, W, 3)" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_pt2_file_taking_channels_last_images_is_refused_with_what_to_do(files, tmp_path, capsys):
+    batch = torch.export.Dim("batch", min=2)
+    program = torch.export.export(keras_like(), (torch.randn(2, *SIZE, 3),), dynamic_shapes=({0: batch},))
+    path = tmp_path / "nhwc.pt2"
+    torch.export.save(program, str(path))
+    code = main(["explain", str(path), str(files["images"]), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "takes channels-last images (N, 16, 24, 3)" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

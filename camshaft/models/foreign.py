@@ -52,6 +52,10 @@ def convert(path: Path, kind: str, input_size: tuple[int, int]) -> tuple[nn.Modu
         original = None
     batch, channels, h, w = _input_shape(program, path)
     if isinstance(channels, int) and channels != 3:
+        if w == 3:  # (N, H, W, 3)
+            raise ConfigError(f"{path}: the model takes channels-last images (N, {channels}, {h}, 3); camshaft feeds "
+                              "a torch model (N, 3, H, W) batches: save it inside a module that permutes them first "
+                              "(x.permute(0, 2, 3, 1)), or export it to ONNX (ONNX files of either layout run)")
         raise ConfigError(f"{path}: the model takes {channels}-channel images; camshaft feeds a classifier RGB images "
                           "(N, 3, H, W)")
     if isinstance(batch, int):
