@@ -192,6 +192,11 @@ def test_default_taps_of_transformers():
     """ViT reads its class token alone after the last block's attention: the last map its patches reach is
     that block's ``ln_1``. A model pooling every token: its last tokens. Swin: its last map, channels first."""
     assert describe(tiny_vit(), input_size=(32, 32)).default_tap == "encoder.layers.encoder_layer_1.ln_1"
+    frozen = tiny_vit().requires_grad_(False)  # as the backends hold it: the position embedding is off the tape
+    assert describe(frozen, input_size=(32, 32)).default_tap == "encoder.layers.encoder_layer_1.ln_1"
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trained = tiny_vit()
+    assert describe(trained, input_size=(32, 32)).default_tap and all(p.requires_grad for p in trained.parameters())
     assert describe(token_pool(), input_size=(32, 32)).default_tap == "norm"
     assert describe(tiny_swin(), input_size=SIZE).default_tap == "permute"
 

@@ -160,17 +160,25 @@ def _reaching(model: nn.Module, plan: TapPlan, tokens: list[str], x: torch.Tenso
     gm.recompile()
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(x.shape, generator=gen).to(x.device)
-    with torch.inference_mode(False), torch.enable_grad():
-        out = gm(noise.requires_grad_())  # frozen weights or not, everything below the input is on the tape
-        inputs = [out[k] for k in read if isinstance(out[k], torch.Tensor) and out[k].grad_fn is not None]
-        values = [out[t] for t in tokens]
-        grads = [None] * len(values)
-        if inputs:
-            target = sum((t * torch.randn(t.shape, generator=gen).to(t)).sum() for t in inputs)
-            grads = torch.autograd.grad(target, values, allow_unused=True)
+    weights = [(p, p.requires_grad) for p in model.parameters()]
+    try:  # weights off the tape: a tensor the image does not reach (ViT's position embedding) is off it too
+        for p, _ in weights:
+            p.requires_grad_(False)
+        with torch.inference_mode(False), torch.enable_grad():
+            out = gm(noise.requires_grad_())
+            inputs = [out[k] for k in read if isinstance(out[k], torch.Tensor) and out[k].requires_grad]
+            values = {t: out[t] for t in tokens if out[t].requires_grad}
+            grads = {}
+            if inputs and values:
+                target = sum((t * torch.randn(t.shape, generator=gen).to(t)).sum() for t in inputs)
+                grads = dict(zip(values, torch.autograd.grad(target, list(values.values()), allow_unused=True),
+                                 strict=True))
+    finally:
+        for p, flag in weights:
+            p.requires_grad_(flag)
     reached = []
-    for t, g in zip(tokens, grads, strict=True):
-        skip = token_grid(out[t].shape[1])[0]
+    for t in tokens:
+        g, skip = grads.get(t), token_grid(out[t].shape[1])[0]
         reached.append(t if g is not None and bool(g[:, skip:].abs().amax() > 0) else None)
     return reached
 
