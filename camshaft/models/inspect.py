@@ -114,7 +114,7 @@ def _default_tap(model: nn.Module, layers: list[Layer], plan: TapPlan, same: dic
     the ``adaptive_*`` function node of a traced function or of a graph converted from a file.
 
     A transformer's tokens after that map (ViT's blocks after its patch embedding) are the map instead:
-    the last tokens that tile a square and whose patch tokens still reach the logits (``_reaching``).
+    the last tokens that tile a square and whose patch tokens still reach the classifier (``_reaching``).
     ViT reads its class token alone after the last block's attention, so that is the last block's
     ``ln_1`` (the layer pytorch-grad-cam's ViT example taps); a model pooling all its tokens, the last.
     """

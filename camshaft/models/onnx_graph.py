@@ -151,17 +151,11 @@ def _with_nchw_input(model: onnx.ModelProto) -> onnx.ModelProto:
     name = old.name + "_nchw"
     while name in taken:
         name += "_"
-    n, h, w, c = (onnx.TensorShapeProto.Dimension() for _ in range(4))
-    n.CopyFrom(old.type.tensor_type.shape.dim[0])
-    h.CopyFrom(old.type.tensor_type.shape.dim[1])
-    w.CopyFrom(old.type.tensor_type.shape.dim[2])
-    c.CopyFrom(old.type.tensor_type.shape.dim[3])
     new = onnx.ValueInfoProto()
     new.CopyFrom(old)
     new.name = name
-    dims = new.type.tensor_type.shape.dim
-    for i, d in enumerate((n, c, h, w)):
-        dims[i].CopyFrom(d)
+    for i, j in enumerate((0, 3, 1, 2)):  # (N, H, W, 3) -> (N, 3, H, W), names of symbolic sizes kept
+        new.type.tensor_type.shape.dim[i].CopyFrom(old.type.tensor_type.shape.dim[j])
     transpose = onnx.helper.make_node("Transpose", [name], [old.name], perm=[0, 2, 3, 1], name=f"camshaft_{name}")
     graph.input.remove(old)
     graph.input.insert(0, new)
