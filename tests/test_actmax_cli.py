@@ -167,13 +167,37 @@ def tiny_vit():
                                                 num_classes=4)
 
 
+class Rows(torch.nn.Module):
+    """Patch tokens of a 16x24 image at 8 px: 2 x 3 = 6, which tile no square."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.mix, self.fc = torch.nn.Conv2d(3, 8, 8, stride=8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.mix(self.embed(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def rows():
+    torch.manual_seed(0)
+    return Rows().eval()
+
+
 @pytest.mark.parametrize("spec", ["channel:{t}:3", "neuron:{t}:3", "direction:{t}:1,1,1,1,1"])
-def test_channel_objectives_on_transformer_tokens_are_refused_clearly(tmp_path, capsys, spec):
-    tap = "encoder.layers.encoder_layer_0"
-    code, _, err = _main(capsys, "actmax", "test_actmax_cli:tiny_vit", "--input-size", "32", "--objective",
-                         spec.format(t=tap), "--out", tmp_path / "o", "--steps", "1", "--no-progress")
-    assert code == 2 and "tokens x features (a transformer's)" in err
+def test_channel_objectives_on_tokens_that_tile_no_square_are_refused_clearly(tmp_path, capsys, spec):
+    code, _, err = _main(capsys, "actmax", "test_actmax_cli:rows", "--input-size", "16,24", "--objective",
+                         spec.format(t="mix"), "--out", tmp_path / "o", "--steps", "1", "--no-progress")
+    assert code == 2 and "(6, 8): tokens x features that tile no square grid" in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("spec", ["channel:{t}:3", "neuron:{t}:3", "direction:{t}:" + ",".join(["1"] * 32)])
+def test_channel_objectives_on_vit_tokens_run_on_the_patch_grid(tmp_path, capsys, spec):
+    tap = "encoder.layers.encoder_layer_0"  # 1 + 2 x 2 tokens
+    code, _, err = _main(capsys, "actmax", "test_actmax_cli:tiny_vit", "--input-size", "32", "--objective",
+                         spec.format(t=tap), "--out", tmp_path / "o", "--steps", "2", "--no-progress")
+    assert code == 0, err
+    assert np.isfinite(pq.read_table(tmp_path / "o" / "results.parquet").to_pandas()["value"]).all()
 
 
 def test_a_model_that_cannot_take_the_input_size_is_refused_clearly(tmp_path, capsys):

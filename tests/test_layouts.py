@@ -252,3 +252,20 @@ def test_feature_maps_of_vits_default_tap_are_its_patch_tokens_on_their_grid(tmp
     tokens = seen["t"][0]  # (1 + 16, 16): the class token, then the patches row by row
     want = tokens[1:, [3, 0]].T.reshape(2, 4, 4).numpy()
     np.testing.assert_allclose(fm.maps, want, rtol=1e-5, atol=1e-6)
+
+
+def test_actmax_channel_objectives_on_vit_tokens_are_means_over_the_patch_tokens():
+    from camshaft.engine.actmax.render import as_saved
+
+    tap = "encoder.layers.encoder_layer_1.mlp"  # (1 + 16, 16) per image
+    config = RenderConfig(steps=3, batch_size=2, device="cpu", jitter=0, scale=0.0, rotate=0.0)
+    pre = Preprocess(input_size=(32, 32), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), resize="stretch")
+    r = render(tiny_vit(), [channel(tap, 3), channel(tap, 11)], preprocess=pre, config=config)
+    model, seen = tiny_vit(), {}
+    model.encoder.layers.encoder_layer_1.mlp.register_forward_hook(lambda m, i, o: seen.setdefault("t", o.detach()))
+    with torch.no_grad():
+        model((as_saved(r.images) - 0.5) / 0.25)  # the images in [0, 1], normalized as render does
+    tokens = seen["t"]
+    want = torch.stack([tokens[0, 1:, 3].mean(), tokens[1, 1:, 11].mean()])  # the class token left out
+    assert not torch.allclose(want, torch.stack([tokens[0, :, 3].mean(), tokens[1, :, 11].mean()]))
+    torch.testing.assert_close(r.values, want, rtol=1e-4, atol=1e-5)

@@ -245,11 +245,12 @@ def _class_check(c: int) -> Check:
 
 
 def _layout_problem(tap: str, shape) -> str | None:
-    """Why a tap of this per-image shape has no channels: tokens x features (a transformer's)."""
+    """Why a tap of this per-image shape has no channels: tokens x features that tile no square (tokens that
+    do reach objectives as (C, h, w) maps: ``render``'s ``_channels_first``)."""
     if len(shape) == 2:
-        return (f"tap {tap!r} has per-image shape {tuple(shape)}: tokens x features (a transformer's), not "
-                "channels (C, h, w) or units (N,); channel, neuron and direction objectives need those "
-                "(class, prob and layer objectives work)")
+        return (f"tap {tap!r} has per-image shape {tuple(shape)}: tokens x features that tile no square grid "
+                "(T = h*h, or 1 + h*h with a class token), not channels (C, h, w) or units (N,); channel, neuron "
+                "and direction objectives need those (class, prob and layer objectives work)")
     return None
 
 

@@ -224,12 +224,14 @@ def _with_cpu_linears(forward: Forward, device: torch.device) -> Forward:
 
 
 def _channels_first(forward: Forward) -> Forward:
-    """Channels-last maps (B, h, w, C), Swin's, as (B, C, h, w): channel objectives index axis 1
-    (``camshaft.models.layout``; a transformer's tokens stay tokens, which those objectives refuse)."""
+    """Every tap as (B, C, h, w) where it has a grid (``camshaft.models.layout``), as the explanations read it:
+    channel objectives index axis 1 of Swin's channels-last maps too, and a ViT's tokens are its patches' grid
+    (a channel's mean is over the patch tokens, the class token left out, as Ghiasi et al. 2022 visualize
+    ViT features)."""
 
     def run(x: torch.Tensor):
         logits, taps = forward(x)
-        return logits, {t: as_maps(a, x.shape[-2:], tokens=False) for t, a in taps.items()}
+        return logits, {t: as_maps(a, x.shape[-2:]) for t, a in taps.items()}
 
     return run
 
