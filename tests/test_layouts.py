@@ -269,3 +269,12 @@ def test_actmax_channel_objectives_on_vit_tokens_are_means_over_the_patch_tokens
     want = torch.stack([tokens[0, 1:, 3].mean(), tokens[1, 1:, 11].mean()])  # the class token left out
     assert not torch.allclose(want, torch.stack([tokens[0, :, 3].mean(), tokens[1, :, 11].mean()]))
     torch.testing.assert_close(r.values, want, rtol=1e-4, atol=1e-5)
+
+
+def test_inspect_marks_token_layers_with_their_grid(capsys):
+    from camshaft.cli import main
+
+    assert main(["inspect", f"{__name__}:tiny_vit", "--input-size", "32"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["encoder.layers.encoder_layer_1.ln_1"].split()[2:] == [
+        "17x16", "(tokens:", "1", "+", "4x4)", "<-", "default", "tap", "(encoder.layers.encoder_layer_1.ln_1)"]

@@ -17,7 +17,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from camshaft.api import inspect
-    from camshaft.models.layout import channels_last
     from camshaft.models.sources import resolve_model
     from camshaft.preprocess import Preprocess
 
@@ -33,7 +32,8 @@ def run(args) -> int:
     h, w = args.input_size or (source.preprocess or Preprocess()).input_size
     for layer in report.layers:
         shape = "x".join(map(str, layer.shape[1:])) if layer.shape else "-"
-        marks = ["(channels last: h x w x C)"] if layer.shape and channels_last(layer.shape[1:], (h, w)) else []
+        marks = [_layout(layer.shape[1:], (h, w))] if layer.shape else []
+        marks = [m for m in marks if m]
         if [layer.name] == tap_node:
             marks.append(f"<- default tap ({tap})")
         elif layer.name == linear:
@@ -51,6 +51,19 @@ def run(args) -> int:
     else:
         print("CAM head: none (the tap is not followed by global average pooling and one linear layer); use gradcam")
     return 0
+
+
+def _layout(shape, size) -> str:
+    """How a map of this per-image shape is read, where it is not plainly (C, h, w)."""
+    from camshaft.models.layout import channels_last, token_grid
+
+    if channels_last(shape, size):
+        return "(channels last: h x w x C)"
+    grid = token_grid(shape[0]) if len(shape) == 2 else None
+    if grid is not None:
+        skip, side = grid
+        return f"(tokens: {'1 + ' if skip else ''}{side}x{side})"
+    return ""
 
 
 def _names(names) -> str:
