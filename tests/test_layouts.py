@@ -78,8 +78,10 @@ def token_pool() -> nn.Module:
 
 def tiny_vit() -> nn.Module:
     torch.manual_seed(0)
-    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                hidden_dim=16, mlp_dim=32, num_classes=5).eval()
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=16, mlp_dim=32, num_classes=5)
+    nn.init.normal_(model.heads.head.weight)  # torchvision starts the head at zero: every class scores alike
+    return model.eval()
 
 
 @pytest.mark.parametrize("shape, size, grid", [
@@ -192,6 +194,9 @@ def test_default_taps_of_transformers():
     """ViT reads its class token alone after the last block's attention: the last map its patches reach is
     that block's ``ln_1``. A model pooling every token: its last tokens. Swin: its last map, channels first."""
     assert describe(tiny_vit(), input_size=(32, 32)).default_tap == "encoder.layers.encoder_layer_1.ln_1"
+    untrained = tiny_vit()
+    nn.init.zeros_(untrained.heads.head.weight)  # torchvision's start: the logits move with nothing
+    assert describe(untrained, input_size=(32, 32)).default_tap == "encoder.layers.encoder_layer_1.ln_1"
     frozen = tiny_vit().requires_grad_(False)  # as the backends hold it: the position embedding is off the tape
     assert describe(frozen, input_size=(32, 32)).default_tap == "encoder.layers.encoder_layer_1.ln_1"
     assert not any(p.requires_grad for p in frozen.parameters())
@@ -278,3 +283,33 @@ def test_inspect_marks_token_layers_with_their_grid(capsys):
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert rows["encoder.layers.encoder_layer_1.ln_1"].split()[2:] == [
         "17x16", "(tokens:", "1", "+", "4x4)", "<-", "default", "tap", "(encoder.layers.encoder_layer_1.ln_1)"]
+
+
+def test_an_onnx_vit_from_elsewhere_is_tapped_at_its_tokens(tmp_path):
+    """Score-CAM at the ONNX graph's tensor of the last ``ln_1`` equals Score-CAM at that module of the torch model."""
+    import warnings
+
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "vit.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(tiny_vit(), (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, input_names=["x"],
+                          dynamic_axes={"x": {0: "b"}})
+    tensor = "/encoder/layers/encoder_layer_1/ln_1/LayerNormalization_output_0"
+    from camshaft.models.sources import resolve_model
+
+    source = resolve_model(str(path), preprocess={"mean": (0.0,) * 3, "std": (1.0,) * 3})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_be = open_backend("onnxruntime", source, tmp_path / "o", taps=[tensor])
+    assert onnx_be.info.tap_shapes[tensor] == (17, 16)
+    eager = open_backend("eager", source_of(tiny_vit(), size=(32, 32)), tmp_path / "e",
+                         taps=["encoder.layers.encoder_layer_1.ln_1"])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8))
+    select = fixed([[0, 3], [2, 1]])
+    got, out = get_method("scorecam").run(onnx_be, x, select, tap=tensor)
+    want, _ = get_method("scorecam").run(eager, x, select, tap="encoder.layers.encoder_layer_1.ln_1")
+    assert got.shape == (2, 2, 4, 4) and out.taps[tensor].shape == (2, 16, 4, 4) and want.abs().amax() > 0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().amax().item())
+    with pytest.raises(camshaft.errors.UnknownNameError, match="tokens \\(N, T, C\\) that tile a square"):
+        open_backend("onnxruntime", source, tmp_path / "p", taps=["/encoder/layers/encoder_layer_1/Gather_output_0"])

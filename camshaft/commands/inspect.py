@@ -109,12 +109,15 @@ def _inspect_artifact(source) -> int:
 
 
 def _inspect_foreign_onnx(path) -> None:
+    from camshaft.models.layout import token_grid
     from camshaft.models.onnx_graph import open_foreign, spatial_tensors
 
     import onnx
 
-    for name, shape in spatial_tensors(onnx.load(str(path))).items():
-        print(f"{name}  {'x'.join(map(str, shape[1:]))}")
+    for name, shape in spatial_tensors(onnx.load(str(path)), tokens=True).items():
+        grid = token_grid(shape[1]) if len(shape) == 3 else None
+        mark = f"  (tokens: {'1 + ' if grid[0] else ''}{grid[1]}x{grid[1]})" if grid else ""
+        print(f"{name}  {'x'.join(map(str, shape[1:]))}{mark}")
     try:
         graph = open_foreign(path, None)
     except ConfigError as e:  # informative only: no default tap, or no class count

@@ -1,9 +1,9 @@
 """ONNX files camshaft did not write: tap intermediate tensors by name, find a CAM head.
 
-A tap is any tensor of the graph (``camshaft inspect model.onnx`` lists the 4-D ones); it becomes
-an extra output. The default tap is the CAM head's, else the last 4-D tensor larger than 1x1. The
-CAM head is found by pattern: tap -> GlobalAveragePool (or ReduceMean over H, W) ->
-Flatten/Reshape/Squeeze -> Gemm or MatMul (+ Add) producing the first graph output.
+A tap is any 4-D tensor of the graph, or a transformer's tokens that tile a square (``camshaft inspect
+model.onnx`` lists them); it becomes an extra output. The default tap is the CAM head's, else the last
+4-D tensor larger than 1x1. The CAM head is found by pattern: tap -> GlobalAveragePool (or ReduceMean
+over H, W) -> Flatten/Reshape/Squeeze -> Gemm or MatMul (+ Add) producing the first graph output.
 
 A file taking channels-last images (N, H, W, 3) gets a Transpose before its input, so that it takes
 camshaft's (N, 3, H, W) batches like any other; its channels-last maps are read by
@@ -21,7 +21,7 @@ import torch
 from onnx import external_data_helper, numpy_helper, shape_inference
 
 from camshaft.errors import ConfigError, UnknownNameError
-from camshaft.models.layout import channels_last
+from camshaft.models.layout import channels_last, token_grid
 
 _PASS_THROUGH = {"Flatten", "Reshape", "Squeeze", "Identity", "Dropout"}
 
@@ -40,15 +40,17 @@ class ForeignGraph:
     channels_last_input: bool = False  # the file takes (N, H, W, 3) (Keras's); ``model`` takes (N, 3, H, W)
 
 
-def spatial_tensors(model: onnx.ModelProto) -> dict[str, tuple]:
-    """Tensors with a 4-D shape (N, C, h, w) in execution order, by name."""
+def spatial_tensors(model: onnx.ModelProto, *, tokens: bool = False) -> dict[str, tuple]:
+    """Tensors with a 4-D shape (N, C, h, w) in execution order, by name; with ``tokens``, a transformer's
+    tokens (N, T, C) that tile a square too (``camshaft.models.layout``: read as maps)."""
     inferred = shape_inference.infer_shapes(model)
     shapes = {v.name: _dims(v) for v in list(inferred.graph.value_info) + list(inferred.graph.output)}
     out = {}
     for node in inferred.graph.node:
         for name in node.output:
-            if len(shapes.get(name, ())) == 4:
-                out[name] = shapes[name]
+            dims = shapes.get(name, ())
+            if len(dims) == 4 or tokens and len(dims) == 3 and isinstance(dims[1], int) and token_grid(dims[1]):
+                out[name] = dims
     return out
 
 
@@ -107,21 +109,23 @@ def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
             raise ConfigError(f"{path}: no 4-D tensor larger than 1x1 to pick a default tap; name one with --tap "
                               f"(4-D tensors: {', '.join(list(spatial)[-8:]) or 'none'})")
         taps = [default]
+    tappable = spatial_tensors(model, tokens=True)
     for t in taps:
-        if t not in spatial:
-            raise UnknownNameError("ONNX tap", t, list(spatial), hint="a tap is a 4-D tensor of the graph")
+        if t not in tappable:
+            raise UnknownNameError("ONNX tap", t, list(tappable), hint="a tap is a 4-D tensor of the graph, or "
+                                   "a transformer's tokens (N, T, C) that tile a square (T = h*h, or 1 + h*h)")
     outputs = {o.name for o in model.graph.output}
     for t in taps:
         if t not in outputs:
             model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
-    order = list(spatial)
+    order = list(tappable)
     taps = sorted(taps, key=order.index)
     out_dims = _dims(shape_inference.infer_shapes(onnx.load(str(path))).graph.output[0])
     num_classes = out_dims[-1] if out_dims and isinstance(out_dims[-1], int) else None
     if num_classes is None:
         raise ConfigError(f"{path}: cannot tell the number of classes from the first output {logits!r}")
     cam_w, cam_tap = (head[1], head[0]) if head is not None and head[0] in taps else (None, None)
-    shapes = {t: tuple(spatial[t][1:]) for t in taps}
+    shapes = {t: tuple(tappable[t][1:]) for t in taps}
     batch = in_dims[0] if in_dims and isinstance(in_dims[0], int) and in_dims[0] > 0 else None
     return ForeignGraph(model, logits, taps, shapes, num_classes, size, cam_w, cam_tap, batch, channels_last_input)
 
