@@ -31,7 +31,8 @@ class ModelInfo:
     cam_weight: torch.Tensor | None = field(default=None, repr=False)  # (N, C) for taps[cam_tap]
     cam_tap: str | None = None
     source: str = ""
-    tap_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # per image: (C, h, w)
+    # per image, as the tap outputs it: (C, h, w), channels last (h, w, C) or tokens (T, C) (models/layout.py)
+    tap_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         check_count(self.class_names, self.num_classes, model=self.source or "the model")
@@ -39,10 +40,11 @@ class ModelInfo:
 
 @dataclass
 class Output:
-    """One batch through a backend. ``grads[tap]`` is (B, K, C, h, w) when asked for."""
+    """One batch through a backend. ``grads[tap]`` is (B, K, *tap) when asked for. Taps come as the model
+    outputs them; ``methods.base.feature_map`` reads one as (B, C, h, w) (its gradients as (B, K, C, h, w))."""
 
     logits: torch.Tensor  # (B, N), float32
-    taps: dict[str, torch.Tensor]  # tap -> (B, C, h, w)
+    taps: dict[str, torch.Tensor]  # tap -> (B, C, h, w), (B, h, w, C) or tokens (B, T, C)
     grads: dict[str, torch.Tensor] | None = None
     targets: torch.Tensor | None = None  # (B, K) class indices the maps are for
     input_grads: torch.Tensor | None = None  # (B, K, 3, H, W) when asked for
