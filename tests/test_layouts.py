@@ -8,6 +8,8 @@ the same maps: for every method, backend and consumer (feature maps, exemplars, 
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -20,9 +22,10 @@ import camshaft
 from camshaft.engine.actmax import RenderConfig, render
 from camshaft.engine.actmax.objectives import channel
 from camshaft.engine.methods import check_backend, get_method
-from camshaft.errors import CapabilityError, ConfigError
+from camshaft.errors import CapabilityError, ConfigError, UnknownNameError
 from camshaft.models.inspect import describe
 from camshaft.models.layout import as_maps, channels_last, map_shape
+from camshaft.models.sources import resolve_model
 from camshaft.preprocess import Preprocess
 from camshaft.report.exemplars import ExemplarCollector, ExemplarSpec
 
@@ -200,8 +203,8 @@ def test_default_taps_of_transformers():
     frozen = tiny_vit().requires_grad_(False)  # as the backends hold it: the position embedding is off the tape
     assert describe(frozen, input_size=(32, 32)).default_tap == "encoder.layers.encoder_layer_1.ln_1"
     assert not any(p.requires_grad for p in frozen.parameters())
-    trained = tiny_vit()
-    assert describe(trained, input_size=(32, 32)).default_tap and all(p.requires_grad for p in trained.parameters())
+    live = tiny_vit()  # the check takes the weights off the tape meanwhile, and gives them back
+    assert describe(live, input_size=(32, 32)).default_tap and all(p.requires_grad for p in live.parameters())
     assert describe(token_pool(), input_size=(32, 32)).default_tap == "norm"
     assert describe(tiny_swin(), input_size=SIZE).default_tap == "permute"
 
@@ -231,7 +234,8 @@ def test_inspect_marks_channels_last_layers(capsys):
 
 
 def test_actmax_diversity_on_tokens_compares_the_gram_of_their_features():
-    """ViT's default tap is tokens: the diversity term's Gram matrix is (C, C) over them, as over a map."""
+    """Tokens that reach the diversity term as tokens (a tap of tokens that tile no square): its Gram matrix is
+    (C, C) over their features, as over a map."""
     from camshaft.engine.actmax.regularizers import _similarity
 
     tokens = torch.randn(4, 16, 8, generator=torch.Generator().manual_seed(7))  # (R, T, C), no class token
@@ -287,8 +291,6 @@ def test_inspect_marks_token_layers_with_their_grid(capsys):
 
 def test_an_onnx_vit_from_elsewhere_is_tapped_at_its_tokens(tmp_path):
     """Score-CAM at the ONNX graph's tensor of the last ``ln_1`` equals Score-CAM at that module of the torch model."""
-    import warnings
-
     pytest.importorskip("onnxruntime")
     path = tmp_path / "vit.onnx"
     with warnings.catch_warnings():
@@ -296,8 +298,6 @@ def test_an_onnx_vit_from_elsewhere_is_tapped_at_its_tokens(tmp_path):
         torch.onnx.export(tiny_vit(), (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, input_names=["x"],
                           dynamic_axes={"x": {0: "b"}})
     tensor = "/encoder/layers/encoder_layer_1/ln_1/LayerNormalization_output_0"
-    from camshaft.models.sources import resolve_model
-
     source = resolve_model(str(path), preprocess={"mean": (0.0,) * 3, "std": (1.0,) * 3})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -311,5 +311,5 @@ def test_an_onnx_vit_from_elsewhere_is_tapped_at_its_tokens(tmp_path):
     want, _ = get_method("scorecam").run(eager, x, select, tap="encoder.layers.encoder_layer_1.ln_1")
     assert got.shape == (2, 2, 4, 4) and out.taps[tensor].shape == (2, 16, 4, 4) and want.abs().amax() > 0
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().amax().item())
-    with pytest.raises(camshaft.errors.UnknownNameError, match="tokens \\(N, T, C\\) that tile a square"):
+    with pytest.raises(UnknownNameError, match="tokens \\(N, T, C\\) that tile a square"):
         open_backend("onnxruntime", source, tmp_path / "p", taps=["/encoder/layers/encoder_layer_1/Gather_output_0"])
