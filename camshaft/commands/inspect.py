@@ -54,12 +54,13 @@ def run(args) -> int:
 
 
 def _layout(shape, size) -> str:
-    """How a map of this per-image shape is read, where it is not plainly (C, h, w)."""
+    """How a map of this per-image shape is read, where it is not plainly (C, h, w); without the input ``size``
+    (an ONNX file's symbolic sizes) tokens only."""
     from camshaft.models.layout import channels_last, token_grid
 
-    if channels_last(shape, size):
+    if size is not None and channels_last(shape, size):
         return "(channels last: h x w x C)"
-    grid = token_grid(shape[0]) if len(shape) == 2 else None
+    grid = token_grid(shape[0]) if len(shape) == 2 and isinstance(shape[0], int) else None
     if grid is not None:
         skip, side = grid
         return f"(tokens: {'1 + ' if skip else ''}{side}x{side})"
@@ -109,15 +110,13 @@ def _inspect_artifact(source) -> int:
 
 
 def _inspect_foreign_onnx(path) -> None:
-    from camshaft.models.layout import token_grid
     from camshaft.models.onnx_graph import open_foreign, spatial_tensors
 
     import onnx
 
     for name, shape in spatial_tensors(onnx.load(str(path)), tokens=True).items():
-        grid = token_grid(shape[1]) if len(shape) == 3 else None
-        mark = f"  (tokens: {'1 + ' if grid[0] else ''}{grid[1]}x{grid[1]})" if grid else ""
-        print(f"{name}  {'x'.join(map(str, shape[1:]))}{mark}")
+        mark = _layout(shape[1:], None)
+        print(f"{name}  {'x'.join(map(str, shape[1:]))}{'  ' + mark if mark else ''}")
     try:
         graph = open_foreign(path, None)
     except ConfigError as e:  # informative only: no default tap, or no class count

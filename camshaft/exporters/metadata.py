@@ -140,10 +140,10 @@ def _cam_problems(meta: ArtifactMeta, cam: torch.Tensor, shapes: Mapping) -> lis
     if meta.cam_tap is None:
         return ["CAM head weights without the tap they read (cam_tap)"]
     shape = shapes.get(meta.cam_tap)
-    grid = map_shape(shape, meta.preprocess.input_size, tokens=False) if isinstance(shape, list) and shape else None
-    channels = grid[0] if grid else shape[0] if isinstance(shape, list) and shape else None  # channels last: (h, w, C)
-    if channels is None:
+    if not (isinstance(shape, list) and shape):
         return []  # the tap's shape is already reported
+    grid = map_shape(shape, meta.preprocess.input_size, tokens=False)  # channels last: (h, w, C)
+    channels = grid[0] if grid else shape[0]
     if tuple(cam.shape) != (meta.num_classes, channels):
         return [f"CAM head weights of shape {tuple(cam.shape)}, expected (classes, channels of tap "
                 f"{meta.cam_tap!r}) = ({meta.num_classes}, {channels})"]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
+from camshaft.engine.backends.torch_backend import frozen
 from camshaft.errors import ConfigError
 from camshaft.models.layout import as_maps, map_shape, token_grid
 from camshaft.models.split import split_at_first_tap
@@ -160,22 +161,16 @@ def _reaching(model: nn.Module, plan: TapPlan, tokens: list[str], x: torch.Tenso
     gm.recompile()
     gen = torch.Generator().manual_seed(0)
     noise = torch.randn(x.shape, generator=gen).to(x.device)
-    weights = [(p, p.requires_grad) for p in model.parameters()]
-    try:  # weights off the tape: a tensor the image does not reach (ViT's position embedding) is off it too
-        for p, _ in weights:
-            p.requires_grad_(False)
-        with torch.inference_mode(False), torch.enable_grad():
-            out = gm(noise.requires_grad_())
-            inputs = [out[k] for k in read if isinstance(out[k], torch.Tensor) and out[k].requires_grad]
-            values = {t: out[t] for t in tokens if out[t].requires_grad}
-            grads = {}
-            if inputs and values:
-                target = sum((t * torch.randn(t.shape, generator=gen).to(t)).sum() for t in inputs)
-                grads = dict(zip(values, torch.autograd.grad(target, list(values.values()), allow_unused=True),
-                                 strict=True))
-    finally:
-        for p, flag in weights:
-            p.requires_grad_(flag)
+    # weights off the tape: a tensor the image does not reach (ViT's position embedding) is off it too
+    with frozen(model), torch.inference_mode(False), torch.enable_grad():
+        out = gm(noise.requires_grad_())
+        inputs = [out[k] for k in read if isinstance(out[k], torch.Tensor) and out[k].requires_grad]
+        values = {t: out[t] for t in tokens if out[t].requires_grad}
+        grads = {}
+        if inputs and values:
+            target = sum((t * torch.randn(t.shape, generator=gen).to(t)).sum() for t in inputs)
+            grads = dict(zip(values, torch.autograd.grad(target, list(values.values()), allow_unused=True),
+                             strict=True))
     reached = []
     for t in tokens:
         g, skip = grads.get(t), token_grid(out[t].shape[1])[0]

@@ -95,7 +95,8 @@ def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
     if channels_last_input:
         model = _with_nchw_input(model)
     logits = model.graph.output[0].name
-    spatial = spatial_tensors(model)
+    tappable = spatial_tensors(model, tokens=True)  # one shape inference: the tokens are taps, not default ones
+    spatial = {name: dims for name, dims in tappable.items() if len(dims) == 4}
     in_dims = _dims(model.graph.input[0])
     size = tuple(in_dims[2:]) if len(in_dims) == 4 and all(isinstance(d, int) and d > 0 for d in in_dims[2:]) else None
     head = _cam_head(model, logits)
@@ -109,7 +110,6 @@ def open_foreign(path: Path, taps: list[str] | None) -> ForeignGraph:
             raise ConfigError(f"{path}: no 4-D tensor larger than 1x1 to pick a default tap; name one with --tap "
                               f"(4-D tensors: {', '.join(list(spatial)[-8:]) or 'none'})")
         taps = [default]
-    tappable = spatial_tensors(model, tokens=True)
     for t in taps:
         if t not in tappable:
             raise UnknownNameError("ONNX tap", t, list(tappable), hint="a tap is a 4-D tensor of the graph, or "
