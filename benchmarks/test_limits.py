@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from camshaft.bench.cases import target_count
-from camshaft.bench.limits import VARIANTS
+from camshaft.bench.limits import COMPILED_VARIANTS, CPU_VARIANTS, VARIANTS
 
 
 def _pick(items, suffix: str):
@@ -29,7 +29,7 @@ def test_gradient_limit(timed, bench, group, kind, k):
 
 def pytest_generate_tests(metafunc):
     if "variant" in metafunc.fixturenames:
-        metafunc.parametrize("variant", VARIANTS)
+        metafunc.parametrize("variant", [*VARIANTS, *CPU_VARIANTS, *COMPILED_VARIANTS])  # absent ones skip
     if "k" in metafunc.fixturenames:
         s = metafunc.config.camshaft_bench_settings
         metafunc.parametrize("k", sorted({target_count(t) for t in s.targets}))

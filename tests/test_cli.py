@@ -128,6 +128,7 @@ BAD_FLAGS = [
     (["--workers", "0"], r"argument --workers: expected a positive integer", False),
     (["--cuda-graphs", "--device", "cpu"], r"CUDA graphs need a CUDA device; this run is on cpu", False),
     (["--cuda-graphs", "--backend", "onnxruntime"], r"CUDA graphs run on the eager, torchscript and pt2", False),
+    (["--cuda-graphs", "--backend", "inductor"], r"CUDA graphs run on .*\(not inductor or onnxruntime\)", False),
     ([], r"data not found: .*no_such_folder", False),  # the data path does not exist
 ]
 IDS = [" ".join(argv) or "missing-data" for argv, _, _ in BAD_FLAGS]

@@ -10,7 +10,9 @@ gradient limit*: that best forward plus the head above the tap run forward with 
 of the K target scores to the tap (``head_backward``). Methods on input gradients are compared with
 a forward and a batched backward to the pixels (``input_backward``). With ``cuda_graphs`` (a run whose backends replay
 CUDA graphs) the two fastest variants are also replayed from CUDA graphs (``GRAPH_VARIANTS``), so
-graphed methods are held to a graphed forward.
+graphed methods are held to a graphed forward. In a run that benchmarks the inductor backend, the
+model compiled by TorchInductor as that backend compiles it (``inductor``) is a variant too: a backend
+is never compared with a limit slower than its own forward.
 
 Limits run on their own frozen copy of the model, so they share no state with backends or peers.
 """
@@ -37,6 +39,7 @@ GRAPH_VARIANTS = ("channels_last_graph", "torchscript_cl_graph")  # only in runs
 # only on a CPU, for a model with linear layers that camshaft.models.cpu_linear runs as oneDNN convolutions (the
 # eager backend does): channels-last with those, so that the limit is no slower than what the backend runs
 CPU_VARIANTS = ("cl_onednn",)
+COMPILED_VARIANTS = ("inductor",)  # only in runs that benchmark the inductor backend
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
@@ -57,6 +60,7 @@ def forward_limits(
     key: str,
     attrs: dict,
     cuda_graphs: bool = False,
+    compiled: bool = False,
 ) -> list[Workload | Skipped]:
     """One ``limit`` workload per variant for the batch ``x`` (or why a variant cannot run)."""
     x_cl = x.contiguous(memory_format=torch.channels_last)
@@ -69,6 +73,8 @@ def forward_limits(
     }
     if x.device.type == "cpu" and _routes_linears(model, x_cl, dtype):
         builders["cl_onednn"] = lambda: _eager(_cl_copy(model), x_cl, dtype, linears=True)
+    if compiled:
+        builders["inductor"] = lambda: _inductor(model, x, dtype)
     if cuda_graphs:
         builders["channels_last_graph"] = lambda: _graphed(_cl_copy(model), x_cl, dtype)
         builders["torchscript_cl_graph"] = lambda: _graphed(_traced(model, x_cl, dtype), x_cl, dtype)
@@ -135,6 +141,43 @@ def _graphed(model, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]
 
     fn()  # records the graph (a GraphCaptureError is a CamshaftError: the variant is skipped)
     return fn
+
+
+def _inductor(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
+    """Compiled with frozen weights in the layout the backends give the model (compiled once, here)."""
+    from camshaft.engine.backends.base import resolve_memory_format
+    from camshaft.engine.backends.compiled import Compiled, check_compiler
+
+    check_compiler(x.device)  # a ConfigError: the variant is skipped with the reason
+    layout = resolve_memory_format("auto", model) if x.dim() == 4 else torch.contiguous_format
+    compiled = Compiled(_folded(model, layout))
+    x = x.contiguous(memory_format=layout)
+
+    def fn():
+        with torch.inference_mode(), autocast(x.device, dtype):
+            compiled(x)
+
+    fn()
+    return fn
+
+
+def _folded(model: nn.Module, layout: torch.memory_format) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A copy in ``layout`` with its batch norms folded into convolutions as the backends fold them
+    (``camshaft.models.fold``: the graph of a model FX traces; another model is copied as it is)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from camshaft.models.fold import fold_graphs
+    from camshaft.models.taps import plan_taps
+
+    model = copy.deepcopy(model).to(memory_format=layout)
+    plan = plan_taps(model)
+    if not plan.traceable:
+        return model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = create_feature_extractor(model, return_nodes={plan.fx(plan.output): "logits"})
+    fold_graphs([gm], memory_format=layout)
+    return lambda x: gm(x)["logits"]
 
 
 def _torchscript(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:

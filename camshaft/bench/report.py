@@ -116,11 +116,11 @@ def _table(headers: list[str], rows: list[list[str]], *, labels: int = 4) -> str
 
 
 def _limit_variants(figures: list[dict]) -> list[str]:
-    """The limit table's columns: every variant, and the graphed and CPU-only ones of a run that has them."""
-    from camshaft.bench.limits import CPU_VARIANTS, GRAPH_VARIANTS, VARIANTS
+    """The limit table's columns: every variant, and the graphed, CPU-only and compiled ones of a run that has them."""
+    from camshaft.bench.limits import COMPILED_VARIANTS, CPU_VARIANTS, GRAPH_VARIANTS, VARIANTS
 
     seen = {f.get("variant") for f in figures if f["role"] == "limit"}
-    return [*VARIANTS, *(v for v in (*CPU_VARIANTS, *GRAPH_VARIANTS) if v in seen)]
+    return [*VARIANTS, *(v for v in (*CPU_VARIANTS, *COMPILED_VARIANTS, *GRAPH_VARIANTS) if v in seen)]
 
 
 def _limit_rows(figures: list[dict]) -> list[list[str]]:

@@ -280,7 +280,8 @@ def group_workloads(mb: ModelBench, group: Group) -> list[Workload | Skipped]:
     if mb.plain is not None:
         onnx = mb.onnx if isinstance(mb.onnx, Path) else None
         out += limits.forward_limits(
-            mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=group.key, attrs=attrs, cuda_graphs=mb.settings.cuda_graphs
+            mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=group.key, attrs=attrs, cuda_graphs=s.cuda_graphs,
+            compiled="inductor" in s.backends,
         )
         out += gradient_limits(mb, group, x)
     else:

@@ -61,7 +61,7 @@ class BenchSession:
         onnx = mb.onnx if isinstance(mb.onnx, Path) else None
         return limit_work.forward_limits(
             mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=group.key, attrs=group.attrs(),
-            cuda_graphs=mb.settings.cuda_graphs,
+            cuda_graphs=mb.settings.cuda_graphs, compiled="inductor" in mb.settings.backends,
         ) + gradient_limits(mb, group, x)
 
     def method_workload(self, case: Case) -> Workload | Skipped:

@@ -102,6 +102,8 @@ class ExplainJob:
         if self.partition_size < 1:
             problems.append(f"partition size must be at least 1, received {self.partition_size}")
         problems += self._check_extras()
+        if self.backend == "inductor":
+            problems += self._check_compiler()
         if not self.scheduler:
             problems.append("scheduler must be threads, sync or a dask.distributed address (tcp://host:8786)")
         if self.resize is not None and self.resize not in RESIZE_MODES:
@@ -121,13 +123,28 @@ class ExplainJob:
             raise ConfigError("invalid explain job: " + "; ".join(problems))
 
     def _check_cuda_graphs(self) -> list[str]:
-        if self.backend == "onnxruntime" or (self.backend == AUTO and str(self.model).lower().endswith(".onnx")):
+        onnx = self.backend == AUTO and str(self.model).lower().endswith(".onnx")
+        if self.backend in ("onnxruntime", "inductor") or onnx:
             return [CUDA_GRAPHS_BACKENDS]
         try:
             device = resolve_device(self.device)
         except ConfigError as e:
             return [str(e)]
         return [] if device.type == "cuda" else [f"CUDA graphs need a CUDA device; this run is on {device}"]
+
+    def _check_compiler(self) -> list[str]:
+        """The inductor backend's code generator: a C++ compiler (CPU) or Triton (GPU)."""
+        from camshaft.engine.backends.compiled import check_compiler
+
+        try:
+            device = resolve_device(self.device)
+        except ConfigError:
+            return []  # a bad device is refused with its reason where the backend opens it
+        try:
+            check_compiler(device)
+        except ConfigError as e:
+            return [str(e)]
+        return []
 
     def _check_extras(self) -> list[str]:
         """Problems with the metrics and exemplars requested (parsed by the report package)."""

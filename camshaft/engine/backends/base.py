@@ -114,16 +114,16 @@ def backend_factory(name: str, source=None) -> BackendFactory:
 
 
 ABLE = {
-    FORWARD: "eager, torchscript, pt2, onnxruntime",
-    INPUT_GRADIENTS: "eager, torchscript and pt2 (ONNX Runtime computes no gradients)",
-    MODULE_HOOKS: "eager (the method modifies layers of a live torch model)",
-    TAP_GRADIENTS: "eager (any torch model); torchscript, pt2 and onnxruntime for files camshaft exported "
+    FORWARD: "eager, inductor, torchscript, pt2, onnxruntime",
+    INPUT_GRADIENTS: "eager, inductor, torchscript and pt2 (ONNX Runtime computes no gradients)",
+    MODULE_HOOKS: "eager and inductor (the method modifies layers of a live torch model)",
+    TAP_GRADIENTS: "eager and inductor (any torch model); torchscript, pt2 and onnxruntime for files camshaft exported "
     "from a model whose first tap splits it (re-export with `camshaft export`; an ONNX file whose head is "
     "large carries it only with `--head`)",
 }
 
 
-CUDA_GRAPHS_BACKENDS = "CUDA graphs run on the eager, torchscript and pt2 backends (not onnxruntime)"
+CUDA_GRAPHS_BACKENDS = "CUDA graphs run on the eager, torchscript and pt2 backends (not inductor or onnxruntime)"
 
 
 def require(backend: Backend, needs: frozenset[str], *, method: str) -> None:

@@ -1,4 +1,4 @@
-"""Opening a backend for a model source: eager torch, TorchScript, torch.export (.pt2) or ONNX Runtime.
+"""Opening a backend for a model source: eager torch, TorchInductor, TorchScript, torch.export (.pt2) or ONNX Runtime.
 
 A torch model asked to run on TorchScript or ONNX Runtime is exported first (with the parity
 check) into the run's work folder, so every backend serves the same taps and head.
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from camshaft.engine.backends.base import CUDA_GRAPHS_BACKENDS, ModelInfo, register_backend, resolve_memory_format
+from camshaft.engine.backends.compiled import Compiled, check_compiler
 from camshaft.engine.backends.onnx_backend import OnnxBackend, open_session
 from camshaft.engine.backends.torch_backend import TorchBackend
 from camshaft.errors import ConfigError
@@ -88,19 +89,7 @@ def _artifact(source: ModelSource, fmt: str, *, taps, preprocess: dict, workdir:
     return export_prepared(prepared, format=fmt, out=workdir / ARTIFACT_NAMES[FILE_BACKENDS[fmt]], head=True)
 
 
-def open_eager(
-    source: ModelSource,
-    *,
-    taps=None,
-    preprocess: dict,
-    device,
-    dtype,
-    workdir=None,
-    memory_format="auto",
-    fold: bool = False,
-    cuda_graphs: bool = False,
-    **_,
-) -> TorchBackend:
+def open_eager(source: ModelSource, *, fold: bool = False, cuda_graphs: bool = False, **options) -> TorchBackend:
     """The model itself, tapped.
 
     The backend follows the live model: weights changed in place show in the next call. With
@@ -108,9 +97,18 @@ def open_eager(
     into the convolutions of the backend's graphs once (``fold_batchnorms``): faster, and frozen. On the
     CPU, linear layers run through oneDNN as 1x1 convolutions (``camshaft.models.cpu_linear``).
     """
+    parts = _live_parts(source, "the eager backend needs", fold=fold, **options)
+    return TorchBackend(name="eager", **parts, cuda_graphs=cuda_graphs, cpu_linears=True)
+
+
+def _live_parts(
+    source: ModelSource, needs: str, *, taps=None, preprocess: dict, device, dtype, memory_format="auto",
+    fold: bool = False, **_
+) -> dict:
+    """The tapped live model, its split and info: what the eager and inductor backends run."""
     if source.kind != "torch":
         raise ConfigError(
-            f"the eager backend needs a torch model; {source.spec!r} is {kind_name(source.kind)} "
+            f"{needs} a torch model; {source.spec!r} is {kind_name(source.kind)} "
             f"(use --backend {FILE_BACKENDS.get(source.kind, 'torchscript')}, or auto, the default)"
         )
     pre = (source.preprocess or Preprocess()).replace(**preprocess)
@@ -136,8 +134,7 @@ def open_eager(
     info = dataclasses.replace(
         p.info, cam_weight=None if p.info.cam_weight is None else p.info.cam_weight.to(device)
     )
-    return TorchBackend(
-        name="eager",
+    return dict(
         info=info,
         full=tapped,
         device=device,
@@ -146,9 +143,29 @@ def open_eager(
         leaf_forward=lambda x: tapped(x, leaf_first=True),
         owner=p.module,
         memory_format=layout,
-        cuda_graphs=cuda_graphs,
-        cpu_linears=True,
     )
+
+
+def open_inductor(source: ModelSource, *, device, cuda_graphs: bool = False, **options) -> TorchBackend:
+    """The eager backend with its forward-only graphs compiled by TorchInductor (``compiled.py``).
+
+    Batch norms are folded and the weights frozen into the compiled code: the backend does not follow
+    later changes of the model's weights. Gradients and hooks run on the eager model.
+    """
+    if cuda_graphs:
+        raise ConfigError(CUDA_GRAPHS_BACKENDS)
+    device = torch.device(device)
+    if source.kind == "torch":  # a file is refused below, with the backend to use
+        check_compiler(device)
+    options["fold"] = True  # whatever was asked: the compiled code freezes the weights anyway
+    parts = _live_parts(source, "the inductor backend compiles", device=device, **options)
+    if parts["split"] is not None:
+        trunk, head = parts["split"]
+        parts["split"] = (Compiled(trunk), head)
+    parts["grad_forward"] = parts["full"]  # input gradients: the eager graph, autograd through it
+    parts["full"] = Compiled(parts["full"])
+    # inside compiled code the linear layers' kernels are inductor's choice; the eager head runs them on the BLAS
+    return TorchBackend(name="inductor", **parts, cpu_linears=False)
 
 
 def _runs_channels_last(tapped, pre: Preprocess, device) -> bool:
@@ -270,6 +287,7 @@ def open_onnxruntime(
 
 
 register_backend("eager", open_eager)
+register_backend("inductor", open_inductor)
 register_backend("torchscript", open_torchscript)
 register_backend("pt2", open_pt2)
 register_backend("onnxruntime", open_onnxruntime)

@@ -1,0 +1,164 @@
+"""The inductor backend: the eager model's forward and trunk compiled by TorchInductor, weights frozen in.
+
+Its results must be the eager backend's (within float tolerance: batch norms folded, other kernels),
+batches smaller than the compiled one padded rather than compiled again, and what it cannot do refused
+before any work.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+import camshaft
+from camshaft.bench import limits
+from camshaft.demo.shapes import write_demo_dataset
+from camshaft.engine.backends import compiled as compiled_module
+from camshaft.engine.backends.compiled import Compiled, check_compiler
+from camshaft.engine.methods import get_method
+from camshaft.errors import ConfigError
+from camshaft.exporters import export_prepared
+from camshaft.models.prepared import prepare_model
+from camshaft.models.sources import ModelSource
+from conftest import Untraceable, fixed, open_backend, randn, source_of
+
+
+def _compiler_missing() -> str | None:
+    try:
+        check_compiler(torch.device("cpu"))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+pytestmark = pytest.mark.skipif(_compiler_missing() is not None, reason=f"{_compiler_missing()}")
+
+SIZE = (32, 32)
+
+
+@pytest.fixture(scope="module")
+def net():
+    """resnet18 with 10 classes, its batch norms given running statistics (folding them must matter)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, *SIZE) * 2 + 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def backends(net, tmp_path_factory):
+    """The eager and inductor backends on copies of one model, tapped at layer3 and layer4."""
+    out = {}
+    for name in ("eager", "inductor"):
+        source = source_of(copy.deepcopy(net), size=SIZE)
+        out[name] = open_backend(name, source, tmp_path_factory.mktemp(name), taps=["layer3", "layer4"])
+    return out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
+def test_forward_and_taps_match_eager(backends):
+    x = randn(4, 3, *SIZE, seed=1)
+    eager, compiled = backends["eager"].forward(x), backends["inductor"].forward(x)
+    _close(compiled.logits, eager.logits)
+    assert set(compiled.taps) == {"layer3", "layer4"}
+    for tap in compiled.taps:
+        _close(compiled.taps[tap], eager.taps[tap])
+
+
+@pytest.mark.parametrize("method,tap", [("cam", "layer4"), ("gradcam", "layer4"), ("gradcam", "layer3"),
+                                        ("saliency", None)])
+def test_methods_match_eager(backends, method, tap):
+    x = randn(4, 3, *SIZE, seed=2)
+    targets = fixed([[1, 2], [3, 4], [0, 9], [5, 5]])
+    maps = {name: get_method(method).run(b, x, targets, tap=tap)[0] for name, b in backends.items()}
+    assert maps["eager"].abs().max() > 0
+    _close(maps["inductor"], maps["eager"])
+
+
+def test_a_model_fx_cannot_trace_runs_compiled_around_its_graph_break(tmp_path):
+    x = randn(3, 3, 8, 8, seed=5)
+    maps = {}
+    for name in ("eager", "inductor"):
+        torch.manual_seed(0)
+        backend = open_backend(name, source_of(Untraceable()), tmp_path / name)
+        maps[name] = [get_method(m).run(backend, x, fixed([[0, 2]] * 3), tap="features")[0] for m in ("cam", "gradcam")]
+    for got, expected in zip(maps["inductor"], maps["eager"], strict=True):
+        _close(got, expected)
+
+
+def test_a_smaller_batch_is_padded_and_a_larger_one_compiled(net):
+    model = copy.deepcopy(net).to(memory_format=torch.channels_last)
+    compiled = Compiled(model)
+    x = randn(6, 3, *SIZE, seed=3).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(x)
+        _close(compiled(x[:4]), expected[:4])
+        assert (compiled.batch, compiled.compilations) == (4, 1)
+        small = compiled(x[:3])  # padded to 4 with a zero image, cut back to 3
+        assert small.shape == (3, 10) and compiled.compilations == 1
+        _close(small, expected[:3])
+        _close(compiled(x), expected)  # a larger batch: compiled for 6, then serving 1..6
+        assert (compiled.batch, compiled.compilations) == (6, 2)
+        _close(compiled(x[4:]), expected[4:])
+        assert compiled.compilations == 2
+
+
+def test_a_compiled_forward_refuses_autograd(net):
+    compiled = Compiled(copy.deepcopy(net))
+    with pytest.raises(RuntimeError, match="without autograd"):
+        compiled(torch.randn(1, 3, *SIZE))
+
+
+def test_what_it_cannot_do_is_refused_before_any_work(net, tmp_path, monkeypatch):
+    source = source_of(copy.deepcopy(net), size=SIZE)
+    with pytest.raises(ConfigError, match="not inductor"):
+        open_backend("inductor", source, tmp_path, cuda_graphs=True)
+    path = export_prepared(prepare_model(source, taps=["layer4"]), format="torchscript", out=tmp_path / "m.pt")
+    file = ModelSource("torchscript", str(path), path=path)
+    with pytest.raises(ConfigError, match="compiles a torch model.*--backend torchscript"):
+        open_backend("inductor", file, tmp_path)
+
+    def missing():
+        raise RuntimeError("no compiler found")
+
+    monkeypatch.setattr("torch._inductor.cpp_builder.get_cpp_compiler", missing)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler.*no compiler found"):
+        open_backend("inductor", source, tmp_path)
+    with pytest.raises(ConfigError, match="invalid explain job: .*needs a C\\+\\+ compiler"):
+        camshaft.explain(None, tmp_path, out=tmp_path / "out", backend="inductor", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert compiled_module.check_compiler is check_compiler  # the same check the bench's limit uses
+
+
+def test_the_bench_limit_has_the_compiled_forward_when_the_backend_is_benched(net):
+    x = randn(2, 3, *SIZE, seed=4)
+    plain = limits.frozen_copy(net)
+    work = limits.forward_limits(plain, x, dtype=torch.float32, onnx_path=None, key="k", attrs={}, compiled=True)
+    by_key = {w.key: w for w in work}
+    inductor = by_key["k/limit/inductor"]
+    assert inductor.role == "limit" and inductor.attrs["variant"] == "inductor"
+    inductor.fn()  # runs (compiled when the workload was built)
+    alone = limits.forward_limits(plain, x, dtype=torch.float32, onnx_path=None, key="k", attrs={})
+    assert "k/limit/inductor" not in {w.key for w in alone}
+
+
+def test_a_run_with_a_partial_last_batch_matches_eager(tmp_path):
+    images = write_demo_dataset(tmp_path / "data", n=5, seed=0).parent / "images"
+    fast = {"scheduler": "sync", "workers": 1, "progress": False, "batch_size": 2, "targets": "top:2"}
+    maps = {}
+    for backend in ("eager", "inductor"):
+        camshaft.explain(None, images, out=tmp_path / backend, method="gradcam", backend=backend, **fast)
+        results = camshaft.load_results(tmp_path / backend)
+        assert results.attrs["backend"] == backend
+        maps[backend] = np.asarray(results.maps)
+    assert maps["eager"].shape[0] == 5 and np.abs(maps["eager"]).max() > 0
+    np.testing.assert_allclose(maps["inductor"], maps["eager"], rtol=1e-4, atol=1e-4 * np.abs(maps["eager"]).max())
