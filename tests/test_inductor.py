@@ -74,12 +74,18 @@ def test_forward_and_taps_match_eager(backends):
         _close(compiled.taps[tap], eager.taps[tap])
 
 
-@pytest.mark.parametrize("method,tap", [("cam", "layer4"), ("gradcam", "layer4"), ("gradcam", "layer3"),
-                                        ("saliency", None)])
-def test_methods_match_eager(backends, method, tap):
+# occlusion: 4 images x 9 windows, 16 (image, window) pairs a forward: batches of 16, 16 and 4 (padded to 16)
+# after the unoccluded batch of 4
+OCCLUSION = {"window": 16, "stride": 8, "positions_per_forward": 16}
+
+
+@pytest.mark.parametrize("method,tap,options", [("cam", "layer4", {}), ("gradcam", "layer4", {}),
+                                                ("gradcam", "layer3", {}), ("saliency", None, {}),
+                                                ("occlusion", None, OCCLUSION)])
+def test_methods_match_eager(backends, method, tap, options):
     x = randn(4, 3, *SIZE, seed=2)
     targets = fixed([[1, 2], [3, 4], [0, 9], [5, 5]])
-    maps = {name: get_method(method).run(b, x, targets, tap=tap)[0] for name, b in backends.items()}
+    maps = {name: get_method(method).run(b, x, targets, tap=tap, options=options)[0] for name, b in backends.items()}
     assert maps["eager"].abs().max() > 0
     _close(maps["inductor"], maps["eager"])
 

@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         nargs="+",
         choices=backend_names(),
         metavar="BACKEND",
-        help=f"default: {' '.join(BACKENDS)} (pt2 on request: it runs the same ATen graph as eager, unfused)",
+        help=f"default: {' '.join(BACKENDS)} (pt2 on request: it runs the same ATen graph as eager, unfused; "
+        "inductor on request: it compiles each model first, and adds its compiled forward to the limits)",
     )
     p.add_argument("--batch-size", nargs="+", type=positive, metavar="N", help="default: 16 (quick: 2)")
     p.add_argument("--targets", nargs="+", metavar="TARGETS", help="top:K or classes, one figure each (default: top:1)")
