@@ -168,3 +168,32 @@ def test_a_run_with_a_partial_last_batch_matches_eager(tmp_path):
         maps[backend] = np.asarray(results.maps)
     assert maps["eager"].shape[0] == 5 and np.abs(maps["eager"]).max() > 0
     np.testing.assert_allclose(maps["inductor"], maps["eager"], rtol=1e-4, atol=1e-4 * np.abs(maps["eager"]).max())
+
+
+def test_the_bench_opens_it_on_its_own_copy_of_the_model(tmp_path):
+    """The backend lays its model's weights out channels-last: the limits and peers must not get that layout."""
+    from camshaft.bench.runner import ModelBench
+    from camshaft.bench.settings import BenchSettings
+
+    settings = BenchSettings(models=("demo",), backends=("inductor",), input_size=(64, 64), peers=False)
+    mb = ModelBench("demo", settings, tmp_path, log=lambda message: None)
+
+    def weights(module):
+        return [p for p in module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+
+    assert mb.backends["inductor"].name == "inductor"
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in weights(mb.backends["inductor"].module))
+    assert weights(mb.source.module) and all(p.is_contiguous() for p in weights(mb.source.module))
+
+
+def test_cluster_workers_rebuild_the_model_and_compile_it_themselves(tmp_path):
+    distributed = pytest.importorskip("distributed")
+    images = write_demo_dataset(tmp_path / "data", n=6, seed=5).parent / "images"
+    options = {"targets": "top:2", "partition_size": 3, "batch_size": 2, "progress": False}
+    camshaft.explain(None, images, out=tmp_path / "local", backend="eager", scheduler="sync", **options)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        summary = camshaft.explain(None, images, out=tmp_path / "cluster", backend="inductor",
+                                   scheduler=cluster.scheduler_address, **options)
+    assert (summary.explained, summary.failed) == (6, 0)
+    local, remote = (np.asarray(camshaft.load_results(tmp_path / name).maps) for name in ("local", "cluster"))
+    np.testing.assert_allclose(remote, local, rtol=1e-4, atol=1e-4 * np.abs(local).max())

@@ -39,7 +39,7 @@ from camshaft.bench.settings import BenchSettings
 from camshaft.bench.timing import TimingConfig, round_robin
 from camshaft.bench.workload import Figure, Skipped, Workload
 from camshaft.engine.backends import Backend, backend_factory
-from camshaft.engine.backends.base import resolve_device, resolve_dtype
+from camshaft.engine.backends.base import LIVE_BACKENDS, resolve_device, resolve_dtype
 from camshaft.engine.methods import get_method
 from camshaft.errors import CamshaftError, ConfigError
 from camshaft.models.sources import ModelSource, resolve_model
@@ -156,7 +156,7 @@ class ModelBench:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return backend_factory(name)(
-                    self._own_copy() if name == "eager" else self.source,
+                    self._own_copy() if name in LIVE_BACKENDS else self.source,
                     taps=None,
                     preprocess=self.preprocess,
                     device=self.device,
@@ -171,8 +171,8 @@ class ModelBench:
             )
 
     def _own_copy(self) -> ModelSource:
-        """The source with a copy of its model: the eager backend changes the model it opens (device,
-        channels-last weights), and the limits, the other backends and the peers must get the model
+        """The source with a copy of its model: the eager and inductor backends change the model they open
+        (device, channels-last weights), and the limits, the other backends and the peers must get the model
         as a user hands it over."""
         if self.source.module is None:
             return self.source
@@ -200,7 +200,7 @@ class ModelBench:
 
     def artifact(self, backend: str) -> tuple[str, Path | None]:
         """(model, weights) that make ``camshaft.explain`` run the same model on ``backend``."""
-        if backend == "eager" or self.source.kind != "torch":
+        if backend in LIVE_BACKENDS or self.source.kind != "torch":
             if self.source.kind == "torch" and self.spec != "demo" and ":" not in self.spec:
                 weights = self.workdir / "weights.pt"
                 if not weights.exists():

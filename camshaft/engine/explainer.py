@@ -21,7 +21,7 @@ import torch
 from camshaft.data.sources import ImageRecord, path_text
 from camshaft.data.workers import Decoder, Resized, decoder
 from camshaft.engine.backends import Backend, backend_factory
-from camshaft.engine.backends.base import AUTO, TAP_GRADIENTS, resolve_device, resolve_dtype
+from camshaft.engine.backends.base import AUTO, LIVE_BACKENDS, TAP_GRADIENTS, resolve_device, resolve_dtype
 from camshaft.engine.job import ExplainJob
 from camshaft.engine.methods import Method, check_backend, get_method
 from camshaft.engine.postprocess import map_stats
@@ -409,7 +409,7 @@ def build_explainer(job: ExplainJob, *, workdir) -> Explainer:
     device, dtype = resolve_device(job.device), resolve_dtype(job.dtype)
     methods = [get_method(m) for m in job.methods]
     _check_input_size(source, methods, job)
-    if source.kind == "torch" and job.backend != "eager" and any(m.validate for m in methods):
+    if source.kind == "torch" and job.backend not in LIVE_BACKENDS and any(m.validate for m in methods):
         _validate_before_export(source, methods, job)
     backend = backend_factory(job.backend)(
         source,

@@ -241,6 +241,7 @@ def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> Expla
     """
     if job.scheduler in LOCAL:
         return job
+    from camshaft.engine.backends.base import LIVE_BACKENDS
     from camshaft.engine.backends.registry import ARTIFACT_NAMES, FILE_BACKENDS
 
     # absolute: a worker started in another folder (dask worker, a service) reads and writes the same files
@@ -254,7 +255,7 @@ def _worker_job(job: ExplainJob, explainer: Explainer, state: RunState) -> Expla
         write_json(path, list(explainer.backend.info.class_names))
         job = replace(job, class_names=path)
     source = explainer.source
-    if source.kind == "torch" and job.backend != "eager":
+    if source.kind == "torch" and job.backend not in LIVE_BACKENDS:
         return replace(job, model=str(state.out / ARTIFACTS_DIR / ARTIFACT_NAMES[job.backend]), weights=None)
     if source.kind == "torch" and source.spec != "demo" and not from_file:  # random weights too: the same for all
         path = state.dir / "weights.pt"

@@ -88,6 +88,8 @@ def _builtin() -> None:
     import camshaft.engine.backends.registry  # noqa: F401
 
 
+LIVE_BACKENDS = ("eager", "inductor")  # run the torch model itself; the others run a file exported from it
+
 AUTO = "auto"  # eager for a torch model, the backend of its format for an exported file (``auto_backend``)
 
 
