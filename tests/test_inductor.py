@@ -118,6 +118,26 @@ def test_a_smaller_batch_is_padded_and_a_larger_one_compiled(net):
         assert compiled.compilations == 2
 
 
+def test_a_padded_batch_out_of_memory_is_compiled_at_its_own_size():
+    calls = []
+
+    def fake(x):  # as if the device held 4 images at most
+        calls.append(x.shape[0])
+        if x.shape[0] > 4:
+            raise torch.OutOfMemoryError("out of memory")
+        return x * 2
+
+    compiled = Compiled(fake)
+    compiled._compiled = fake
+    x = torch.arange(8.0).view(8, 1)
+    with torch.no_grad():
+        compiled.batch = 8  # compiled for 8 earlier, before the device filled up
+        torch.testing.assert_close(compiled(x[:3]), x[:3] * 2)  # 8 padded: out of memory; then 3 as they are
+        assert calls == [8, 3] and (compiled.batch, compiled.compilations) == (3, 1)
+        torch.testing.assert_close(compiled(x[:2]), x[:2] * 2)  # padded to 3 from now on
+        assert calls == [8, 3, 3]
+
+
 def test_a_compiled_forward_refuses_autograd(net):
     compiled = Compiled(copy.deepcopy(net))
     with pytest.raises(RuntimeError, match="without autograd"):

@@ -15,7 +15,8 @@ So it is a choice, not a default: ``camshaft bench --backend eager inductor`` te
 A compiled graph serves one batch size (``dynamic=False``).
 :class:`Compiled` pads a smaller batch up to the largest compiled so far, with zero images, and cuts the
 results back: a run's last partial batch costs a little compute, not a second compilation (tens of
-seconds for a resnet50). A larger batch compiles again.
+seconds for a resnet50). A larger batch compiles again, and so does a smaller one whose padded batch
+ran out of memory (``camshaft explain`` halves its batches after an out-of-memory error).
 """
 
 from __future__ import annotations
@@ -74,4 +75,10 @@ class Compiled:
             return self._compiled(x)
         padded = x.new_zeros((self.batch, *x.shape[1:])).contiguous(memory_format=_layout(x))
         padded[:n] = x
-        return tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) else t, self._compiled(padded))
+        try:
+            out = self._compiled(padded)
+        except torch.OutOfMemoryError:  # a caller halving its batches after an OOM: padding must not undo that
+            del padded
+            self.batch, self.compilations = n, self.compilations + 1
+            return self._compiled(x)
+        return tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) else t, out)
