@@ -6,10 +6,11 @@ pre-packed for oneDNN (CPU), pointwise layers fused into their neighbours. What 
 autograd (the head above the tap, input gradients, methods that hook layers) stays eager.
 
 Measured with ``camshaft bench`` on 2 CPU cores (AMD EPYC, AVX-512) at batch 16, 224 px, against the
-eager backend in the same run: CAM on efficientnet_b0 1.18x, resnet50 1.06x, resnet18 1.0x; Grad-CAM
-on mobilenet_v3_large 1.13x, efficientnet_b0 1.13x, resnet50 1.04x, and convnext_tiny 0.56x (its linear
-layers ran as ``addmm`` on the BLAS, 80% of the compiled forward's time, where the eager backend routes
-them through oneDNN; routing them inside the compiled graph, ``cpu_linear``'s way, ran slower still).
+eager backend in the same run: CAM on efficientnet_b0 1.18x, resnet50 1.01-1.09x (three runs), resnet18
+1.0x; Grad-CAM on mobilenet_v3_large 1.13x, efficientnet_b0 1.13x, resnet50 1.03-1.09x, and convnext_tiny
+0.56x (its linear layers ran as ``addmm`` on the BLAS, 80% of the compiled forward's time, where the eager
+backend routes them through oneDNN; routing them inside the compiled graph, ``cpu_linear``'s way, ran
+slower still).
 So it is a choice, not a default: ``camshaft bench --backend eager inductor`` tells for a model.
 
 A compiled graph serves one batch size (``dynamic=False``).
