@@ -217,3 +217,18 @@ def test_cluster_workers_rebuild_the_model_and_compile_it_themselves(tmp_path):
     assert (summary.explained, summary.failed) == (6, 0)
     local, remote = (np.asarray(camshaft.load_results(tmp_path / name).maps) for name in ("local", "cluster"))
     np.testing.assert_allclose(remote, local, rtol=1e-4, atol=1e-4 * np.abs(local).max())
+
+
+def test_a_run_compiles_its_graph_once_before_the_clock_starts(tmp_path):
+    """The start-up probe runs a full batch, so the first partition does not compile; the decoded batches
+    (normal tensors) and the probe's (made under inference mode) must not compile one graph each; the last,
+    smaller batch is padded."""
+    from torch._dynamo.utils import counters
+
+    images = write_demo_dataset(tmp_path / "data", n=6, seed=5).parent / "images"
+    torch._dynamo.reset()
+    counters.clear()
+    summary = camshaft.explain(None, images, out=tmp_path / "out", backend="inductor", method="cam", batch_size=4,
+                               partition_size=4, scheduler="sync", workers=1, progress=False)
+    assert (summary.explained, summary.failed) == (6, 0)
+    assert counters["stats"]["unique_graphs"] == 1

@@ -198,9 +198,12 @@ class Explainer:
         return ExemplarCollector(self.exemplar_specs, k=self.job.exemplar_k)
 
     def probe(self) -> None:
-        """The (K, h, w) of every method's maps, from one black image (before any real work)."""
+        """The (K, h, w) of every method's maps, from one black image (before any real work). The inductor
+        backend compiles for the first batch size it sees, and pads smaller batches to it: it is probed with a
+        full batch, so that it compiles once, for the run's batches, before the clock starts."""
+        n = self.job.batch_size if self.backend.name == "inductor" else 1
         with self.lock:
-            for r, (maps, _) in zip(self.runs, self._black_batch(1), strict=True):
+            for r, (maps, _) in zip(self.runs, self._black_batch(n), strict=True):
                 r.map_shape = tuple(maps.shape[1:])
         if self.backend.device.type == "cuda":
             self._warm_up()

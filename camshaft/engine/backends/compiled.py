@@ -68,6 +68,9 @@ class Compiled:
     def __call__(self, x: torch.Tensor):
         if torch.is_grad_enabled():
             raise RuntimeError("a compiled forward runs without autograd: call it under no_grad or inference_mode")
+        if x.is_inference() != torch.is_inference_mode_enabled():
+            # dynamo guards on the dispatch keys: an inference tensor and a normal one would compile twice
+            x = x.clone()
         n = x.shape[0]
         if n > self.batch:
             self.batch, self.compilations = n, self.compilations + 1
