@@ -370,7 +370,7 @@ def test_onnxruntime_refuses_input_gradients_with_a_capability_error(tmp_path):
         source, taps=None, preprocess={}, device=torch.device("cpu"), dtype=torch.float32, workdir=tmp_path
     )
     for name in ("saliency", "smoothgrad", "integrated_gradients"):
-        match = "onnxruntime backend cannot give input_gradients .* eager, torchscript"
+        match = "onnxruntime backend cannot give input_gradients .* eager, inductor, torchscript"
         with pytest.raises(CapabilityError, match=match):
             get_method(name).run(backend, torch.randn(1, 3, 8, 8), fixed([[0]]), tap=None)
 

@@ -130,7 +130,7 @@ def test_guided_backprop_needs_a_live_model(tmp_path):
 
 def test_onnxruntime_gives_no_input_gradients(tmp_path):
     backend = open_backend("onnxruntime", source_of(TinyCam()), tmp_path)
-    with pytest.raises(CapabilityError, match="eager, torchscript and pt2"):
+    with pytest.raises(CapabilityError, match="eager, inductor, torchscript and pt2"):
         check_backend(get_method("saliency"), backend)
 
 
