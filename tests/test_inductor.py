@@ -101,6 +101,20 @@ def test_a_model_fx_cannot_trace_runs_compiled_around_its_graph_break(tmp_path):
         _close(got, expected)
 
 
+def test_a_pt2_program_compiles_and_gives_the_pt2_backends_maps(net, tmp_path):
+    source = source_of(copy.deepcopy(net), size=SIZE)
+    path = export_prepared(prepare_model(source, taps=["layer4"]), format="pt2", out=tmp_path / "m.pt2", head=True)
+    file = ModelSource("pt2", str(path), path=path)
+    pt2, compiled = (open_backend(name, file, tmp_path / name) for name in ("pt2", "inductor"))
+    assert compiled.name == "inductor" and isinstance(compiled._full, Compiled)
+    x = randn(3, 3, *SIZE, seed=6)
+    targets = fixed([[1, 2], [3, 4], [0, 9]])
+    for method, tap in (("cam", "layer4"), ("gradcam", "layer4"), ("saliency", None)):
+        expected = get_method(method).run(pt2, x, targets, tap=tap)[0]
+        assert expected.abs().max() > 0
+        _close(get_method(method).run(compiled, x, targets, tap=tap)[0], expected)
+
+
 def test_a_smaller_batch_is_padded_and_a_larger_one_compiled(net):
     model = copy.deepcopy(net).to(memory_format=torch.channels_last)
     compiled = Compiled(model)
@@ -150,7 +164,7 @@ def test_what_it_cannot_do_is_refused_before_any_work(net, tmp_path, monkeypatch
         open_backend("inductor", source, tmp_path, cuda_graphs=True)
     path = export_prepared(prepare_model(source, taps=["layer4"]), format="torchscript", out=tmp_path / "m.pt")
     file = ModelSource("torchscript", str(path), path=path)
-    with pytest.raises(ConfigError, match="compiles a torch model.*--backend torchscript"):
+    with pytest.raises(ConfigError, match="compiles a torch model or a .pt2 program.*--backend torchscript"):
         open_backend("inductor", file, tmp_path)
 
     def missing():

@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="runtime (default: auto: eager for a torch model; a file from camshaft export runs on the "
         "backend of its format: torchscript (.pt), pt2 (.pt2) or onnxruntime (.onnx)); inductor: a torch "
-        "model compiled by torch.compile, faster for some models, slower for others (camshaft bench tells)",
+        "model or .pt2 file compiled by torch.compile, faster for some models, slower for others "
+        "(camshaft bench tells)",
     )
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="autocast dtype (mixed precision)")

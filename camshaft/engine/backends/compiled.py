@@ -1,9 +1,10 @@
-"""TorchInductor (``torch.compile``): the eager backend's forward-only graphs compiled, weights frozen in.
+"""TorchInductor (``torch.compile``): a torch backend's forward-only graphs compiled, weights frozen in.
 
-The ``inductor`` backend is the eager one with its full forward and the trunk below the first tap
-compiled by ``torch.compile`` with ``freezing``: batch norms folded, weights turned into constants and
-pre-packed for oneDNN (CPU), pointwise layers fused into their neighbours. What records a graph for
-autograd (the head above the tap, input gradients, methods that hook layers) stays eager.
+The ``inductor`` backend is the eager one (the pt2 one for a .pt2 file) with its full forward and the
+trunk below the first tap compiled by ``torch.compile`` with ``freezing``: batch norms folded, weights
+turned into constants and pre-packed for oneDNN (CPU), pointwise layers fused into their neighbours.
+What records a graph for autograd (the head above the tap, input gradients, methods that hook layers)
+runs uncompiled.
 
 Measured with ``camshaft bench`` on 2 CPU cores (AMD EPYC, AVX-512) at batch 16, 224 px, against the
 eager backend in the same run: CAM on efficientnet_b0 1.18x, resnet50 1.01-1.09x (three runs), resnet18

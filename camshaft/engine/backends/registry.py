@@ -147,22 +147,30 @@ def _live_parts(
 
 
 def open_inductor(source: ModelSource, *, device, cuda_graphs: bool = False, **options) -> TorchBackend:
-    """The eager backend with its forward-only graphs compiled by TorchInductor (``compiled.py``).
+    """The eager backend, or the pt2 backend for a .pt2 file, with its forward-only graphs compiled by
+    TorchInductor (``compiled.py``).
 
     Batch norms are folded and the weights frozen into the compiled code: the backend does not follow
-    later changes of the model's weights. Gradients and hooks run on the eager model.
+    later changes of the model's weights. Gradients and hooks run uncompiled, on the model or program.
     """
     if cuda_graphs:
         raise ConfigError(CUDA_GRAPHS_BACKENDS)
     device = torch.device(device)
-    if source.kind == "torch":  # a file is refused below, with the backend to use
-        check_compiler(device)
-    options["fold"] = True  # whatever was asked: the compiled code freezes the weights anyway
-    parts = _live_parts(source, "the inductor backend compiles", device=device, **options)
+    if source.kind not in ("torch", "pt2"):
+        raise ConfigError(
+            f"the inductor backend compiles a torch model or a .pt2 program; {source.spec!r} is "
+            f"{kind_name(source.kind)} (use --backend {FILE_BACKENDS.get(source.kind, 'torchscript')}, "
+            "or auto, the default)"
+        )
+    check_compiler(device)
+    if source.kind == "pt2":
+        parts = _pt2_parts(source, device=device, **options)
+    else:  # folded whatever was asked: the compiled code freezes the weights anyway
+        parts = _live_parts(source, "the inductor backend compiles", device=device, **{**options, "fold": True})
     if parts["split"] is not None:
         trunk, head = parts["split"]
         parts["split"] = (Compiled(trunk), head)
-    parts["grad_forward"] = parts["full"]  # input gradients: the eager graph, autograd through it
+    parts["grad_forward"] = parts["full"]  # input gradients: the uncompiled graph, autograd through it
     parts["full"] = Compiled(parts["full"])
     # inside compiled code the linear layers' kernels are inductor's choice; the eager head runs them on the BLAS
     return TorchBackend(name="inductor", **parts, cpu_linears=False)
@@ -228,8 +236,15 @@ def _head_runner(head, taps):
     return run_head
 
 
-def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None,
-             memory_format="auto", cuda_graphs: bool = False, **_):
+def open_pt2(source: ModelSource, *, cuda_graphs: bool = False, **options) -> TorchBackend:
+    parts = _pt2_parts(source, **options)
+    # cpu_linears: its aten.linear calls, as the eager backend's (convnext_tiny b16 cl: 1.33 -> 0.92 s)
+    return TorchBackend(name="pt2", **parts, cuda_graphs=cuda_graphs, cpu_linears=True)
+
+
+def _pt2_parts(source: ModelSource, *, taps=None, preprocess: dict, device, dtype, workdir=None,
+               memory_format="auto", **_) -> dict:
+    """The program of a .pt2 file (exported first from a torch model), its head and info."""
     path = _artifact(source, "pt2", taps=taps, preprocess=preprocess, workdir=workdir)
     program, head, meta, cam = pt2_export.load(path, device=device)
     if meta is None:
@@ -251,17 +266,13 @@ def open_pt2(source: ModelSource, *, taps=None, preprocess: dict, device, dtype,
             return program(x)[1]
 
         split = (trunk, _head_runner(head, taps_))
-    info = _info(meta, None if cam is None else cam.to(device), preprocess, source)
-    return TorchBackend(
-        name="pt2",
-        info=info,
+    return dict(
+        info=_info(meta, None if cam is None else cam.to(device), preprocess, source),
         full=full,
         device=device,
         dtype=dtype,
         split=split,
         memory_format=resolve_memory_format(memory_format, program),
-        cuda_graphs=cuda_graphs,
-        cpu_linears=True,  # its aten.linear calls, as the eager backend's (convnext_tiny b16 cl: 1.33 -> 0.92 s)
     )
 
 
