@@ -119,9 +119,9 @@ ABLE = {
     FORWARD: "eager, inductor, torchscript, pt2, onnxruntime",
     INPUT_GRADIENTS: "eager, inductor, torchscript and pt2 (ONNX Runtime computes no gradients)",
     MODULE_HOOKS: "eager and inductor (the method modifies layers of a live torch model)",
-    TAP_GRADIENTS: "eager and inductor (any torch model); torchscript, pt2 and onnxruntime for files camshaft exported "
-    "from a model whose first tap splits it (re-export with `camshaft export`; an ONNX file whose head is "
-    "large carries it only with `--head`)",
+    TAP_GRADIENTS: "eager and inductor (any torch model); torchscript, pt2, inductor and onnxruntime for files "
+    "camshaft exported from a model whose first tap splits it (re-export with `camshaft export`; an ONNX file "
+    "whose head is large carries it only with `--head`)",
 }
 
 

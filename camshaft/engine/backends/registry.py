@@ -97,18 +97,17 @@ def open_eager(source: ModelSource, *, fold: bool = False, cuda_graphs: bool = F
     into the convolutions of the backend's graphs once (``fold_batchnorms``): faster, and frozen. On the
     CPU, linear layers run through oneDNN as 1x1 convolutions (``camshaft.models.cpu_linear``).
     """
-    parts = _live_parts(source, "the eager backend needs", fold=fold, **options)
+    parts = _live_parts(source, fold=fold, **options)
     return TorchBackend(name="eager", **parts, cuda_graphs=cuda_graphs, cpu_linears=True)
 
 
 def _live_parts(
-    source: ModelSource, needs: str, *, taps=None, preprocess: dict, device, dtype, memory_format="auto",
-    fold: bool = False, **_
+    source: ModelSource, *, taps=None, preprocess: dict, device, dtype, memory_format="auto", fold: bool = False, **_
 ) -> dict:
     """The tapped live model, its split and info: what the eager and inductor backends run."""
     if source.kind != "torch":
         raise ConfigError(
-            f"{needs} a torch model; {source.spec!r} is {kind_name(source.kind)} "
+            f"the eager backend needs a torch model; {source.spec!r} is {kind_name(source.kind)} "
             f"(use --backend {FILE_BACKENDS.get(source.kind, 'torchscript')}, or auto, the default)"
         )
     pre = (source.preprocess or Preprocess()).replace(**preprocess)
@@ -166,7 +165,7 @@ def open_inductor(source: ModelSource, *, device, cuda_graphs: bool = False, **o
     if source.kind == "pt2":
         parts = _pt2_parts(source, device=device, **options)
     else:  # folded whatever was asked: the compiled code freezes the weights anyway
-        parts = _live_parts(source, "the inductor backend compiles", device=device, **{**options, "fold": True})
+        parts = _live_parts(source, device=device, **{**options, "fold": True})
     if parts["split"] is not None:
         trunk, head = parts["split"]
         parts["split"] = (Compiled(trunk), head)
