@@ -225,7 +225,8 @@ def test_cluster_workers_rebuild_the_model_and_compile_it_themselves(tmp_path):
     images = write_demo_dataset(tmp_path / "data", n=6, seed=5).parent / "images"
     options = {"targets": "top:2", "partition_size": 3, "batch_size": 2, "progress": False}
     camshaft.explain(None, images, out=tmp_path / "local", backend="eager", scheduler="sync", **options)
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None)
+    with cluster:
         summary = camshaft.explain(None, images, out=tmp_path / "cluster", backend="inductor",
                                    scheduler=cluster.scheduler_address, **options)
     assert (summary.explained, summary.failed) == (6, 0)
@@ -246,3 +247,32 @@ def test_a_run_compiles_its_graph_once_before_the_clock_starts(tmp_path):
                                partition_size=4, scheduler="sync", workers=1, progress=False)
     assert (summary.explained, summary.failed) == (6, 0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+ARCHITECTURES = {  # torchvision architectures and a size each runs at; ViT's tap does not split (eager gradients)
+    "mobilenet_v3_large": 64, "efficientnet_b0": 64, "convnext_tiny": 64, "swin_t": 64, "densenet121": 64,
+    "regnet_y_400mf": 64, "vit_b_16": 224,
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_torchvision_architectures_compile_to_the_eager_results(arch, tmp_path):
+    size = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None).eval()
+    with torch.no_grad():
+        for layer in model.modules():  # ViT's classifier starts at zero: no class would have a gradient
+            if isinstance(layer, torch.nn.Linear) and not layer.weight.any():
+                layer.weight.normal_(0, 0.02)
+    x = randn(2, 3, size, size, seed=7)
+    out, maps = {}, {}
+    for name in ("eager", "inductor"):
+        backend = open_backend(name, source_of(copy.deepcopy(model), size=(size, size)), tmp_path / name)
+        out[name] = backend.forward(x)
+        maps[name] = get_method("gradcam").run(backend, x, fixed([[1, 2], [3, 4]]), tap=backend.info.taps[0])[0]
+    _close(out["inductor"].logits, out["eager"].logits)
+    for tap, expected in out["eager"].taps.items():
+        _close(out["inductor"].taps[tap], expected)
+    assert maps["eager"].abs().max() > 0
+    _close(maps["inductor"], maps["eager"])
