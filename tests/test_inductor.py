@@ -152,6 +152,39 @@ def test_a_padded_batch_out_of_memory_is_compiled_at_its_own_size():
         assert calls == [8, 3, 3]
 
 
+class _GridLinear(torch.nn.Module):
+    """A ConvNeXt-like pointwise layer: a linear over the channels of an (N, h, w, C) grid, then a classifier."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pointwise, self.fc = torch.nn.Conv2d(3, 48, 1), torch.nn.Linear(48, 96), torch.nn.Linear(96, 5)
+
+    def forward(self, x):
+        a = self.pointwise(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(a.mean((2, 3)))
+
+
+def _op_calls(fn, x) -> dict[str, int]:
+    with torch.profiler.profile() as prof:
+        fn(x)
+    return {e.key: e.count for e in prof.key_averages()}
+
+
+def test_grid_linears_compile_as_onednn_convolutions():
+    """The pointwise layer (512 rows of 48 values) runs as a convolution; the classifier (2 rows) stays a matmul."""
+    torch.manual_seed(0)
+    model = _GridLinear().eval().to(memory_format=torch.channels_last)
+    x = randn(2, 3, 16, 16, seed=8).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        expected = model(x)
+        routed, plain = Compiled(model, grid_linears=True), Compiled(model)
+        _close(routed(x), expected)
+        _close(plain(x), expected)
+        calls = _op_calls(routed, x), _op_calls(plain, x)
+    assert [c.get("aten::addmm", 0) for c in calls] == [1, 2]
+    assert [c.get("aten::mkldnn_convolution", 0) for c in calls] == [2, 1]
+
+
 def test_a_compiled_forward_refuses_autograd(net):
     compiled = Compiled(copy.deepcopy(net))
     with pytest.raises(RuntimeError, match="without autograd"):

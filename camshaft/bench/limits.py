@@ -146,11 +146,11 @@ def _graphed(model, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]
 def _inductor(model: nn.Module, x: torch.Tensor, dtype: torch.dtype) -> Callable[[], object]:
     """Compiled with frozen weights in the layout the backends give the model (compiled once, here)."""
     from camshaft.engine.backends.base import resolve_memory_format
-    from camshaft.engine.backends.compiled import Compiled, check_compiler
+    from camshaft.engine.backends.compiled import Compiled, check_compiler, grid_linears
 
     check_compiler(x.device)  # a ConfigError: the variant is skipped with the reason
     layout = resolve_memory_format("auto", model) if x.dim() == 4 else torch.contiguous_format
-    compiled = Compiled(_folded(model, layout))
+    compiled = Compiled(_folded(model, layout), grid_linears=grid_linears(x.device))
     x = x.contiguous(memory_format=layout)
 
     def fn():

@@ -18,6 +18,10 @@ result. The values agree with the BLAS's to float rounding (another summation or
 tensors, at least ``MIN_ROWS`` rows and more than ``ONEDNN_MIN_VALUES`` values) takes this route:
 ``nn.Linear`` layers (hooks still fire), functional calls inside leaf modules and attention
 functions alike. Autograd records the convolution, so gradients flow as through the linear.
+
+``GridLinearsThroughOneDnn`` is the form for code compiled by TorchInductor (the inductor backend): it
+holds no state (a counter would make dynamo recompile at every call) and routes only linears over
+contiguous (N, h, w, C) grids, as a convolution of their channels-last (N, C, h, w) view.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ def linear_as_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _fits(x, weight, bias) -> bool:
+def fits(x, weight, bias) -> bool:
+    """Whether ``F.linear(x, weight, bias)`` gains from oneDNN: float32 CPU tensors, enough rows and values."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
     return (
         all(isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
@@ -54,6 +59,28 @@ def _fits(x, weight, bias) -> bool:
         and x.numel() // x.shape[-1] >= MIN_ROWS
         and x.numel() > ONEDNN_MIN_VALUES
     )
+
+
+def grid_linear_as_convolution(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` over the channels of a contiguous (N, h, w, C) grid as a 1x1 convolution of its
+    channels-last (N, C, h, w) view: no copy either way. Under TorchInductor this form keeps its
+    oneDNN convolution (``linear_as_convolution``'s one-column image came with copies there)."""
+    out = F.conv2d(x.permute(0, 3, 1, 2), weight[:, :, None, None], bias)
+    return out.permute(0, 2, 3, 1)
+
+
+class GridLinearsThroughOneDnn(TorchFunctionMode):
+    """``F.linear`` on contiguous (N, h, w, C) grids that ``fits`` as ``grid_linear_as_convolution``; holds no
+    state, so that ``torch.compile`` traces it into a graph (ConvNeXt's and Swin's pointwise layers)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear:
+            given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
+            x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
+            if isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_contiguous() and fits(x, weight, bias):
+                return grid_linear_as_convolution(x, weight, bias)
+        return func(*args, **kwargs)
 
 
 class LinearsThroughOneDnn(TorchFunctionMode):
@@ -68,7 +95,7 @@ class LinearsThroughOneDnn(TorchFunctionMode):
         if func is F.linear or func is _ATEN_LINEAR:  # a layer or call; a graph converted from a file
             given = {**dict(zip(("input", "weight", "bias"), args)), **kwargs}
             x, weight, bias = given.get("input"), given.get("weight"), given.get("bias")
-            if _fits(x, weight, bias):
+            if fits(x, weight, bias):
                 self.routed += 1
                 return linear_as_convolution(x, weight, bias)
         return func(*args, **kwargs)

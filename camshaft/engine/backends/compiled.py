@@ -6,12 +6,14 @@ turned into constants and pre-packed for oneDNN (CPU), pointwise layers fused in
 What records a graph for autograd (the head above the tap, input gradients, methods that hook layers)
 runs uncompiled.
 
+On a CPU, linear layers over (N, h, w, C) grids (ConvNeXt's, Swin's MLPs) are compiled as 1x1
+convolutions (``grid_linears``): left to inductor they ran as ``addmm`` on the BLAS, 80% of convnext_tiny's
+compiled forward, which then ran at 0.56x the eager backend's (which routes them through oneDNN).
+
 Measured with ``camshaft bench`` on 2 CPU cores (AMD EPYC, AVX-512) at batch 16, 224 px, against the
 eager backend in the same run: CAM on efficientnet_b0 1.18x, resnet50 1.01-1.09x (three runs), resnet18
-1.0x; Grad-CAM on mobilenet_v3_large 1.13x, efficientnet_b0 1.13x, resnet50 1.03-1.09x, and convnext_tiny
-0.56x (its linear layers ran as ``addmm`` on the BLAS, 80% of the compiled forward's time, where the eager
-backend routes them through oneDNN; routing them inside the compiled graph, ``cpu_linear``'s way, ran
-slower still).
+1.0x; Grad-CAM on mobilenet_v3_large 1.13x, efficientnet_b0 1.13x, resnet50 1.03-1.09x, convnext_tiny
+1.05x, and swin_t 0.77x (routing its attention's 3-d linears the same way did not help).
 So it is a choice, not a default: ``camshaft bench --backend eager inductor`` tells for a model.
 
 A compiled graph serves one batch size (``dynamic=False``).
@@ -29,6 +31,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from camshaft.errors import ConfigError
+from camshaft.models.cpu_linear import GridLinearsThroughOneDnn
 
 
 def check_compiler(device: torch.device) -> None:
@@ -51,6 +54,11 @@ def check_compiler(device: torch.device) -> None:
                           f"or CXX set): {e}. Use the eager backend instead") from None
 
 
+def grid_linears(device: torch.device) -> bool:
+    """Whether compiled code routes grid linears through oneDNN on ``device`` (a CPU with oneDNN)."""
+    return device.type == "cpu" and torch.backends.mkldnn.is_available()
+
+
 def _layout(x: torch.Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -58,10 +66,20 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 
 class Compiled:
-    """``fn`` (``x -> outputs``, run without autograd) compiled by TorchInductor for fixed batch sizes."""
+    """``fn`` (``x -> outputs``, run without autograd) compiled by TorchInductor for fixed batch sizes.
 
-    def __init__(self, fn: Callable):
+    With ``grid_linears`` (CPU), linear layers over (N, h, w, C) grids are compiled as 1x1 convolutions
+    (``camshaft.models.cpu_linear.GridLinearsThroughOneDnn``), which oneDNN runs."""
+
+    def __init__(self, fn: Callable, *, grid_linears: bool = False):
         self.fn = fn
+        if grid_linears:
+            plain = fn
+
+            def fn(x):
+                with GridLinearsThroughOneDnn():
+                    return plain(x)
+
         self._compiled = torch.compile(fn, dynamic=False, options={"freezing": True})
         self.batch = 0  # the largest batch compiled for: smaller ones are padded up to it
         self.compilations = 0  # batch sizes compiled so far (tests and benchmarks read it)

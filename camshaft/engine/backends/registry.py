@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from camshaft.engine.backends.base import CUDA_GRAPHS_BACKENDS, ModelInfo, register_backend, resolve_memory_format
-from camshaft.engine.backends.compiled import Compiled, check_compiler
+from camshaft.engine.backends.compiled import Compiled, check_compiler, grid_linears
 from camshaft.engine.backends.onnx_backend import OnnxBackend, open_session
 from camshaft.engine.backends.torch_backend import TorchBackend
 from camshaft.errors import ConfigError
@@ -166,12 +166,13 @@ def open_inductor(source: ModelSource, *, device, cuda_graphs: bool = False, **o
         parts = _pt2_parts(source, device=device, **options)
     else:  # folded whatever was asked: the compiled code freezes the weights anyway
         parts = _live_parts(source, device=device, **{**options, "fold": True})
+    linears = grid_linears(device)
     if parts["split"] is not None:
         trunk, head = parts["split"]
-        parts["split"] = (Compiled(trunk), head)
+        parts["split"] = (Compiled(trunk, grid_linears=linears), head)
     parts["grad_forward"] = parts["full"]  # input gradients: the uncompiled graph, autograd through it
-    parts["full"] = Compiled(parts["full"])
-    # inside compiled code the linear layers' kernels are inductor's choice; the eager head runs them on the BLAS
+    parts["full"] = Compiled(parts["full"], grid_linears=linears)
+    # not around compiled code: dynamo would trace that mode, and its counter would recompile every call
     return TorchBackend(name="inductor", **parts, cpu_linears=False)
 
 
