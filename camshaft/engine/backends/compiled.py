@@ -72,17 +72,13 @@ class Compiled:
     (``camshaft.models.cpu_linear.GridLinearsThroughOneDnn``), which oneDNN runs."""
 
     def __init__(self, fn: Callable, *, grid_linears: bool = False):
-        self.fn = fn
-        if grid_linears:
-            plain = fn
+        def routed(x):  # the mode is entered inside the compiled function: dynamo traces it into the graph
+            with GridLinearsThroughOneDnn():
+                return fn(x)
 
-            def fn(x):
-                with GridLinearsThroughOneDnn():
-                    return plain(x)
-
-        self._compiled = torch.compile(fn, dynamic=False, options={"freezing": True})
+        self._compiled = torch.compile(routed if grid_linears else fn, dynamic=False, options={"freezing": True})
         self.batch = 0  # the largest batch compiled for: smaller ones are padded up to it
-        self.compilations = 0  # batch sizes compiled so far (tests and benchmarks read it)
+        self.compilations = 0  # batch sizes compiled so far (tests read it)
 
     def __call__(self, x: torch.Tensor):
         if torch.is_grad_enabled():
@@ -91,10 +87,9 @@ class Compiled:
             # dynamo guards on the dispatch keys: an inference tensor and a normal one would compile twice
             x = x.clone()
         n = x.shape[0]
-        if n > self.batch:
-            self.batch, self.compilations = n, self.compilations + 1
-            return self._compiled(x)
-        if n == self.batch:
+        if n >= self.batch:
+            if n > self.batch:  # compiled for this size on the call below
+                self.batch, self.compilations = n, self.compilations + 1
             return self._compiled(x)
         padded = x.new_zeros((self.batch, *x.shape[1:])).contiguous(memory_format=_layout(x))
         padded[:n] = x
