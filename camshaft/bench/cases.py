@@ -39,7 +39,7 @@ class Group:
     @property
     def key(self) -> str:
         h, w = self.input_size
-        return f"{_short(self.model)}/{h}x{w}/b{self.batch}"
+        return f"{short_name(self.model)}/{h}x{w}/b{self.batch}"
 
     def attrs(self) -> dict:
         return {"model": self.model, "input_size": list(self.input_size), "batch": self.batch}
@@ -66,7 +66,7 @@ class Case:
         return {**attrs, "variant": self.variant} if self.variant else attrs
 
 
-def _short(model: str) -> str:
+def short_name(model: str) -> str:
     """A key-friendly model name (a file's stem)."""
     return model.replace("\\", "/").rsplit("/", 1)[-1]
 
@@ -135,6 +135,26 @@ def evaluations_per_image(
     return 1
 
 
+def forward_batch(
+    method: str, options: dict, input_size: tuple[int, int], batch: int, *, channels: int | None = None
+) -> int:
+    """Images in the largest forward a method makes for a batch of ``batch`` images.
+
+    A single-forward method runs the batch itself. A method that perturbs or samples runs its copies in
+    forwards of ``*_per_forward`` images over the whole batch (occlusion's positions, Score-CAM's masks),
+    or of ``samples_per_forward // batch`` samples of every image (SmoothGrad, integrated gradients): its
+    evaluations/s are compared with the limit measured at that batch, which a forward of 1 or 2 images
+    would understate.
+    """
+    perturbed = evaluations_per_image(method, options, input_size, channels=channels) - 1
+    if perturbed <= 0:
+        return batch
+    if isinstance(options.get("samples_per_forward"), int):
+        return batch * min(max(1, options["samples_per_forward"] // batch), perturbed)
+    per = next((v for k, v in options.items() if k.endswith("_per_forward") and isinstance(v, int)), None)
+    return batch if per is None else max(batch, min(per, batch * perturbed))
+
+
 def tap_channels(backend: Backend, tap: str | None, size: tuple[int, int]) -> int | None:
     """The channels of ``tap`` as the methods read it (a channels-last map's last axis, a token's features)."""
     shape = backend.info.tap_shapes.get(tap) if tap else None
@@ -177,7 +197,8 @@ def method_workload(case: Case, backend: Backend, x: torch.Tensor) -> Workload |
     b, k = x.shape[0], targets.k
     channels = tap_channels(backend, tap, case.group.input_size)
     evals = b * evaluations_per_image(method.name, options, case.group.input_size, channels=channels)
-    attrs = {**case.attrs(), "k": k, "tap": tap, "gradient": gradient_kind(method), "options": _jsonable(options)}
+    attrs = {**case.attrs(), "k": k, "tap": tap, "gradient": gradient_kind(method), "options": _jsonable(options),
+             "forward_batch": forward_batch(method.name, options, case.group.input_size, b, channels=channels)}
     return Workload(case.key, "method", fn, b, b * k, evals, attrs)
 
 

@@ -1,8 +1,10 @@
 """Compare a run with a previous one: which figures dropped beyond a threshold.
 
-Figures are matched by key. By default the *ratio to the limit* is compared (the pipeline's ratio
-to its method): both were measured in the same run, so a busier or slower machine moves numerator
-and denominator together and a drop means camshaft got slower, not the machine. ``throughput``
+Figures are matched by key. By default the *ratio to the limit* is compared (for the pipeline too:
+its ratio to its method would fall when the method alone got faster): both were measured in the same
+run, so a busier or slower machine moves numerator and denominator together and a drop means
+camshaft got slower, not the machine. A figure without a limit (a model file) is compared by its
+throughput, and only on the same machine. ``throughput``
 compares images/s (evaluations/s for multi-forward methods), meaningful on the same machine only.
 Limits and peers are never flagged: they are not camshaft's to regress. A figure the previous run
 measured and this run skipped is flagged (a method that stopped working must not pass a nightly
@@ -51,6 +53,8 @@ class Comparison:
     differences: tuple[str, ...] = ()  # what the runs were measured with that differs, e.g. "dtype: a -> b"
     refused: str = ""  # why nothing could be compared (other work or another machine), "" if compared
     runs: int = 1  # earlier runs in the baseline (several: each figure's median over them; see `baseline`)
+    elsewhere: tuple[str, ...] = ()  # figures without a limit (raw throughput) the other run took on another machine
+    switched: tuple[str, ...] = ()  # figures measured in both runs by different numbers (a limit in one run only)
 
     @property
     def compared(self) -> int:
@@ -65,9 +69,7 @@ class Comparison:
 def _field(figure: dict, metric: str) -> str | None:
     if figure.get("role") not in ("method", "pipeline"):
         return None
-    if metric == "throughput":
-        return "evaluations_per_second"
-    return "ratio_to_method" if figure["role"] == "pipeline" else "ratio_to_limit"
+    return "evaluations_per_second" if metric == "throughput" else "ratio_to_limit"
 
 
 def _positive(value) -> bool:
@@ -96,11 +98,17 @@ def compare(previous: dict, current: dict, *, threshold: float = 0.1, metric: st
     fields = SAME_WORK + (SAME_MACHINE if metric == "throughput" else ())
     refused = [_said(d) for d in diffs if d[0] in fields]
     regressions, improvements, unchanged = [], [], 0
-    both = {k for k in before.keys() & after.keys() if before[k][0] == after[k][0]}  # the same field in both
-    if refused:
-        both = set()
+    common = before.keys() & after.keys()
+    both = {k for k in common if before[k][0] == after[k][0]}  # the same field in both
+    switched = tuple(sorted(common - both))
+    elsewhere: tuple[str, ...] = ()
+    if any(d[0] in SAME_MACHINE for d in diffs):  # raw throughput means something on the same machine only
+        elsewhere = tuple(sorted(k for k in both if before[k][0] == "evaluations_per_second"))
+        both -= set(elsewhere)
     skipped = {x.get("key"): x.get("reason", "") for x in current.get("skipped", []) if isinstance(x, dict)}
     lost = tuple((k, skipped[k]) for k in sorted(before.keys() - after.keys()) if k in skipped and not refused)
+    if refused:  # nothing is compared, so nothing is missing or new either
+        both, switched, elsewhere, before, after = set(), (), (), {}, {}
     for key in sorted(both):
         (name, old), (_, new) = before[key], after[key]
         change = Change(key, name, old, new)
@@ -115,16 +123,18 @@ def compare(previous: dict, current: dict, *, threshold: float = 0.1, metric: st
         tuple(regressions),
         tuple(improvements),
         unchanged,
-        tuple(sorted(before.keys() - both)),
-        tuple(sorted(after.keys() - both)),
+        tuple(sorted(before.keys() - common)),
+        tuple(sorted(after.keys() - common)),
         lost,
         tuple(map(_said, diffs)),
         "; ".join(refused),
         int(previous.get("baseline_runs", 1)),
+        elsewhere,
+        switched,
     )
 
 
-COMPARED = ("ratio_to_limit", "ratio_to_method", "evaluations_per_second")  # the numbers `compare` reads
+COMPARED = ("ratio_to_limit", "evaluations_per_second")  # the numbers `compare` reads
 
 
 def baseline(runs: list[dict]) -> dict:
@@ -266,6 +276,12 @@ def format_comparison(c: Comparison) -> str:
     elif not c.compared:
         lines.append("  NOTHING COMPARED: no figure of camshaft's was measured in both runs "
                      "(a failure for a nightly job)")
+    if c.elsewhere:
+        lines.append(f"  not compared: {len(c.elsewhere)} figures without a limit (a model file: raw throughput), "
+                     "which the runs took on different machines")
+    if c.switched:
+        lines.append(f"  not compared: {len(c.switched)} figures measured by different numbers in the two runs "
+                     "(a ratio to the limit in one, raw throughput in the other)")
     if c.differences and not c.refused:
         lines.append("  the runs differ in: " + "; ".join(c.differences))
     lines += [f"  LOST {key}: measured in the previous run, skipped in this one: {why}" for key, why in c.lost]

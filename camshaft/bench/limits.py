@@ -271,16 +271,37 @@ def head_backward(head: Callable, a: torch.Tensor, *, k: int, dtype: torch.dtype
     return Workload(f"{key}/head_backward/k{k}", "head_backward", fn, b, b * k, b, {**attrs, "k": k})
 
 
-def input_backward(model: nn.Module, x: torch.Tensor, *, k: int, dtype: torch.dtype, key: str, attrs: dict) -> Workload:
-    """A plain forward and a batched backward of k scores to the input pixels (parameters frozen)."""
+INPUT_BACKWARD_VARIANTS = ("eager", "folded")
+
+
+def input_backward(model: nn.Module, x: torch.Tensor, *, k: int, dtype: torch.dtype, key: str, attrs: dict,
+                   variant: str = "eager") -> Workload:
+    """A forward and a batched backward of k scores to the input pixels (parameters frozen).
+
+    ``eager``: the model as given, on contiguous images. ``folded``: as the eager backend runs it, batch norms
+    folded, in the layout it picks (channels-last for a convolutional model) and, on a CPU, linear layers
+    through oneDNN where they run so; the input-gradient limit is the faster of the two.
+    """
+    if variant not in INPUT_BACKWARD_VARIANTS:
+        raise ValueError(f"unknown input_backward variant {variant!r}; valid: {', '.join(INPUT_BACKWARD_VARIANTS)}")
+    linears = nullcontext
+    if variant == "folded":
+        from camshaft.engine.backends.base import resolve_memory_format
+
+        layout = resolve_memory_format("auto", model) if x.dim() == 4 else torch.contiguous_format
+        if x.device.type == "cpu" and _routes_linears(model, x.contiguous(memory_format=layout), dtype):
+            linears = lambda: cpu_linears(x.device)  # noqa: E731
+        model, x = _folded(model, layout), x.contiguous(memory_format=layout)
 
     def fn():
         leaf = x.detach().requires_grad_(True)
-        with torch.enable_grad(), autocast(x.device, dtype):
+        with torch.enable_grad(), autocast(x.device, dtype), linears():
             backward_to(leaf, model(leaf).float(), k)
 
     b = x.shape[0]
-    return Workload(f"{key}/input_backward/k{k}", "input_backward", fn, b, b * k, b, {**attrs, "k": k})
+    suffix = "" if variant == "eager" else f"/{variant}"  # the eager variant keeps the key it always had
+    return Workload(f"{key}/input_backward/k{k}{suffix}", "input_backward", fn, b, b * k, b,
+                    {**attrs, "k": k, "variant": variant})
 
 
 def adam_loop(

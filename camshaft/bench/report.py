@@ -123,12 +123,18 @@ def _limit_variants(figures: list[dict]) -> list[str]:
     return [*VARIANTS, *(v for v in (*CPU_VARIANTS, *COMPILED_VARIANTS, *GRAPH_VARIANTS) if v in seen)]
 
 
+def _limit_group(f: dict) -> str:
+    """A limit's group, with the batch of its forwards where a method runs larger ones than the group's batch."""
+    n = f.get("forward_batch")
+    return _group(f) + (f" (forwards of {n})" if n and n != f.get("batch") else "")
+
+
 def _limit_rows(figures: list[dict]) -> list[list[str]]:
     columns = _limit_variants(figures)
     by_group: dict[str, dict] = {}
     for f in figures:
         if f["role"] == "limit":
-            by_group.setdefault(_group(f), {})[f["variant"]] = f["images_per_second"]
+            by_group.setdefault(_limit_group(f), {})[f["variant"]] = f["images_per_second"]
     rows = []
     for g, variants in by_group.items():
         best = max(variants, key=variants.get)
@@ -152,12 +158,37 @@ def _method_rows(figures: list[dict]) -> list[list[str]]:
                 _num(f["images_per_second"]),
                 _num(f["pairs_per_second"]),
                 _num(evals),
-                _num(f.get("ratio_to_limit"), ".2f"),
+                _ratio(f),
                 _num(f.get("ratio_to_gradient_limit"), ".2f"),
                 peers or "-",
             ]
         )
     return rows
+
+
+def _ratio(f: dict) -> str:
+    """The ratio to the limit, with the batch of the limit where it is not the figure's own."""
+    text = _num(f.get("ratio_to_limit"), ".2f")
+    return text + (f" (b{f['limit_batch']})" if f.get("limit_batch") and f.get("ratio_to_limit") else "")
+
+
+def _gradient_rows(figures: list[dict]) -> list[list[str]]:
+    """The gradient limits' parts: each head or input backward (images/s, with its ratio to the limit)."""
+    rows = []
+    for f in figures:
+        if f["role"] in ("head_backward", "input_backward"):
+            what = "head above the tap" if f["role"] == "head_backward" else f"input ({f.get('variant') or 'eager'})"
+            rows.append([_limit_group(f), what, f"top:{f.get('k')}", _num(f["images_per_second"]), _ratio(f)])
+    return rows
+
+
+def _actmax_rows(figures: list[dict]) -> list[list[str]]:
+    return [
+        [_group(f), f.get("variant") or "-", _num(f["images_per_second"], ".2f"),
+         _num(f["best_seconds"] / max(1, f["images"]), ".3f")]
+        for f in figures
+        if f["role"] == "actmax_limit"
+    ]
 
 
 def _other_rows(figures: list[dict]) -> list[list[str]]:
@@ -173,6 +204,7 @@ def _other_rows(figures: list[dict]) -> list[list[str]]:
                     label,
                     _num(f["images_per_second"]),
                     _num(f["pairs_per_second"]),
+                    _ratio(f),
                     "-",
                 ]
             )
@@ -185,6 +217,7 @@ def _other_rows(figures: list[dict]) -> list[list[str]]:
                     f"pipeline/{f['backend']}",
                     _num(f["images_per_second"]),
                     _num(f["pairs_per_second"]),
+                    _ratio(f),
                     _num(f.get("ratio_to_method"), ".2f"),
                 ]
             )
@@ -217,6 +250,20 @@ def format_table(data: dict, *, skipped: bool = True) -> str:
             "limit: plain batched forward, inference mode (images/s)",
             _table(["model", *_limit_variants(figures), "limit"], _limit_rows(figures), labels=1),
         ]
+    gradient = _gradient_rows(figures)
+    if gradient:
+        parts += [
+            "",
+            "gradient limits: a forward and a batched backward of K scores (images/s; x limit: of the forward)",
+            _table(["model", "backward to", "targets", "img/s", "x limit"], gradient, labels=3),
+        ]
+    actmax = _actmax_rows(figures)
+    if actmax:
+        parts += [
+            "",
+            "activation maximization limit: a plain batched Adam loop, no regularization",
+            _table(["model (classes)", "variant", "classes/s", "s/class"], actmax, labels=2),
+        ]
     if any(f["role"] == "method" for f in figures):
         headers = [
             "model",
@@ -236,7 +283,7 @@ def format_table(data: dict, *, skipped: bool = True) -> str:
         parts += [
             "",
             "peers and pipeline (same run)",
-            _table(["model", "method", "targets", "who", "img/s", "pairs/s", "x method"], other),
+            _table(["model", "method", "targets", "who", "img/s", "pairs/s", "x limit", "x method"], other),
         ]
     if skipped and data.get("skipped"):
         parts += ["", f"skipped ({len(data['skipped'])}):"]

@@ -24,6 +24,7 @@ from camshaft.bench.cases import (
     bench_options,
     cases,
     evaluations_per_image,
+    forward_batch,
     gradient_kind,
     groups,
     input_batch,
@@ -31,6 +32,7 @@ from camshaft.bench.cases import (
     method_workload,
     tap_channels,
     target_count,
+    variants,
 )
 from camshaft.bench.machine import machine_info
 from camshaft.bench.pipeline import jpeg_size, pipeline_workload, write_jpegs
@@ -78,7 +80,7 @@ def run_bench(
     Raises:
         ConfigError: targets some model cannot serve, found before any model is timed.
     """
-    check_targets(settings)
+    check_targets(settings, workdir=Path(workdir))
     cudnn = torch.backends.cudnn.benchmark
     if resolve_device(settings.device).type == "cuda":
         # shapes are fixed within a group: every workload alike (limits, methods, peers) gets
@@ -107,11 +109,14 @@ def run_bench(
     return report
 
 
-def check_targets(settings: BenchSettings) -> None:
+def check_targets(settings: BenchSettings, *, workdir: Path) -> None:
     """Every model has the classes the targets name, checked before any model is timed.
 
+    A model file's classes are read by opening it on its format's backend, on the CPU at its own input size (a
+    file that does not open is left to the run, which skips it with the reason).
+
     Raises:
-        ConfigError: the targets a model cannot serve (a model file is checked when it is opened).
+        ConfigError: the targets some model cannot serve.
     """
     from camshaft.engine.targets import Targets
     from camshaft.models.sources import num_classes_of
@@ -121,7 +126,10 @@ def check_targets(settings: BenchSettings) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             source = resolve_model(model)
-        classes = num_classes_of(source.module) if source.module is not None else None
+        if source.module is not None:
+            classes = num_classes_of(source.module)
+        else:
+            classes = _file_classes(source, settings, Path(workdir) / slug(model) / "classes")
         for text in settings.targets if classes is not None else ():
             try:
                 Targets.parse(text, num_classes=classes)
@@ -129,6 +137,22 @@ def check_targets(settings: BenchSettings) -> None:
                 problems.append(f"{model}: {e}")
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def _file_classes(source: ModelSource, settings: BenchSettings, workdir: Path) -> int | None:
+    """The classes of a model file, from its metadata and graph as its backend opens them (None: it does not open)."""
+    from camshaft.engine.backends.registry import FILE_BACKENDS
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            backend = backend_factory(FILE_BACKENDS[source.kind])(
+                source, taps=None, preprocess={}, device=torch.device("cpu"),
+                dtype=torch.float32, workdir=workdir,
+            )
+    except (CamshaftError, KeyError):
+        return None
+    return backend.info.num_classes
 
 
 def slug(text: str) -> str:
@@ -275,21 +299,7 @@ def bench_actmax(mb: ModelBench, report: BenchReport, recheck: Recheck | None = 
 def group_workloads(mb: ModelBench, group: Group) -> list[Workload | Skipped]:
     s = mb.settings
     x = input_batch(group, device=mb.device, seed=s.seed)
-    attrs = group.attrs()
-    out: list[Workload | Skipped] = []
-    if mb.plain is not None:
-        onnx = mb.onnx if isinstance(mb.onnx, Path) else None
-        out += limits.forward_limits(
-            mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=group.key, attrs=attrs, cuda_graphs=s.cuda_graphs,
-            compiled="inductor" in s.backends,
-        )
-        out += gradient_limits(mb, group, x)
-    else:
-        out.append(
-            Skipped(
-                f"{group.key}/limit", f"limits need a torch model; {mb.spec!r} is a {mb.source.kind} file", role="limit"
-            )
-        )
+    out: list[Workload | Skipped] = limit_workloads(mb, group, x)
     method_cases = cases(s, group)
     for case in method_cases:
         backend = mb.backends[case.backend]
@@ -303,6 +313,49 @@ def group_workloads(mb: ModelBench, group: Group) -> list[Workload | Skipped]:
     if s.pipeline:
         ready = {w.key for w in out if isinstance(w, Workload) and w.role == "method"}
         out += pipeline_workloads(mb, group, [c for c in method_cases if c.key in ready])
+    return out
+
+
+def limit_workloads(mb: ModelBench, group: Group, x: torch.Tensor) -> list[Workload | Skipped]:
+    """The group's limits: the forward variants and gradient limits at its batch ``x``, and again at the batch of
+    the forwards of each method that runs larger ones (occlusion, Score-CAM, SmoothGrad: ``forward_batch``)."""
+    if mb.plain is None:
+        return [Skipped(f"{group.key}/limit", f"limits need a torch model; {mb.spec!r} is a {mb.source.kind} file",
+                        role="limit")]
+    s = mb.settings
+    onnx = mb.onnx if isinstance(mb.onnx, Path) else None
+
+    def forward(x: torch.Tensor, key: str, attrs: dict) -> list[Workload | Skipped]:
+        return limits.forward_limits(mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=key, attrs=attrs,
+                                     cuda_graphs=s.cuda_graphs, compiled="inductor" in s.backends)
+
+    out = forward(x, group.key, group.attrs()) + gradient_limits(mb, group, x)
+    for n, kinds in sorted(forward_batches(mb, group).items()):
+        xn = input_batch(dataclasses.replace(group, batch=n), device=mb.device, seed=s.seed)
+        key, attrs = f"{group.key}/forward{n}", {**group.attrs(), "forward_batch": n}
+        out += forward(xn, key, attrs)
+        if "input" in kinds:
+            out += input_backwards(mb, xn, key=key, attrs=attrs)
+    return out
+
+
+def forward_batches(mb: ModelBench, group: Group) -> dict[int, set[str | None]]:
+    """Batch sizes other than the group's at which the selected methods run their forwards -> the gradient
+    kinds of those methods (``cases.forward_batch``)."""
+    backend = _any_backend(mb)
+    out: dict[int, set[str | None]] = {}
+    for name in mb.settings.method_names():
+        method = get_method(name)
+        for variant in variants(name):
+            try:
+                options = bench_options(method, variant)
+            except CamshaftError:
+                continue  # the method's own entry says why
+            tap = method_tap(method, backend) if backend is not None else None
+            channels = tap_channels(backend, tap, group.input_size) if tap else None
+            n = forward_batch(name, options, group.input_size, group.batch, channels=channels)
+            if n != group.batch:
+                out.setdefault(n, set()).add(gradient_kind(method))
     return out
 
 
@@ -321,8 +374,18 @@ def gradient_limits(mb: ModelBench, group: Group, x: torch.Tensor) -> list[Workl
                 a = trunk(x).float()
             out += [limits.head_backward(head, a, k=k, dtype=mb.dtype, key=group.key, attrs=group.attrs()) for k in ks]
     if "input" in kinds:
-        out += [limits.input_backward(mb.plain, x, k=k, dtype=mb.dtype, key=group.key, attrs=group.attrs()) for k in ks]
+        out += input_backwards(mb, x, key=group.key, attrs=group.attrs())
     return out
+
+
+def input_backwards(mb: ModelBench, x: torch.Tensor, *, key: str, attrs: dict) -> list[Workload]:
+    """The input-gradient limit's variants for every K of the run (the best of them is the limit)."""
+    ks = sorted({target_count(t) for t in mb.settings.targets})
+    return [
+        limits.input_backward(mb.plain, x, k=k, dtype=mb.dtype, key=key, attrs=attrs, variant=v)
+        for k in ks
+        for v in limits.INPUT_BACKWARD_VARIANTS
+    ]
 
 
 def _any_backend(mb: ModelBench) -> Backend | None:

@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-from camshaft.bench import limits as limit_work
 from camshaft.bench.cases import Case, Group, input_batch, method_workload
 from camshaft.bench.machine import machine_info
 from camshaft.bench.report import BenchReport
-from camshaft.bench.runner import ModelBench, gradient_limits, measure, peer_workloads, pipeline_workloads, slug
+from camshaft.bench.runner import ModelBench, limit_workloads, measure, peer_workloads, pipeline_workloads, slug
 from camshaft.bench.settings import BenchSettings
 from camshaft.bench.workload import Figure, Skipped, Workload
 
@@ -54,15 +53,7 @@ class BenchSession:
         return self._cached("limits", group, lambda: self._limit_workloads(group))
 
     def _limit_workloads(self, group: Group) -> list[Workload | Skipped]:
-        mb = self.model(group.model)
-        if mb.plain is None:
-            return [Skipped(f"{group.key}/limit", "limits need a torch model", role="limit")]
-        x = self.x(group)
-        onnx = mb.onnx if isinstance(mb.onnx, Path) else None
-        return limit_work.forward_limits(
-            mb.plain, x, dtype=mb.dtype, onnx_path=onnx, key=group.key, attrs=group.attrs(),
-            cuda_graphs=mb.settings.cuda_graphs, compiled="inductor" in mb.settings.backends,
-        ) + gradient_limits(mb, group, x)
+        return limit_workloads(self.model(group.model), group, self.x(group))
 
     def method_workload(self, case: Case) -> Workload | Skipped:
         backend = self.model(case.group.model).backends[case.backend]

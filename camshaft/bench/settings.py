@@ -87,9 +87,20 @@ def _problems(s: BenchSettings) -> list[str]:
     from camshaft.engine.backends.base import DTYPES, resolve_device
     from camshaft.engine.methods import method_names
 
+    from camshaft.bench.cases import short_name
+
     problems = [p for spec in s.models for p in [model_problem(spec)] if p]
     if not s.models:
         problems.append("no model given")
+    names: dict[str, list[str]] = {}
+    for spec in s.models:
+        names.setdefault(short_name(spec), []).append(spec)
+    problems += [
+        f"models {' and '.join(specs)} share the name {name!r}, which keys their figures (and --compare matches "
+        "figures by key): give the files different names (a link will do)"
+        for name, specs in names.items()
+        if len(specs) > 1
+    ]
     unknown = [m for m in s.methods if m not in method_names()]
     if unknown:
         problems.append(f"unknown methods {unknown}; valid: {', '.join(method_names())}")

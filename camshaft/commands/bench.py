@@ -101,13 +101,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="with a --compare folder: how many of its newest runs make the baseline (default: 7)",
     )
     p.add_argument(
-        "--threshold", type=float, default=0.1, help="relative drop that counts as a regression (default: 0.1)"
+        "--threshold", type=float, help="with --compare: relative drop that counts as a regression (default: 0.1)"
     )
     p.add_argument(
         "--compare-metric",
         choices=["ratio", "throughput"],
-        default="ratio",
-        help="ratio to the limit (robust to machine load; default) or raw throughput (same machine only)",
+        help="with --compare: ratio to the limit (robust to machine load; default) or raw throughput (same machine "
+        "only)",
     )
     p.add_argument(
         "--recheck",
@@ -155,19 +155,26 @@ def _check_files(args, settings) -> tuple[dict | None, list[Path]]:
     from camshaft.bench.compare import baseline, history, work_of
     from camshaft.bench.report import output_problem
     from camshaft.errors import ConfigError
+    from camshaft.writers.atomic import out_folder_problem
 
     problems = []
     if args.json is not None and (problem := output_problem(args.json)):
         problems.append(f"--json {args.json}: {problem}")
-    if not 0 < args.threshold < 1:
+    if args.threshold is not None and not 0 < args.threshold < 1:
         problems.append(f"--threshold must be between 0 and 1 (0.1 = a 10% drop), received {args.threshold}")
     if args.recheck is not None and args.compare is None:
         problems.append("--recheck times again figures that dropped since a previous run: give --compare too")
+    for flag, name, needs in (("--threshold", "threshold", "--compare"),
+                              ("--compare-metric", "compare_metric", "--compare"),
+                              ("--pipeline-batches", "pipeline_batches", "--pipeline"),
+                              ("--decode", "decode", "--pipeline")):
+        if getattr(args, name) is not None and not getattr(args, needs[2:].replace("-", "_")):
+            problems.append(f"{flag} acts only with {needs}: give {needs} too, or leave {flag} out")
     folders = [p for p in dict.fromkeys(args.compare or ()) if p.is_dir()]
     if args.history is not None and not folders:
         problems.append("--history chooses the runs of a --compare folder: give one")
-    if args.workdir is not None and args.workdir.exists() and not args.workdir.is_dir():
-        problems.append(f"--workdir {args.workdir} is not a folder")
+    if args.workdir is not None and (problem := out_folder_problem(args.workdir)):
+        problems.append(f"--workdir {args.workdir}: {problem}")
     runs: dict[Path, dict] = {}
     for path in dict.fromkeys(args.compare or ()):
         try:
@@ -213,7 +220,8 @@ def run(args) -> int:
         from camshaft.bench.runner import Recheck
 
         def dropped(data: dict) -> set[str]:
-            result = compare(previous, data, threshold=args.threshold, metric=args.compare_metric)
+            result = compare(previous, data, threshold=args.threshold or 0.1,
+                             metric=args.compare_metric or "ratio")
             return {c.key for c in result.regressions}
 
         recheck = Recheck(dropped, passes)
@@ -241,7 +249,8 @@ def run(args) -> int:
         print("\ncamshaft bench: no figure of camshaft's was measured (every workload was skipped: see above)")
         code = 1
     if previous is not None:
-        result = compare(previous, data, threshold=args.threshold, metric=args.compare_metric)
+        result = compare(previous, data, threshold=args.threshold or 0.1,
+                             metric=args.compare_metric or "ratio")
         print("\n" + format_comparison(result))
         rechecked = sorted({f["key"] for f in data["figures"] if f.get("rechecks")})
         if rechecked:
