@@ -145,11 +145,55 @@ def test_a_padded_batch_out_of_memory_is_compiled_at_its_own_size():
     compiled._compiled = fake
     x = torch.arange(8.0).view(8, 1)
     with torch.no_grad():
-        compiled.batch = 8  # compiled for 8 earlier, before the device filled up
+        compiled.sizes = [8]  # compiled for 8 earlier, before the device filled up
         torch.testing.assert_close(compiled(x[:3]), x[:3] * 2)  # 8 padded: out of memory; then 3 as they are
         assert calls == [8, 3] and (compiled.batch, compiled.compilations) == (3, 1)
         torch.testing.assert_close(compiled(x[:2]), x[:2] * 2)  # padded to 3 from now on
         assert calls == [8, 3, 3]
+
+
+def test_a_batch_size_that_keeps_coming_back_at_under_half_a_compiled_one_gets_its_own_graph():
+    calls = []
+
+    def fake(x):
+        calls.append(x.shape[0])
+        return x * 2
+
+    compiled = Compiled(fake)
+    compiled._compiled = fake
+    x = torch.arange(64.0).view(64, 1)
+    with torch.no_grad():
+        for n in (32, 64, 40, 20, 5):  # compiled for 32 and 64; 40 and 20 padded (up to half wasted); 5 once
+            torch.testing.assert_close(compiled(x[:n]), x[:n] * 2)
+        assert calls == [32, 64, 64, 32, 32] and compiled.sizes == [32, 64]
+        for _ in range(3):  # 2 images with every batch (a method's own forward): padded twice, then its own graph
+            compiled(x[:2])
+        assert calls[-3:] == [32, 32, 2] and compiled.sizes == [2, 32, 64] and compiled.compilations == 3
+        compiled.sizes = [1, 2, 3, 64]  # at most MAX_SIZES sizes: then padded whatever the waste
+        for _ in range(4):
+            compiled(x[:10])
+        assert calls[-4:] == [64] * 4 and compiled.sizes == [1, 2, 3, 64]
+        compiled(x[:40].repeat(2, 1))  # a larger batch than any still compiles
+        assert compiled.sizes[-1] == 80
+
+
+def test_each_compiled_forward_has_its_own_graphs_past_dynamos_recompile_limit():
+    """Dynamo counts graphs per code object, up to 8, then runs the code uncompiled without a word: every model,
+    tap trunk and batch size of a process compiled the same function."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    limit = torch._dynamo.config.recompile_limit
+    x = torch.randn(2, 4)
+    with torch.inference_mode():
+        for i in range(limit + 2):
+            torch.manual_seed(i)
+            layer = torch.nn.Linear(4, 3)
+            for grid in (False, True):
+                compiled = Compiled(layer, grid_linears=grid)
+                torch.testing.assert_close(compiled(x), layer(x))
+    assert counters["frames"]["ok"] == 2 * (limit + 2), dict(counters["frames"])
 
 
 class _GridLinear(torch.nn.Module):
@@ -280,6 +324,24 @@ def test_a_run_compiles_its_graph_once_before_the_clock_starts(tmp_path):
                                partition_size=4, scheduler="sync", workers=1, progress=False)
     assert (summary.explained, summary.failed) == (6, 0)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_run_of_fewer_images_than_a_batch_compiles_for_those_images(tmp_path, monkeypatch):
+    """A single image (or a nightly delta of a few) must not compile for, and pad to, a whole --batch-size."""
+    sizes = []
+    original = Compiled.__call__
+
+    def spy(self, x):
+        out = original(self, x)
+        sizes.append(list(self.sizes))
+        return out
+
+    monkeypatch.setattr(Compiled, "__call__", spy)
+    images = write_demo_dataset(tmp_path / "data", n=3, seed=5).parent / "images"
+    summary = camshaft.explain(None, images, out=tmp_path / "out", backend="inductor", method="cam", batch_size=32,
+                               scheduler="sync", workers=1, progress=False)
+    assert (summary.explained, summary.failed) == (3, 0)
+    assert sizes and all(s == [3] for s in sizes), sizes
 
 
 ARCHITECTURES = {  # torchvision architectures and a size each runs at; ViT's tap does not split (eager gradients)

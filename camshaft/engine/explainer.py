@@ -197,11 +197,14 @@ class Explainer:
 
         return ExemplarCollector(self.exemplar_specs, k=self.job.exemplar_k)
 
-    def probe(self) -> None:
+    def probe(self, images: int | None = None) -> None:
         """The (K, h, w) of every method's maps, from one black image (before any real work). The inductor
         backend compiles for the first batch size it sees, and pads smaller batches to it: it is probed with a
-        full batch, so that it compiles once, for the run's batches, before the clock starts."""
-        n = self.job.batch_size if self.backend.name == "inductor" else 1
+        full batch (or the run's ``images``, when fewer), so that it compiles once, for the run's batches,
+        before the clock starts."""
+        n = 1
+        if self.backend.name == "inductor":
+            n = self.job.batch_size if images is None else max(1, min(self.job.batch_size, images))
         with self.lock:
             for r, (maps, _) in zip(self.runs, self._black_batch(n), strict=True):
                 r.map_shape = tuple(maps.shape[1:])

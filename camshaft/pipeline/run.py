@@ -99,7 +99,7 @@ def _run(job: ExplainJob, out: Path, *, created: Path | None, progress: bool) ->
                                   "use a manifest with a label column")
             explainer = build_explainer(job, workdir=out / ARTIFACTS_DIR)
             job = explainer.job  # its backend named (``auto`` resolved for the model)
-            explainer.probe()
+            explainer.probe(images=len(records))
         except Exception:
             if created is not None:
                 shutil.rmtree(created, ignore_errors=True)

@@ -17,14 +17,18 @@ eager backend in the same run: CAM on efficientnet_b0 1.18x, resnet50 1.01-1.09x
 So it is a choice, not a default: ``camshaft bench --backend eager inductor`` tells for a model.
 
 A compiled graph serves one batch size (``dynamic=False``).
-:class:`Compiled` pads a smaller batch up to the largest compiled so far, with zero images, and cuts the
+:class:`Compiled` pads a smaller batch up to a size compiled already, with zero images, and cuts the
 results back: a run's last partial batch costs a little compute, not a second compilation (tens of
-seconds for a resnet50). A larger batch compiles again, and so does a smaller one whose padded batch
-ran out of memory (``camshaft explain`` halves its batches after an out-of-memory error).
+seconds for a resnet50). A larger batch compiles again, and so do a smaller one whose padded batch
+ran out of memory (``camshaft explain`` halves its batches after an out-of-memory error) and one that
+keeps coming back at under half a compiled size (a method's own forwards between its larger chunks).
 """
 
 from __future__ import annotations
 
+import bisect
+import types
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -65,20 +69,61 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` called through a function with a code object of its own. Dynamo keeps compiled graphs, and counts
+    recompilations against ``recompile_limit`` (8), per code object: compiling one function (or the forward of one
+    model class) for each backend, model and batch size would, at the ninth graph of a process, silently run the
+    rest uncompiled."""
+
+    def call(x):
+        return fn(x)
+
+    return types.FunctionType(call.__code__.replace(), call.__globals__, call.__name__, call.__defaults__,
+                              call.__closure__)
+
+
 class Compiled:
     """``fn`` (``x -> outputs``, run without autograd) compiled by TorchInductor for fixed batch sizes.
 
+    A batch is padded to the smallest size compiled so far that holds it, when that wastes at most half the padded
+    batch. A batch size that would waste more gets a graph of its own once it comes back (``PADDED_CALLS``): a
+    method's smaller forwards (Score-CAM's images after its chunks of masks) repeat every batch, a run's last
+    partial batch comes once. At most ``MAX_SIZES`` sizes are compiled; then batches are padded whatever the waste.
+
     With ``grid_linears`` (CPU), linear layers over (N, h, w, C) grids are compiled as 1x1 convolutions
     (``camshaft.models.cpu_linear.GridLinearsThroughOneDnn``), which oneDNN runs."""
+
+    MAX_SIZES = 4
+    PADDED_CALLS = 2
 
     def __init__(self, fn: Callable, *, grid_linears: bool = False):
         def routed(x):  # the mode is entered inside the compiled function: dynamo traces it into the graph
             with GridLinearsThroughOneDnn():
                 return fn(x)
 
-        self._compiled = torch.compile(routed if grid_linears else fn, dynamic=False, options={"freezing": True})
-        self.batch = 0  # the largest batch compiled for: smaller ones are padded up to it
-        self.compilations = 0  # batch sizes compiled so far (tests read it)
+        self._compiled = torch.compile(_own_code(routed if grid_linears else fn), dynamic=False,
+                                       options={"freezing": True})
+        self.sizes: list[int] = []  # the batch sizes compiled for, ascending
+        self.compilations = 0  # graphs compiled so far (tests read it)
+        self._padded: Counter[int] = Counter()  # wasteful paddings of each batch size so far
+
+    @property
+    def batch(self) -> int:
+        """The largest batch compiled for (0: none yet)."""
+        return self.sizes[-1] if self.sizes else 0
+
+    def _size_for(self, n: int) -> int:
+        fits = [s for s in self.sizes if s >= n]
+        if not fits:
+            return n
+        if fits[0] <= 2 * n or len(self.sizes) >= self.MAX_SIZES:
+            return fits[0]
+        self._padded[n] += 1
+        return n if self._padded[n] > self.PADDED_CALLS else fits[0]
+
+    def _compile_for(self, n: int) -> None:
+        bisect.insort(self.sizes, n)
+        self.compilations += 1
 
     def __call__(self, x: torch.Tensor):
         if torch.is_grad_enabled():
@@ -87,16 +132,18 @@ class Compiled:
             # dynamo guards on the dispatch keys: an inference tensor and a normal one would compile twice
             x = x.clone()
         n = x.shape[0]
-        if n >= self.batch:
-            if n > self.batch:  # compiled for this size on the call below
-                self.batch, self.compilations = n, self.compilations + 1
+        size = self._size_for(n)
+        if size == n:
+            if n not in self.sizes:  # compiled for this size on the call below
+                self._compile_for(n)
             return self._compiled(x)
-        padded = x.new_zeros((self.batch, *x.shape[1:])).contiguous(memory_format=_layout(x))
+        padded = x.new_zeros((size, *x.shape[1:])).contiguous(memory_format=_layout(x))
         padded[:n] = x
         try:
             out = self._compiled(padded)
         except torch.OutOfMemoryError:  # a caller halving its batches after an OOM: padding must not undo that
             del padded
-            self.batch, self.compilations = n, self.compilations + 1
+            self.sizes = [s for s in self.sizes if s < size]
+            self._compile_for(n)
             return self._compiled(x)
         return tree_map(lambda t: t[:n] if isinstance(t, torch.Tensor) else t, out)
