@@ -202,3 +202,17 @@ def test_occlusion_at_batch_1_gets_limits_at_the_batch_of_its_forwards(tmp_path)
     assert {w.images for w in items if w.attrs.get("forward_batch") == 9} == {9}
     for w in items:  # every one of them runs
         w.fn()
+
+
+def test_guided_backprop_is_timed_against_captum():
+    pytest.importorskip("captum")
+    import torch
+
+    from camshaft.bench import peers
+    from camshaft.demo.model import build_demo_model
+
+    items = peers.peer_workloads("guided_backprop", model=build_demo_model(), tap=None, x=torch.randn(2, 3, 32, 32),
+                                 targets={"top:2": 2}, options={}, evaluations=2, key="g/{peer}/{targets}", attrs={},
+                                 quick=True)
+    assert [(w.key, w.role, w.pairs) for w in items] == [("g/captum/top:2", "peer", 4)]
+    items[0].fn()

@@ -118,6 +118,13 @@ def _captum_saliency(task: PeerTask):
     return _per_class(task, lambda t: explainer.attribute(task.x, target=t, abs=True))
 
 
+def _captum_guided(task: PeerTask):
+    from captum.attr import GuidedBackprop
+
+    explainer = GuidedBackprop(task.model)
+    return _per_class(task, lambda t: explainer.attribute(task.x, target=t))
+
+
 def _captum_smoothgrad(task: PeerTask):
     from captum.attr import NoiseTunnel, Saliency
 
@@ -218,6 +225,7 @@ PEERS: dict[str, list[tuple[str, Build]]] = {
     "layercam": [("pytorch-grad-cam", _pgc("LayerCAM")), ("torchcam", _torchcam("LayerCAM", gradients=True))],
     "scorecam": [("pytorch-grad-cam", _pgc("ScoreCAM"))],
     "saliency": [("captum", _captum_saliency)],
+    "guided_backprop": [("captum", _captum_guided)],
     "smoothgrad": [("captum", _captum_smoothgrad)],
     "integrated_gradients": [("captum", _captum_integrated)],
 }
