@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -93,13 +94,14 @@ def test_every_backend_on_the_device_gives_the_cpus_maps(backend, data, on_cpu, 
         torch.cuda.reset_peak_memory_stats()
     try:
         got = _explain(data, tmp_path / "run", METHODS[backend], backend=backend, device=DEVICE)
+        wanted = on_cpu(backend)
     except ConfigError as e:
         if backend == "onnxruntime" and "needs onnxruntime-gpu" in str(e):
             pytest.skip(f"ONNX Runtime has no CUDA provider here: {e}")
-        if backend == "inductor" and "needs Triton" in str(e):
-            pytest.skip(f"TorchInductor cannot generate GPU code here: {e}")
+        if backend == "inductor" and ("needs Triton" in str(e) or "compiler" in str(e)):
+            pytest.skip(f"TorchInductor cannot generate code here: {e}")
         raise
-    for method, want in on_cpu(backend).items():
+    for method, want in wanted.items():
         assert (got[method].table["status"] == "ok").all()
         top1 = [r.table["top5_classes"].map(lambda c: c[0]).tolist() for r in (got[method], want)]
         assert top1[0] == top1[1]  # the same predicted classes
@@ -206,12 +208,24 @@ def test_a_batchs_explanation_never_waits_for_the_device(method, backend_name, t
         pytest.skip(str(e))
     x = torch.randn(4, 3, *source.preprocess.input_size, device=DEVICE)
     for select in (Targets.parse("top:2").selector(), Targets.parse("0,3").selector()):
-        m.run(backend, x, select, tap=tap)  # first calls: cuDNN, allocator, the classes' copy to the device
-        _set_sync_debug_mode("error")
-        try:
-            maps, _ = m.run(backend, x, select, tap=tap)
-        finally:
-            _set_sync_debug_mode(0)
+        for _ in range(2):  # first calls: cuDNN, allocator, the classes' copy, TorchScript's optimizing runs
+            m.run(backend, x, select, tap=tap)
+        if method == "scorecam":  # one wait a batch, allowed: the count of its non-constant channels, on the host
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                _set_sync_debug_mode("warn")
+                try:
+                    maps, _ = m.run(backend, x, select, tap=tap)
+                finally:
+                    _set_sync_debug_mode(0)
+            waits = [w for w in seen if "synchroniz" in str(w.message)]
+            assert len(waits) <= 1, [str(w.message) for w in waits]
+        else:
+            _set_sync_debug_mode("error")
+            try:
+                maps, _ = m.run(backend, x, select, tap=tap)
+            finally:
+                _set_sync_debug_mode(0)
         assert maps.shape[:2] == (4, 2)
 
 

@@ -371,3 +371,17 @@ def test_torchvision_architectures_compile_to_the_eager_results(arch, tmp_path):
         _close(out["inductor"].taps[tap], expected)
     assert maps["eager"].abs().max() > 0
     _close(maps["inductor"], maps["eager"])
+
+
+def test_a_gpu_without_triton_or_a_c_compiler_is_refused(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: False)
+    with pytest.raises(ConfigError, match="needs Triton"):
+        check_compiler(cuda)
+    monkeypatch.setattr("torch.utils._triton.has_triton", lambda: True)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(compiled_module.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="needs a C compiler for Triton"):
+        check_compiler(cuda)
+    monkeypatch.setenv("CC", "/usr/bin/cc")
+    check_compiler(cuda)  # Triton and a compiler: no objection

@@ -327,7 +327,8 @@ class Explainer:
                              input_size=self.preprocess.input_size)
         if cuda:
             launched.ready = torch.cuda.Event()
-            launched.ready.record()
+            # on the device's stream: Event.record() alone records on the current device's (cuda:0 for cuda:1)
+            launched.ready.record(torch.cuda.current_stream(self.backend.device))
         return [launched]
 
     def _collect(self, launched: Launched):

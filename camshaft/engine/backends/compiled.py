@@ -27,6 +27,8 @@ keeps coming back at under half a compiled size (a method's own forwards between
 from __future__ import annotations
 
 import bisect
+import os
+import shutil
 import types
 from collections import Counter
 from collections.abc import Callable
@@ -46,6 +48,10 @@ def check_compiler(device: torch.device) -> None:
         if not has_triton():
             raise ConfigError("the inductor backend on a GPU needs Triton (pip install triton); "
                               "use the eager or torchscript backend")
+        if not (os.environ.get("CC") or any(shutil.which(c) for c in ("gcc", "clang", "cc"))):
+            # Triton builds each kernel's launcher with the system's C compiler (triton/runtime/build.py)
+            raise ConfigError("the inductor backend on a GPU needs a C compiler for Triton's kernel launchers "
+                              "(gcc or clang on the PATH, or CC set); use the eager or torchscript backend")
         return
     if device.type != "cpu":
         raise ConfigError(f"the inductor backend runs on CPU and CUDA devices, not {device.type}")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from camshaft.engine.backends.base import FORWARD, INPUT_GRADIENTS, Backend, Output, Selector
+from camshaft.engine.backends.base import FORWARD, INPUT_GRADIENTS, Backend, Output, Selector, upload
 from camshaft.engine.methods.base import Method, Option, register_method
 from camshaft.engine.methods.options import finite_float, non_negative_float, positive_int, seed
 
@@ -69,11 +69,13 @@ def smoothgrad_noise(seed: int, shape: tuple[int, ...], device: torch.device | s
     Drawn by torch's CPU generator and then moved: a generator on the input's device would draw
     other numbers for the same seed (CUDA's Philox), so CPU and GPU maps of one seed would differ.
     The same for every image, batch size, chunking, partition and device (bitwise, for a given torch
-    build and CPU instruction set). Read-only: on the CPU it is a cached tensor (``_cached_noise``).
+    build and CPU instruction set). Read-only: it is a cached tensor, on its device (``_cached_noise``).
+    Noise too large to cache goes to a GPU through pinned memory: a plain copy would wait for the GPU.
     """
-    shape = tuple(shape)
-    draw = _cached_noise if math.prod(shape) <= CACHED_NOISE_NUMEL else _noise
-    return draw(seed, shape).to(device)
+    shape, device = tuple(shape), torch.device(device)
+    if math.prod(shape) <= CACHED_NOISE_NUMEL:
+        return _cached_noise(seed, shape, device)
+    return upload(_noise(seed, shape), device)
 
 
 CACHED_NOISE_NUMEL = 2**24  # 64 MiB of float32 noise kept per cached (seed, shape); larger ones are drawn per batch
@@ -83,8 +85,10 @@ def _noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-# a GPU run draws once, not at every batch: 16 x 3 x 224 x 224 takes 15-40 ms on 2 CPU cores
-_cached_noise = functools.lru_cache(maxsize=2)(_noise)
+@functools.lru_cache(maxsize=2)
+def _cached_noise(seed: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Drawn and copied once per run, not at every batch (16 x 3 x 224 x 224 takes 15-40 ms on 2 CPU cores)."""
+    return upload(_noise(seed, shape), device)
 
 
 def _smoothgrad(backend: Backend, x: torch.Tensor, select: Selector, tap, options: dict):
