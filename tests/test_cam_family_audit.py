@@ -196,6 +196,19 @@ def test_scorecam_pads_its_last_chunk_when_the_forward_replays_cuda_graphs(tmp_p
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
 
 
+def test_occlusion_pads_its_last_chunk_when_the_forward_replays_cuda_graphs(tmp_path):
+    """As Score-CAM: 5 images x 9 windows in chunks of 20 left a last chunk of 5 (and another size per batch)."""
+    backend = open_backend("eager", source_of(SmallNet(), size=(16, 16)), tmp_path)
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    plain, graphed = _Spy(backend), _Spy(backend)
+    graphed.graphs = {"full": None}
+    options = {"window": 8, "stride": 4, "positions_per_forward": 20}
+    ref, _ = get_method("occlusion").run(plain, x, fixed([[0, 3]] * 5), tap=None, options=options)
+    got, _ = get_method("occlusion").run(graphed, x, fixed([[0, 3]] * 5), tap=None, options=options)
+    assert plain.sizes == [5, 20, 20, 5] and graphed.sizes == [5, 20, 20, 20]
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
 # --- K targets per image ----------------------------------------------------------------------------------
 
 

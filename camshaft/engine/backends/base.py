@@ -149,6 +149,14 @@ def upload(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)  # torch keeps the pinned block until the copy ran
 
 
+def replays_graphs(backend) -> bool:
+    """Whether ``backend``'s forward replays CUDA graphs (``--cuda-graphs``), one recorded per input shape. A method
+    whose own forwards come in chunks (Score-CAM's masks, occlusion's windows) pads its last chunk to the full one:
+    the last chunk's size changes from batch to batch, and each new size would record another graph (warm-up and
+    capture: a few forwards), evicting the ones kept. The padding costs under one forward."""
+    return "full" in (getattr(backend, "graphs", None) or {})
+
+
 def resolve_device(device: str | None) -> torch.device:
     """``cpu``, ``cuda`` or ``cuda:N``; None picks cuda when available."""
     if device is None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from camshaft.engine.backends.base import FORWARD, MODULE_HOOKS, Backend, Selector
+from camshaft.engine.backends.base import FORWARD, MODULE_HOOKS, Backend, Selector, replays_graphs
 from camshaft.engine.methods.base import Method, Option, register_method
 from camshaft.engine.methods.options import finite_float, positive_int
 from camshaft.engine.occlusion.fills import FILL_MODES, fill_values
@@ -207,7 +207,10 @@ def run_occlusion(backend: Backend, x: torch.Tensor, select: Selector, tap: str 
     if model is not None:
         evaluate = incremental_evaluator(model, x, fill, grid)
     else:
-        evaluate = plain_evaluator(lambda v: backend.forward(v).logits, x, fill, grid)
+        forward = lambda v: backend.forward(v).logits  # noqa: E731
+        if replays_graphs(backend):
+            forward = _padded(forward, s.positions_per_forward)
+        evaluate = plain_evaluator(forward, x, fill, grid)
     kw = dict(batch=x.shape[0], grid=grid, base=base, targets=targets, score=s.score)
     kw["per_forward"] = s.positions_per_forward
     if s.occlusion_mode == "coarse-to-fine":
@@ -217,6 +220,18 @@ def run_occlusion(backend: Backend, x: torch.Tensor, select: Selector, tap: str 
         # smaller (CPU convolutions cost by the cell; on a GPU the larger batches are kept)
         kw["batches"] = border_batches(grid, s.positions_per_forward)
     return full_sweep(evaluate, **kw), out
+
+
+def _padded(forward, size: int):
+    """``forward`` of a chunk padded to ``size`` variants with copies of its first (``replays_graphs``)."""
+
+    def run(v: torch.Tensor) -> torch.Tensor:
+        n = v.shape[0]
+        if n >= size:
+            return forward(v)
+        return forward(torch.cat([v, v[:1].expand(size - n, *v.shape[1:])]))[:n]
+
+    return run
 
 
 def occlusion_tiles(maps: torch.Tensor, size: tuple[int, int], options: dict) -> torch.Tensor:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from camshaft.engine.backends.base import FORWARD, Backend, Selector
+from camshaft.engine.backends.base import FORWARD, Backend, Selector, replays_graphs
 from camshaft.engine.methods.base import Method, Option, feature_map, register_method
 from camshaft.engine.methods.options import positive_int
 
@@ -41,7 +41,7 @@ def channel_scores(backend: Backend, x: torch.Tensor, a: torch.Tensor, targets: 
     pairs = a.flatten(0, 1).unsqueeze(1)  # (B C, 1, h, w): pair i is image i // C, channel i % C
     live = (pairs.amax(dim=(-2, -1)) > pairs.amin(dim=(-2, -1))).flatten().nonzero().squeeze(1)
     scores = torch.zeros(b * c, targets.shape[1], device=a.device)
-    whole = _replays_graphs(backend)
+    whole = replays_graphs(backend)
     for first in range(0, len(live), per):  # never an empty batch (live.split would give one)
         chunk = live[first : first + per]  # (n,) pairs
         n = len(chunk)
@@ -52,13 +52,6 @@ def channel_scores(backend: Backend, x: torch.Tensor, a: torch.Tensor, targets: 
         probs = torch.softmax(backend.forward(masked).logits, dim=-1)  # (n, N)
         scores[chunk[:n]] = probs[:n].gather(1, targets[image[:n]])  # (n, K)
     return scores.view(b, c, -1).transpose(1, 2)
-
-
-def _replays_graphs(backend: Backend) -> bool:
-    """Whether the forward replays CUDA graphs (``--cuda-graphs``), one recorded per input shape: the last chunk's
-    size (live pairs modulo ``per``) changes from batch to batch, and each new size would record another graph
-    (warm-up and capture: a few forwards), evicting the ones kept. Padding it to ``per`` costs under one forward."""
-    return "full" in (getattr(backend, "graphs", None) or {})
 
 
 def _scorecam(backend: Backend, x: torch.Tensor, select: Selector, tap: str, options: dict):
