@@ -216,3 +216,4 @@ def test_guided_backprop_is_timed_against_captum():
                                  quick=True)
     assert [(w.key, w.role, w.pairs) for w in items] == [("g/captum/top:2", "peer", 4)]
     items[0].fn()
+

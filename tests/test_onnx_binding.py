@@ -76,3 +76,18 @@ def test_a_non_contiguous_or_double_input_is_bound_as_float32(backends):
     again = onnx.forward(x.double())
     torch.testing.assert_close(again.logits, first.logits)
     torch.testing.assert_close(again.logits, eager.forward(x.contiguous()).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_tensorrt_is_asked_for_only_on_request(monkeypatch):
+    """onnxruntime-gpu lists TensorRT whether or not its libraries are there, and it builds an engine per shape."""
+    from camshaft.engine.backends import onnx_backend
+
+    fake = type("ort", (), {"get_available_providers": staticmethod(
+        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])})
+    monkeypatch.setattr(onnx_backend, "_onnxruntime", lambda: fake)
+    monkeypatch.delenv(onnx_backend.TENSORRT, raising=False)
+    gpu = torch.device("cuda:1")
+    assert onnx_backend.providers_for(gpu) == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    monkeypatch.setenv(onnx_backend.TENSORRT, "1")
+    assert [p[0] for p in onnx_backend.providers_for(gpu)[:2]] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    assert onnx_backend.providers_for(torch.device("cpu")) == ["CPUExecutionProvider"]

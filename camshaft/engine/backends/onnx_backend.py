@@ -7,6 +7,7 @@ that output alone) and the small head travelling in the artifact runs under torc
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import warnings
 
 import numpy as np
@@ -54,12 +55,22 @@ def _installed(dist: str) -> bool:
         return False
 
 
+TENSORRT = "CAMSHAFT_ORT_TENSORRT"  # set to 1: TensorRT's provider first on a GPU, where onnxruntime-gpu has it
+
+
 def providers_for(device: torch.device) -> list:
-    """The providers to ask for: only those available, CUDA (and TensorRT) first on a GPU."""
+    """The providers to ask for: only those available, CUDA first on a GPU.
+
+    TensorRT's provider only on request (``CAMSHAFT_ORT_TENSORRT=1``): onnxruntime-gpu lists it whether or not
+    TensorRT's libraries are installed, and it builds an engine for every input shape it meets (minutes each for
+    a resnet50; a run's last, partial batch is another shape), which a batch job must not meet by surprise.
+    """
     ort = _onnxruntime()
     available = ort.get_available_providers()
     if device.type == "cuda":
-        wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+        tensorrt = os.environ.get(TENSORRT, "") not in ("", "0")
+        wanted = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+                  if p in available and (tensorrt or p != "TensorrtExecutionProvider")]
         if not wanted:
             raise ConfigError(
                 f"--device {device} with the onnxruntime backend needs onnxruntime-gpu with CUDA; "
