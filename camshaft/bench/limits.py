@@ -8,7 +8,9 @@ them); on a CPU, for a model whose linear layers the eager backend runs as oneDN
 channels_last with those too (``cl_onednn``). Gradient methods are also compared with *the
 gradient limit*: that best forward plus the head above the tap run forward with a batched backward
 of the K target scores to the tap (``head_backward``). Methods on input gradients are compared with
-a forward and a batched backward to the pixels (``input_backward``). With ``cuda_graphs`` (a run whose backends replay
+a forward and a batched backward to the pixels (``input_backward``: the faster of the model as given and
+as the eager backend runs it). A method that runs larger forwards than its batch (occlusion, Score-CAM,
+SmoothGrad) gets these limits again at that batch (``runner.limit_workloads``). With ``cuda_graphs`` (a run whose backends replay
 CUDA graphs) the two fastest variants are also replayed from CUDA graphs (``GRAPH_VARIANTS``), so
 graphed methods are held to a graphed forward. In a run that benchmarks the inductor backend, the
 model compiled by TorchInductor as that backend compiles it (``inductor``) is a variant too: a backend
