@@ -2,6 +2,7 @@
 
 - The local schedulers hand each partition its records as they are: dask walked every record's fields
   (about 30 us an image, 30 s before the first image of 10^6).
+- An update reads the previous run's metrics once, not once per partition.
 """
 
 from __future__ import annotations
@@ -44,3 +45,44 @@ def test_the_local_schedulers_hand_the_records_over_unwalked(monkeypatch, tmp_pa
     assert results == [{"partition": 0}, {"partition": 1}]
     assert sorted(p for _, p, _ in seen) == [0, 1] and all(ctx is context and same for ctx, _, same in seen)
     assert _Record.reads == 0  # dask read every field of every record, looking for collections
+
+
+def test_an_update_reads_the_previous_runs_metrics_once_and_keeps_the_reused_rows(tmp_path, monkeypatch):
+    """Each partition of an update filtered the previous metrics.parquet itself, reading the whole file (one row
+    group): partitions x file size, 12-23 minutes at 10^6 images."""
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    import camshaft
+    from camshaft.demo.shapes import render_sample, write_demo_dataset
+
+    data = write_demo_dataset(tmp_path / "data", n=8, seed=4).parent / "images"
+    out = tmp_path / "run"
+    kw = {"partition_size": 2, "progress": False, "metrics": "deletion", "metric_steps": 4, "scheduler": "sync"}
+    camshaft.explain(None, data, out=out, **kw)
+    before = pd.read_parquet(out / "metrics.parquet")
+    files = sorted(data.rglob("*.*"))
+    image, _, _ = render_sample(np.random.default_rng(11), size=96)
+    image.save(data / "circle" / "0new.png")  # sorts first: every reused image moves one index up
+    reads, read_table = [], pq.read_table
+
+    def counting(source, *a, **k):
+        if str(source).endswith("metrics.parquet"):
+            reads.append(str(source))
+        return read_table(source, *a, **k)
+
+    monkeypatch.setattr(pq, "read_table", counting)
+    update = camshaft.explain(None, data, out=out, **kw)
+    assert (update.mode, update.explained) == ("update", 1)
+    assert len(reads) == 1, reads  # once, for all 5 partitions
+    after = pd.read_parquet(out / "metrics.parquet")
+    paths = {str(p): i for i, p in enumerate(files)}
+    new = camshaft.load_results(out).table
+    moved = {paths[p]: i for i, p in zip(new["index"], new["path"]) if p in paths}  # old index -> new index
+    order = ["index", "k"]
+    kept = before.assign(index=before["index"].map(moved)).sort_values(order).reset_index(drop=True)
+    reused = after[after["index"].isin(moved.values())].sort_values(order).reset_index(drop=True)
+    assert len(kept) == 8 and list(kept["index"]) == sorted(moved.values()) != sorted(moved)
+    pd.testing.assert_frame_equal(reused.drop(columns="deletion_curve"), kept.drop(columns="deletion_curve"))
+    assert all(np.array_equal(a, b) for a, b in zip(reused["deletion_curve"], kept["deletion_curve"], strict=True))

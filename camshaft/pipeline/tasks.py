@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from camshaft.data.sources import ImageRecord, path_text
@@ -51,7 +53,7 @@ class TaskContext:
 
 
 _EXPLAINERS: dict[str, Explainer] = {}
-_PREVIOUS: dict[str, tuple[PreviousRows, object]] = {}
+_PREVIOUS: dict[str, object] = {}  # previous_id and path -> (rows, maps) of a method, or a table
 _LOCK = threading.Lock()
 # a dask.distributed worker outlives its runs (a nightly job's model changes every night) and no run tells
 # it when it ended: it keeps the explainers (models) it built, and the previous rows of updates, of the
@@ -247,9 +249,24 @@ def _previous_metrics(ctx: TaskContext, name: str, rows: list, todo: list[int]):
     reused = {r["_old_index"]: r["index"] for i, r in enumerate(rows) if i not in computed}
     if not ctx.reuse or not path.exists() or not reused:
         return pd.DataFrame()
-    old = pd.read_parquet(path, filters=[("index", "in", list(reused))])  # the rows wanted, not the whole file
+    table = _previous_table(ctx, path)
+    wanted = pa.array(list(reused), table.schema.field("index").type)
+    old = table.filter(pc.is_in(table.column("index"), value_set=wanted)).to_pandas()  # the rows wanted
     old["index"] = old["index"].map(reused)
     return old
+
+
+def _previous_table(ctx: TaskContext, path: Path):
+    """A Parquet file of the previous run, read once per process and update (as ``_previous``): each partition
+    filtering the file itself read all of it (one row group), partitions x file size in all."""
+    key = f"{ctx.previous_id} {path}"
+    with _LOCK:
+        if key not in _PREVIOUS:
+            _PREVIOUS[key] = pq.read_table(path)
+            for old in _latest(_UPDATES, str(ctx.previous_id)):
+                for stale in [k for k in _PREVIOUS if k.startswith(f"{old} ")]:
+                    del _PREVIOUS[stale]
+        return _PREVIOUS[key]
 
 
 def _write_frame(frame, path: Path) -> None:
