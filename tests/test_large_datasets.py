@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import pandas as pd
 import pytest
 
 from camshaft.pipeline import schedule
@@ -86,3 +87,47 @@ def test_an_update_reads_the_previous_runs_metrics_once_and_keeps_the_reused_row
     assert len(kept) == 8 and list(kept["index"]) == sorted(moved.values()) != sorted(moved)
     pd.testing.assert_frame_equal(reused.drop(columns="deletion_curve"), kept.drop(columns="deletion_curve"))
     assert all(np.array_equal(a, b) for a, b in zip(reused["deletion_curve"], kept["deletion_curve"], strict=True))
+
+
+@pytest.mark.parametrize("change", ["new image", "overlays"])
+def test_a_stopped_run_whose_data_changed_keeps_its_finished_partitions(tmp_path, monkeypatch, change):
+    """A first run stopped part-way, then rerun after a file was added (or with --overlays): it started over from
+    nothing (30,013 images explained again for one added, in the audit)."""
+    import numpy as np
+
+    import camshaft
+    from camshaft.demo.shapes import render_sample, write_demo_dataset
+    from test_pipeline import assert_same_results
+
+    data = write_demo_dataset(tmp_path / "data", n=8, seed=4).parent / "images"
+    out = tmp_path / "run"
+    kw = {"partition_size": 2, "batch_size": 2, "progress": False, "scheduler": "sync", "metrics": "deletion",
+          "metric_steps": 4}
+    finished, run_partition = [], schedule.run_partition
+
+    def stopping(ctx, part, records):
+        if len(finished) == 2:
+            raise KeyboardInterrupt
+        finished.append(part)
+        return run_partition(ctx, part, records)
+
+    monkeypatch.setattr(schedule, "run_partition", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        camshaft.explain(None, data, out=out, **kw)
+    monkeypatch.undo()
+    if change == "new image":
+        image, _, _ = render_sample(np.random.default_rng(11), size=96)
+        image.save(data / "circle" / "0new.png")
+    else:
+        kw["overlays"] = True
+    again = camshaft.explain(None, data, out=out, **kw)
+    n = 9 if change == "new image" else 8
+    assert (again.mode, again.images, again.explained) == ("update", n, n - 4)  # 2 partitions of 2 kept
+    fresh = camshaft.explain(None, data, out=tmp_path / "fresh", **kw)
+    assert_same_results(camshaft.load_results(out), camshaft.load_results(tmp_path / "fresh"))
+    metrics = [pd.read_parquet(folder / "metrics.parquet").sort_values(["index", "k"]).reset_index(drop=True)
+               for folder in (out, tmp_path / "fresh")]
+    pd.testing.assert_frame_equal(metrics[0].drop(columns="deletion_curve"), metrics[1].drop(columns="deletion_curve"),
+                                  rtol=1e-5)
+    if change == "overlays":
+        assert len(list((out / "overlays").glob("*.png"))) == 8

@@ -159,6 +159,10 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
         # the id of the update that set ``previous`` aside; a complete run.json is older than ``previous`` (an
         # update killed just after the move): its id named other rows, which a cluster worker may still hold
         previous_id = (None if previous.get("complete") else previous.get("previous_id")) or uuid.uuid4().hex
+    elif same_job and reusable and _salvage(state, previous, explainer):  # a stopped run, and the data changed
+        mode = "update"
+        state.keep_previous()
+        previous_id = uuid.uuid4().hex
     else:
         mode = "fresh"
         state.reset()
@@ -168,6 +172,28 @@ def _prepare(state: RunState, job: ExplainJob, identity: dict, explainer: Explai
         maps_store.create_store(folder / MAPS_FILE, n_images=n, map_shape=run.map_shape, chunk=job.partition_size, attrs=_attrs(job, explainer, run))
     state.save({**identity, "complete": False, "mode": mode, "images": n, "previous_id": previous_id})
     return mode
+
+
+def _salvage(state: RunState, stored: dict, explainer: Explainer) -> bool:
+    """The finished partitions of a run that stopped part-way, made a finished run's results for an update to
+    reuse (False: none finished). A stopped run whose data then changed (a night's new files), or that is rerun
+    with other ``--overlays`` or ``--partition-size``, started over from nothing: 30,000 images again for one
+    added."""
+    try:
+        old = planning.plan(int(stored["images"]), int(stored["partition_size"]))
+    except (KeyError, TypeError, ValueError):
+        return False
+    done = [p for p in old if state.is_done(p)]
+    names = [run.name for run in explainer.runs]
+    shards = {name: [state.rows_path(p, name) for p in done] for name in names}
+    if not done or not all(path.exists() for paths in shards.values() for path in paths):
+        return False
+    if not all((state.method_dir(name) / MAPS_FILE).exists() for name in names):
+        return False
+    for name in names:
+        assemble(shards[name], state.method_dir(name) / TABLE_FILE)
+    _assemble_extras(state, explainer, done)
+    return True
 
 
 def _execute(
