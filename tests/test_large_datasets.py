@@ -2,7 +2,8 @@
 
 - The local schedulers hand each partition its records as they are: dask walked every record's fields
   (about 30 us an image, 30 s before the first image of 10^6).
-- An update reads the previous run's metrics once, not once per partition.
+- An update reads the previous run's metrics once, not once per partition, and links the overlays it reuses.
+- A run stopped part-way whose data then changed keeps its finished partitions.
 """
 
 from __future__ import annotations
@@ -131,3 +132,40 @@ def test_a_stopped_run_whose_data_changed_keeps_its_finished_partitions(tmp_path
                                   rtol=1e-5)
     if change == "overlays":
         assert len(list((out / "overlays").glob("*.png"))) == 8
+
+
+def test_an_update_links_the_overlays_it_reuses_under_their_new_names(tmp_path, monkeypatch):
+    """Every overlay was rendered again (their names start with the row index, which an update shifts): an update
+    with overlays cost about a full run."""
+    import numpy as np
+
+    import camshaft
+    from camshaft.demo.shapes import render_sample, write_demo_dataset
+    from camshaft.pipeline import tasks
+
+    data = write_demo_dataset(tmp_path / "data", n=6, seed=4).parent / "images"
+    out = tmp_path / "run"
+    kw = {"partition_size": 2, "progress": False, "scheduler": "sync", "overlays": True, "targets": "top:2"}
+    camshaft.explain(None, data, out=out, **kw)
+    before = {p.name.split("_", 1)[1]: p.read_bytes() for p in (out / "overlays").glob("*.png")}
+    assert len(before) == 12
+    image, _, _ = render_sample(np.random.default_rng(11), size=96)
+    image.save(data / "circle" / "0new.png")  # sorts first: every reused image moves one index up
+    rendered, write = [], tasks.write_overlays
+
+    def counting(folder, rows, *a, **k):
+        rendered.extend(r["path"] for r in rows)
+        return write(folder, rows, *a, **k)
+
+    monkeypatch.setattr(tasks, "write_overlays", counting)
+    update = camshaft.explain(None, data, out=out, **kw)
+    assert (update.mode, update.explained) == ("update", 1)
+    assert [p.rsplit("/", 1)[-1] for p in rendered] == ["0new.png"]
+    after = {p.name: p.read_bytes() for p in (out / "overlays").glob("*.png")}
+    assert len(after) == 14 and not (out / "_camshaft" / "previous").exists()
+    table = camshaft.load_results(out).table
+    for index, path in zip(table["index"], table["path"]):
+        names = [n for n in after if n.startswith(f"{index:06d}_")]
+        assert len(names) == 2, (index, path)  # its two targets, under its new index
+        if not path.endswith("0new.png"):
+            assert all(after[n] == before[n.split("_", 1)[1]] for n in names)

@@ -121,7 +121,7 @@ class RunState:
         shutil.rmtree(self.previous, ignore_errors=True)
         for method in self.methods:
             (self._moving / method).mkdir(parents=True, exist_ok=True)
-            for name in (MAPS_FILE, *RESULT_FILES):
+            for name in (MAPS_FILE, *RESULT_FILES, OVERLAYS_DIR):  # overlays: linked back under their new names
                 if (self.method_dir(method) / name).exists():
                     shutil.move(str(self.method_dir(method) / name), str(self._moving / method / name))
         self._moving.rename(self.previous)

@@ -10,6 +10,7 @@ worker still ran it) stops at its next batch and writes nothing.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from camshaft.pipeline.plan import Partition, file_key
 from camshaft.pipeline.state import MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
 from camshaft.writers import maps_store
 from camshaft.writers.atomic import atomic_path
-from camshaft.writers.pngs import write_overlays
+from camshaft.writers.pngs import overlay_name, write_overlays
 from camshaft.writers.table import SCHEMA, write_table
 
 
@@ -206,13 +207,15 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
     info = explainer.backend.info
     written = time.perf_counter()
     for name in names:
-        for r in rows[name]:
-            r.pop("_old_index", None)
+        old_index = [r.pop("_old_index", None) for r in rows[name]]
         folder = state.method_dir(name)
         maps_store.write_rows(folder / MAPS_FILE, part.start, maps[name], targets[name])
         write_table(rows[name], state.rows_path(part, name))
         if ctx.job.overlays:
-            write_overlays(folder / OVERLAYS_DIR, rows[name], maps[name], preprocess=info.preprocess, class_names=info.class_names)
+            render = [j for j, linked in enumerate(_reuse_overlays(ctx, name, rows[name], old_index, info.class_names))
+                      if not linked]
+            write_overlays(folder / OVERLAYS_DIR, [rows[name][j] for j in render], maps[name][render],
+                           preprocess=info.preprocess, class_names=info.class_names)
     stages = {**dict.fromkeys(STAGES, 0.0), **(out.stages if todo else {}), "writing": time.perf_counter() - written}
     first = rows[names[0]]
     failed = [(r["path"], r["error"]) for r in first if r["status"] != "ok"]
@@ -229,6 +232,31 @@ def run_partition(ctx: TaskContext, part: Partition, records: list[ImageRecord])
     _check_owner(ctx, state)
     state.mark_done(part, summary)
     return summary
+
+
+def _reuse_overlays(ctx: TaskContext, method: str, rows: list[dict], old_index: list, class_names) -> list[bool]:
+    """Link the previous run's overlays of the reused ``rows`` under their new names (an overlay's name starts with
+    its row's index, which an update shifts); True where a row's overlays were all linked. Rendering them again
+    cost an update with overlays about as much as a full run."""
+    source = ctx.state.previous_dir(method) / OVERLAYS_DIR
+    folder = ctx.state.method_dir(method) / OVERLAYS_DIR
+    linked = []
+    for row, old in zip(rows, old_index, strict=True):
+        if old is None or not ctx.reuse or row["status"] != "ok" or not source.is_dir():
+            linked.append(False)
+            continue
+        targets = list(row["targets"])
+        try:
+            for k, target in enumerate(targets):
+                again = k if target in targets[:k] else None
+                name = overlay_name(old, row["path"], target, class_names, k=again)
+                with atomic_path(folder / overlay_name(row["index"], row["path"], target, class_names, k=again)) as tmp:
+                    os.link(source / name, tmp)
+        except OSError:  # not there (the overlays came later), or no hard links here: rendered
+            linked.append(False)
+        else:
+            linked.append(True)
+    return linked
 
 
 def _owns(ctx: TaskContext, state: RunState) -> bool:
