@@ -94,7 +94,7 @@ class Grid:
             first = torch.arange(tiles) * (n // tiles)  # each tile's first pixel: in a window iff the tile is
             starts = torch.arange(count) * s
             cover = (first[:, None] >= starts[None]) & (first[:, None] < starts[None] + w)  # (tiles, positions)
-            weights.append((cover / cover.sum(1, keepdim=True)).to(maps.device, maps.dtype))
+            weights.append(upload(cover / cover.sum(1, keepdim=True), maps.device).to(maps.dtype))  # no GPU wait
         rows, cols = weights
         return torch.einsum("ai,...ij,bj->...ab", rows, maps, cols)
 
