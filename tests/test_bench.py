@@ -223,6 +223,10 @@ def test_compare_flags_drops_beyond_the_threshold_only():
         (["--model", "demo", "nosuchpkg.mod:factory"], "cannot import 'nosuchpkg.mod'"),
         (["--recheck", "2"], "--recheck times again figures that dropped since a previous run: give --compare"),
         (["--recheck", "-1"], "expected an integer >= 0"),
+        (["--threshold", "0.2"], "--threshold acts only with --compare"),
+        (["--compare-metric", "throughput"], "--compare-metric acts only with --compare"),
+        (["--pipeline-batches", "3"], "--pipeline-batches acts only with --pipeline"),
+        (["--decode", "threads"], "--decode acts only with --pipeline"),
     ],
 )
 def test_bad_flags_exit_2_before_any_work(capsys, monkeypatch, argv, message):

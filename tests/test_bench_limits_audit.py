@@ -5,24 +5,21 @@
 - The input-gradient limit is the best of the model as given and as the eager backend runs it.
 - The pipeline is compared by its ratio to the limit, not to its method (which a faster method lowers).
 - A model file's raw throughput is compared on the same machine only.
-- Flags that do nothing alone, duplicate model names, and a model file that cannot serve the targets
-  are refused before any work.
+- Duplicate model names, a workdir below a file, and a model file that cannot serve the targets
+  are refused before any work (flags that act only with another: ``test_bench.py``).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 from conftest import run_cli
 
 from camshaft.bench import BenchSettings, compare, format_table, run_bench
-from camshaft.bench.cases import forward_batch
 from camshaft.bench.compare import format_comparison
 from camshaft.bench.ratios import derive
 from camshaft.bench.report import BenchReport
 from camshaft.bench.runner import ModelBench, limit_workloads
-from camshaft.bench.cases import Group, input_batch
+from camshaft.bench.cases import Group, forward_batch, input_batch
 from camshaft.bench.workload import Figure, Workload
 from camshaft.errors import ConfigError
 
@@ -140,21 +137,6 @@ def test_a_figure_measured_by_another_number_is_neither_gone_nor_new():
 
 
 # --- refused before any work --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--threshold", "0.2"], "--threshold acts only with --compare"),
-        (["--compare-metric", "throughput"], "--compare-metric acts only with --compare"),
-        (["--pipeline-batches", "3"], "--pipeline-batches acts only with --pipeline"),
-        (["--decode", "threads"], "--decode acts only with --pipeline"),
-    ],
-)
-def test_flags_that_act_only_with_another_are_refused_alone(capsys, monkeypatch, argv, message):
-    monkeypatch.setattr("camshaft.bench.runner.bench_model", lambda *a, **k: pytest.fail("work started"))
-    code, _, err = run_cli(capsys, "bench", "--quick", *argv)
-    assert code == 2 and message in err
 
 
 def test_a_workdir_below_a_file_is_refused_before_any_work(capsys, monkeypatch, tmp_path):
