@@ -129,7 +129,7 @@ def check_targets(settings: BenchSettings, *, workdir: Path) -> None:
         if source.module is not None:
             classes = num_classes_of(source.module)
         else:
-            classes = _file_classes(source, settings, Path(workdir) / slug(model) / "classes")
+            classes = _file_classes(source, Path(workdir) / slug(model) / "classes")
         for text in settings.targets if classes is not None else ():
             try:
                 Targets.parse(text, num_classes=classes)
@@ -139,7 +139,7 @@ def check_targets(settings: BenchSettings, *, workdir: Path) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _file_classes(source: ModelSource, settings: BenchSettings, workdir: Path) -> int | None:
+def _file_classes(source: ModelSource, workdir: Path) -> int | None:
     """The classes of a model file, from its metadata and graph as its backend opens them (None: it does not open)."""
     from camshaft.engine.backends.registry import FILE_BACKENDS
 

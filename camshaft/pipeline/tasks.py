@@ -30,7 +30,7 @@ from camshaft.pipeline.plan import Partition, file_key
 from camshaft.pipeline.state import MAPS_FILE, OVERLAYS_DIR, TABLE_FILE, RunState
 from camshaft.writers import maps_store
 from camshaft.writers.atomic import atomic_path
-from camshaft.writers.pngs import overlay_name, write_overlays
+from camshaft.writers.pngs import overlay_names, write_overlays
 from camshaft.writers.table import SCHEMA, write_table
 
 
@@ -141,10 +141,17 @@ class PreviousRows:
 def _previous(ctx: TaskContext, method: str) -> tuple[PreviousRows, object]:
     """The previous run's rows and its maps group (read once per process and update)."""
     folder = ctx.state.previous_dir(method)
-    key = f"{ctx.previous_id} {folder}"  # another update of the same folder has other rows and maps
+    # another update of the same folder has other rows and maps
+    return _kept(ctx, folder, lambda: (PreviousRows(folder / TABLE_FILE), maps_store.open_maps(folder / MAPS_FILE)))
+
+
+def _kept(ctx: TaskContext, path: Path, load):
+    """What ``load`` reads of the previous run at ``path``, read once per process and update; the previous runs
+    of all but the latest updates forgotten."""
+    key = f"{ctx.previous_id} {path}"
     with _LOCK:
         if key not in _PREVIOUS:
-            _PREVIOUS[key] = (PreviousRows(folder / TABLE_FILE), maps_store.open_maps(folder / MAPS_FILE))
+            _PREVIOUS[key] = load()
             for old in _latest(_UPDATES, str(ctx.previous_id)):
                 for stale in [k for k in _PREVIOUS if k.startswith(f"{old} ")]:
                     del _PREVIOUS[stale]
@@ -246,12 +253,12 @@ def _reuse_overlays(ctx: TaskContext, method: str, rows: list[dict], old_index: 
             linked.append(False)
             continue
         targets = list(row["targets"])
+        pairs = zip(overlay_names(old, row["path"], targets, class_names),
+                    overlay_names(row["index"], row["path"], targets, class_names), strict=True)
         try:
-            for k, target in enumerate(targets):
-                again = k if target in targets[:k] else None
-                name = overlay_name(old, row["path"], target, class_names, k=again)
-                with atomic_path(folder / overlay_name(row["index"], row["path"], target, class_names, k=again)) as tmp:
-                    os.link(source / name, tmp)
+            for before, now in pairs:
+                with atomic_path(folder / now) as tmp:
+                    os.link(source / before, tmp)
         except OSError:  # not there (the overlays came later), or no hard links here: rendered
             linked.append(False)
         else:
@@ -277,24 +284,12 @@ def _previous_metrics(ctx: TaskContext, name: str, rows: list, todo: list[int]):
     reused = {r["_old_index"]: r["index"] for i, r in enumerate(rows) if i not in computed}
     if not ctx.reuse or not path.exists() or not reused:
         return pd.DataFrame()
-    table = _previous_table(ctx, path)
+    # read once per process and update: each partition filtering the file read all of it (one row group)
+    table = _kept(ctx, path, lambda: pq.read_table(path))
     wanted = pa.array(list(reused), table.schema.field("index").type)
     old = table.filter(pc.is_in(table.column("index"), value_set=wanted)).to_pandas()  # the rows wanted
     old["index"] = old["index"].map(reused)
     return old
-
-
-def _previous_table(ctx: TaskContext, path: Path):
-    """A Parquet file of the previous run, read once per process and update (as ``_previous``): each partition
-    filtering the file itself read all of it (one row group), partitions x file size in all."""
-    key = f"{ctx.previous_id} {path}"
-    with _LOCK:
-        if key not in _PREVIOUS:
-            _PREVIOUS[key] = pq.read_table(path)
-            for old in _latest(_UPDATES, str(ctx.previous_id)):
-                for stale in [k for k in _PREVIOUS if k.startswith(f"{old} ")]:
-                    del _PREVIOUS[stale]
-        return _PREVIOUS[key]
 
 
 def _write_frame(frame, path: Path) -> None:

@@ -29,6 +29,11 @@ def overlay_name(index: int, path: str, target: int, class_names, *, k: int | No
     return f"{index:06d}_{stem}_{label}{'' if k is None else f'_k{k}'}.png"
 
 
+def overlay_names(index: int, path: str, targets: list, class_names) -> list[str]:
+    """The overlay names of one row's targets, in order (``overlay_name``, a repeated class marked by its ``k``)."""
+    return [overlay_name(index, path, t, class_names, k=k if t in targets[:k] else None) for k, t in enumerate(targets)]
+
+
 def write_overlays(folder: Path, rows: list[dict], maps: np.ndarray, *, preprocess: Preprocess, class_names) -> int:
     """Overlays for the ok ``rows`` (maps aligned with them); the image is read again, not kept."""
     written = 0
@@ -40,10 +45,9 @@ def write_overlays(folder: Path, rows: list[dict], maps: np.ndarray, *, preproce
         except CamshaftError:
             continue  # vanished since it was explained: its row says ok, only the picture is missing
         geom = geometry(image.size, preprocess)
-        targets = list(row["targets"])
-        for k, target in enumerate(targets):
+        names = overlay_names(row["index"], row["path"], list(row["targets"]), class_names)
+        for k, name in enumerate(names):
             heat = to_original(np.asarray(image_maps[k]), geom, preprocess.input_size)
-            name = overlay_name(row["index"], row["path"], target, class_names, k=k if target in targets[:k] else None)
             with atomic_path(folder / name) as tmp:
                 overlay(image, heat).save(tmp, format="PNG")
             written += 1
